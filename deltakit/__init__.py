@@ -1,0 +1,62 @@
+"""deltakit: release fine-tuned models as deltas against licensed base weights, rebuild them bit for bit.
+
+The public surface is small: :func:`make_delta`, :func:`apply_delta`, :func:`verify_delta`,
+:func:`verify_model` and :func:`inspect_path`, their reports, and the errors in :mod:`deltakit.errors`.
+"""
+
+__version__ = "0.1.0"
+
+from .engine import (  # noqa: E402 - __version__ must exist before engine imports it
+    ApplyPlan,
+    ApplyReport,
+    MakeReport,
+    Mismatch,
+    VerifyReport,
+    apply_delta,
+    make_delta,
+    plan_apply,
+    verify_delta,
+    verify_model,
+)
+from .errors import (  # noqa: E402
+    BaseMismatchError,
+    DeltakitError,
+    DeviceUnavailableError,
+    FormatError,
+    InputNotFoundError,
+    IntegrityError,
+    ManifestError,
+    OutputExistsError,
+    SafetensorsHeaderError,
+    UnsupportedInputError,
+)
+from .inspection import Inspection, inspect_path  # noqa: E402
+from .manifest import Manifest, load_manifest  # noqa: E402
+
+__all__ = [
+    "ApplyPlan",
+    "ApplyReport",
+    "BaseMismatchError",
+    "DeltakitError",
+    "DeviceUnavailableError",
+    "FormatError",
+    "InputNotFoundError",
+    "Inspection",
+    "IntegrityError",
+    "MakeReport",
+    "Manifest",
+    "ManifestError",
+    "Mismatch",
+    "OutputExistsError",
+    "SafetensorsHeaderError",
+    "UnsupportedInputError",
+    "VerifyReport",
+    "__version__",
+    "apply_delta",
+    "inspect_path",
+    "load_manifest",
+    "make_delta",
+    "plan_apply",
+    "verify_delta",
+    "verify_model",
+]

@@ -1,0 +1,346 @@
+"""The ``deltakit`` command: parse, call one library function, print its report.
+
+Exit status: 0 on success, 1 on any deltakit failure (one line on stderr naming what failed),
+2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from . import __version__
+from .engine import (
+    DEFAULT_SHARD_SIZE,
+    ApplyReport,
+    MakeReport,
+    VerifyReport,
+    apply_delta,
+    make_delta,
+    plan_apply,
+    verify_delta,
+    verify_model,
+)
+from .errors import DeltakitError
+from .inspection import Inspection, inspect_path
+from .progress import ProgressFactory, tqdm_progress
+
+__all__ = ["main"]
+
+log = logging.getLogger("deltakit")
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """``5GB`` -> 5_000_000_000, ``512MiB`` -> 536_870_912, ``1000`` -> 1000 (as HF writes sizes)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 5GB, 500MB, 2GiB, 1000000)")
+    number, unit = float(match.group(1)), (match.group(2) or "").upper()
+    binary = "I" in unit
+    letter = unit[:1] if unit not in ("", "B") else unit
+    factor = 1024 ** "KMGT".index(letter) * 1024 if binary else _UNITS[letter]
+    size = int(number * factor)
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return size
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _say(text: str = "") -> None:
+    print(text, file=sys.stdout, flush=True)
+
+
+# -------------------------------------------------------------------------------------------------
+# Reports as text
+
+
+def _print_make(report: MakeReport, seconds: float) -> None:
+    m = report.manifest
+    _say(f"wrote delta {report.out}  ({m.target.name} from {m.base.name}) in {seconds:.1f}s")
+    _say("  tensors   " + ", ".join(f"{n} {e}" for e, n in report.encodings.items()))
+    ratio = report.payload_bytes / report.target_bytes if report.target_bytes else 0.0
+    _say(f"  payload   {_human(report.payload_bytes)} for {_human(report.target_bytes)} of target ({ratio:.0%})")
+    _say(f"  files     {report.files} carried under files/")
+    _say(f"  base      fingerprint {m.base.fingerprint}")
+    _say(f"  target    fingerprint {m.target.fingerprint}")
+    if report.raw_tensors:
+        _say(f"  raw       {len(report.raw_tensors)} tensors stored as they are (copies of fine-tuned weights):")
+        for name, why in report.raw_tensors.items():
+            _say(f"              {name}: {why}")
+    if report.cast:
+        _say(f"  cast      {len(report.cast)} base tensors cast to the target's dtype first")
+    if report.dropped:
+        _say(f"  dropped   {len(report.dropped)} base tensors absent from the target: " + ", ".join(report.dropped))
+    if "add" in report.encodings or "rows" in report.encodings and report.inexact_tensors:
+        _say(
+            f"  add       {report.inexact_elements} elements in {len(report.inexact_tensors)} tensors rebuild "
+            "differently from the fine-tune; the manifest records the rebuild's digests"
+        )
+    if report.ignored_weight_files:
+        _say("  ignored   weight files in other formats: " + ", ".join(report.ignored_weight_files))
+
+
+def _print_apply(report: ApplyReport, seconds: float) -> None:
+    _say(f"rebuilt {report.target_name} into {report.out} in {seconds:.1f}s: all digests match")
+    _say("  tensors   " + ", ".join(f"{n} {e}" for e, n in report.encodings.items()))
+    _say(f"  written   {_human(report.bytes_written)} in {', '.join(report.shards)}")
+    _say(f"  files     {', '.join(report.files) or 'none'}")
+    _say(f"  target    fingerprint {report.fingerprint}")
+
+
+def _print_verify(report: VerifyReport) -> None:
+    if report.ok:
+        _say(f"OK: {report.subject}: {report.checked} tensors and files match")
+    else:
+        _say(f"FAILED: {report.subject}")
+    for name in report.missing[:50]:
+        _say(f"  missing     {name}")
+    for item in report.mismatched[:50]:
+        _say(f"  mismatched  {item.name}: expected {item.expected}, found {item.actual}")
+    for name in report.extra[:50]:
+        _say(f"  extra       {name} (not in the manifest)")
+    hidden = max(0, len(report.missing) - 50) + max(0, len(report.mismatched) - 50) + max(0, len(report.extra) - 50)
+    if hidden:
+        _say(f"  ... and {hidden} more")
+
+
+def _print_inspect(info: Inspection, *, all_tensors: bool) -> None:
+    _say(f"{info.path}: {'deltakit delta package' if info.kind == 'delta' else 'model checkpoint'}")
+    if info.kind == "delta":
+        _say(f"  created by  {info.created_by}")
+        _say(f"  base        {info.base_name}  fingerprint {info.base_fingerprint}")
+        _say(f"  target      {info.target_name}  fingerprint {info.target_fingerprint}")
+        _say("  encodings   " + ", ".join(f"{n} {e}" for e, n in (info.encodings or {}).items()))
+        _say(f"  payload     {_human(info.payload_bytes or 0)}")
+        if info.dropped:
+            _say(f"  dropped     {', '.join(info.dropped)}")
+    elif info.fingerprint:
+        _say(f"  fingerprint {info.fingerprint}")
+    _say(f"  tensors     {len(info.tensors)}, {_human(info.total_bytes)}: " + ", ".join(
+        f"{d} {_human(b)}" for d, b in info.bytes_by_dtype.items()
+    ))
+    _say(f"  files       {', '.join(info.files) or 'none'}")
+    shown = info.tensors if all_tensors else info.tensors[:20]
+    for t in shown:
+        encoding = f"  {t.encoding}" if t.encoding else ""
+        _say(f"    {t.name}  {t.dtype} {list(t.shape)}  {_human(t.nbytes)}{encoding}")
+    if len(shown) < len(info.tensors):
+        _say(f"    ... {len(info.tensors) - len(shown)} more (--all lists every tensor)")
+
+
+# -------------------------------------------------------------------------------------------------
+# Commands
+
+
+def _progress(args: argparse.Namespace) -> ProgressFactory:
+    return tqdm_progress(quiet=args.quiet)
+
+
+def _cmd_make(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    report = make_delta(
+        args.base,
+        args.target,
+        args.out,
+        codec=args.codec,
+        name=args.name,
+        base_name=args.base_name,
+        shard_size=args.shard_size,
+        progress=_progress(args),
+    )
+    _print_make(report, time.perf_counter() - start)
+    return 0
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        plan = plan_apply(args.base, args.delta, shard_size=args.shard_size)
+        _say(plan.describe())
+        _say(f"dry run: nothing written; would write {args.out}")
+        return 0
+    start = time.perf_counter()
+    report = apply_delta(
+        args.base,
+        args.delta,
+        args.out,
+        shard_size=args.shard_size,
+        device=args.device,
+        progress=_progress(args),
+    )
+    _print_apply(report, time.perf_counter() - start)
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    if args.delta is not None:
+        if args.base is not None:
+            raise _UsageError("verify takes --base (checking a delta) or --delta (checking a model), not both")
+        report = verify_model(args.path, args.delta, progress=_progress(args))
+    else:
+        report = verify_delta(args.path, base=args.base, progress=_progress(args))
+    if args.json:
+        _say(json.dumps(_report_dict(report), indent=2))
+    else:
+        _print_verify(report)
+    return 0 if report.ok else 1
+
+
+def _report_dict(report: VerifyReport) -> dict[str, object]:
+    return {
+        "ok": report.ok,
+        "subject": report.subject,
+        "checked": report.checked,
+        "missing": list(report.missing),
+        "extra": list(report.extra),
+        "mismatched": [{"name": m.name, "expected": m.expected, "actual": m.actual} for m in report.mismatched],
+    }
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    info = inspect_path(args.path, with_fingerprint=args.fingerprint, progress=_progress(args))
+    if args.json:
+        _say(json.dumps(info.to_dict(), indent=2))
+    else:
+        _print_inspect(info, all_tensors=args.all)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .examples import write_llama_pair
+
+    root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="deltakit-demo-"))
+    if root.exists() and any(root.iterdir()):
+        raise DeltakitError(f"{root} is not empty; give the demo a new or empty --dir")
+    quiet = argparse.Namespace(quiet=True)
+    _say(f"1. writing a tiny LLaMA-shaped base and a fine-tune with a grown vocabulary under {root}")
+    base, tuned = write_llama_pair(root)
+    _say(f"   base      {base}")
+    _say(f"   fine-tune {tuned}")
+    _say("\n2. deltakit make --base base --target finetune --out delta")
+    start = time.perf_counter()
+    made = make_delta(base, tuned, root / "delta", progress=_progress(quiet))
+    _print_make(made, time.perf_counter() - start)
+    _say("\n3. deltakit apply --base base --delta delta --out rebuilt")
+    start = time.perf_counter()
+    applied = apply_delta(base, root / "delta", root / "rebuilt", progress=_progress(quiet))
+    _print_apply(applied, time.perf_counter() - start)
+    _say("\n4. deltakit verify rebuilt --delta delta")
+    report = verify_model(root / "rebuilt", root / "delta")
+    _print_verify(report)
+    same = all(
+        (tuned / name).read_bytes() == (root / "rebuilt" / name).read_bytes()
+        for name in ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json")
+    )
+    _say(f"\nevery tensor of rebuilt/ is bit-identical to finetune/; side files identical: {same}")
+    _say(f"the files are in {root}; try: deltakit inspect {root / 'delta'}")
+    return 0 if report.ok and same else 1
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deltakit",
+        description="Release fine-tuned models as deltas against licensed base weights; rebuild them bit for bit.",
+    )
+    parser.add_argument("--version", action="version", version=f"deltakit {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    common.add_argument("-v", "--verbose", action="store_true", help="log what happens, on stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("make", parents=[common], help="compute a delta package from a base and a fine-tune")
+    p.add_argument("--base", required=True, help="base checkpoint (folder or .safetensors file)")
+    p.add_argument("--target", required=True, help="fine-tuned checkpoint")
+    p.add_argument("--out", required=True, help="delta package folder to create")
+    p.add_argument("--codec", choices=["xor", "add"], default="xor", help="xor: lossless (default); add: task vector")
+    p.add_argument("--name", help="the target's name in the manifest (default: its folder name)")
+    p.add_argument("--base-name", help="the base's name in the manifest (default: its folder name)")
+    p.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE, help="payload file size (5GB)")
+    p.set_defaults(run=_cmd_make)
+
+    p = sub.add_parser("apply", parents=[common], help="rebuild a fine-tune from a base and a delta")
+    p.add_argument("--base", required=True, help="base checkpoint (folder or .safetensors file)")
+    p.add_argument("--delta", required=True, help="delta package folder")
+    p.add_argument("--out", required=True, help="model folder to create (must not exist, or be empty)")
+    p.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE, help="output file size (5GB)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="where to decode (cpu)")
+    p.add_argument("--dry-run", action="store_true", help="check and print the plan; write nothing")
+    p.set_defaults(run=_cmd_apply)
+
+    p = sub.add_parser(
+        "verify",
+        parents=[common],
+        help="check a delta package (with --base: and the base), or a rebuilt model (with --delta)",
+    )
+    p.add_argument("path", help="a delta package, or with --delta a rebuilt model")
+    p.add_argument("--base", help="also check that this base is the one the delta was made from")
+    p.add_argument("--delta", help="check PATH, a model, against this delta's target digests")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(run=_cmd_verify)
+
+    p = sub.add_parser("inspect", parents=[common], help="say what a checkpoint or delta package holds")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.add_argument("--all", action="store_true", help="list every tensor")
+    p.add_argument("--fingerprint", action="store_true", help="hash a checkpoint's tensors to fingerprint it")
+    p.set_defaults(run=_cmd_inspect)
+
+    p = sub.add_parser("demo", parents=[common], help="make, apply and verify a delta on a built-in tiny model")
+    p.add_argument("--dir", help="where to write the example (default: a new temporary folder)")
+    p.set_defaults(run=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="deltakit: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except _UsageError as e:
+        parser.error(str(e))
+    except DeltakitError as e:
+        print(f"deltakit: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, permissions: no traceback, the OS's own words and the path
+        where = f" {e.filename}" if e.filename else ""
+        print(f"deltakit: error:{where}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("deltakit: interrupted; nothing was left half-written", file=sys.stderr)
+        return 130
+    return 0  # unreachable: parser.error exits
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -1,0 +1,100 @@
+"""Every error deltakit raises on purpose, in one tree.
+
+Each class also inherits the builtin a caller would naturally catch, and carries the facts a
+message needs (``path``, ``tensor``, ``expected``, ``actual``) as attributes::
+
+    DeltakitError
+    ├── InputNotFoundError      (FileNotFoundError)  a named input does not exist
+    ├── UnsupportedInputError   (ValueError)         exists, but is no kind deltakit reads
+    ├── FormatError             (ValueError)         a file breaks its format's rules
+    │   ├── SafetensorsHeaderError                   a hostile or corrupt safetensors header
+    │   └── ManifestError                            deltakit.json is missing fields or malformed
+    ├── IntegrityError          (ValueError)         bytes differ from the digest they must have
+    │   └── BaseMismatchError                        the base is not the one the delta was made from
+    ├── OutputExistsError       (FileExistsError)    refusing to touch an existing output
+    └── DeviceUnavailableError  (RuntimeError)       --device names hardware that is not there
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = [
+    "BaseMismatchError",
+    "DeltakitError",
+    "DeviceUnavailableError",
+    "FormatError",
+    "InputNotFoundError",
+    "IntegrityError",
+    "ManifestError",
+    "OutputExistsError",
+    "SafetensorsHeaderError",
+    "UnsupportedInputError",
+]
+
+
+class DeltakitError(Exception):
+    """Root of every error deltakit raises on purpose.
+
+    Args:
+        message: one line saying what failed and, where it helps, what to do.
+        path: the file or folder concerned, if any.
+        tensor: the tensor concerned, if any.
+        expected: what deltakit required (a digest, a dtype, a shape...).
+        actual: what it found instead.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | Path | None = None,
+        tensor: str | None = None,
+        expected: object = None,
+        actual: object = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = Path(path) if path is not None else None
+        self.tensor = tensor
+        self.expected = expected
+        self.actual = actual
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InputNotFoundError(DeltakitError, FileNotFoundError):
+    """A base, target, delta or model that was named does not exist."""
+
+
+class UnsupportedInputError(DeltakitError, ValueError):
+    """The input exists but holds nothing deltakit can read (no weights, an unknown layout)."""
+
+
+class FormatError(DeltakitError, ValueError):
+    """A file breaks the rules of its format."""
+
+
+class SafetensorsHeaderError(FormatError):
+    """A safetensors header is oversized, malformed, or describes data the file does not hold."""
+
+
+class ManifestError(FormatError):
+    """A delta's ``deltakit.json`` is missing, malformed, or of an unknown format version."""
+
+
+class IntegrityError(DeltakitError, ValueError):
+    """Bytes on disk differ from the digest or size they are recorded with."""
+
+
+class BaseMismatchError(IntegrityError):
+    """The base model is not the one the delta was made from (another model or another conversion)."""
+
+
+class OutputExistsError(DeltakitError, FileExistsError):
+    """The output path exists and is not empty; deltakit never deletes or overwrites it."""
+
+
+class DeviceUnavailableError(DeltakitError, RuntimeError):
+    """The requested compute device (``cuda``) is not available."""

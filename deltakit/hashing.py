@@ -1,0 +1,77 @@
+"""Digests: BLAKE3 of tensor contents, SHA-256 of files, and model fingerprints.
+
+Tensors are hashed by their raw little-endian bytes, so a digest does not change with sharding,
+file format, or torch/transformers versions; files are hashed whole, as the Hub does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import blake3
+
+__all__ = [
+    "HASH_NAME",
+    "TensorHasher",
+    "file_sha256",
+    "fingerprint",
+    "tensor_digest",
+]
+
+HASH_NAME = "blake3"
+
+# Below this size, blake3's thread pool costs more than it saves.
+_THREADED_MIN_BYTES = 1 << 20
+_FILE_CHUNK = 8 << 20
+
+
+class TensorHasher:
+    """Incremental BLAKE3 over a tensor's bytes, fed chunk by chunk in order."""
+
+    __slots__ = ("_hasher",)
+
+    def __init__(self) -> None:
+        self._hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        self._hasher.update(data)
+
+    def hexdigest(self) -> str:
+        return self._hasher.hexdigest()
+
+
+def tensor_digest(data: bytes | bytearray | memoryview) -> str:
+    """BLAKE3 hex digest of a tensor's raw bytes held in memory.
+
+    Example:
+        >>> tensor_digest(b"")
+        'af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262'
+    """
+    threads = blake3.blake3.AUTO if len(data) >= _THREADED_MIN_BYTES else 1
+    return blake3.blake3(data, max_threads=threads).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 hex digest of a whole file, read in bounded chunks."""
+    digest = hashlib.sha256()
+    buffer = bytearray(_FILE_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def fingerprint(tensors: Iterable[tuple[str, str, tuple[int, ...], str]]) -> str:
+    """BLAKE3 of the canonical JSON of sorted ``(name, dtype, shape, digest)`` rows.
+
+    Two checkpoints share a fingerprint exactly when they hold the same tensors, bit for bit,
+    however they are sharded or stored.
+    """
+    rows = sorted([name, dtype, list(shape), digest] for name, dtype, shape, digest in tensors)
+    canonical = json.dumps(rows, separators=(",", ":"), ensure_ascii=True)
+    return blake3.blake3(canonical.encode("ascii")).hexdigest()
+

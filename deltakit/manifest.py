@@ -1,0 +1,344 @@
+"""The delta manifest (``deltakit.json``, format 1) as frozen dataclasses, to and from JSON.
+
+Reading validates every field: a manifest comes from whoever published the delta, so nothing in it
+is trusted, least of all the file paths it names.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .dtypes import ITEMSIZE
+from .errors import InputNotFoundError, ManifestError
+
+__all__ = [
+    "ENCODINGS",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "PAYLOAD_TAG",
+    "FileRecord",
+    "Manifest",
+    "ModelRecord",
+    "TargetRecord",
+    "TargetTensor",
+    "TensorRecord",
+    "load_manifest",
+]
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "deltakit.json"
+PAYLOAD_TAG = "delta/1"
+ENCODINGS = frozenset({"xor", "add", "rows", "raw", "copy"})
+ROW_CODECS = frozenset({"xor", "add"})
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """A tensor as it must be: dtype, shape and the BLAKE3 digest of its bytes."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    digest: str
+
+
+@dataclass(frozen=True)
+class TargetTensor:
+    """A target tensor and how to rebuild it from the base tensor of the same name.
+
+    Attributes:
+        encoding: ``xor``, ``add``, ``rows``, ``raw`` or ``copy`` (see DESIGN.md).
+        cast_from: the base tensor's dtype when it differs and is cast to ``dtype`` first.
+        codec: for ``rows``, how the shared leading rows are encoded (``xor`` or ``add``).
+        base_rows: for ``rows``, how many leading rows the base provides.
+        source_digest: for ``add``, the fine-tune's own digest where the rebuild differs from it.
+        inexact: for ``add``, how many elements of the rebuild differ from the fine-tune.
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    digest: str
+    encoding: str
+    cast_from: str | None = None
+    codec: str | None = None
+    base_rows: int | None = None
+    source_digest: str | None = None
+    inexact: int | None = None
+
+    @property
+    def needs_base(self) -> bool:
+        return self.encoding != "raw"
+
+    @property
+    def has_payload(self) -> bool:
+        return self.encoding != "copy"
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """A file, by size and SHA-256."""
+
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """The base model a delta applies to."""
+
+    name: str
+    fingerprint: str
+    tensors: dict[str, TensorRecord]
+
+
+@dataclass(frozen=True)
+class TargetRecord:
+    """The model a delta rebuilds: its tensors, and its non-weight files (kept under ``files/``)."""
+
+    name: str
+    fingerprint: str
+    tensors: dict[str, TargetTensor]
+    files: dict[str, FileRecord]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything needed to rebuild and check a target from its base: ``deltakit.json``."""
+
+    created_by: str
+    base: ModelRecord
+    target: TargetRecord
+    payload: dict[str, FileRecord]
+    dropped: tuple[str, ...] = ()
+    hash: str = "blake3"
+    format: int = field(default=FORMAT_VERSION)
+
+    def to_json(self) -> str:
+        """Serialise with stable key order; optional tensor fields appear only when set."""
+        return json.dumps(_manifest_to_dict(self), indent=1, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = MANIFEST_NAME) -> Manifest:
+        """Parse and validate a manifest; every problem is a :class:`ManifestError` naming the field."""
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ManifestError(f"{source}: not valid JSON: {e}", path=source) from e
+        return _manifest_from_dict(data, source)
+
+
+def load_manifest(folder: str | Path) -> Manifest:
+    """Read ``deltakit.json`` from a delta package folder."""
+    path = Path(folder) / MANIFEST_NAME
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        if not Path(folder).exists():
+            raise InputNotFoundError(f"{folder}: no such delta package", path=folder) from e
+        raise ManifestError(
+            f"{folder} holds no {MANIFEST_NAME}: it is not a deltakit delta package", path=path
+        ) from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: cannot read: {e}", path=path) from e
+    return Manifest.from_json(text, source=str(path))
+
+
+def _tensor_dict(record: TensorRecord | TargetTensor) -> dict[str, Any]:
+    out: dict[str, Any] = {"dtype": record.dtype, "shape": list(record.shape), "digest": record.digest}
+    if isinstance(record, TargetTensor):
+        out["encoding"] = record.encoding
+        for key in ("cast_from", "codec", "base_rows", "source_digest", "inexact"):
+            value = getattr(record, key)
+            if value is not None:
+                out[key] = value
+    return out
+
+
+def _files_dict(files: dict[str, FileRecord]) -> dict[str, Any]:
+    return {name: {"sha256": f.sha256, "size": f.size} for name, f in files.items()}
+
+
+def _manifest_to_dict(m: Manifest) -> dict[str, Any]:
+    return {
+        "format": m.format,
+        "created_by": m.created_by,
+        "hash": m.hash,
+        "base": {
+            "name": m.base.name,
+            "fingerprint": m.base.fingerprint,
+            "tensors": {n: _tensor_dict(t) for n, t in m.base.tensors.items()},
+        },
+        "target": {
+            "name": m.target.name,
+            "fingerprint": m.target.fingerprint,
+            "tensors": {n: _tensor_dict(t) for n, t in m.target.tensors.items()},
+            "files": _files_dict(m.target.files),
+        },
+        "payload": _files_dict(m.payload),
+        "dropped": list(m.dropped),
+    }
+
+
+class _Reader:
+    """Typed field access that names the offending field in its errors."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, where: str, message: str) -> ManifestError:
+        return ManifestError(f"{self.source}: {where}: {message}", path=self.source)
+
+    def obj(self, value: Any, where: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(where, "must be a JSON object")
+        return value
+
+    def get(self, obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+        if key not in obj:
+            raise self.fail(where, f"missing field {key!r}")
+        value = obj[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
+            raise self.fail(f"{where}.{key}", f"has the wrong type ({type(value).__name__})")
+        return value
+
+    def opt(self, obj: dict[str, Any], key: str, kind: type, where: str) -> Any:
+        return None if obj.get(key) is None else self.get(obj, key, kind, where)
+
+    def digest(self, value: Any, where: str) -> str:
+        if not isinstance(value, str) or not _HEX64.fullmatch(value):
+            raise self.fail(where, "must be 64 lowercase hex digits")
+        return value
+
+    def count(self, value: Any, where: str) -> int:
+        if type(value) is not int or value < 0:
+            raise self.fail(where, "must be a non-negative integer")
+        return value
+
+    def dtype(self, value: Any, where: str) -> str:
+        if value not in ITEMSIZE:
+            raise self.fail(where, f"unknown dtype {value!r}")
+        return str(value)
+
+    def shape(self, value: Any, where: str) -> tuple[int, ...]:
+        if not isinstance(value, list):
+            raise self.fail(where, "must be a list of non-negative integers")
+        return tuple(self.count(d, where) for d in value)
+
+    def tensor(self, name: str, value: Any, where: str) -> TensorRecord:
+        where = f"{where}[{name!r}]"
+        obj = self.obj(value, where)
+        return TensorRecord(
+            dtype=self.dtype(self.get(obj, "dtype", str, where), f"{where}.dtype"),
+            shape=self.shape(self.get(obj, "shape", list, where), f"{where}.shape"),
+            digest=self.digest(self.get(obj, "digest", str, where), f"{where}.digest"),
+        )
+
+    def target_tensor(self, name: str, value: Any, where: str) -> TargetTensor:
+        base = self.tensor(name, value, where)
+        where = f"{where}[{name!r}]"
+        obj = value
+        encoding = self.get(obj, "encoding", str, where)
+        if encoding not in ENCODINGS:
+            raise self.fail(f"{where}.encoding", f"unknown encoding {encoding!r}")
+        cast_from = self.opt(obj, "cast_from", str, where)
+        codec = self.opt(obj, "codec", str, where)
+        base_rows = self.opt(obj, "base_rows", int, where)
+        source_digest = self.opt(obj, "source_digest", str, where)
+        inexact = self.opt(obj, "inexact", int, where)
+        if cast_from is not None:
+            self.dtype(cast_from, f"{where}.cast_from")
+        if source_digest is not None:
+            self.digest(source_digest, f"{where}.source_digest")
+        if inexact is not None:
+            self.count(inexact, f"{where}.inexact")
+        if encoding == "rows":
+            if codec not in ROW_CODECS:
+                raise self.fail(f"{where}.codec", "a rows tensor needs codec 'xor' or 'add'")
+            if base_rows is None or not base.shape or not 0 < self.count(base_rows, where) < base.shape[0]:
+                raise self.fail(f"{where}.base_rows", "must be between 1 and the target's rows - 1")
+        return TargetTensor(
+            base.dtype, base.shape, base.digest, encoding, cast_from, codec, base_rows, source_digest, inexact
+        )
+
+    def files(self, value: Any, where: str, *, nested: bool) -> dict[str, FileRecord]:
+        obj = self.obj(value, where)
+        files: dict[str, FileRecord] = {}
+        for name, entry in obj.items():
+            here = f"{where}[{name!r}]"
+            _check_relative_path(self, name, here, nested=nested)
+            entry = self.obj(entry, here)
+            files[name] = FileRecord(
+                sha256=self.digest(self.get(entry, "sha256", str, here), f"{here}.sha256"),
+                size=self.count(self.get(entry, "size", int, here), f"{here}.size"),
+            )
+        return files
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _check_relative_path(r: _Reader, name: str, where: str, *, nested: bool) -> None:
+    """Refuse names that could escape the folder they are written into."""
+    pure = PurePosixPath(name)
+    bad = (
+        not name
+        or pure.is_absolute()
+        or "\\" in name
+        or "\x00" in name
+        or any(part in ("", ".", "..") or part.startswith(".") for part in name.split("/"))
+        or (not nested and len(pure.parts) != 1)
+    )
+    if bad:
+        raise r.fail(where, "is not a safe relative file name")
+
+
+def _manifest_from_dict(data: Any, source: str) -> Manifest:
+    r = _Reader(source)
+    top = r.obj(data, "manifest")
+    version = r.get(top, "format", int, "manifest")
+    if version != FORMAT_VERSION:
+        raise r.fail(
+            "format",
+            f"is {version}; this deltakit reads format {FORMAT_VERSION}"
+            + (" (upgrade deltakit)" if version > FORMAT_VERSION else ""),
+        )
+    hash_name = r.get(top, "hash", str, "manifest")
+    if hash_name != "blake3":
+        raise r.fail("hash", f"is {hash_name!r}; only 'blake3' is known")
+    base = r.obj(r.get(top, "base", dict, "manifest"), "base")
+    target = r.obj(r.get(top, "target", dict, "manifest"), "target")
+    base_tensors = {
+        n: r.tensor(n, v, "base.tensors") for n, v in r.get(base, "tensors", dict, "base").items()
+    }
+    target_tensors = {
+        n: r.target_tensor(n, v, "target.tensors") for n, v in r.get(target, "tensors", dict, "target").items()
+    }
+    for name, t in target_tensors.items():
+        if t.needs_base and name not in base_tensors:
+            raise r.fail(f"target.tensors[{name!r}]", f"encoding {t.encoding!r} needs a base tensor of that name")
+    dropped = r.get(top, "dropped", list, "manifest") if "dropped" in top else []
+    if not all(isinstance(n, str) for n in dropped):
+        raise r.fail("dropped", "must be a list of tensor names")
+    return Manifest(
+        format=version,
+        created_by=r.get(top, "created_by", str, "manifest"),
+        hash=hash_name,
+        base=ModelRecord(
+            name=r.get(base, "name", str, "base"),
+            fingerprint=r.digest(r.get(base, "fingerprint", str, "base"), "base.fingerprint"),
+            tensors=base_tensors,
+        ),
+        target=TargetRecord(
+            name=r.get(target, "name", str, "target"),
+            fingerprint=r.digest(r.get(target, "fingerprint", str, "target"), "target.fingerprint"),
+            tensors=target_tensors,
+            files=r.files(r.get(target, "files", dict, "target"), "target.files", nested=True),
+        ),
+        payload=r.files(r.get(top, "payload", dict, "manifest"), "payload", nested=False),
+        dropped=tuple(dropped),
+    )

@@ -1,0 +1,84 @@
+"""Build an output folder under a temporary name and rename it into place only when complete.
+
+Whatever fails, the final path is either absent or holds the complete result: never a half.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from types import TracebackType
+
+from .errors import OutputExistsError
+
+__all__ = ["StagedFolder", "check_output_free", "fsync_path"]
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file or folder to disk (a folder: so the names created in it are durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_output_free(out: Path) -> None:
+    """Refuse an output path that holds anything; an empty folder is fine."""
+    if out.is_symlink() or out.is_file():
+        raise OutputExistsError(f"{out} exists and is not a folder; choose another --out", path=out)
+    if out.is_dir() and any(out.iterdir()):
+        raise OutputExistsError(
+            f"{out} exists and is not empty; deltakit never overwrites it: choose another --out "
+            "or remove it yourself",
+            path=out,
+        )
+
+
+class StagedFolder:
+    """A temporary sibling folder of ``final`` that becomes ``final`` on :meth:`commit`.
+
+    Use as a context manager: leaving the block without :meth:`commit` (an exception, say) removes
+    the temporary folder and everything in it.
+
+    Example:
+        >>> with StagedFolder(Path("out")) as staged:   # doctest: +SKIP
+        ...     (staged.path / "model.safetensors").write_bytes(data)
+        ...     staged.commit()
+    """
+
+    def __init__(self, final: Path) -> None:
+        self.final = Path(final)
+        check_output_free(self.final)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.path = self.final.parent / f".{self.final.name}.deltakit-{uuid.uuid4().hex[:12]}.tmp"
+        self.path.mkdir()
+        self._committed = False
+
+    def __enter__(self) -> StagedFolder:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._committed:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def commit(self) -> Path:
+        """fsync every file, then rename the folder into place (an empty ``final`` is replaced)."""
+        for root, _dirs, files in os.walk(self.path):
+            for name in files:
+                fsync_path(Path(root) / name)
+            fsync_path(root)
+        check_output_free(self.final)
+        if self.final.is_dir():
+            self.final.rmdir()  # empty, checked just above
+        os.rename(self.path, self.final)
+        fsync_path(self.final.parent)
+        self._committed = True
+        return self.final
