@@ -6,7 +6,7 @@ The public surface is small: :func:`make_delta`, :func:`apply_delta`, :func:`ver
 
 __version__ = "0.1.0"
 
-from .engine import (  # noqa: E402 - __version__ must exist before engine imports it
+from .engine import (
     ApplyPlan,
     ApplyReport,
     MakeReport,
@@ -18,7 +18,7 @@ from .engine import (  # noqa: E402 - __version__ must exist before engine impor
     verify_delta,
     verify_model,
 )
-from .errors import (  # noqa: E402
+from .errors import (
     BaseMismatchError,
     DeltakitError,
     DeviceUnavailableError,
@@ -30,8 +30,8 @@ from .errors import (  # noqa: E402
     SafetensorsHeaderError,
     UnsupportedInputError,
 )
-from .inspection import Inspection, inspect_path  # noqa: E402
-from .manifest import Manifest, load_manifest  # noqa: E402
+from .inspection import Inspection, inspect_path
+from .manifest import Manifest, load_manifest
 
 __all__ = [
     "ApplyPlan",

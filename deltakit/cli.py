@@ -88,7 +88,7 @@ def _print_make(report: MakeReport, seconds: float) -> None:
         _say(f"  cast      {len(report.cast)} base tensors cast to the target's dtype first")
     if report.dropped:
         _say(f"  dropped   {len(report.dropped)} base tensors absent from the target: " + ", ".join(report.dropped))
-    if "add" in report.encodings or "rows" in report.encodings and report.inexact_tensors:
+    if "add" in report.encodings or ("rows" in report.encodings and report.inexact_tensors):
         _say(
             f"  add       {report.inexact_elements} elements in {len(report.inexact_tensors)} tensors rebuild "
             "differently from the fine-tune; the manifest records the rebuild's digests"
@@ -133,9 +133,10 @@ def _print_inspect(info: Inspection, *, all_tensors: bool) -> None:
             _say(f"  dropped     {', '.join(info.dropped)}")
     elif info.fingerprint:
         _say(f"  fingerprint {info.fingerprint}")
-    _say(f"  tensors     {len(info.tensors)}, {_human(info.total_bytes)}: " + ", ".join(
-        f"{d} {_human(b)}" for d, b in info.bytes_by_dtype.items()
-    ))
+    _say(
+        f"  tensors     {len(info.tensors)}, {_human(info.total_bytes)}: "
+        + ", ".join(f"{d} {_human(b)}" for d, b in info.bytes_by_dtype.items())
+    )
     _say(f"  files       {', '.join(info.files) or 'none'}")
     shown = info.tensors if all_tensors else info.tensors[:20]
     for t in shown:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -88,9 +87,7 @@ class _Chunk:
     reads: tuple[_Read, ...]
 
 
-def _element_ranges(
-    first: int, last: int, widest_item: int, *, at_least_one: bool = True
-) -> Iterator[tuple[int, int]]:
+def _element_ranges(first: int, last: int, widest_item: int, *, at_least_one: bool = True) -> Iterator[tuple[int, int]]:
     """Element ranges of at most CHUNK_BYTES each; one empty range for an empty tensor, so every
     tensor passes through the chunk loop (zero-size tensors included)."""
     if first == last:
@@ -157,7 +154,7 @@ def _bytes_tensor(view: memoryview) -> torch.Tensor:
 
 
 def _view(tensor: torch.Tensor) -> memoryview:
-    return memoryview(tensor.numpy()).cast("B") if tensor.numel() else memoryview(b"")
+    return tensor.numpy().data.cast("B") if tensor.numel() else memoryview(b"")
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -490,8 +487,9 @@ def _stream_make(
         if state.rebuild_hash is not None and encoding != "copy":
             inexact[step.name] = state.inexact
 
-    def emit(state: _MakeState, segment: int, target_bits: torch.Tensor, base_bits: torch.Tensor,
-             payload: torch.Tensor) -> None:
+    def emit(
+        state: _MakeState, segment: int, target_bits: torch.Tensor, base_bits: torch.Tensor, payload: torch.Tensor
+    ) -> None:
         shards.write(_view(payload))
         if state.rebuild_hash is not None:
             if segment == 0:
@@ -1076,9 +1074,7 @@ def verify_delta(
     return VerifyReport(subject, checked, tuple(missing), tuple(extra), tuple(mismatched))
 
 
-def verify_model(
-    model: str | Path, delta: str | Path, *, progress: ProgressFactory = no_progress
-) -> VerifyReport:
+def verify_model(model: str | Path, delta: str | Path, *, progress: ProgressFactory = no_progress) -> VerifyReport:
     """Check a rebuilt model's tensors and files against the target digests of a delta's manifest."""
     from .manifest import load_manifest
 

@@ -74,4 +74,3 @@ def fingerprint(tensors: Iterable[tuple[str, str, tuple[int, ...], str]]) -> str
     rows = sorted([name, dtype, list(shape), digest] for name, dtype, shape, digest in tensors)
     canonical = json.dumps(rows, separators=(",", ":"), ensure_ascii=True)
     return blake3.blake3(canonical.encode("ascii")).hexdigest()
-

@@ -139,9 +139,7 @@ def load_manifest(folder: str | Path) -> Manifest:
     except FileNotFoundError as e:
         if not Path(folder).exists():
             raise InputNotFoundError(f"{folder}: no such delta package", path=folder) from e
-        raise ManifestError(
-            f"{folder} holds no {MANIFEST_NAME}: it is not a deltakit delta package", path=path
-        ) from e
+        raise ManifestError(f"{folder} holds no {MANIFEST_NAME}: it is not a deltakit delta package", path=path) from e
     except (OSError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path}: cannot read: {e}", path=path) from e
     return Manifest.from_json(text, source=str(path))
@@ -312,9 +310,7 @@ def _manifest_from_dict(data: Any, source: str) -> Manifest:
         raise r.fail("hash", f"is {hash_name!r}; only 'blake3' is known")
     base = r.obj(r.get(top, "base", dict, "manifest"), "base")
     target = r.obj(r.get(top, "target", dict, "manifest"), "target")
-    base_tensors = {
-        n: r.tensor(n, v, "base.tensors") for n, v in r.get(base, "tensors", dict, "base").items()
-    }
+    base_tensors = {n: r.tensor(n, v, "base.tensors") for n, v in r.get(base, "tensors", dict, "base").items()}
     target_tensors = {
         n: r.target_tensor(n, v, "target.tensors") for n, v in r.get(target, "tensors", dict, "target").items()
     }

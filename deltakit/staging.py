@@ -31,8 +31,7 @@ def check_output_free(out: Path) -> None:
         raise OutputExistsError(f"{out} exists and is not a folder; choose another --out", path=out)
     if out.is_dir() and any(out.iterdir()):
         raise OutputExistsError(
-            f"{out} exists and is not empty; deltakit never overwrites it: choose another --out "
-            "or remove it yourself",
+            f"{out} exists and is not empty; deltakit never overwrites it: choose another --out or remove it yourself",
             path=out,
         )
 

@@ -116,9 +116,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         tensors = _collect([path])
         return Checkpoint(path.parent, tensors, (path,), (), ())
     if (path / MANIFEST_NAME).exists():
-        raise UnsupportedInputError(
-            f"{path} is a deltakit delta package, not a model checkpoint", path=path
-        )
+        raise UnsupportedInputError(f"{path} is a deltakit delta package, not a model checkpoint", path=path)
 
     files = _walk_files(path)
     top = [name for name in files if "/" not in name]
@@ -144,8 +142,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         unindexed = sorted(set(tensors) - set(weight_map))
         if unindexed:
             raise FormatError(
-                f"{index_path.name} does not list tensor {unindexed[0]!r} found in "
-                f"{tensors[unindexed[0]].path.name}",
+                f"{index_path.name} does not list tensor {unindexed[0]!r} found in {tensors[unindexed[0]].path.name}",
                 path=index_path,
                 tensor=unindexed[0],
             )

@@ -65,9 +65,7 @@ def open_delta(path: str | Path) -> DeltaPackage:
             )
         header = read_header(file)
         if header.metadata.get("deltakit") != PAYLOAD_TAG:
-            raise FormatError(
-                f"{file}: not a deltakit payload (metadata 'deltakit' is not {PAYLOAD_TAG!r})", path=file
-            )
+            raise FormatError(f"{file}: not a deltakit payload (metadata 'deltakit' is not {PAYLOAD_TAG!r})", path=file)
         for tensor_name, info in header.tensors.items():
             if tensor_name in payload:
                 raise FormatError(
@@ -77,25 +75,24 @@ def open_delta(path: str | Path) -> DeltaPackage:
                 )
             payload[tensor_name] = info
     for name, target in manifest.target.tensors.items():
-        info = payload.pop(name, None)
+        found = payload.get(name)
         if not target.has_payload:
-            if info is not None:
+            if found is not None:
                 raise FormatError(
-                    f"{info.path}: holds tensor {name!r}, which the manifest marks 'copy'",
-                    path=info.path,
+                    f"{found.path}: holds tensor {name!r}, which the manifest marks 'copy'",
+                    path=found.path,
                     tensor=name,
                 )
             continue
-        if info is None:
+        if found is None:
             raise FormatError(f"{root}: the payload lacks tensor {name!r}", path=root, tensor=name)
-        if (info.dtype, info.shape) != (target.dtype, target.shape):
+        if (found.dtype, found.shape) != (target.dtype, target.shape):
             raise FormatError(
-                f"{info.path}: tensor {name!r} is {info.dtype} {list(info.shape)}, "
+                f"{found.path}: tensor {name!r} is {found.dtype} {list(found.shape)}, "
                 f"the manifest says {target.dtype} {list(target.shape)}",
-                path=info.path,
+                path=found.path,
                 tensor=name,
             )
-        payload[name] = info
     stray = [n for n in payload if n not in manifest.target.tensors]
     if stray:
         raise FormatError(

@@ -211,9 +211,7 @@ def _header_bytes(entries: Iterable[tuple[TensorSpec, int, int]], metadata: dict
     return json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def plan_layout(
-    specs: Sequence[TensorSpec], metadata: dict[str, str], *, header_size: int | None = None
-) -> FileLayout:
+def plan_layout(specs: Sequence[TensorSpec], metadata: dict[str, str], *, header_size: int | None = None) -> FileLayout:
     """Lay tensors out in the given order after a header padded with spaces.
 
     Args:

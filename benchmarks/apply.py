@@ -1,0 +1,464 @@
+"""Benchmark ``deltakit make`` and ``deltakit apply`` on a LLaMA-shaped fp16 checkpoint (about 1.9 GB by default).
+
+Measures each command's wall time and peak RSS, and apply's ratio to an I/O floor timed in the same run.
+
+Each deltakit command runs as its own process through the real CLI; its peak RSS comes from ``os.wait4``.
+The I/O floor is a plain single-threaded copy: read every base and payload safetensors file once, in 8 MiB
+``readinto`` chunks, and write as many bytes as apply writes into one new file, then ``fsync`` it. Both the
+floor and apply run with a warm page cache (base and payload are read once, untimed, just before each timed
+run), and both include the ``fsync`` of what they wrote.
+
+Usage::
+
+    .venv/bin/python benchmarks/apply.py                      # full size; writes BENCHMARKS.md and JSON
+    .venv/bin/python benchmarks/apply.py --layers 2 --hidden 256 --intermediate 688 --vocab 4000 --no-record
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import deltakit
+from deltakit.engine import plan_apply
+from deltakit.examples import LlamaShape, write_llama_pair
+
+ROOT = Path(__file__).resolve().parent.parent
+CHUNK = 8 << 20
+MIB = 1 << 20
+GIB = 1 << 30
+FLOOR_TARGET = 1.25
+RSS_TARGET_BYTES = GIB
+SECTION_BEGIN = "<!-- benchmarks/apply.py: begin -->"
+SECTION_END = "<!-- benchmarks/apply.py: end -->"
+
+
+@dataclass
+class Step:
+    """One measured step: a deltakit command in its own process, or the in-process I/O floor."""
+
+    name: str
+    wall_s: float
+    peak_rss_bytes: int | None = None
+    read_bytes: int | None = None
+    written_bytes: int | None = None
+    runs_s: list[float] = field(default_factory=list)
+
+
+class StepFailed(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring
+
+
+def run_cli(args: Sequence[str], log: Path) -> tuple[float, int]:
+    """Run ``python -m deltakit.cli ARGS`` and return (wall seconds, peak RSS in bytes) of that process alone."""
+    command = [sys.executable, "-m", "deltakit.cli", *args]
+    with open(log, "wb") as out:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise StepFailed(f"{' '.join(command)} exited {process.returncode}:\n{log.read_text(errors='replace')}")
+    return wall, usage.ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
+
+
+def read_all(paths: Sequence[Path]) -> int:
+    """Read files start to end (to warm the page cache); returns the bytes read."""
+    buffer = bytearray(CHUNK)
+    total = 0
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buffer):
+                total += n
+    return total
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def io_floor(sources: Sequence[Path], write_bytes: int, dest: Path) -> tuple[float, int]:
+    """Read every source once and write ``write_bytes`` to ``dest``, fsynced; returns (seconds, bytes read).
+
+    A plain copy on one thread, reads and writes alternating: the bytes just read are written out until
+    ``write_bytes`` have gone, and the last buffer is repeated if the sources run out first.
+    """
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    read = 0
+    left = write_bytes
+    start = time.perf_counter()
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        for path in sources:
+            with open(path, "rb", buffering=0) as f:
+                while n := f.readinto(buffer):
+                    read += n
+                    if left:
+                        k = min(n, left)
+                        _write_all(fd, view[:k])
+                        left -= k
+        while left:
+            k = min(len(buffer), left)
+            _write_all(fd, view[:k])
+            left -= k
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync(dest.parent)
+    return time.perf_counter() - start, read
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs and sizes
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def total_size(paths: Sequence[Path]) -> int:
+    return sum(p.stat().st_size for p in paths)
+
+
+def check_disk(work: Path, model_bytes: int) -> None:
+    """Base, fine-tune, delta, output and floor file: about five model sizes, plus room."""
+    need = 6 * model_bytes
+    free = shutil.disk_usage(work).free
+    if free < need:
+        raise SystemExit(f"{work}: {free / GIB:.1f} GiB free, this run needs about {need / GIB:.1f} GiB")
+
+
+def model_bytes(shape: LlamaShape, extra_vocab: int, dtype: torch.dtype) -> int:
+    h, i, v = shape.hidden, shape.intermediate, shape.vocab + extra_vocab
+    per_layer = 4 * h * h + 3 * h * i + 2 * h
+    return (shape.layers * per_layer + 2 * v * h + h) * torch.empty(0, dtype=dtype).element_size()
+
+
+def deltakit_source() -> str:
+    """The commit deltakit was measured at, and whether its sources had uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "deltakit"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
+
+
+def machine() -> dict[str, object]:
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    mem_kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal:"))
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown",
+    )
+    return {
+        "cpus": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu,
+        "ram_gib": round(mem_kib / (1 << 20), 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "deltakit": deltakit.__version__,
+        "deltakit_source": deltakit_source(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class Results:
+    """Everything measured in one run; written as JSON and rendered into BENCHMARKS.md."""
+
+    date: str
+    command: str
+    machine: dict[str, object]
+    shape: dict[str, int]
+    extra_vocab: int
+    base_bytes: int
+    base_files: int
+    payload_bytes: int
+    output_bytes: int
+    generate_s: float
+    repeat: int
+    json_path: str
+    steps: list[Step]
+    dtype: str = "float16"
+    floor_target: float = FLOOR_TARGET
+    rss_target_bytes: int = RSS_TARGET_BYTES
+
+    def step(self, name: str) -> Step:
+        return next(s for s in self.steps if s.name == name)
+
+    @property
+    def ratio(self) -> float:
+        return self.step("apply").wall_s / self.step("I/O floor").wall_s
+
+    @property
+    def ratio_without_startup(self) -> float:
+        return (self.step("apply").wall_s - self.steps[0].wall_s) / self.step("I/O floor").wall_s
+
+    def to_json(self) -> str:
+        raw = asdict(self) | {"ratio": self.ratio, "ratio_without_startup": self.ratio_without_startup}
+        return json.dumps(raw, indent=2) + "\n"
+
+
+def measure_apply(
+    base: Path, delta: Path, out: Path, floor_sources: Sequence[Path], write_bytes: int, repeat: int, logs: Path
+) -> tuple[Step, Step]:
+    """Time the I/O floor and apply, interleaved ``repeat`` times, each after an untimed read of its inputs."""
+    floor_runs: list[float] = []
+    apply_runs: list[float] = []
+    apply_rss = floor_read = 0
+    floor_file = out.parent / "floor.bin"
+    for index in range(repeat):
+        read_all(floor_sources)
+        seconds, floor_read = io_floor(floor_sources, write_bytes, floor_file)
+        floor_runs.append(seconds)
+        floor_file.unlink()
+        if out.exists():
+            shutil.rmtree(out)
+        read_all(floor_sources)
+        seconds, rss = run_cli(
+            ["apply", "--base", str(base), "--delta", str(delta), "--out", str(out), "--quiet"],
+            logs / f"apply-{index}.log",
+        )
+        apply_runs.append(seconds)
+        apply_rss = max(apply_rss, rss)
+    floor = Step("I/O floor", min(floor_runs), None, floor_read, write_bytes, floor_runs)
+    apply = Step("apply", min(apply_runs), apply_rss, None, total_size(safetensors_files(out)), apply_runs)
+    return floor, apply
+
+
+def benchmark(args: argparse.Namespace, work: Path) -> Results:
+    shape = LlamaShape(
+        vocab=args.vocab, hidden=args.hidden, layers=args.layers, intermediate=args.intermediate, heads=args.heads
+    )
+    check_disk(work, model_bytes(shape, args.extra_vocab, torch.float16))
+    logs = work / "logs"
+    logs.mkdir()
+
+    start = time.perf_counter()
+    base, tuned = write_llama_pair(
+        work / "models",
+        shape=shape,
+        extra_vocab=args.extra_vocab,
+        dtype=torch.float16,
+        shard_size=args.input_shard_size,
+    )
+    generate_s = time.perf_counter() - start
+    base_files, tuned_files = safetensors_files(base), safetensors_files(tuned)
+
+    wall, rss = run_cli(["--version"], logs / "version.log")
+    startup = Step("start-up (`deltakit --version`)", wall, rss)
+
+    delta = work / "delta"
+    wall, rss = run_cli(
+        ["make", "--base", str(base), "--target", str(tuned), "--out", str(delta), "--quiet"], logs / "make.log"
+    )
+    payload_files = safetensors_files(delta)
+    make = Step("make", wall, rss, total_size(base_files) + total_size(tuned_files), total_size(payload_files))
+
+    plan = plan_apply(base, delta)
+    out = work / "rebuilt"
+    floor, apply = measure_apply(base, delta, out, [*base_files, *payload_files], plan.write_bytes, args.repeat, logs)
+    apply.read_bytes = plan.read_bytes + sum(plan.base.tensors[name].nbytes for name in plan.sample)
+
+    wall, rss = run_cli(["verify", str(out), "--delta", str(delta), "--quiet"], logs / "verify.log")
+    verify = Step("verify (rebuilt model)", wall, rss, apply.written_bytes, 0)
+
+    return Results(
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        command=" ".join(["python", "benchmarks/apply.py", *sys.argv[1:]]),
+        machine=machine(),
+        shape=asdict(shape),
+        extra_vocab=args.extra_vocab,
+        base_bytes=total_size(base_files),
+        base_files=len(base_files),
+        payload_bytes=total_size(payload_files),
+        output_bytes=apply.written_bytes or 0,
+        generate_s=generate_s,
+        repeat=args.repeat,
+        json_path=_display(args.json),
+        steps=[startup, make, floor, apply, verify],
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Reporting
+
+
+def _display(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def _cell(value: float | None, scale: float, digits: int) -> str:
+    return "-" if value is None else f"{value / scale:.{digits}f}"
+
+
+def table(results: Results) -> str:
+    rows = ["| step | wall s | peak RSS MiB | read GB | written GB |", "|---|---:|---:|---:|---:|"]
+    for s in results.steps:
+        rows.append(
+            f"| {s.name} | {s.wall_s:.2f} | {_cell(s.peak_rss_bytes, MIB, 0)} | "
+            f"{_cell(s.read_bytes, 1e9, 3)} | {_cell(s.written_bytes, 1e9, 3)} |"
+        )
+    return "\n".join(rows)
+
+
+def verdicts(results: Results) -> list[str]:
+    ratio = results.ratio
+    rss = results.step("apply").peak_rss_bytes or 0
+    others = ", ".join(
+        f"{s.name.split(' ')[0]} {s.peak_rss_bytes / MIB:.0f} MiB"
+        for s in results.steps
+        if s.peak_rss_bytes and s.name != "apply"
+    )
+    return [
+        f"- apply within {FLOOR_TARGET}x of the I/O floor: **{'met' if ratio <= FLOOR_TARGET else 'not met'}** "
+        f"({ratio:.2f}x; {results.ratio_without_startup:.2f}x leaving out the process start-up).",
+        f"- apply peak RSS under 1 GiB: **{'met' if rss < RSS_TARGET_BYTES else 'not met'}** "
+        f"({rss / MIB:.0f} MiB). The other commands: {others}.",
+    ]
+
+
+def markdown(results: Results) -> str:
+    m, s = results.machine, results.shape
+    runs = f"best of {results.repeat} interleaved runs each" if results.repeat > 1 else "one run each"
+    lines = [
+        SECTION_BEGIN,
+        "## apply: LLaMA-shaped fp16 checkpoint",
+        "",
+        f"Measured {results.date} with `{results.command}`.",
+        "",
+        f"- Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['ram_gib']} GiB RAM, Linux {m['kernel']}; "
+        f"Python {m['python']}, torch {m['torch']}, deltakit {m['deltakit']} ({m['deltakit_source']}).",
+        f"- Model: hidden {s['hidden']}, {s['layers']} layers, intermediate {s['intermediate']}, vocab "
+        f"{s['vocab']} (+{results.extra_vocab} rows in the fine-tune), fp16. Base {results.base_bytes / 1e9:.2f} GB "
+        f"in {results.base_files} file(s), payload {results.payload_bytes / 1e9:.2f} GB, output "
+        f"{results.output_bytes / 1e9:.2f} GB.",
+        "",
+        table(results),
+        "",
+        f"**apply / I/O floor: {results.ratio:.2f}x** ({runs}). apply's time is the whole `deltakit apply` "
+        "process, start-up (Python, torch import) included.",
+        "",
+        *verdicts(results),
+        "",
+        "What the I/O floor measures: one thread reads every base and payload `.safetensors` file once, start to "
+        "end, in 8 MiB `readinto` chunks, and writes the bytes just read into one new file until it holds as many "
+        "bytes as apply's output, then `fsync`s the file and its folder: a plain file copy, reads and writes not "
+        "overlapped. apply does more: it checks the BLAKE3 digest of every base tensor it reads and every tensor "
+        "it writes, decodes the payload, and fsyncs its output before renaming it into place.",
+        "",
+        "Conditions: warm page cache for both (base and payload read once, untimed, just before each timed run; "
+        "every file fits in RAM). make, apply and verify each run as their own `python -m deltakit.cli` process; "
+        "peak RSS is that process's `ru_maxrss`. The machine was shared with other work, so times are noisy; "
+        f"the ratio comes from this one run. Raw figures: `{results.json_path}`.",
+        SECTION_END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def record(path: Path, section: str) -> None:
+    """Replace this script's section of ``path``, or add it; other sections are left as they are."""
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\n"
+    if SECTION_BEGIN in text and SECTION_END in text:
+        head, rest = text.split(SECTION_BEGIN, 1)
+        tail = rest.split(SECTION_END, 1)[1].lstrip("\n")
+        text = head + section + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text, encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work", help="scratch folder (must be empty)")
+    p.add_argument("--keep", action="store_true", help="keep the models, delta and output in --work")
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--intermediate", type=int, default=5504)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--extra-vocab", type=int, default=256, help="rows the fine-tune adds to the vocabulary")
+    p.add_argument("--input-shard-size", type=int, default=1_000_000_000, help="bytes per input safetensors file")
+    p.add_argument("--repeat", type=int, default=1, help="timed floor/apply pairs, interleaved; the best counts")
+    p.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md", help="where to record the results")
+    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "apply.json")
+    p.add_argument("--no-record", action="store_true", help="print only; write neither BENCHMARKS.md nor JSON")
+    args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    work: Path = args.work.resolve()
+    if work.exists() and any(work.iterdir()):
+        print(f"{work} is not empty; remove it or pass another --work", file=sys.stderr)
+        return 2
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        results = benchmark(args, work)
+    except StepFailed as e:
+        print(f"benchmark failed: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print(table(results))
+    print()
+    print(f"apply / I/O floor: {results.ratio:.2f}x")
+    print("\n".join(verdicts(results)).replace("**", ""))
+    if not args.no_record:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(results.to_json(), encoding="utf-8")
+        record(args.markdown, markdown(results))
+        print(f"\nrecorded in {args.markdown} and {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

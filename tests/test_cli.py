@@ -1,0 +1,105 @@
+"""The CLI through its real entry point, in a subprocess: exit codes, one-line errors, outputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_same_tensors, finetune_of, llama_like, load_checkpoint, write_checkpoint
+
+import deltakit
+
+
+def deltakit_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("deltakit", path=str(Path(sys.executable).parent))
+    command = [exe] if exe else [sys.executable, "-m", "deltakit"]
+    return subprocess.run(
+        [*command, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    base = llama_like(torch.bfloat16)
+    target = finetune_of(base, extra_vocab=6)
+    base_dir = write_checkpoint(tmp / "llama", base)
+    target_dir = write_checkpoint(tmp / "panda", target, files={"config.json": "{}", "tokenizer.json": "{}"})
+    return tmp, base_dir, target_dir, target
+
+
+def test_make_apply_verify_inspect(pair):
+    tmp, base_dir, target_dir, target = pair
+    made = deltakit_cli("make", "--base", base_dir, "--target", target_dir, "--out", tmp / "d", "--quiet")
+    assert made.returncode == 0, made.stderr
+    assert "2 rows" in made.stdout and "panda from llama" in made.stdout
+
+    dry = deltakit_cli("apply", "--base", base_dir, "--delta", tmp / "d", "--out", tmp / "o", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "digests first: model.embed_tokens.weight" in dry.stdout
+    assert not (tmp / "o").exists()
+
+    applied = deltakit_cli("apply", "--base", base_dir, "--delta", tmp / "d", "--out", tmp / "o", "-q")
+    assert applied.returncode == 0, applied.stderr
+    assert "all digests match" in applied.stdout
+    assert_same_tensors(load_checkpoint(tmp / "o"), target)
+
+    verified = deltakit_cli("verify", tmp / "o", "--delta", tmp / "d", "-q")
+    assert verified.returncode == 0 and verified.stdout.startswith("OK:"), verified.stdout
+    verified = deltakit_cli("verify", tmp / "d", "--base", base_dir, "--json", "-q")
+    assert json.loads(verified.stdout)["ok"] is True
+
+    shown = deltakit_cli("inspect", tmp / "d", "--json")
+    info = json.loads(shown.stdout)
+    assert info["kind"] == "delta" and info["base_name"] == "llama" and info["target_name"] == "panda"
+    assert info["encodings"] == {"copy": 3, "rows": 2, "xor": 8}
+    shown = deltakit_cli("inspect", base_dir, "--fingerprint", "-q")
+    manifest = deltakit.load_manifest(tmp / "d")
+    assert f"fingerprint {manifest.base.fingerprint}" in shown.stdout
+    assert "model checkpoint" in shown.stdout
+
+
+def test_failures_exit_1_with_one_line_and_usage_exits_2(pair):
+    tmp, base_dir, target_dir, _ = pair
+    deltakit_cli("make", "--base", base_dir, "--target", target_dir, "--out", tmp / "d2", "-q")
+    wrong = write_checkpoint(tmp / "wrong", llama_like(torch.bfloat16, seed=9))
+
+    failed = deltakit_cli("apply", "--base", wrong, "--delta", tmp / "d2", "--out", tmp / "o2", "-q")
+    assert failed.returncode == 1
+    lines = failed.stderr.strip().splitlines()
+    assert len(lines) == 1, failed.stderr
+    assert lines[0].startswith("deltakit: error: base tensor 'model.embed_tokens.weight'")
+    assert "Traceback" not in failed.stderr
+    assert not (tmp / "o2").exists()
+    assert not list(tmp.glob(".o2.deltakit-*"))
+
+    assert deltakit_cli("apply", "--base", base_dir).returncode == 2
+    assert deltakit_cli("make", "--base", "x", "--target", "y", "--out", "z", "--shard-size", "lots").returncode == 2
+    missing = deltakit_cli("inspect", tmp / "nothing-here")
+    assert missing.returncode == 1 and "no such file or folder" in missing.stderr
+
+    bad = deltakit_cli("verify", tmp / "d2", "--base", wrong, "-q")
+    assert bad.returncode == 1 and "FAILED" in bad.stdout and "mismatched" in bad.stdout
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    result = deltakit_cli("demo", "--dir", tmp_path / "demo")
+    assert result.returncode == 0, result.stderr
+    assert "OK:" in result.stdout and "side files identical: True" in result.stdout
+    again = deltakit_cli("demo", "--dir", tmp_path / "demo")
+    assert again.returncode == 1 and "not empty" in again.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("5GB", 5_000_000_000), ("500MB", 500_000_000), ("2GiB", 2 * 1024**3), ("1000", 1000), ("1.5KB", 1500)],
+)
+def test_parse_size(text, size):
+    from deltakit.cli import parse_size
+
+    assert parse_size(text) == size

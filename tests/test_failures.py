@@ -1,0 +1,236 @@
+"""Wrong bases, corrupt deltas and occupied outputs: a specific error, and nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import finetune_of, llama_like, random_tensor, write_checkpoint
+
+from deltakit import (
+    BaseMismatchError,
+    FormatError,
+    InputNotFoundError,
+    IntegrityError,
+    ManifestError,
+    OutputExistsError,
+    SafetensorsHeaderError,
+    UnsupportedInputError,
+    apply_delta,
+    make_delta,
+    verify_delta,
+    verify_model,
+)
+from deltakit.formats import read_header
+
+
+@pytest.fixture
+def delta(tmp_path, make_pair):
+    base = llama_like(torch.float16, layers=3)
+    base_dir, target_dir = make_pair(base, finetune_of(base, extra_vocab=4))
+    make_delta(base_dir, target_dir, tmp_path / "delta")
+    return base, base_dir, tmp_path / "delta"
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Anything apply may have left: the output itself or a staging folder."""
+    return sorted(p.name for p in folder.iterdir() if p.name == "out" or ".deltakit-" in p.name)
+
+
+def test_wrong_base_fails_on_the_sampled_tensors_before_streaming(tmp_path, delta, monkeypatch):
+    _, _, delta_dir = delta
+    other = llama_like(torch.float16, layers=3, seed=42)  # same names, dtypes, shapes; other weights
+    other_dir = write_checkpoint(tmp_path / "other", other)
+    streamed = []
+    monkeypatch.setattr("deltakit.engine._stream_apply", lambda *a, **k: streamed.append(1))
+
+    with pytest.raises(BaseMismatchError) as err:
+        apply_delta(other_dir, delta_dir, tmp_path / "out")
+
+    assert err.value.tensor == "model.embed_tokens.weight"
+    assert "differs from the one the delta was made from" in str(err.value)
+    assert "expected blake3" in str(err.value)
+    assert streamed == [], "the sampled check must fail before any streaming"
+    assert leftovers(tmp_path) == []
+
+
+def test_base_differing_only_in_a_later_layer_fails_while_streaming(tmp_path, delta):
+    base, _, delta_dir = delta
+    altered = dict(base)
+    altered["model.layers.2.self_attn.v_proj.weight"] = random_tensor((16, 16), torch.float16, 77)
+    altered_dir = write_checkpoint(tmp_path / "altered", altered)
+    with pytest.raises(BaseMismatchError) as err:
+        apply_delta(altered_dir, delta_dir, tmp_path / "out")
+    assert err.value.tensor == "model.layers.2.self_attn.v_proj.weight"
+    assert leftovers(tmp_path) == []
+
+
+def test_base_missing_a_tensor_or_in_another_dtype(tmp_path, delta):
+    base, _, delta_dir = delta
+    missing = {k: v for k, v in base.items() if k != "model.norm.weight"}
+    with pytest.raises(BaseMismatchError, match=r"lacks tensor 'model\.norm\.weight'"):
+        apply_delta(write_checkpoint(tmp_path / "missing", missing), delta_dir, tmp_path / "out")
+    as32 = {k: v.float() for k, v in base.items()}
+    with pytest.raises(BaseMismatchError, match=r"is F32 .* made from F16"):
+        apply_delta(write_checkpoint(tmp_path / "as32", as32), delta_dir, tmp_path / "out")
+    assert leftovers(tmp_path) == []
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
+def test_corrupt_payload_fails_naming_the_tensor(tmp_path, delta):
+    _, base_dir, delta_dir = delta
+    payload = next(delta_dir.glob("delta-*.safetensors"))
+    info = read_header(payload).tensors["model.layers.1.self_attn.k_proj.weight"]
+    flip_byte(payload, info.start + 5)
+    with pytest.raises(IntegrityError) as err:
+        apply_delta(base_dir, delta_dir, tmp_path / "out")
+    assert err.value.tensor == "model.layers.1.self_attn.k_proj.weight"
+    assert "payload is corrupt" in str(err.value)
+    assert leftovers(tmp_path) == []
+    report = verify_delta(delta_dir)
+    assert not report.ok and report.mismatched[0].name == payload.name
+
+
+def test_truncated_payload_fails_before_reading(tmp_path, delta):
+    _, base_dir, delta_dir = delta
+    payload = next(delta_dir.glob("delta-*.safetensors"))
+    os.truncate(payload, payload.stat().st_size - 100)
+    with pytest.raises(IntegrityError, match="truncated or replaced"):
+        apply_delta(base_dir, delta_dir, tmp_path / "out")
+    assert leftovers(tmp_path) == []
+
+
+def test_corrupt_carried_file_fails(tmp_path, delta):
+    _, base_dir, delta_dir = delta
+    (delta_dir / "files" / "config.json").write_text('{"vocab_size": 2}\n')  # same size, other bytes
+    with pytest.raises(IntegrityError, match=r"config\.json"):
+        apply_delta(base_dir, delta_dir, tmp_path / "out")
+    assert leftovers(tmp_path) == []
+
+
+def test_existing_output_is_refused_and_left_untouched(tmp_path, delta):
+    _, base_dir, delta_dir = delta
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError):
+        apply_delta(base_dir, delta_dir, out)
+    assert (out / "precious.txt").read_text() == "keep me"
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+
+
+def test_empty_output_folder_is_accepted(tmp_path, delta):
+    _, base_dir, delta_dir = delta
+    (tmp_path / "out").mkdir()
+    apply_delta(base_dir, delta_dir, tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_make_refuses_an_existing_output(tmp_path, make_pair):
+    base = llama_like(torch.float32)
+    base_dir, target_dir = make_pair(base, finetune_of(base))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").write_text("x")
+    with pytest.raises(OutputExistsError):
+        make_delta(base_dir, target_dir, tmp_path / "d")
+
+
+def edit_manifest(delta_dir: Path, edit) -> None:
+    path = delta_dir / "deltakit.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["target"]["files"].update({"../escape.txt": {"sha256": "0" * 64, "size": 1}}), "safe relative"),
+        (lambda m: m["target"]["files"].update({"/etc/passwd": {"sha256": "0" * 64, "size": 1}}), "safe relative"),
+        (lambda m: m["payload"].update({"sub/x.safetensors": {"sha256": "0" * 64, "size": 1}}), "safe relative"),
+        (lambda m: m.update(format=2), "upgrade deltakit"),
+        (lambda m: m["target"]["tensors"]["lm_head.weight"].update(encoding="zip"), "unknown encoding"),
+        (lambda m: m["base"]["tensors"]["lm_head.weight"].update(digest="xyz"), "64 lowercase hex"),
+        (lambda m: m["base"]["tensors"]["lm_head.weight"].update(shape=[-1]), "non-negative"),
+        (lambda m: m["target"]["tensors"]["lm_head.weight"].update(base_rows=10**6), "base_rows"),
+        (lambda m: m["base"].pop("fingerprint"), "missing field 'fingerprint'"),
+    ],
+)
+def test_hostile_manifest_is_refused_with_the_field_named(tmp_path, delta, edit, message):
+    _, base_dir, delta_dir = delta
+    edit_manifest(delta_dir, edit)
+    with pytest.raises(ManifestError, match=message):
+        apply_delta(base_dir, delta_dir, tmp_path / "out")
+    assert leftovers(tmp_path) == []
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_not_a_delta_and_missing_inputs(tmp_path, delta):
+    _, base_dir, delta_dir = delta
+    with pytest.raises(ManifestError, match="not a deltakit delta package"):
+        apply_delta(base_dir, base_dir, tmp_path / "out")
+    with pytest.raises(InputNotFoundError):
+        apply_delta(tmp_path / "nope", delta_dir, tmp_path / "out")
+    with pytest.raises(UnsupportedInputError, match="is a deltakit delta package, not a model"):
+        apply_delta(delta_dir, delta_dir, tmp_path / "out")
+    (tmp_path / "binonly").mkdir()
+    (tmp_path / "binonly" / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(UnsupportedInputError, match=r"pytorch_model\.bin"):
+        make_delta(tmp_path / "binonly", base_dir, tmp_path / "d")
+
+
+def test_missing_shard_named_by_the_index(tmp_path):
+    base = llama_like(torch.float16)
+    folder = write_checkpoint(tmp_path / "m", base, shards=2)
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(InputNotFoundError, match=r"model-00002-of-00002\.safetensors"):
+        make_delta(folder, folder, tmp_path / "d")
+
+
+def test_payload_tensor_of_the_wrong_shape_is_a_format_error(tmp_path, delta):
+    _, base_dir, delta_dir = delta
+    edit_manifest(
+        delta_dir, lambda m: m["target"]["tensors"]["model.layers.0.self_attn.q_proj.weight"].update(shape=[8, 32])
+    )
+    with pytest.raises(FormatError, match="the manifest says F16 \\[8, 32\\]"):
+        apply_delta(base_dir, delta_dir, tmp_path / "out")
+
+
+def test_verify_reports_rather_than_raises(tmp_path, delta):
+    _, base_dir, delta_dir = delta
+    apply_delta(base_dir, delta_dir, tmp_path / "out")
+    # tamper with the rebuilt model: one tensor changed, one file removed
+    rebuilt = tmp_path / "out"
+    info = read_header(rebuilt / "model.safetensors").tensors["model.norm.weight"]
+    flip_byte(rebuilt / "model.safetensors", info.start)
+    (rebuilt / "config.json").unlink()
+    report = verify_model(rebuilt, delta_dir)
+    assert not report.ok
+    assert [m.name for m in report.mismatched] == ["model.norm.weight"]
+    assert report.missing == ("config.json",)
+
+    other = write_checkpoint(tmp_path / "other", llama_like(torch.float16, layers=3, seed=5) | {"x": torch.ones(1)})
+    report = verify_delta(delta_dir, base=other)
+    assert not report.ok
+    assert "x" in report.extra
+    assert {m.name for m in report.mismatched} >= {"model.embed_tokens.weight"}
+
+
+def test_hostile_safetensors_base_is_refused(tmp_path, delta):
+    _, _, delta_dir = delta
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes(b"\xff" * 8 + b"{}")
+    with pytest.raises(SafetensorsHeaderError, match="byte cap"):
+        apply_delta(bad, delta_dir, tmp_path / "out")
+    assert leftovers(tmp_path) == []
