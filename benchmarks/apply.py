@@ -65,18 +65,29 @@ class StepFailed(RuntimeError):
 # Measuring
 
 
+# Linux gives an exec'd process the high-water RSS of the memory it replaced, so a child spawned from this
+# (large) process would report at least our own peak. A tiny launcher, without torch, spawns and reaps each
+# command instead, and prints its exit status, ru_maxrss (KiB) and wall seconds.
+_LAUNCHER = """
+import os, sys, time
+log = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+io = [(os.POSIX_SPAWN_DUP2, log, 1), (os.POSIX_SPAWN_DUP2, log, 2)]
+start = time.perf_counter()
+pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ, file_actions=io)
+_, status, usage = os.wait4(pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss, time.perf_counter() - start)
+"""
+
+
 def run_cli(args: Sequence[str], log: Path) -> tuple[float, int]:
     """Run ``python -m deltakit.cli ARGS`` and return (wall seconds, peak RSS in bytes) of that process alone."""
     command = [sys.executable, "-m", "deltakit.cli", *args]
-    with open(log, "wb") as out:
-        start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)
-        wall = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise StepFailed(f"{' '.join(command)} exited {process.returncode}:\n{log.read_text(errors='replace')}")
-    return wall, usage.ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
+    launcher = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(log), *command]
+    done = subprocess.run(launcher, capture_output=True, text=True, check=True)
+    code, maxrss_kib, wall = done.stdout.split()
+    if int(code) != 0:
+        raise StepFailed(f"{' '.join(command)} exited {code}:\n{log.read_text(errors='replace')}")
+    return float(wall), int(maxrss_kib) * 1024
 
 
 def read_all(paths: Sequence[Path]) -> int:

@@ -44,13 +44,15 @@ def test_make_apply_verify_inspect(pair):
     assert "digests first: model.embed_tokens.weight" in dry.stdout
     assert not (tmp / "o").exists()
 
-    applied = deltakit_cli("apply", "--base", base_dir, "--delta", tmp / "d", "--out", tmp / "o", "-q")
+    applied = deltakit_cli("apply", "--base", base_dir, "--delta", tmp / "d", "--out", tmp / "o")
     assert applied.returncode == 0, applied.stderr
+    assert "apply:" in applied.stderr and "B/s" in applied.stderr, "a progress bar in bytes on stderr"
     assert "all digests match" in applied.stdout
     assert_same_tensors(load_checkpoint(tmp / "o"), target)
 
     verified = deltakit_cli("verify", tmp / "o", "--delta", tmp / "d", "-q")
     assert verified.returncode == 0 and verified.stdout.startswith("OK:"), verified.stdout
+    assert verified.stderr == "", "--quiet silences the bars"
     verified = deltakit_cli("verify", tmp / "d", "--base", base_dir, "--json", "-q")
     assert json.loads(verified.stdout)["ok"] is True
 
