@@ -21,7 +21,6 @@ from .engine import (
 from .errors import (
     BaseMismatchError,
     DeltakitError,
-    DeviceUnavailableError,
     FormatError,
     InputNotFoundError,
     IntegrityError,
@@ -38,7 +37,6 @@ __all__ = [
     "ApplyReport",
     "BaseMismatchError",
     "DeltakitError",
-    "DeviceUnavailableError",
     "FormatError",
     "InputNotFoundError",
     "Inspection",

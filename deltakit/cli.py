@@ -182,7 +182,6 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         args.delta,
         args.out,
         shard_size=args.shard_size,
-        device=args.device,
         progress=_progress(args),
     )
     _print_apply(report, time.perf_counter() - start)
@@ -284,7 +283,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", required=True, help="delta package folder")
     p.add_argument("--out", required=True, help="model folder to create (must not exist, or be empty)")
     p.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE, help="output file size (5GB)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="where to decode (cpu)")
     p.add_argument("--dry-run", action="store_true", help="check and print the plan; write nothing")
     p.set_defaults(run=_cmd_apply)
 

@@ -1,38 +1,55 @@
 """Tensor element types as safetensors names them, with their sizes and torch equivalents.
 
 deltakit records dtypes by their safetensors names (``F16``, ``BF16``...) everywhere: in headers,
-in the manifest, in reports.
+in the manifest, in reports. torch is imported only when a dtype must become a torch one.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-__all__ = ["FLOAT_DTYPES", "ITEMSIZE", "from_torch", "is_float", "itemsize", "to_torch"]
+if TYPE_CHECKING:
+    import torch
 
-_TORCH: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+__all__ = ["FLOAT_DTYPES", "ITEMSIZE", "is_float", "itemsize", "to_torch"]
+
+ITEMSIZE: dict[str, int] = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
 }
-
-ITEMSIZE: dict[str, int] = {name: dtype.itemsize for name, dtype in _TORCH.items()}
 
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
-_FROM_TORCH = {dtype: name for name, dtype in _TORCH.items()}
+_TORCH_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
 
 
 def itemsize(dtype: str) -> int:
@@ -45,8 +62,7 @@ def is_float(dtype: str) -> bool:
 
 
 def to_torch(dtype: str) -> torch.dtype:
-    return _TORCH[dtype]
+    import torch
 
-
-def from_torch(dtype: torch.dtype) -> str:
-    return _FROM_TORCH[dtype]
+    result: torch.dtype = getattr(torch, _TORCH_NAMES[dtype])
+    return result

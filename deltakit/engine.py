@@ -15,12 +15,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from . import __version__
-from .codecs import CODECS, Codec, cast_bits, count_differences
+from .codecs import CODECS, Bytes, Codec, cast_bits, count_differences
 from .dtypes import is_float, itemsize
-from .errors import BaseMismatchError, DeviceUnavailableError, IntegrityError, UnsupportedInputError
+from .errors import BaseMismatchError, IntegrityError, UnsupportedInputError
 from .formats.checkpoint import Checkpoint, RangeReader, open_checkpoint
 from .formats.delta import FILES_DIR, DeltaPackage, open_delta, payload_file_name
 from .formats.safetensors import FileLayout, SafetensorsWriter, TensorInfo, TensorSpec, plan_layout
@@ -149,26 +149,8 @@ class _Prefetcher:
                     future.cancel()
 
 
-def _bytes_tensor(view: memoryview) -> torch.Tensor:
-    return torch.frombuffer(view, dtype=torch.uint8) if len(view) else torch.empty(0, dtype=torch.uint8)
-
-
-def _view(tensor: torch.Tensor) -> memoryview:
-    return tensor.numpy().data.cast("B") if tensor.numel() else memoryview(b"")
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DeviceUnavailableError("--device cuda: no CUDA device is available to torch here; use --device cpu")
-    if device not in ("cpu", "cuda"):
-        raise DeviceUnavailableError(f"unknown device {device!r}; choose auto, cpu or cuda")
-    return torch.device(device)
-
-
-def _digest_error(kind: str, name: str, expected: str, actual: str) -> str:
-    return f"{kind} tensor {name!r}: expected blake3 {expected[:16]}..., got {actual[:16]}..."
+def _bytes(view: memoryview) -> Bytes:
+    return np.frombuffer(view, dtype=np.uint8)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -430,14 +412,12 @@ def _fingerprint_of(records: dict[str, TensorRecord] | dict[str, TargetTensor]) 
     return fingerprint((n, r.dtype, r.shape, r.digest) for n, r in records.items())
 
 
-def _encode_chunk(
-    step: _MakeStep, segment: int, views: list[memoryview]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _encode_chunk(step: _MakeStep, segment: int, views: list[memoryview]) -> tuple[Bytes, Bytes, Bytes]:
     """Returns (target bits, base bits cast to the target dtype, payload bits) for one chunk."""
-    target_bits = _bytes_tensor(views[0])
+    target_bits = _bytes(views[0])
     if segment == 1 or step.base is None:
         return target_bits, target_bits, target_bits
-    base_bits = _bytes_tensor(views[1])
+    base_bits = _bytes(views[1])
     if step.base.dtype != step.target.dtype:
         base_bits = cast_bits(base_bits, step.base.dtype, step.target.dtype)
     assert step.codec is not None
@@ -487,10 +467,8 @@ def _stream_make(
         if state.rebuild_hash is not None and encoding != "copy":
             inexact[step.name] = state.inexact
 
-    def emit(
-        state: _MakeState, segment: int, target_bits: torch.Tensor, base_bits: torch.Tensor, payload: torch.Tensor
-    ) -> None:
-        shards.write(_view(payload))
+    def emit(state: _MakeState, segment: int, target_bits: Bytes, base_bits: Bytes, payload: Bytes) -> None:
+        shards.write(payload.data.cast("B") if payload.size else memoryview(b""))
         if state.rebuild_hash is not None:
             if segment == 0:
                 assert state.step.codec is not None
@@ -498,7 +476,7 @@ def _stream_make(
                 state.inexact += count_differences(rebuilt, target_bits, state.step.target.dtype)
             else:
                 rebuilt = target_bits
-            state.rebuild_hash.update(_view(rebuilt))
+            state.rebuild_hash.update(rebuilt.data)
 
     def catch_up(state: _MakeState, upto: int, reader: RangeReader) -> None:
         """The tensor was identical to the base up to element ``upto``: encode that prefix now."""
@@ -530,7 +508,7 @@ def _stream_make(
                 state.base_hash.update(views[1])
             target_bits, base_bits, payload = _encode_chunk(step, chunk.segment, views)
             if not state.started:
-                if torch.equal(target_bits, base_bits):
+                if np.array_equal(target_bits, base_bits):
                     bar.update(len(views[0]))
                     continue
                 shards.begin(step.name)
@@ -807,22 +785,17 @@ def _apply_chunks(steps: Sequence[ApplyStep]) -> Iterator[_Chunk]:
                 yield _Chunk(i, 1, a, b, (_read_range(step.payload, t_item, a, b),))
 
 
-def _decode_chunk(step: ApplyStep, segment: int, views: list[memoryview], device: torch.device) -> torch.Tensor:
+def _decode_chunk(step: ApplyStep, segment: int, views: list[memoryview]) -> Bytes:
+    """The output bytes of one chunk; may be a view of the read buffers (raw and copy chunks)."""
     t = step.target
     if step.base is None or segment == 1:
-        return _bytes_tensor(views[-1])
-    base_bits = _bytes_tensor(views[0])
-    if device.type != "cpu":
-        base_bits = base_bits.to(device, non_blocking=True)
+        return _bytes(views[-1])
+    base_bits = _bytes(views[0])
     if t.cast_from is not None:
         base_bits = cast_bits(base_bits, t.cast_from, t.dtype)
     if step.payload is None:  # copy
-        return base_bits.cpu()
-    payload_bits = _bytes_tensor(views[1])
-    if device.type != "cpu":
-        payload_bits = payload_bits.to(device, non_blocking=True)
-    codec = CODECS[t.codec or t.encoding]
-    return codec.decode(base_bits, payload_bits, t.dtype).cpu()
+        return base_bits
+    return CODECS[t.codec or t.encoding].decode(base_bits, _bytes(views[1]), t.dtype)
 
 
 def _write_all(fd: int, view: memoryview) -> None:
@@ -831,13 +804,58 @@ def _write_all(fd: int, view: memoryview) -> None:
         view = view[n:]
 
 
+class _OutputWriter:
+    """Hashes and writes output chunks on a thread of its own, one chunk behind the decoding.
+
+    One chunk in flight at most: its bytes may be a view of a read-ahead buffer, which the
+    prefetcher recycles only after the next chunk has been handed out. Written ranges are handed
+    to the kernel for write-back as they go, so the final fsync finds little left to flush.
+    """
+
+    _WRITEBACK_BYTES = 64 << 20
+
+    def __init__(self, fds: Sequence[int]) -> None:
+        self._fds = fds
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltakit-write")
+        self._pending: Future[None] | None = None
+        self._written = [0] * len(fds)
+        self._advised = [0] * len(fds)
+
+    def _write(self, shard: int, data: Bytes, hasher: TensorHasher) -> None:
+        view = data.data.cast("B") if data.size else memoryview(b"")
+        hasher.update(view)
+        fd = self._fds[shard]
+        _write_all(fd, view)
+        self._written[shard] += len(view)
+        if hasattr(os, "posix_fadvise") and self._written[shard] - self._advised[shard] >= self._WRITEBACK_BYTES:
+            os.posix_fadvise(
+                fd, self._advised[shard], self._written[shard] - self._advised[shard], os.POSIX_FADV_DONTNEED
+            )
+            self._advised[shard] = self._written[shard]
+
+    def submit(self, shard: int, data: Bytes, hasher: TensorHasher) -> None:
+        self.wait()
+        self._pending = self._pool.submit(self._write, shard, data, hasher)
+
+    def wait(self) -> None:
+        """Block until the chunk in flight is hashed and written (re-raising its error)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 def apply_delta(
     base: str | Path,
     delta: str | Path,
     out: str | Path,
     *,
     shard_size: int = DEFAULT_SHARD_SIZE,
-    device: str = "cpu",
     progress: ProgressFactory = no_progress,
 ) -> ApplyReport:
     """Rebuild the delta's target from ``base`` into ``out``, checking every digest on the way.
@@ -850,7 +868,6 @@ def apply_delta(
         delta: the delta package folder.
         out: the model folder to create; it must not exist or be empty.
         shard_size: the most bytes per output safetensors file.
-        device: ``cpu``, ``cuda`` or ``auto`` for the decoding arithmetic.
         progress: a progress bar factory; output bytes are reported.
 
     Raises:
@@ -863,7 +880,6 @@ def apply_delta(
     """
     out = Path(out)
     check_output_free(out)
-    torch_device = _resolve_device(device)
     plan = plan_apply(base, delta, shard_size=shard_size)
     m = plan.manifest
     with RangeReader() as reader, StagedFolder(out) as staged:
@@ -874,7 +890,7 @@ def apply_delta(
             for fd, shard in zip(fds, plan.shards, strict=True):
                 _write_all(fd, memoryview(shard.layout.header))
             bar = progress(plan.write_bytes, "apply")
-            _stream_apply(plan, reader, fds, verified, torch_device, bar)
+            _stream_apply(plan, reader, fds, verified, bar)
             bar.close()
         finally:
             for fd in fds:
@@ -911,13 +927,13 @@ def _stream_apply(
     reader: RangeReader,
     fds: Sequence[int],
     verified: set[str],
-    device: torch.device,
     bar: ProgressBar,
 ) -> None:
     m = plan.manifest
     steps = plan.steps
     current = -1
     base_hash = out_hash = TensorHasher()
+    writer = _OutputWriter(fds)
 
     def finish(index: int) -> None:
         step = steps[index]
@@ -932,6 +948,7 @@ def _stream_apply(
                     expected=want,
                     actual=got,
                 )
+        writer.wait()  # the tensor's last chunk is hashed
         got = out_hash.hexdigest()
         if got != step.target.digest:
             raise IntegrityError(
@@ -943,21 +960,23 @@ def _stream_apply(
                 actual=got,
             )
 
-    for chunk, views in _Prefetcher(reader).run(_apply_chunks(steps)):
-        if chunk.owner != current:
-            if current >= 0:
-                finish(current)
-            current = chunk.owner
-            base_hash, out_hash = TensorHasher(), TensorHasher()
-        step = steps[chunk.owner]
-        if step.base is not None and chunk.segment == 0 and step.name not in verified:
-            base_hash.update(views[0])
-        rebuilt = _view(_decode_chunk(step, chunk.segment, views, device))
-        out_hash.update(rebuilt)
-        _write_all(fds[step.shard], rebuilt)
-        bar.update(len(rebuilt))
-    if current >= 0:
-        finish(current)
+    try:
+        for chunk, views in _Prefetcher(reader).run(_apply_chunks(steps)):
+            if chunk.owner != current:
+                if current >= 0:
+                    finish(current)
+                current = chunk.owner
+                base_hash, out_hash = TensorHasher(), TensorHasher()
+            step = steps[chunk.owner]
+            rebuilt = _decode_chunk(step, chunk.segment, views)
+            writer.submit(step.shard, rebuilt, out_hash)
+            if step.base is not None and chunk.segment == 0 and step.name not in verified:
+                base_hash.update(views[0])
+            bar.update(rebuilt.size)
+        if current >= 0:
+            finish(current)
+    finally:
+        writer.close()
 
 
 def _write_index(folder: Path, plan: ApplyPlan) -> None:

@@ -11,8 +11,7 @@ message needs (``path``, ``tensor``, ``expected``, ``actual``) as attributes::
     │   └── ManifestError                            deltakit.json is missing fields or malformed
     ├── IntegrityError          (ValueError)         bytes differ from the digest they must have
     │   └── BaseMismatchError                        the base is not the one the delta was made from
-    ├── OutputExistsError       (FileExistsError)    refusing to touch an existing output
-    └── DeviceUnavailableError  (RuntimeError)       --device names hardware that is not there
+    └── OutputExistsError       (FileExistsError)    refusing to touch an existing output
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from pathlib import Path
 __all__ = [
     "BaseMismatchError",
     "DeltakitError",
-    "DeviceUnavailableError",
     "FormatError",
     "InputNotFoundError",
     "IntegrityError",
@@ -94,7 +92,3 @@ class BaseMismatchError(IntegrityError):
 
 class OutputExistsError(DeltakitError, FileExistsError):
     """The output path exists and is not empty; deltakit never deletes or overwrites it."""
-
-
-class DeviceUnavailableError(DeltakitError, RuntimeError):
-    """The requested compute device (``cuda``) is not available."""

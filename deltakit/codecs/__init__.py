@@ -1,81 +1,99 @@
 """Codecs: pure functions that turn (target, base) chunks into payload and back.
 
-Every function takes and returns flat ``uint8`` tensors holding the raw bytes of a chunk of
+Every function takes and returns flat ``uint8`` numpy arrays holding the raw bytes of a chunk of
 elements, plus the safetensors dtype that gives those bytes meaning. Working on bytes keeps NaN
 payloads, signed zeros and subnormals exactly as they are wherever a codec does no arithmetic.
+XOR needs only numpy; the float arithmetic (``add``, casts) uses torch, imported on first use, since
+numpy has no bfloat16.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
+import numpy.typing as npt
 
-from ..dtypes import is_float, to_torch
+from ..dtypes import is_float, itemsize, to_torch
 
-__all__ = ["CODECS", "Codec", "add_decode", "add_encode", "cast_bits", "count_differences", "xor_bits"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["CODECS", "Bytes", "Codec", "add_decode", "add_encode", "cast_bits", "count_differences", "xor_bits"]
+
+Bytes = npt.NDArray[np.uint8]
 
 
-def _words(bits: torch.Tensor) -> torch.Tensor:
+def _words(bits: Bytes) -> npt.NDArray[np.generic]:
     """View bytes as 64-bit words when the length allows: eight times fewer element operations."""
-    if bits.numel() % 8 == 0 and bits.data_ptr() % 8 == 0:
-        return bits.view(torch.int64)
+    if bits.size % 8 == 0 and bits.ctypes.data % 8 == 0:
+        return bits.view(np.uint64)
     return bits
 
 
-def xor_bits(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Bitwise XOR of two byte tensors of equal length (its own inverse)."""
+def xor_bits(a: Bytes, b: Bytes, out: Bytes | None = None) -> Bytes:
+    """Bitwise XOR of two byte arrays of equal length (its own inverse)."""
     if out is None:
-        out = torch.empty_like(a)
-    torch.bitwise_xor(_words(a), _words(b), out=_words(out))
+        out = np.empty_like(a)
+    np.bitwise_xor(_words(a), _words(b), out=_words(out))
     return out
 
 
-def _values(bits: torch.Tensor, dtype: str) -> torch.Tensor:
-    return bits.view(to_torch(dtype))
+def _values(bits: Bytes, dtype: str) -> torch.Tensor:
+    import torch
+
+    if bits.size == 0:  # from_numpy gives a zero-stride tensor, which cannot be re-viewed
+        return torch.empty(0, dtype=to_torch(dtype))
+    return torch.from_numpy(bits).view(to_torch(dtype))
 
 
-def _bits(values: torch.Tensor) -> torch.Tensor:
-    return values.contiguous().view(torch.uint8)
+def _bits(values: torch.Tensor) -> Bytes:
+    import torch
+
+    array: Bytes = values.contiguous().view(torch.uint8).numpy()
+    return array
 
 
 def _compute_dtype(dtype: str) -> torch.dtype:
-    return torch.float64 if dtype == "F64" else torch.float32
+    return to_torch("F64" if dtype == "F64" else "F32")
 
 
-def cast_bits(bits: torch.Tensor, from_dtype: str, to_dtype: str) -> torch.Tensor:
+def cast_bits(bits: Bytes, from_dtype: str, to_dtype: str) -> Bytes:
     """Re-encode elements from one float dtype to another, rounding to nearest even."""
     return _bits(_values(bits, from_dtype).to(to_torch(to_dtype)))
 
 
-def add_encode(target: torch.Tensor, base: torch.Tensor, dtype: str) -> torch.Tensor:
+def add_encode(target: Bytes, base: Bytes, dtype: str) -> Bytes:
     """Task vector: ``target - base`` computed in fp32 (fp64 for F64), stored in ``dtype``."""
     wide = _compute_dtype(dtype)
     diff = _values(target, dtype).to(wide) - _values(base, dtype).to(wide)
     return _bits(diff.to(to_torch(dtype)))
 
 
-def add_decode(base: torch.Tensor, payload: torch.Tensor, dtype: str) -> torch.Tensor:
+def add_decode(base: Bytes, payload: Bytes, dtype: str) -> Bytes:
     """``base + payload`` in fp32 (fp64 for F64), rounded to ``dtype``."""
     wide = _compute_dtype(dtype)
     total = _values(base, dtype).to(wide) + _values(payload, dtype).to(wide)
     return _bits(total.to(to_torch(dtype)))
 
 
-def _xor_encode(target: torch.Tensor, base: torch.Tensor, dtype: str) -> torch.Tensor:
+def _xor_encode(target: Bytes, base: Bytes, dtype: str) -> Bytes:
     return xor_bits(target, base)
 
 
-def _xor_decode(base: torch.Tensor, payload: torch.Tensor, dtype: str) -> torch.Tensor:
+def _xor_decode(base: Bytes, payload: Bytes, dtype: str) -> Bytes:
     return xor_bits(base, payload)
 
 
-def count_differences(a: torch.Tensor, b: torch.Tensor, dtype: str) -> int:
-    """How many elements of two byte tensors differ bitwise."""
-    size = to_torch(dtype).itemsize
-    int_view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]
-    return int((a.view(int_view) != b.view(int_view)).sum())
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def count_differences(a: Bytes, b: Bytes, dtype: str) -> int:
+    """How many elements of two byte arrays differ bitwise."""
+    word = _UINT[itemsize(dtype)]
+    return int(np.count_nonzero(a.view(word) != b.view(word)))
 
 
 @dataclass(frozen=True)
@@ -90,8 +108,8 @@ class Codec:
     """
 
     name: str
-    encode: Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]
-    decode: Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]
+    encode: Callable[[Bytes, Bytes, str], Bytes]
+    decode: Callable[[Bytes, Bytes, str], Bytes]
     exact: bool
     accepts: Callable[[str], bool]
 
