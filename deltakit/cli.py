@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 import tempfile
 import time
@@ -31,36 +30,12 @@ from .engine import (
 from .errors import DeltakitError
 from .inspection import Inspection, inspect_path
 from .progress import ProgressFactory, tqdm_progress
+from .staging import check_output_free
+from .units import human_bytes, parse_size
 
 __all__ = ["main"]
 
 log = logging.getLogger("deltakit")
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-
-
-def parse_size(text: str) -> int:
-    """``5GB`` -> 5_000_000_000, ``512MiB`` -> 536_870_912, ``1000`` -> 1000 (as HF writes sizes)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 5GB, 500MB, 2GiB, 1000000)")
-    number, unit = float(match.group(1)), (match.group(2) or "").upper()
-    binary = "I" in unit
-    letter = unit[:1] if unit not in ("", "B") else unit
-    factor = 1024 ** "KMGT".index(letter) * 1024 if binary else _UNITS[letter]
-    size = int(number * factor)
-    if size <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
-    return size
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def _say(text: str = "") -> None:
@@ -76,7 +51,8 @@ def _print_make(report: MakeReport, seconds: float) -> None:
     _say(f"wrote delta {report.out}  ({m.target.name} from {m.base.name}) in {seconds:.1f}s")
     _say("  tensors   " + ", ".join(f"{n} {e}" for e, n in report.encodings.items()))
     ratio = report.payload_bytes / report.target_bytes if report.target_bytes else 0.0
-    _say(f"  payload   {_human(report.payload_bytes)} for {_human(report.target_bytes)} of target ({ratio:.0%})")
+    sizes = f"{human_bytes(report.payload_bytes)} for {human_bytes(report.target_bytes)} of target"
+    _say(f"  payload   {sizes} ({ratio:.0%})")
     _say(f"  files     {report.files} carried under files/")
     _say(f"  base      fingerprint {m.base.fingerprint}")
     _say(f"  target    fingerprint {m.target.fingerprint}")
@@ -100,7 +76,7 @@ def _print_make(report: MakeReport, seconds: float) -> None:
 def _print_apply(report: ApplyReport, seconds: float) -> None:
     _say(f"rebuilt {report.target_name} into {report.out} in {seconds:.1f}s: all digests match")
     _say("  tensors   " + ", ".join(f"{n} {e}" for e, n in report.encodings.items()))
-    _say(f"  written   {_human(report.bytes_written)} in {', '.join(report.shards)}")
+    _say(f"  written   {human_bytes(report.bytes_written)} in {', '.join(report.shards)}")
     _say(f"  files     {', '.join(report.files) or 'none'}")
     _say(f"  target    fingerprint {report.fingerprint}")
 
@@ -128,20 +104,20 @@ def _print_inspect(info: Inspection, *, all_tensors: bool) -> None:
         _say(f"  base        {info.base_name}  fingerprint {info.base_fingerprint}")
         _say(f"  target      {info.target_name}  fingerprint {info.target_fingerprint}")
         _say("  encodings   " + ", ".join(f"{n} {e}" for e, n in (info.encodings or {}).items()))
-        _say(f"  payload     {_human(info.payload_bytes or 0)}")
+        _say(f"  payload     {human_bytes(info.payload_bytes or 0)}")
         if info.dropped:
             _say(f"  dropped     {', '.join(info.dropped)}")
     elif info.fingerprint:
         _say(f"  fingerprint {info.fingerprint}")
     _say(
-        f"  tensors     {len(info.tensors)}, {_human(info.total_bytes)}: "
-        + ", ".join(f"{d} {_human(b)}" for d, b in info.bytes_by_dtype.items())
+        f"  tensors     {len(info.tensors)}, {human_bytes(info.total_bytes)}: "
+        + ", ".join(f"{d} {human_bytes(b)}" for d, b in info.bytes_by_dtype.items())
     )
     _say(f"  files       {', '.join(info.files) or 'none'}")
     shown = info.tensors if all_tensors else info.tensors[:20]
     for t in shown:
         encoding = f"  {t.encoding}" if t.encoding else ""
-        _say(f"    {t.name}  {t.dtype} {list(t.shape)}  {_human(t.nbytes)}{encoding}")
+        _say(f"    {t.name}  {t.dtype} {list(t.shape)}  {human_bytes(t.nbytes)}{encoding}")
     if len(shown) < len(info.tensors):
         _say(f"    ... {len(info.tensors) - len(shown)} more (--all lists every tensor)")
 
@@ -172,6 +148,7 @@ def _cmd_make(args: argparse.Namespace) -> int:
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     if args.dry_run:
+        check_output_free(Path(args.out))
         plan = plan_apply(args.base, args.delta, shard_size=args.shard_size)
         _say(plan.describe())
         _say(f"dry run: nothing written; would write {args.out}")
@@ -337,6 +314,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("deltakit: interrupted; nothing was left half-written", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug: one line, and the traceback with --verbose
+        log.debug("traceback", exc_info=True)
+        print(
+            f"deltakit: internal error (a bug, please report it): {type(e).__name__}: {e}"
+            + ("" if args.verbose else "; run with --verbose for the traceback"),
+            file=sys.stderr,
+        )
+        return 1
     return 0  # unreachable: parser.error exits
 
 

@@ -6,7 +6,10 @@ Outputs are built in a staging folder and renamed into place only once every dig
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
 import os
 import re
 from collections import Counter
@@ -34,9 +37,11 @@ from .manifest import (
     TargetRecord,
     TargetTensor,
     TensorRecord,
+    load_manifest,
 )
 from .progress import ProgressBar, ProgressFactory, no_progress
 from .staging import StagedFolder, check_output_free
+from .units import human_bytes
 
 __all__ = [
     "CHUNK_BYTES",
@@ -295,22 +300,15 @@ def _make_chunks(steps: Sequence[_MakeStep]) -> Iterator[_Chunk]:
         t = step.target
         t_item = itemsize(t.dtype)
         if step.base is None:
-            for a, b in _element_ranges(0, _numel(t.shape), t_item):
+            for a, b in _element_ranges(0, math.prod(t.shape), t_item):
                 yield _Chunk(i, 0, a, b, (_read_range(t, t_item, a, b),))
             continue
         b_item = itemsize(step.base.dtype)
-        shared = _numel(step.base.shape)
+        shared = math.prod(step.base.shape)
         for a, b in _element_ranges(0, shared, max(t_item, b_item)):
             yield _Chunk(i, 0, a, b, (_read_range(t, t_item, a, b), _read_range(step.base, b_item, a, b)))
-        for a, b in _element_ranges(shared, _numel(t.shape), t_item, at_least_one=False):
+        for a, b in _element_ranges(shared, math.prod(t.shape), t_item, at_least_one=False):
             yield _Chunk(i, 1, a, b, (_read_range(t, t_item, a, b),))
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def make_delta(
@@ -345,7 +343,7 @@ def make_delta(
         {'xor': 289, 'rows': 2, 'copy': 1}
     """
     if codec not in CODECS:
-        raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
+        raise UnsupportedInputError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
     out = Path(out)
     check_output_free(out)
     base_ckpt = open_checkpoint(base)
@@ -405,7 +403,7 @@ def make_delta(
 
 
 def _default_name(ckpt: Checkpoint) -> str:
-    return ckpt.root.resolve().name
+    return ckpt.source.stem if ckpt.source.is_file() else ckpt.source.resolve().name
 
 
 def _fingerprint_of(records: dict[str, TensorRecord] | dict[str, TargetTensor]) -> str:
@@ -557,8 +555,6 @@ def _carry_files(ckpt: Checkpoint, dest: Path) -> dict[str, FileRecord]:
 
 def _copy_hashed(src: Path, dst: Path) -> FileRecord:
     """Copy a file and hash it in the same read."""
-    import hashlib
-
     digest = hashlib.sha256()
     size = 0
     with open(src, "rb") as fin, open(dst, "wb") as fout:
@@ -630,14 +626,14 @@ class ApplyPlan:
             f"checks   names, dtypes and shapes of {len(self.steps)} tensors: ok; "
             f"digests first: {', '.join(self.sample) or 'none'}",
             f"tensors  {len(self.steps)}: " + ", ".join(f"{n} {e}" for e, n in sorted(counts.items())),
-            f"reads    {_human(self.read_bytes)} (base and payload)",
-            f"writes   {_human(self.write_bytes)} in {len(self.shards)} file(s)"
+            f"reads    {human_bytes(self.read_bytes)} (base and payload)",
+            f"writes   {human_bytes(self.write_bytes)} in {len(self.shards)} file(s)"
             + (" + model.safetensors.index.json" if len(self.shards) > 1 else ""),
             f"files    {len(m.target.files)} carried: " + ", ".join(sorted(m.target.files)),
         ]
         for shard in self.shards:
             names = [s.name for s in self.steps if self.shards[s.shard] is shard]
-            lines.append(f"  {shard.name}: {len(names)} tensors, {_human(shard.layout.size)}")
+            lines.append(f"  {shard.name}: {len(names)} tensors, {human_bytes(shard.layout.size)}")
         return "\n".join(lines)
 
 
@@ -653,14 +649,6 @@ class ApplyReport:
     files: tuple[str, ...]
     shards: tuple[str, ...]
     fingerprint: str
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def _output_name(index: int, count: int) -> str:
@@ -767,14 +755,14 @@ def _apply_chunks(steps: Sequence[ApplyStep]) -> Iterator[_Chunk]:
     for i, step in enumerate(steps):
         t = step.target
         t_item = itemsize(t.dtype)
-        numel = _numel(t.shape)
+        numel = math.prod(t.shape)
         if step.base is None:  # raw
             assert step.payload is not None
             for a, b in _element_ranges(0, numel, t_item):
                 yield _Chunk(i, 0, a, b, (_read_range(step.payload, t_item, a, b),))
             continue
         b_item = itemsize(step.base.dtype)
-        shared = _numel(step.base.shape)
+        shared = math.prod(step.base.shape)
         for a, b in _element_ranges(0, shared, max(t_item, b_item)):
             reads = [_read_range(step.base, b_item, a, b)]
             if step.payload is not None:
@@ -980,8 +968,6 @@ def _stream_apply(
 
 
 def _write_index(folder: Path, plan: ApplyPlan) -> None:
-    import json
-
     index = {
         "metadata": {"total_size": sum(s.end - s.start for s in plan.steps)},
         "weight_map": {s.name: plan.shards[s.shard].name for s in plan.steps},
@@ -1075,8 +1061,6 @@ def verify_delta(
 
     Raises only when the package cannot be read at all (no or malformed manifest).
     """
-    from .manifest import load_manifest
-
     root = Path(delta)
     m = load_manifest(root)
     checked, missing, mismatched = _check_files(root, m.payload)
@@ -1095,8 +1079,6 @@ def verify_delta(
 
 def verify_model(model: str | Path, delta: str | Path, *, progress: ProgressFactory = no_progress) -> VerifyReport:
     """Check a rebuilt model's tensors and files against the target digests of a delta's manifest."""
-    from .manifest import load_manifest
-
     m = load_manifest(delta)
     ckpt = open_checkpoint(model)
     checked, missing, extra, mismatched = _check_tensors(ckpt, m.target.tensors, progress, "verify model")

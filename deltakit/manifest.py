@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .dtypes import ITEMSIZE
+from .dtypes import ITEMSIZE, is_float
 from .errors import InputNotFoundError, ManifestError
 
 __all__ = [
@@ -34,6 +34,8 @@ MANIFEST_NAME = "deltakit.json"
 PAYLOAD_TAG = "delta/1"
 ENCODINGS = frozenset({"xor", "add", "rows", "raw", "copy"})
 ROW_CODECS = frozenset({"xor", "add"})
+# A 70B model's manifest is about 1 MB; anything near this cap is not a manifest.
+MAX_MANIFEST_BYTES = 64 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -126,8 +128,12 @@ class Manifest:
         """Parse and validate a manifest; every problem is a :class:`ManifestError` naming the field."""
         try:
             data = json.loads(text)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise ManifestError(f"{source}: not valid JSON: {e}", path=source) from e
+        try:  # JSON escapes can smuggle in lone surrogates, which no file name or tensor name may hold
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ManifestError(f"{source}: holds a string that is not valid Unicode ({e.reason})", path=source) from e
         return _manifest_from_dict(data, source)
 
 
@@ -135,7 +141,11 @@ def load_manifest(folder: str | Path) -> Manifest:
     """Read ``deltakit.json`` from a delta package folder."""
     path = Path(folder) / MANIFEST_NAME
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{path}: larger than the {MAX_MANIFEST_BYTES} byte cap", path=path)
+        text = raw.decode("utf-8")
     except FileNotFoundError as e:
         if not Path(folder).exists():
             raise InputNotFoundError(f"{folder}: no such delta package", path=folder) from e
@@ -295,6 +305,32 @@ def _check_relative_path(r: _Reader, name: str, where: str, *, nested: bool) -> 
         raise r.fail(where, "is not a safe relative file name")
 
 
+def _check_against_base(r: _Reader, name: str, t: TargetTensor, base: TensorRecord | None) -> None:
+    """A target tensor's encoding must agree with its base record: apply trusts that they do."""
+    where = f"target.tensors[{name!r}]"
+    if not t.needs_base:
+        if t.cast_from is not None or t.codec is not None or t.base_rows is not None:
+            raise r.fail(where, "a raw tensor takes no cast_from, codec or base_rows")
+        return
+    if base is None:
+        raise r.fail(where, f"encoding {t.encoding!r} needs a base tensor of that name")
+    if base.dtype != (t.cast_from or t.dtype):
+        raise r.fail(where, f"base is {base.dtype}, but cast_from says {t.cast_from or t.dtype}")
+    if t.cast_from is not None and not (is_float(t.cast_from) and is_float(t.dtype)):
+        raise r.fail(f"{where}.cast_from", "casts are between float dtypes only")
+    if t.encoding == "rows":
+        assert t.base_rows is not None  # checked by target_tensor
+        if base.shape != (t.base_rows, *t.shape[1:]):
+            raise r.fail(where, f"base shape {list(base.shape)} is not base_rows {t.base_rows} x the target's rows")
+    else:
+        if base.shape != t.shape:
+            raise r.fail(where, f"base shape {list(base.shape)} differs from the target's {list(t.shape)}")
+        if t.codec is not None or t.base_rows is not None:
+            raise r.fail(where, "codec and base_rows belong to 'rows' tensors only")
+    if "add" in (t.encoding, t.codec) and not is_float(t.dtype):
+        raise r.fail(where, f"'add' applies to float tensors, not {t.dtype}")
+
+
 def _manifest_from_dict(data: Any, source: str) -> Manifest:
     r = _Reader(source)
     top = r.obj(data, "manifest")
@@ -315,8 +351,7 @@ def _manifest_from_dict(data: Any, source: str) -> Manifest:
         n: r.target_tensor(n, v, "target.tensors") for n, v in r.get(target, "tensors", dict, "target").items()
     }
     for name, t in target_tensors.items():
-        if t.needs_base and name not in base_tensors:
-            raise r.fail(f"target.tensors[{name!r}]", f"encoding {t.encoding!r} needs a base tensor of that name")
+        _check_against_base(r, name, t, base_tensors.get(name))
     dropped = r.get(top, "dropped", list, "manifest") if "dropped" in top else []
     if not all(isinstance(n, str) for n in dropped):
         raise r.fail("dropped", "must be a list of tensor names")

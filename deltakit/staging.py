@@ -51,6 +51,7 @@ class StagedFolder:
     def __init__(self, final: Path) -> None:
         self.final = Path(final)
         check_output_free(self.final)
+        self._created_parents = [p for p in reversed(self.final.parents) if not p.exists()]
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.path = self.final.parent / f".{self.final.name}.deltakit-{uuid.uuid4().hex[:12]}.tmp"
         self.path.mkdir()
@@ -67,6 +68,11 @@ class StagedFolder:
     ) -> None:
         if not self._committed:
             shutil.rmtree(self.path, ignore_errors=True)
+            for parent in reversed(self._created_parents):  # deepest first; only if still empty
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
 
     def commit(self) -> Path:
         """fsync every file, then rename the folder into place (an empty ``final`` is replaced)."""
@@ -75,9 +81,7 @@ class StagedFolder:
                 fsync_path(Path(root) / name)
             fsync_path(root)
         check_output_free(self.final)
-        if self.final.is_dir():
-            self.final.rmdir()  # empty, checked just above
-        os.rename(self.path, self.final)
+        os.rename(self.path, self.final)  # rename(2) replaces an empty folder atomically
         fsync_path(self.final.parent)
         self._committed = True
         return self.final

@@ -102,6 +102,6 @@ def test_demo_runs_end_to_end(tmp_path):
     [("5GB", 5_000_000_000), ("500MB", 500_000_000), ("2GiB", 2 * 1024**3), ("1000", 1000), ("1.5KB", 1500)],
 )
 def test_parse_size(text, size):
-    from deltakit.cli import parse_size
+    from deltakit.units import parse_size
 
     assert parse_size(text) == size

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,38 @@ def test_truncated_payload_fails_before_reading(tmp_path, delta):
     assert leftovers(tmp_path) == []
 
 
+def test_failed_apply_removes_the_parent_folders_it_created(tmp_path, delta):
+    _, _, delta_dir = delta
+    other = write_checkpoint(tmp_path / "other", llama_like(torch.float16, layers=3, seed=42))
+    with pytest.raises(BaseMismatchError):
+        apply_delta(other, delta_dir, tmp_path / "nest" / "a" / "out")
+    assert not (tmp_path / "nest").exists()
+
+
+def test_casts_are_the_same_whatever_the_thread_count():
+    # torch keeps NaN payloads in its vector loops but not its scalar tails; the cast must not care
+    import numpy as np
+
+    from deltakit.codecs import cast_bits
+
+    n = 2_000_000  # big enough for torch to split the work across threads
+    bits = np.zeros(n, dtype=np.uint16)
+    bits[::997] = 0x7D01  # NaNs with a payload, in vector loops and at the thread boundaries' scalar tails
+    bits[n // 3 - 10 : n // 3 + 10] = 0xFD55
+    bits[-7:] = 0x7D01
+    raw = bits.view(np.uint8)
+    results = []
+    for threads in (1, 3):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            results.append(bytes(cast_bits(raw, "F16", "F32")))
+        finally:
+            torch.set_num_threads(old)
+    # without canonical NaNs, raw torch gives two different results here (checked when written)
+    assert len(set(results)) == 1
+
+
 def test_corrupt_carried_file_fails(tmp_path, delta):
     _, base_dir, delta_dir = delta
     (delta_dir / "files" / "config.json").write_text('{"vocab_size": 2}\n')  # same size, other bytes
@@ -197,12 +230,28 @@ def test_missing_shard_named_by_the_index(tmp_path):
         make_delta(folder, folder, tmp_path / "d")
 
 
-def test_payload_tensor_of_the_wrong_shape_is_a_format_error(tmp_path, delta):
+def test_manifest_target_that_disagrees_with_its_base_record(tmp_path, delta):
     _, base_dir, delta_dir = delta
-    edit_manifest(
-        delta_dir, lambda m: m["target"]["tensors"]["model.layers.0.self_attn.q_proj.weight"].update(shape=[8, 32])
-    )
-    with pytest.raises(FormatError, match="the manifest says F16 \\[8, 32\\]"):
+    q = "model.layers.0.self_attn.q_proj.weight"
+    edit_manifest(delta_dir, lambda m: m["target"]["tensors"][q].update(shape=[8, 32]))
+    with pytest.raises(ManifestError, match=r"base shape \[16, 16\] differs from the target's \[8, 32\]"):
+        apply_delta(base_dir, delta_dir, tmp_path / "out")
+    edit_manifest(delta_dir, lambda m: m["target"]["tensors"][q].update(shape=[16, 16], cast_from="F32"))
+    with pytest.raises(ManifestError, match="base is F16, but cast_from says F32"):
+        apply_delta(base_dir, delta_dir, tmp_path / "out")
+
+
+def test_payload_header_that_disagrees_with_the_manifest(tmp_path, delta):
+    _, base_dir, delta_dir = delta
+    payload = next(delta_dir.glob("delta-*.safetensors"))
+    raw = payload.read_bytes()
+    (size,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + size])
+    header["model.norm.weight2"] = header.pop("lm_head.weight")
+    body = json.dumps(header).encode().ljust(size)
+    assert len(body) == size
+    payload.write_bytes(raw[:8] + body + raw[8 + size :])
+    with pytest.raises(FormatError, match=r"lacks tensor 'lm_head\.weight'"):
         apply_delta(base_dir, delta_dir, tmp_path / "out")
 
 

@@ -49,9 +49,18 @@ def _values(bits: Bytes, dtype: str) -> torch.Tensor:
     return torch.from_numpy(bits).view(to_torch(dtype))
 
 
-def _bits(values: torch.Tensor) -> Bytes:
+def _bits(values: torch.Tensor, *, nan_source: torch.Tensor) -> Bytes:
+    """The bytes of ``values``, every NaN where ``nan_source`` has one made the canonical quiet NaN.
+
+    torch's conversions and arithmetic keep NaN payloads in their vector loops but not in their
+    scalar tails, and where a tail falls depends on the chunk length and the thread count; without
+    this, a rebuild on another machine could differ in the bits of a NaN.
+    """
     import torch
 
+    nan = torch.isnan(nan_source)
+    if bool(nan.any()):
+        values = values.masked_fill(nan, float("nan"))
     array: Bytes = values.contiguous().view(torch.uint8).numpy()
     return array
 
@@ -61,22 +70,24 @@ def _compute_dtype(dtype: str) -> torch.dtype:
 
 
 def cast_bits(bits: Bytes, from_dtype: str, to_dtype: str) -> Bytes:
-    """Re-encode elements from one float dtype to another, rounding to nearest even."""
-    return _bits(_values(bits, from_dtype).to(to_torch(to_dtype)))
+    """Re-encode elements from one float dtype to another, rounding to nearest even; NaNs become
+    the canonical quiet NaN, so the result is the same on every machine."""
+    values = _values(bits, from_dtype)
+    return _bits(values.to(to_torch(to_dtype)), nan_source=values)
 
 
 def add_encode(target: Bytes, base: Bytes, dtype: str) -> Bytes:
     """Task vector: ``target - base`` computed in fp32 (fp64 for F64), stored in ``dtype``."""
     wide = _compute_dtype(dtype)
-    diff = _values(target, dtype).to(wide) - _values(base, dtype).to(wide)
-    return _bits(diff.to(to_torch(dtype)))
+    diff = (_values(target, dtype).to(wide) - _values(base, dtype).to(wide)).to(to_torch(dtype))
+    return _bits(diff, nan_source=diff)
 
 
 def add_decode(base: Bytes, payload: Bytes, dtype: str) -> Bytes:
     """``base + payload`` in fp32 (fp64 for F64), rounded to ``dtype``."""
     wide = _compute_dtype(dtype)
-    total = _values(base, dtype).to(wide) + _values(payload, dtype).to(wide)
-    return _bits(total.to(to_torch(dtype)))
+    total = (_values(base, dtype).to(wide) + _values(payload, dtype).to(wide)).to(to_torch(dtype))
+    return _bits(total, nan_source=total)
 
 
 def _xor_encode(target: Bytes, base: Bytes, dtype: str) -> Bytes:

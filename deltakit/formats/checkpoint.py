@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -34,6 +35,7 @@ class Checkpoint:
     """The tensors of a model checkpoint and the other files beside them.
 
     Attributes:
+        source: the path as given (a folder, or a lone ``.safetensors`` file).
         root: the folder (or, for a lone file, its parent).
         tensors: every tensor, in file order, with the byte range that holds it.
         weight_files: the safetensors files (and index) the tensors come from.
@@ -41,6 +43,7 @@ class Checkpoint:
         ignored_weight_files: weight files in other formats beside the safetensors ones, not read.
     """
 
+    source: Path
     root: Path
     tensors: dict[str, TensorInfo]
     weight_files: tuple[Path, ...]
@@ -114,7 +117,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         if not path.name.endswith(".safetensors"):
             raise UnsupportedInputError(f"{path}: not a .safetensors file", path=path)
         tensors = _collect([path])
-        return Checkpoint(path.parent, tensors, (path,), (), ())
+        return Checkpoint(path, path.parent, tensors, (path,), (), ())
     if (path / MANIFEST_NAME).exists():
         raise UnsupportedInputError(f"{path} is a deltakit delta package, not a model checkpoint", path=path)
 
@@ -159,7 +162,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     used = {p.relative_to(path).as_posix() for p in weight_files}
     extra = tuple(name for name in files if name not in used and not is_weight_file(name))
     ignored = tuple(name for name in files if name not in used and is_weight_file(name))
-    return Checkpoint(path, tensors, weight_files, extra, ignored)
+    return Checkpoint(path, path, tensors, weight_files, extra, ignored)
 
 
 class RangeReader:
@@ -167,6 +170,7 @@ class RangeReader:
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()  # read-ahead threads share the descriptors
 
     def __enter__(self) -> RangeReader:
         return self
@@ -177,11 +181,12 @@ class RangeReader:
         self.close()
 
     def _fd(self, path: Path) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = os.open(path, os.O_RDONLY)
-            self._fds[path] = fd
-        return fd
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = os.open(path, os.O_RDONLY)
+                self._fds[path] = fd
+            return fd
 
     def read_into(self, path: Path, offset: int, view: memoryview) -> None:
         """Fill ``view`` with the bytes of ``path`` from ``offset``; a short file is an error."""
@@ -199,6 +204,7 @@ class RangeReader:
             done += n
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()

@@ -1,9 +1,10 @@
 """Safetensors without trust: a reader that validates every header, and a streaming writer.
 
 The reader checks what the reference implementation checks (header size cap, UTF-8 JSON object,
-known dtypes, offsets contiguous from zero, sizes that agree with dtype and shape, data ending
-exactly at the end of the file) and names the file and tensor in every error. The writer fixes the
-header before any data, so tensors stream into place chunk by chunk.
+known dtypes, 64-bit shapes, offsets contiguous from zero, sizes that agree with dtype and shape,
+data ending exactly at the end of the file) and names the file and tensor in every error. It is
+stricter in a few places: duplicate keys, extra entry fields and a null ``__metadata__`` are refused.
+The writer fixes the header before any data, so tensors stream into place chunk by chunk.
 """
 
 from __future__ import annotations
@@ -98,6 +99,17 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return result
 
 
+_U64 = 1 << 64
+
+
+def _valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _is_uint(value: object) -> bool:
     return type(value) is int and value >= 0
 
@@ -140,14 +152,14 @@ def read_header(path: str | Path) -> SafetensorsHeader:
         raise _fail(path, "header does not start with '{'; this is not a safetensors file")
     try:
         parsed = json.loads(text, object_pairs_hook=_no_duplicate_keys)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise _fail(path, f"header is not valid JSON: {e}") from e
     if not isinstance(parsed, dict):
         raise _fail(path, "header is not a JSON object")
 
     metadata = parsed.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        isinstance(k, str) and isinstance(v, str) and _valid_unicode(k + v) for k, v in metadata.items()
     ):
         raise _fail(path, "__metadata__ must map strings to strings")
 
@@ -159,8 +171,17 @@ def read_header(path: str | Path) -> SafetensorsHeader:
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if not isinstance(dtype, str) or dtype not in ITEMSIZE:
             raise _fail(path, f"unknown or unsupported dtype {dtype!r}", name)
-        if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
-            raise _fail(path, f"shape {shape!r} is not a list of non-negative integers", name)
+        if not isinstance(shape, list) or not all(_is_uint(d) and d < _U64 for d in shape):
+            raise _fail(path, f"shape {shape!r} is not a list of non-negative 64-bit integers", name)
+        if not _valid_unicode(name):
+            raise _fail(
+                path, "tensor name is not valid Unicode (a lone surrogate)", name.encode("utf-8", "replace").decode()
+            )
+        numel = 1
+        for dim in shape:  # as the reference does: the running product must fit in 64 bits
+            numel *= dim
+            if numel >= _U64:
+                raise _fail(path, f"shape {shape!r} has more elements than 64 bits can count", name)
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
             raise _fail(path, f"data_offsets {offsets!r} is not a pair of non-negative integers", name)
         begin, end = offsets
