@@ -411,7 +411,7 @@ def markdown(results: Results) -> str:
         table(results),
         "",
         f"**apply / I/O floor: {results.ratio:.2f}x** ({runs}). apply's time is the whole `deltakit apply` "
-        "process, start-up (Python, torch import) included.",
+        "process, start-up (Python and its imports) included.",
         "",
         *verdicts(results),
         "",

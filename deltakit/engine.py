@@ -6,7 +6,6 @@ Outputs are built in a staging folder and renamed into place only once every dig
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -111,7 +110,9 @@ def _read_range(info: TensorInfo, itemsize: int, first: int, last: int) -> _Read
 class _Prefetcher:
     """Reads chunks ahead on worker threads into a ring of reusable buffers, yielding them in order.
 
-    A yielded chunk's buffers stay valid until the consumer asks for the next one.
+    The ring has ``depth + 1`` slots: when the consumer asks for chunk N + 1, the slot of chunk N - 1
+    is refilled. So a yielded chunk's buffers stay valid until the consumer asks for the chunk after
+    next, which is what lets :class:`_OutputWriter` write chunk N while chunk N + 1 is decoded.
     """
 
     def __init__(self, reader: RangeReader, depth: int = _PREFETCH_DEPTH) -> None:
@@ -275,7 +276,7 @@ class _PayloadShards:
         for i, path in enumerate(kept, start=1):
             final = self.folder / payload_file_name(i, len(kept))
             path.rename(final)
-            records[final.name] = FileRecord(file_sha256(final), final.stat().st_size)
+            records[final.name] = FileRecord(*file_sha256(final))
         return records
 
     def abort(self) -> None:
@@ -555,14 +556,7 @@ def _carry_files(ckpt: Checkpoint, dest: Path) -> dict[str, FileRecord]:
 
 def _copy_hashed(src: Path, dst: Path) -> FileRecord:
     """Copy a file and hash it in the same read."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        while block := fin.read(CHUNK_BYTES):
-            digest.update(block)
-            fout.write(block)
-            size += len(block)
-    return FileRecord(digest.hexdigest(), size)
+    return FileRecord(*file_sha256(src, copy_to=dst))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1020,7 +1014,7 @@ def _check_files(
         if not path.is_file():
             missing.append(prefix + rel)
             continue
-        digest = file_sha256(path)
+        digest, _ = file_sha256(path)
         if digest != record.sha256:
             mismatched.append(Mismatch(prefix + rel, f"sha256 {record.sha256}", f"sha256 {digest}"))
     return len(records), missing, mismatched

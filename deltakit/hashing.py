@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
+from contextlib import nullcontext
 from pathlib import Path
 
 import blake3
@@ -54,15 +55,23 @@ def tensor_digest(data: bytes | bytearray | memoryview) -> str:
     return blake3.blake3(data, max_threads=threads).hexdigest()
 
 
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 hex digest of a whole file, read in bounded chunks."""
+def file_sha256(path: str | Path, *, copy_to: str | Path | None = None) -> tuple[str, int]:
+    """SHA-256 hex digest and size of a whole file, read in bounded chunks.
+
+    Args:
+        copy_to: also write the bytes read to this new file, so a copy costs one read.
+    """
     digest = hashlib.sha256()
     buffer = bytearray(_FILE_CHUNK)
     view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as f:
+    size = 0
+    with open(path, "rb", buffering=0) as f, (open(copy_to, "xb") if copy_to else nullcontext()) as out:
         while n := f.readinto(buffer):
             digest.update(view[:n])
-    return digest.hexdigest()
+            if out is not None:
+                out.write(view[:n])
+            size += n
+    return digest.hexdigest(), size
 
 
 def fingerprint(tensors: Iterable[tuple[str, str, tuple[int, ...], str]]) -> str:
