@@ -27,6 +27,7 @@ from .errors import (
     ManifestError,
     OutputExistsError,
     SafetensorsHeaderError,
+    UnsafePickleError,
     UnsupportedInputError,
 )
 from .inspection import Inspection, inspect_path
@@ -47,6 +48,7 @@ __all__ = [
     "Mismatch",
     "OutputExistsError",
     "SafetensorsHeaderError",
+    "UnsafePickleError",
     "UnsupportedInputError",
     "VerifyReport",
     "__version__",

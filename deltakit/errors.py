@@ -8,6 +8,7 @@ message needs (``path``, ``tensor``, ``expected``, ``actual``) as attributes::
     ├── UnsupportedInputError   (ValueError)         exists, but is no kind deltakit reads
     ├── FormatError             (ValueError)         a file breaks its format's rules
     │   ├── SafetensorsHeaderError                   a hostile or corrupt safetensors header
+    │   ├── UnsafePickleError                        a .bin/.pth pickle asks for more than tensors
     │   └── ManifestError                            deltakit.json is missing fields or malformed
     ├── IntegrityError          (ValueError)         bytes differ from the digest they must have
     │   └── BaseMismatchError                        the base is not the one the delta was made from
@@ -27,6 +28,7 @@ __all__ = [
     "ManifestError",
     "OutputExistsError",
     "SafetensorsHeaderError",
+    "UnsafePickleError",
     "UnsupportedInputError",
 ]
 
@@ -76,6 +78,10 @@ class FormatError(DeltakitError, ValueError):
 
 class SafetensorsHeaderError(FormatError):
     """A safetensors header is oversized, malformed, or describes data the file does not hold."""
+
+
+class UnsafePickleError(FormatError):
+    """A PyTorch pickle asks for objects beyond tensors and plain containers; it is not loaded."""
 
 
 class ManifestError(FormatError):

@@ -65,7 +65,7 @@ def file_sha256(path: str | Path, *, copy_to: str | Path | None = None) -> tuple
     buffer = bytearray(_FILE_CHUNK)
     view = memoryview(buffer)
     size = 0
-    with open(path, "rb", buffering=0) as f, (open(copy_to, "xb") if copy_to else nullcontext()) as out:
+    with open(path, "rb", buffering=0) as f, open(copy_to, "xb") if copy_to else nullcontext() as out:
         while n := f.readinto(buffer):
             digest.update(view[:n])
             if out is not None:

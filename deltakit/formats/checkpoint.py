@@ -1,8 +1,8 @@
 """Model checkpoints on disk: which tensors a folder holds, where their bytes lie, what else it carries.
 
-A checkpoint is a single ``.safetensors`` file, or a folder holding ``model.safetensors``, a sharded
-set described by ``model.safetensors.index.json``, or plain ``*.safetensors`` shards. Only headers
-are read here; tensor bytes are read later, range by range, through :class:`RangeReader`.
+A checkpoint is a safetensors, PyTorch ``.bin`` or Meta ``.pth`` file, or a folder of them, sharded
+or not. Only headers (and pickles, without running them) are read here; tensor bytes are read later,
+range by range, through :class:`RangeReader`, whatever the format.
 """
 
 from __future__ import annotations
@@ -10,17 +10,19 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 from types import TracebackType
 
 from ..errors import FormatError, InputNotFoundError, IntegrityError, UnsupportedInputError
 from ..manifest import MANIFEST_NAME
 from .safetensors import TensorInfo, read_header
+from .torch_zip import read_torch_zip
 
 __all__ = ["Checkpoint", "RangeReader", "is_weight_file", "open_checkpoint"]
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz")
 _WEIGHT_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json", ".msgpack.index.json", ".h5.index.json")
 
@@ -72,7 +74,7 @@ def _walk_files(root: Path) -> list[str]:
 def _read_index(index_path: Path) -> dict[str, str]:
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FormatError(f"{index_path}: cannot read the shard index: {e}", path=index_path) from e
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
@@ -80,7 +82,7 @@ def _read_index(index_path: Path) -> dict[str, str]:
     ):
         raise FormatError(f"{index_path}: 'weight_map' must map tensor names to file names", path=index_path)
     for file_name in set(weight_map.values()):
-        if Path(file_name).name != file_name:
+        if Path(file_name).name != file_name or file_name in ("", ".", ".."):
             raise FormatError(
                 f"{index_path}: shard {file_name!r} is not a plain file name in the same folder",
                 path=index_path,
@@ -88,10 +90,40 @@ def _read_index(index_path: Path) -> dict[str, str]:
     return weight_map
 
 
-def _collect(shards: list[Path]) -> dict[str, TensorInfo]:
+Reader = Callable[[Path], dict[str, TensorInfo]]
+
+
+def _read_safetensors(path: Path) -> dict[str, TensorInfo]:
+    return read_header(path).tensors
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """One way a folder can hold weights: an index file, or shard files matching a pattern."""
+
+    index: str
+    pattern: str
+    reader: Reader
+
+
+_LAYOUTS = (
+    _Layout("model.safetensors.index.json", "*.safetensors", _read_safetensors),
+    _Layout("pytorch_model.bin.index.json", "pytorch_model*.bin", read_torch_zip),
+)
+
+
+def _reader_for(path: Path) -> Reader:
+    if path.name.endswith(".safetensors"):
+        return _read_safetensors
+    if path.suffix in (".bin", ".pth", ".pt"):
+        return read_torch_zip
+    raise UnsupportedInputError(f"{path}: not a .safetensors, .bin or .pth checkpoint file", path=path)
+
+
+def _collect(shards: list[Path], reader: Reader) -> dict[str, TensorInfo]:
     tensors: dict[str, TensorInfo] = {}
     for shard in shards:
-        for name, info in read_header(shard).tensors.items():
+        for name, info in reader(shard).items():
             if name in tensors:
                 raise FormatError(
                     f"tensor {name!r} is in both {tensors[name].path.name} and {shard.name}",
@@ -102,63 +134,81 @@ def _collect(shards: list[Path]) -> dict[str, TensorInfo]:
     return tensors
 
 
+def _indexed(folder: Path, index_path: Path, reader: Reader) -> tuple[dict[str, TensorInfo], tuple[Path, ...]]:
+    weight_map = _read_index(index_path)
+    shards = [folder / name for name in sorted(set(weight_map.values()))]
+    for shard in shards:
+        if not shard.is_file():
+            raise InputNotFoundError(
+                f"{index_path.name} lists {shard.name}, which is missing from {folder}", path=shard
+            )
+    tensors = _collect(shards, reader)
+    for name, shard_name in weight_map.items():
+        info = tensors.get(name)
+        if info is None or info.path.name != shard_name:
+            raise FormatError(
+                f"{index_path.name} puts tensor {name!r} in {shard_name}, which does not hold it",
+                path=folder / shard_name,
+                tensor=name,
+            )
+    unindexed = sorted(set(tensors) - set(weight_map))
+    if unindexed:
+        raise FormatError(
+            f"{index_path.name} does not list tensor {unindexed[0]!r} found in {tensors[unindexed[0]].path.name}",
+            path=index_path,
+            tensor=unindexed[0],
+        )
+    return tensors, (index_path, *shards)
+
+
+def _folder_tensors(path: Path, top: list[str]) -> tuple[dict[str, TensorInfo], tuple[Path, ...]]:
+    for layout in _LAYOUTS:
+        index_path = path / layout.index
+        if index_path.is_file():
+            return _indexed(path, index_path, layout.reader)
+        shards = [path / name for name in top if fnmatch(name, layout.pattern)]
+        if shards:
+            return _collect(shards, layout.reader), tuple(shards)
+    meta = [path / name for name in top if fnmatch(name, "consolidated.*.pth")]
+    if len(meta) == 1:
+        return _collect(meta, read_torch_zip), (meta[0],)
+    if meta:
+        raise UnsupportedInputError(
+            f"{path} is a Meta checkpoint split into {len(meta)} model-parallel shards; merging them "
+            "is not supported yet: convert it to the Hugging Face layout first",
+            path=path,
+        )
+    others = [name for name in top if is_weight_file(name)]
+    hint = f" (found {', '.join(others)})" if others else ""
+    raise UnsupportedInputError(
+        f"{path} holds no checkpoint deltakit reads: model.safetensors, pytorch_model.bin, "
+        f"their sharded forms, or consolidated.00.pth{hint}",
+        path=path,
+    )
+
+
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Read the headers of a safetensors checkpoint (file or folder) and validate them.
+    """Read the headers of a checkpoint (file or folder) and validate them.
+
+    A folder may hold safetensors (``model.safetensors``, shards with or without
+    ``model.safetensors.index.json``), PyTorch ``.bin`` files (``pytorch_model.bin``, or shards with
+    ``pytorch_model.bin.index.json``), or a single Meta ``consolidated.00.pth``; safetensors win when a
+    folder holds several. A file may be ``.safetensors``, ``.bin`` or ``.pth``.
 
     Raises:
         InputNotFoundError: the path does not exist.
-        UnsupportedInputError: it holds no safetensors weights (a delta package, ``.bin`` only...).
-        FormatError: an index or header is inconsistent; the message names the file and tensor.
+        UnsupportedInputError: it holds nothing deltakit reads (a delta package, say).
+        FormatError: an index, header or pickle is inconsistent; the message names the file and tensor.
     """
     path = Path(path)
     if not path.exists():
         raise InputNotFoundError(f"{path}: no such file or folder", path=path)
     if path.is_file():
-        if not path.name.endswith(".safetensors"):
-            raise UnsupportedInputError(f"{path}: not a .safetensors file", path=path)
-        tensors = _collect([path])
-        return Checkpoint(path, path.parent, tensors, (path,), (), ())
+        return Checkpoint(path, path.parent, _collect([path], _reader_for(path)), (path,), (), ())
     if (path / MANIFEST_NAME).exists():
         raise UnsupportedInputError(f"{path} is a deltakit delta package, not a model checkpoint", path=path)
-
     files = _walk_files(path)
-    top = [name for name in files if "/" not in name]
-    index_path = path / SAFETENSORS_INDEX
-    if index_path.is_file():
-        weight_map = _read_index(index_path)
-        shard_names = sorted(set(weight_map.values()))
-        shards = [path / name for name in shard_names]
-        for shard in shards:
-            if not shard.is_file():
-                raise InputNotFoundError(
-                    f"{index_path.name} lists {shard.name}, which is missing from {path}", path=shard
-                )
-        tensors = _collect(shards)
-        for name, shard_name in weight_map.items():
-            info = tensors.get(name)
-            if info is None or info.path.name != shard_name:
-                raise FormatError(
-                    f"{index_path.name} puts tensor {name!r} in {shard_name}, which does not hold it",
-                    path=path / shard_name,
-                    tensor=name,
-                )
-        unindexed = sorted(set(tensors) - set(weight_map))
-        if unindexed:
-            raise FormatError(
-                f"{index_path.name} does not list tensor {unindexed[0]!r} found in {tensors[unindexed[0]].path.name}",
-                path=index_path,
-                tensor=unindexed[0],
-            )
-        weight_files = (index_path, *shards)
-    else:
-        shards = [path / name for name in top if name.endswith(".safetensors")]
-        if not shards:
-            others = [name for name in top if is_weight_file(name)]
-            hint = f" (found {', '.join(others)}: only safetensors is read for now)" if others else ""
-            raise UnsupportedInputError(f"{path} holds no .safetensors weights{hint}", path=path)
-        tensors = _collect(shards)
-        weight_files = tuple(shards)
-
+    tensors, weight_files = _folder_tensors(path, [name for name in files if "/" not in name])
     used = {p.relative_to(path).as_posix() for p in weight_files}
     extra = tuple(name for name in files if name not in used and not is_weight_file(name))
     ignored = tuple(name for name in files if name not in used and is_weight_file(name))

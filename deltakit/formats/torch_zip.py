@@ -1,0 +1,207 @@
+"""PyTorch checkpoints (``pytorch_model.bin``, Meta's ``consolidated.NN.pth``) read without running them.
+
+A checkpoint written by ``torch.save`` is a zip archive: a pickle (``data.pkl``) that describes the
+tensors, and one uncompressed entry per storage. This module reads the pickle with an unpickler
+that knows only tensor rebuilding and plain containers, and refuses anything else: no code from the
+file runs, which is stricter than ``torch.load(..., weights_only=True)``. Each tensor becomes a byte
+range of the archive, so the engine streams ``.bin`` files with ``pread`` exactly as it streams
+safetensors, in bounded memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import math
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..dtypes import ITEMSIZE
+from ..errors import FormatError, InputNotFoundError, UnsafePickleError, UnsupportedInputError
+from .safetensors import TensorInfo
+
+__all__ = ["MAX_PICKLE_BYTES", "read_torch_zip"]
+
+# A 65B model's data.pkl is well under 1 MB; a pickle this large is not a state dict.
+MAX_PICKLE_BYTES = 64 << 20
+
+_STORAGE_DTYPES = {
+    "DoubleStorage": "F64",
+    "FloatStorage": "F32",
+    "HalfStorage": "F16",
+    "BFloat16Storage": "BF16",
+    "LongStorage": "I64",
+    "IntStorage": "I32",
+    "ShortStorage": "I16",
+    "CharStorage": "I8",
+    "ByteStorage": "U8",
+    "BoolStorage": "BOOL",
+}
+
+
+@dataclass(frozen=True)
+class _StorageRef:
+    key: str
+    dtype: str
+    numel: int
+
+
+@dataclass(frozen=True)
+class _TensorRef:
+    storage: _StorageRef
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_rest: Any) -> _TensorRef:
+    if not isinstance(storage, _StorageRef):
+        raise UnsafePickleError("a tensor is rebuilt from something that is not a storage")
+    return _TensorRef(storage, int(offset), tuple(int(d) for d in size), tuple(int(s) for s in stride))
+
+
+def _rebuild_parameter(data: Any, *_rest: Any) -> Any:
+    return data
+
+
+class _StorageType:
+    """Stands for ``torch.HalfStorage`` and its kin: only its dtype matters here."""
+
+    def __init__(self, name: str) -> None:
+        self.dtype = _STORAGE_DTYPES[name]
+
+
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+}
+
+
+class _StateDictUnpickler(pickle.Unpickler):
+    """Knows tensors, storages and ``OrderedDict``; every other global is refused by name."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(name)
+        allowed = _ALLOWED.get((module, name))
+        if allowed is None:
+            raise UnsafePickleError(
+                f"the pickle asks for {module}.{name}, which is not part of a tensor state dict; "
+                "refusing to load it (it could run code)",
+                actual=f"{module}.{name}",
+            )
+        return allowed
+
+    def persistent_load(self, pid: Any) -> _StorageRef:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise UnsafePickleError(f"unknown persistent id {str(pid)[:80]!r}")
+        _, storage_type, key, _location, numel = pid
+        if not isinstance(storage_type, _StorageType) or not isinstance(key, str) or type(numel) is not int:
+            raise UnsafePickleError(f"malformed storage reference {str(pid)[:80]!r}")
+        return _StorageRef(key, storage_type.dtype, numel)
+
+
+def _data_offset(archive: Path, raw: io.BufferedReader, info: zipfile.ZipInfo) -> int:
+    """Where an entry's bytes start: after its local header, whose extra field may differ from the
+    central directory's (torch pads it to align storages)."""
+    raw.seek(info.header_offset)
+    local = raw.read(30)
+    if len(local) != 30 or local[:4] != b"PK\x03\x04":
+        raise FormatError(f"{archive}: zip entry {info.filename} has no local header", path=archive)
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    return int(info.header_offset) + 30 + int(name_len) + int(extra_len)
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for dim in reversed(shape):
+        strides.append(step)
+        step *= max(dim, 1)
+    return tuple(reversed(strides))
+
+
+def read_torch_zip(path: str | Path) -> dict[str, TensorInfo]:
+    """The tensors of a ``torch.save`` zip archive, as byte ranges of the file, in pickle order.
+
+    Raises:
+        UnsafePickleError: the pickle asks for anything beyond tensors and plain containers.
+        UnsupportedInputError: the legacy (pre-zip) format, a compressed entry, a big-endian file,
+            or a tensor stored non-contiguously.
+        FormatError: the archive or pickle is malformed; the message names the file and tensor.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"{path}: no such file", path=path)
+    if not zipfile.is_zipfile(path):
+        raise UnsupportedInputError(
+            f"{path}: not a zip archive; this is the legacy torch.save format (torch < 1.6): "
+            "load and save it again with a current torch",
+            path=path,
+        )
+    try:
+        with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+            entries = {info.filename: info for info in archive.infolist()}
+            pickles = [name for name in entries if name.endswith("/data.pkl") and name.count("/") == 1]
+            if len(pickles) != 1:
+                raise FormatError(f"{path}: expected one */data.pkl in the archive, found {len(pickles)}", path=path)
+            prefix = pickles[0][: -len("data.pkl")]
+            byteorder = entries.get(prefix + "byteorder")
+            if byteorder is not None and archive.read(byteorder).strip() != b"little":
+                raise UnsupportedInputError(f"{path}: a big-endian checkpoint; only little-endian is read", path=path)
+            if entries[pickles[0]].file_size > MAX_PICKLE_BYTES:
+                raise FormatError(f"{path}: data.pkl is larger than the {MAX_PICKLE_BYTES} byte cap", path=path)
+            try:
+                state = _StateDictUnpickler(io.BytesIO(archive.read(pickles[0]))).load()
+            except (UnsafePickleError, FormatError):
+                raise
+            except Exception as e:  # any malformed pickle: the unpickler raises many kinds
+                raise FormatError(f"{path}: data.pkl is not a readable pickle: {e}", path=path) from e
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+            if not isinstance(state, dict):
+                raise FormatError(f"{path}: the pickle holds a {type(state).__name__}, not a state dict", path=path)
+            tensors: dict[str, TensorInfo] = {}
+            for name, ref in state.items():
+                if not isinstance(ref, _TensorRef):
+                    raise UnsupportedInputError(
+                        f"{path}: entry {name!r} is a {type(ref).__name__}, not a tensor", path=path, tensor=str(name)
+                    )
+                tensors[str(name)] = _locate(path, raw, entries, prefix, str(name), ref)
+            return tensors
+    except zipfile.BadZipFile as e:
+        raise FormatError(f"{path}: damaged zip archive: {e}", path=path) from e
+
+
+def _locate(
+    path: Path, raw: io.BufferedReader, entries: dict[str, zipfile.ZipInfo], prefix: str, name: str, ref: _TensorRef
+) -> TensorInfo:
+    item = ITEMSIZE[ref.storage.dtype]
+    info = entries.get(f"{prefix}data/{ref.storage.key}")
+    if info is None:
+        raise FormatError(f"{path}: tensor {name!r} refers to a storage the archive lacks", path=path, tensor=name)
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise UnsupportedInputError(f"{path}: storage of {name!r} is compressed", path=path, tensor=name)
+    if info.file_size != ref.storage.numel * item:
+        raise FormatError(
+            f"{path}: storage of {name!r} holds {info.file_size} bytes, not {ref.storage.numel} x {item}",
+            path=path,
+            tensor=name,
+        )
+    numel = math.prod(ref.shape)
+    if numel and ref.stride != _contiguous_strides(ref.shape):
+        raise UnsupportedInputError(
+            f"{path}: tensor {name!r} is stored non-contiguously (stride {list(ref.stride)}); "
+            "save it again with contiguous tensors",
+            path=path,
+            tensor=name,
+        )
+    if ref.offset < 0 or ref.offset + numel > ref.storage.numel:
+        raise FormatError(f"{path}: tensor {name!r} reaches past its storage", path=path, tensor=name)
+    start = _data_offset(path, raw, info) + ref.offset * item
+    return TensorInfo(name, ref.storage.dtype, ref.shape, path, start, start + numel * item)

@@ -1,0 +1,171 @@
+"""PyTorch .bin/.pth checkpoints: read as byte ranges without running the pickle, streamed like safetensors."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_same_tensors, finetune_of, llama_like, load_checkpoint, tensor_bytes
+
+from deltakit import (
+    FormatError,
+    UnsafePickleError,
+    UnsupportedInputError,
+    apply_delta,
+    make_delta,
+    verify_model,
+)
+from deltakit.formats import open_checkpoint
+from deltakit.formats.torch_zip import read_torch_zip
+
+
+def range_bytes(path: Path, start: int, end: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(start)
+        return f.read(end - start)
+
+
+def save_bin(folder: Path, tensors: dict[str, torch.Tensor], *, shards: int = 1) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(tensors)
+    if shards == 1:
+        torch.save(tensors, folder / "pytorch_model.bin")
+        return folder
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for k in range(shards):
+        part = {n: tensors[n] for n in names[k * per : (k + 1) * per]}
+        file_name = f"pytorch_model-{k + 1:05d}-of-{shards:05d}.bin"
+        torch.save(part, folder / file_name)
+        weight_map.update(dict.fromkeys(part, file_name))
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def test_byte_ranges_match_what_torch_loads(tmp_path):
+    embed = torch.randn(6, 4).to(torch.bfloat16)
+    tensors = {
+        "f32": torch.randn(3, 5),
+        "f16": torch.randn(7).half(),
+        "bf16": embed,
+        "tied": embed,  # same storage as bf16, as tied embeddings are saved
+        "tail": torch.arange(10, dtype=torch.int64)[4:],  # a view with a storage offset
+        "flags": torch.tensor([True, False]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 3),
+        "param": torch.nn.Parameter(torch.ones(2, 2)),
+    }
+    torch.save(tensors, tmp_path / "m.bin")
+    infos = read_torch_zip(tmp_path / "m.bin")
+    loaded = torch.load(tmp_path / "m.bin", weights_only=True)
+    assert list(infos) == list(tensors)
+    for name, t in loaded.items():
+        info = infos[name]
+        assert info.shape == tuple(t.shape), name
+        assert range_bytes(info.path, info.start, info.end) == tensor_bytes(t), name
+    assert infos["tied"].start == infos["bf16"].start
+
+
+def test_non_contiguous_tensor_is_refused_by_name(tmp_path):
+    torch.save({"t": torch.randn(4, 3).t()}, tmp_path / "m.bin")
+    with pytest.raises(UnsupportedInputError, match="'t' is stored non-contiguously"):
+        read_torch_zip(tmp_path / "m.bin")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def hostile_archive(path: Path, payload: object) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", pickle.dumps(payload, protocol=2))
+        z.writestr("archive/version", "3\n")
+    return path
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_does_not_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = hostile_archive(tmp_path / "evil.bin", {"w": _RunsCode()})
+    with pytest.raises(UnsafePickleError, match=r"asks for (posix|os)\.system"):
+        read_torch_zip(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_pickle_with_a_non_tensor_object_is_refused(tmp_path):
+    path = hostile_archive(tmp_path / "args.bin", {"learning_rate": 1e-4})
+    with pytest.raises(UnsupportedInputError, match="'learning_rate' is a float, not a tensor"):
+        read_torch_zip(path)
+
+
+def test_legacy_and_damaged_files(tmp_path):
+    torch.save({"t": torch.ones(2)}, tmp_path / "old.bin", _use_new_zipfile_serialization=False)
+    with pytest.raises(UnsupportedInputError, match=r"legacy torch\.save format"):
+        read_torch_zip(tmp_path / "old.bin")
+    with zipfile.ZipFile(tmp_path / "nopkl.bin", "w") as z:
+        z.writestr("archive/version", "3")
+    with pytest.raises(FormatError, match=r"data\.pkl"):
+        read_torch_zip(tmp_path / "nopkl.bin")
+    with zipfile.ZipFile(tmp_path / "garbage.bin", "w") as z:
+        z.writestr("archive/data.pkl", b"\x80\x02not a pickle")
+    with pytest.raises(FormatError, match="not a readable pickle"):
+        read_torch_zip(tmp_path / "garbage.bin")
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_make_and_apply_from_bin_checkpoints(tmp_path, shards):
+    base = llama_like(torch.float16)
+    target = finetune_of(base, extra_vocab=5)
+    base_dir = save_bin(tmp_path / "base", base, shards=shards)
+    target_dir = save_bin(tmp_path / "target", target, shards=shards)
+    (target_dir / "config.json").write_text("{}")
+    torch.save({"lr": torch.tensor(1.0)}, target_dir / "training_args.bin")  # a weight-like file, not carried
+
+    report = make_delta(base_dir, target_dir, tmp_path / "delta")
+    apply_delta(base_dir, tmp_path / "delta", tmp_path / "out")
+
+    assert_same_tensors(load_checkpoint(tmp_path / "out"), target)
+    assert "training_args.bin" in report.ignored_weight_files
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.endswith(".safetensors")) == [
+        "config.json"
+    ]
+    assert verify_model(tmp_path / "out", tmp_path / "delta").ok
+
+
+def test_digests_agree_across_formats(tmp_path):
+    # a safetensors base and the same weights as .bin have the same fingerprint: apply takes either
+    from conftest import write_checkpoint
+
+    base = llama_like(torch.bfloat16)
+    target = finetune_of(base)
+    st_dir = write_checkpoint(tmp_path / "st", base)
+    bin_dir = save_bin(tmp_path / "bin", base)
+    target_dir = write_checkpoint(tmp_path / "target", target)
+    make_delta(st_dir, target_dir, tmp_path / "delta")
+    apply_delta(bin_dir, tmp_path / "delta", tmp_path / "out")
+    assert_same_tensors(load_checkpoint(tmp_path / "out"), target)
+
+
+def test_safetensors_win_when_a_folder_holds_both(tmp_path):
+    from conftest import write_checkpoint
+
+    folder = write_checkpoint(tmp_path / "m", {"a": torch.ones(2)})
+    torch.save({"b": torch.ones(2)}, folder / "pytorch_model.bin")
+    ckpt = open_checkpoint(folder)
+    assert list(ckpt.tensors) == ["a"]
+    assert ckpt.ignored_weight_files == ("pytorch_model.bin",)
+
+
+def test_single_meta_consolidated_file_is_read(tmp_path):
+    (tmp_path / "meta").mkdir()
+    torch.save({"tok_embeddings.weight": torch.ones(4, 2).half()}, tmp_path / "meta" / "consolidated.00.pth")
+    (tmp_path / "meta" / "params.json").write_text("{}")
+    assert list(open_checkpoint(tmp_path / "meta").tensors) == ["tok_embeddings.weight"]
+    torch.save({"tok_embeddings.weight": torch.ones(4, 2).half()}, tmp_path / "meta" / "consolidated.01.pth")
+    with pytest.raises(UnsupportedInputError, match="2 model-parallel shards"):
+        open_checkpoint(tmp_path / "meta")
