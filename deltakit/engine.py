@@ -6,14 +6,12 @@ Outputs are built in a staging folder and renamed into place only once every dig
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from .dtypes import is_float, itemsize
 from .errors import BaseMismatchError, IntegrityError, UnsupportedInputError
 from .formats.checkpoint import Checkpoint, RangeReader, open_checkpoint
 from .formats.delta import FILES_DIR, DeltaPackage, open_delta, payload_file_name
-from .formats.safetensors import FileLayout, SafetensorsWriter, TensorInfo, TensorSpec, plan_layout
+from .formats.safetensors import SafetensorsWriter, TensorInfo, TensorSpec
 from .hashing import TensorHasher, file_sha256, fingerprint
 from .manifest import (
     MANIFEST_NAME,
@@ -40,10 +38,23 @@ from .manifest import (
 )
 from .progress import ProgressBar, ProgressFactory, no_progress
 from .staging import StagedFolder, check_output_free
+from .streaming import (
+    CHUNK_BYTES,
+    Chunk,
+    OutputShard,
+    OutputWriter,
+    Prefetcher,
+    as_bytes,
+    element_ranges,
+    open_output_shards,
+    plan_output,
+    plan_shards,
+    read_range,
+    write_index,
+)
 from .units import human_bytes
 
 __all__ = [
-    "CHUNK_BYTES",
     "DEFAULT_SHARD_SIZE",
     "ApplyPlan",
     "ApplyReport",
@@ -61,102 +72,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 8 << 20
 DEFAULT_SHARD_SIZE = 5_000_000_000
-_PREFETCH_DEPTH = 3
 _SAMPLE_CAP_BYTES = 1 << 30
-_OUTPUT_METADATA = {"format": "pt"}
 _PAYLOAD_METADATA = {"format": "pt", "deltakit": PAYLOAD_TAG}
 
 
 # --------------------------------------------------------------------------------------------------
 # Chunk plumbing shared by make, apply and verify
-
-
-@dataclass(frozen=True)
-class _Read:
-    path: Path
-    offset: int
-    length: int
-
-
-@dataclass(frozen=True)
-class _Chunk:
-    """One unit of streamed work: up to two byte ranges to read, and who it belongs to."""
-
-    owner: int  # index of the tensor (step) this chunk belongs to
-    segment: int  # which segment of that tensor
-    first: int  # element range [first, last) within the segment's tensor
-    last: int
-    reads: tuple[_Read, ...]
-
-
-def _element_ranges(first: int, last: int, widest_item: int, *, at_least_one: bool = True) -> Iterator[tuple[int, int]]:
-    """Element ranges of at most CHUNK_BYTES each; one empty range for an empty tensor, so every
-    tensor passes through the chunk loop (zero-size tensors included)."""
-    if first == last:
-        if at_least_one:
-            yield first, last
-        return
-    per = max(8, (CHUNK_BYTES // widest_item) // 8 * 8)
-    for start in range(first, last, per):
-        yield start, min(last, start + per)
-
-
-def _read_range(info: TensorInfo, itemsize: int, first: int, last: int) -> _Read:
-    return _Read(info.path, info.start + first * itemsize, (last - first) * itemsize)
-
-
-class _Prefetcher:
-    """Reads chunks ahead on worker threads into a ring of reusable buffers, yielding them in order.
-
-    The ring has ``depth + 1`` slots: when the consumer asks for chunk N + 1, the slot of chunk N - 1
-    is refilled. So a yielded chunk's buffers stay valid until the consumer asks for the chunk after
-    next, which is what lets :class:`_OutputWriter` write chunk N while chunk N + 1 is decoded.
-    """
-
-    def __init__(self, reader: RangeReader, depth: int = _PREFETCH_DEPTH) -> None:
-        self._reader = reader
-        self._depth = depth
-        self._slots = [[bytearray(CHUNK_BYTES), bytearray(CHUNK_BYTES)] for _ in range(depth + 1)]
-
-    def _fill(self, chunk: _Chunk, slot: list[bytearray]) -> list[memoryview]:
-        views = []
-        for read, buffer in zip(chunk.reads, slot, strict=False):
-            view = memoryview(buffer)[: read.length]
-            self._reader.read_into(read.path, read.offset, view)
-            views.append(view)
-        return views
-
-    def run(self, chunks: Iterable[_Chunk]) -> Iterator[tuple[_Chunk, list[memoryview]]]:
-        pending: list[tuple[_Chunk, Future[list[memoryview]]]] = []
-        source = iter(chunks)
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="deltakit-read") as pool:
-            index = 0
-
-            def submit() -> None:
-                nonlocal index
-                chunk = next(source, None)
-                if chunk is not None:
-                    slot = self._slots[index % len(self._slots)]
-                    pending.append((chunk, pool.submit(self._fill, chunk, slot)))
-                    index += 1
-
-            for _ in range(self._depth):
-                submit()
-            try:
-                while pending:
-                    chunk, future = pending.pop(0)
-                    views = future.result()
-                    yield chunk, views
-                    submit()  # reuses the slot just consumed
-            finally:
-                for _, future in pending:
-                    future.cancel()
-
-
-def _bytes(view: memoryview) -> Bytes:
-    return np.frombuffer(view, dtype=np.uint8)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,24 +148,12 @@ def _classify(name: str, target: TensorInfo, base: TensorInfo | None, codec: Cod
     return _MakeStep(name, target, None, "raw", None, f"base shape {list(base.shape)}, target {list(target.shape)}")
 
 
-def _plan_shards(specs: Sequence[TensorSpec], shard_size: int) -> list[list[TensorSpec]]:
-    shards: list[list[TensorSpec]] = [[]]
-    size = 0
-    for spec in specs:
-        if shards[-1] and size + spec.nbytes > shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += spec.nbytes
-    return shards
-
-
 class _PayloadShards:
     """Payload shards written in one pass; tensors found identical to the base are left out."""
 
     def __init__(self, folder: Path, specs: Sequence[TensorSpec], shard_size: int) -> None:
         self.folder = folder
-        groups = _plan_shards(specs, shard_size)
+        groups = plan_shards(specs, shard_size)
         self._writers = [
             SafetensorsWriter(folder / f"payload-{i}.tmp", group, _PAYLOAD_METADATA) for i, group in enumerate(groups)
         ]
@@ -296,20 +206,20 @@ class _MakeState:
     inexact: int = 0
 
 
-def _make_chunks(steps: Sequence[_MakeStep]) -> Iterator[_Chunk]:
+def _make_chunks(steps: Sequence[_MakeStep]) -> Iterator[Chunk]:
     for i, step in enumerate(steps):
         t = step.target
         t_item = itemsize(t.dtype)
         if step.base is None:
-            for a, b in _element_ranges(0, math.prod(t.shape), t_item):
-                yield _Chunk(i, 0, a, b, (_read_range(t, t_item, a, b),))
+            for a, b in element_ranges(0, math.prod(t.shape), t_item):
+                yield Chunk(i, 0, a, b, (read_range(t, t_item, a, b),))
             continue
         b_item = itemsize(step.base.dtype)
         shared = math.prod(step.base.shape)
-        for a, b in _element_ranges(0, shared, max(t_item, b_item)):
-            yield _Chunk(i, 0, a, b, (_read_range(t, t_item, a, b), _read_range(step.base, b_item, a, b)))
-        for a, b in _element_ranges(shared, math.prod(t.shape), t_item, at_least_one=False):
-            yield _Chunk(i, 1, a, b, (_read_range(t, t_item, a, b),))
+        for a, b in element_ranges(0, shared, max(t_item, b_item)):
+            yield Chunk(i, 0, a, b, (read_range(t, t_item, a, b), read_range(step.base, b_item, a, b)))
+        for a, b in element_ranges(shared, math.prod(t.shape), t_item, at_least_one=False):
+            yield Chunk(i, 1, a, b, (read_range(t, t_item, a, b),))
 
 
 def make_delta(
@@ -413,10 +323,10 @@ def _fingerprint_of(records: dict[str, TensorRecord] | dict[str, TargetTensor]) 
 
 def _encode_chunk(step: _MakeStep, segment: int, views: list[memoryview]) -> tuple[Bytes, Bytes, Bytes]:
     """Returns (target bits, base bits cast to the target dtype, payload bits) for one chunk."""
-    target_bits = _bytes(views[0])
+    target_bits = as_bytes(views[0])
     if segment == 1 or step.base is None:
         return target_bits, target_bits, target_bits
-    base_bits = _bytes(views[1])
+    base_bits = as_bytes(views[1])
     if step.base.dtype != step.target.dtype:
         base_bits = cast_bits(base_bits, step.base.dtype, step.target.dtype)
     assert step.codec is not None
@@ -482,7 +392,7 @@ def _stream_make(
         step = state.step
         assert step.base is not None
         t_item, b_item = itemsize(step.target.dtype), itemsize(step.base.dtype)
-        for a, b in _element_ranges(0, upto, max(t_item, b_item)):
+        for a, b in element_ranges(0, upto, max(t_item, b_item)):
             views = []
             for info, item in ((step.target, t_item), (step.base, b_item)):
                 view = memoryview(bytearray((b - a) * item))
@@ -491,7 +401,7 @@ def _stream_make(
             emit(state, 0, *_encode_chunk(step, 0, views))
 
     with RangeReader() as reader:
-        for chunk, views in _Prefetcher(reader).run(_make_chunks(steps)):
+        for chunk, views in Prefetcher(reader).run(_make_chunks(steps)):
             step = steps[chunk.owner]
             if state is None or state.step is not step:
                 if state is not None:
@@ -577,14 +487,6 @@ class ApplyStep:
 
 
 @dataclass(frozen=True)
-class OutputShard:
-    """One output safetensors file, its header fixed before any data is written."""
-
-    name: str
-    layout: FileLayout
-
-
-@dataclass(frozen=True)
 class ApplyPlan:
     """Everything apply will read and write, decided before the first byte moves.
 
@@ -601,6 +503,10 @@ class ApplyPlan:
     @property
     def manifest(self) -> Manifest:
         return self.delta.manifest
+
+    @property
+    def specs(self) -> list[TensorSpec]:
+        return [TensorSpec(s.name, s.target.dtype, s.target.shape) for s in self.steps]
 
     @property
     def read_bytes(self) -> int:
@@ -643,10 +549,6 @@ class ApplyReport:
     files: tuple[str, ...]
     shards: tuple[str, ...]
     fingerprint: str
-
-
-def _output_name(index: int, count: int) -> str:
-    return "model.safetensors" if count == 1 else f"model-{index:05d}-of-{count:05d}.safetensors"
 
 
 _SAMPLE_PATTERN = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings)\.|(^|\.)(layers|h|blocks)\.0\.")
@@ -698,25 +600,23 @@ def plan_apply(
                 actual=f"{have.dtype} {list(have.shape)}",
             )
     specs = [TensorSpec(n, t.dtype, t.shape) for n, t in m.target.tensors.items()]
-    groups = _plan_shards(specs, shard_size)
-    shards, steps = [], []
-    for index, group in enumerate(groups):
-        layout = plan_layout(group, _OUTPUT_METADATA)
-        shards.append(OutputShard(_output_name(index + 1, len(groups)), layout))
-        for spec in group:
-            target = m.target.tensors[spec.name]
-            start, end = layout.offsets[spec.name]
-            steps.append(
-                ApplyStep(
-                    spec.name,
-                    target,
-                    ckpt.tensors[spec.name] if target.needs_base else None,
-                    package.payload.get(spec.name),
-                    index,
-                    start,
-                    end,
-                )
+    shards, shard_of = plan_output(specs, shard_size)
+    steps = []
+    for spec in specs:  # in output order: plan_output keeps the order it was given
+        target = m.target.tensors[spec.name]
+        index = shard_of[spec.name]
+        start, end = shards[index].layout.offsets[spec.name]
+        steps.append(
+            ApplyStep(
+                spec.name,
+                target,
+                ckpt.tensors[spec.name] if target.needs_base else None,
+                package.payload.get(spec.name),
+                index,
+                start,
+                end,
             )
+        )
     weight_names = {s.name for s in shards} | {"model.safetensors.index.json"}
     clash = sorted(weight_names & set(m.target.files))
     if clash:
@@ -745,91 +645,39 @@ def _check_sample(plan: ApplyPlan, reader: RangeReader) -> None:
         log.debug("base tensor %s matches", name)
 
 
-def _apply_chunks(steps: Sequence[ApplyStep]) -> Iterator[_Chunk]:
+def _apply_chunks(steps: Sequence[ApplyStep]) -> Iterator[Chunk]:
     for i, step in enumerate(steps):
         t = step.target
         t_item = itemsize(t.dtype)
         numel = math.prod(t.shape)
         if step.base is None:  # raw
             assert step.payload is not None
-            for a, b in _element_ranges(0, numel, t_item):
-                yield _Chunk(i, 0, a, b, (_read_range(step.payload, t_item, a, b),))
+            for a, b in element_ranges(0, numel, t_item):
+                yield Chunk(i, 0, a, b, (read_range(step.payload, t_item, a, b),))
             continue
         b_item = itemsize(step.base.dtype)
         shared = math.prod(step.base.shape)
-        for a, b in _element_ranges(0, shared, max(t_item, b_item)):
-            reads = [_read_range(step.base, b_item, a, b)]
+        for a, b in element_ranges(0, shared, max(t_item, b_item)):
+            reads = [read_range(step.base, b_item, a, b)]
             if step.payload is not None:
-                reads.append(_read_range(step.payload, t_item, a, b))
-            yield _Chunk(i, 0, a, b, tuple(reads))
+                reads.append(read_range(step.payload, t_item, a, b))
+            yield Chunk(i, 0, a, b, tuple(reads))
         if step.payload is not None:
-            for a, b in _element_ranges(shared, numel, t_item, at_least_one=False):
-                yield _Chunk(i, 1, a, b, (_read_range(step.payload, t_item, a, b),))
+            for a, b in element_ranges(shared, numel, t_item, at_least_one=False):
+                yield Chunk(i, 1, a, b, (read_range(step.payload, t_item, a, b),))
 
 
 def _decode_chunk(step: ApplyStep, segment: int, views: list[memoryview]) -> Bytes:
     """The output bytes of one chunk; may be a view of the read buffers (raw and copy chunks)."""
     t = step.target
     if step.base is None or segment == 1:
-        return _bytes(views[-1])
-    base_bits = _bytes(views[0])
+        return as_bytes(views[-1])
+    base_bits = as_bytes(views[0])
     if t.cast_from is not None:
         base_bits = cast_bits(base_bits, t.cast_from, t.dtype)
     if step.payload is None:  # copy
         return base_bits
-    return CODECS[t.codec or t.encoding].decode(base_bits, _bytes(views[1]), t.dtype)
-
-
-def _write_all(fd: int, view: memoryview) -> None:
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-class _OutputWriter:
-    """Hashes and writes output chunks on a thread of its own, one chunk behind the decoding.
-
-    One chunk in flight at most: its bytes may be a view of a read-ahead buffer, which the
-    prefetcher recycles only after the next chunk has been handed out. Written ranges are handed
-    to the kernel for write-back as they go, so the final fsync finds little left to flush.
-    """
-
-    _WRITEBACK_BYTES = 64 << 20
-
-    def __init__(self, fds: Sequence[int]) -> None:
-        self._fds = fds
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltakit-write")
-        self._pending: Future[None] | None = None
-        self._written = [0] * len(fds)
-        self._advised = [0] * len(fds)
-
-    def _write(self, shard: int, data: Bytes, hasher: TensorHasher) -> None:
-        view = data.data.cast("B") if data.size else memoryview(b"")
-        hasher.update(view)
-        fd = self._fds[shard]
-        _write_all(fd, view)
-        self._written[shard] += len(view)
-        if hasattr(os, "posix_fadvise") and self._written[shard] - self._advised[shard] >= self._WRITEBACK_BYTES:
-            os.posix_fadvise(
-                fd, self._advised[shard], self._written[shard] - self._advised[shard], os.POSIX_FADV_DONTNEED
-            )
-            self._advised[shard] = self._written[shard]
-
-    def submit(self, shard: int, data: Bytes, hasher: TensorHasher) -> None:
-        self.wait()
-        self._pending = self._pool.submit(self._write, shard, data, hasher)
-
-    def wait(self) -> None:
-        """Block until the chunk in flight is hashed and written (re-raising its error)."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
-
-    def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            self._pool.shutdown(wait=True)
+    return CODECS[t.codec or t.encoding].decode(base_bits, as_bytes(views[1]), t.dtype)
 
 
 def apply_delta(
@@ -864,21 +712,19 @@ def apply_delta(
     check_output_free(out)
     plan = plan_apply(base, delta, shard_size=shard_size)
     m = plan.manifest
+    with RangeReader() as reader:
+        _check_sample(plan, reader)  # before anything is created on disk
+    verified = set(plan.sample)
     with RangeReader() as reader, StagedFolder(out) as staged:
-        _check_sample(plan, reader)
-        verified = set(plan.sample)
-        fds = [os.open(staged.path / s.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644) for s in plan.shards]
+        fds = open_output_shards(staged.path, plan.shards)
         try:
-            for fd, shard in zip(fds, plan.shards, strict=True):
-                _write_all(fd, memoryview(shard.layout.header))
             bar = progress(plan.write_bytes, "apply")
             _stream_apply(plan, reader, fds, verified, bar)
             bar.close()
         finally:
             for fd in fds:
                 os.close(fd)
-        if len(plan.shards) > 1:
-            _write_index(staged.path, plan)
+        write_index(staged.path, plan.shards, {s.name: s.shard for s in plan.steps}, plan.specs)
         for rel, record in m.target.files.items():
             dest = staged.path / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -915,7 +761,7 @@ def _stream_apply(
     steps = plan.steps
     current = -1
     base_hash = out_hash = TensorHasher()
-    writer = _OutputWriter(fds)
+    writer = OutputWriter(fds)
 
     def finish(index: int) -> None:
         step = steps[index]
@@ -943,7 +789,7 @@ def _stream_apply(
             )
 
     try:
-        for chunk, views in _Prefetcher(reader).run(_apply_chunks(steps)):
+        for chunk, views in Prefetcher(reader).run(_apply_chunks(steps)):
             if chunk.owner != current:
                 if current >= 0:
                     finish(current)
@@ -959,14 +805,6 @@ def _stream_apply(
             finish(current)
     finally:
         writer.close()
-
-
-def _write_index(folder: Path, plan: ApplyPlan) -> None:
-    index = {
-        "metadata": {"total_size": sum(s.end - s.start for s in plan.steps)},
-        "weight_map": {s.name: plan.shards[s.shard].name for s in plan.steps},
-    }
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------------

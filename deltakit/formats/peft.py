@@ -1,0 +1,147 @@
+"""PEFT LoRA adapters: which base tensors an adapter changes, by how much, and what it replaces.
+
+An adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or ``.bin``).
+For each adapted module it stores ``lora_A`` (r x in) and ``lora_B`` (out x r), so the merged
+weight is ``W + scale * (B @ A)``, transposed for ``fan_in_fan_out`` layers and embeddings; and it
+may store whole tensors that replace the base's (``modules_to_save``, resized embeddings).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import FormatError, InputNotFoundError, UnsupportedInputError
+from .safetensors import TensorInfo, read_header
+from .torch_zip import read_torch_zip
+
+__all__ = ["ADAPTER_CONFIG", "Adapter", "LoraPair", "is_adapter", "open_adapter"]
+
+ADAPTER_CONFIG = "adapter_config.json"
+_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(\.[^.]+)?\.weight$")
+_EMBEDDING_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)(\.[^.]+)?$")
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """One adapted weight: ``weight += scale * (B @ A)``, transposed when ``transposed``.
+
+    Attributes:
+        target: the base tensor it changes (``model.layers.0.self_attn.q_proj.weight``).
+        transposed: the weight is stored (in, out): fan_in_fan_out layers and embeddings.
+    """
+
+    target: str
+    a: TensorInfo
+    b: TensorInfo
+    scale: float
+    transposed: bool
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A PEFT LoRA adapter: its low-rank pairs and its whole-tensor replacements."""
+
+    root: Path
+    config: dict[str, Any]
+    pairs: dict[str, LoraPair]
+    replacements: dict[str, TensorInfo]
+    extra_files: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return self.root.resolve().name
+
+
+def is_adapter(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: a key matches a module name's tail."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _weights_file(root: Path) -> tuple[Path, dict[str, TensorInfo]]:
+    for name, reader in (("adapter_model.safetensors", None), ("adapter_model.bin", read_torch_zip)):
+        path = root / name
+        if path.is_file():
+            return path, (read_header(path).tensors if reader is None else reader(path))
+    raise InputNotFoundError(f"{root}: adapter_model.safetensors or adapter_model.bin is missing", path=root)
+
+
+def open_adapter(path: str | Path) -> Adapter:
+    """Read an adapter's config and tensor headers, and pair up its ``lora_A``/``lora_B`` tensors.
+
+    Raises:
+        UnsupportedInputError: not a LoRA adapter, or one using a variant deltakit does not merge (DoRA...).
+        FormatError: the config or tensors are inconsistent (an A without its B, ranks that disagree).
+    """
+    root = Path(path)
+    config_path = root / ADAPTER_CONFIG
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise InputNotFoundError(f"{root}: no {ADAPTER_CONFIG}; not a PEFT adapter", path=root) from e
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise FormatError(f"{config_path}: cannot read: {e}", path=config_path) from e
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        kind = config.get("peft_type") if isinstance(config, dict) else None
+        raise UnsupportedInputError(f"{config_path}: peft_type is {kind!r}; only LORA adapters are merged", path=root)
+    for flag in ("use_dora", "lora_bias", "use_qalora"):
+        if config.get(flag):
+            raise UnsupportedInputError(f"{config_path}: {flag} adapters are not merged by deltakit yet", path=root)
+    try:
+        r_default, alpha_default = int(config["r"]), float(config["lora_alpha"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise FormatError(f"{config_path}: 'r' and 'lora_alpha' must be numbers", path=config_path) from e
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora"))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+
+    weights_path, tensors = _weights_file(root)
+    halves: dict[str, dict[str, TensorInfo]] = {}
+    embedding_modules: set[str] = set()
+    replacements: dict[str, TensorInfo] = {}
+    for key, info in tensors.items():
+        short = key.removeprefix(_PREFIX)
+        match = _LORA_KEY.match(short) or _EMBEDDING_KEY.match(short)
+        if match is None:
+            name = short.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+            replacements[name] = info
+            continue
+        module, kind = match["module"], match["kind"]
+        if kind.startswith("lora_embedding"):
+            embedding_modules.add(module)
+        halves.setdefault(module, {})[kind[-1]] = info
+
+    pairs: dict[str, LoraPair] = {}
+    for module, half in halves.items():
+        if set(half) != {"A", "B"}:
+            missing = "B" if "A" in half else "A"
+            raise FormatError(f"{weights_path}: module {module!r} has no lora_{missing}", path=weights_path)
+        a, b = half["A"], half["B"]
+        r = int(_pattern_value(rank_pattern, module, r_default))
+        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1] or a.shape[0] != r:
+            raise FormatError(
+                f"{weights_path}: module {module!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} "
+                f"do not make a rank-{r} pair",
+                path=weights_path,
+            )
+        alpha = float(_pattern_value(alpha_pattern, module, alpha_default))
+        scale = alpha / math.sqrt(r) if rslora else alpha / r
+        transposed = module in embedding_modules or fan_in_fan_out
+        pairs[f"{module}.weight"] = LoraPair(f"{module}.weight", a, b, scale, transposed)
+
+    skip = {ADAPTER_CONFIG, weights_path.name, "README.md"}
+    extra = tuple(sorted(p.name for p in root.iterdir() if p.is_file() and p.name not in skip))
+    return Adapter(root, config, pairs, replacements, extra)

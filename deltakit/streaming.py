@@ -1,0 +1,243 @@
+"""Chunk plumbing shared by every streaming job: read-ahead, write-behind, output layout.
+
+Jobs describe their work as :class:`Chunk` objects (byte ranges to read, in order); the
+:class:`Prefetcher` reads them ahead on worker threads, and the :class:`OutputWriter` hashes and
+writes results one chunk behind, so reading, computing and writing overlap in bounded memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .codecs import Bytes
+from .formats.checkpoint import RangeReader
+from .formats.safetensors import FileLayout, TensorInfo, TensorSpec, plan_layout
+from .hashing import TensorHasher
+
+__all__ = [
+    "CHUNK_BYTES",
+    "OUTPUT_METADATA",
+    "Chunk",
+    "OutputShard",
+    "OutputWriter",
+    "Prefetcher",
+    "Read",
+    "as_bytes",
+    "element_ranges",
+    "open_output_shards",
+    "plan_output",
+    "plan_shards",
+    "read_range",
+    "write_index",
+]
+
+CHUNK_BYTES = 8 << 20
+PREFETCH_DEPTH = 3
+OUTPUT_METADATA = {"format": "pt"}
+
+
+@dataclass(frozen=True)
+class Read:
+    path: Path
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One unit of streamed work: up to two byte ranges to read, and who it belongs to."""
+
+    owner: int  # index of the tensor (step) this chunk belongs to
+    segment: int  # which segment of that tensor
+    first: int  # element range [first, last) within the segment's tensor
+    last: int
+    reads: tuple[Read, ...]
+
+
+def element_ranges(first: int, last: int, widest_item: int, *, at_least_one: bool = True) -> Iterator[tuple[int, int]]:
+    """Element ranges of at most CHUNK_BYTES each; one empty range for an empty tensor, so every
+    tensor passes through the chunk loop (zero-size tensors included)."""
+    if first == last:
+        if at_least_one:
+            yield first, last
+        return
+    per = max(8, (CHUNK_BYTES // widest_item) // 8 * 8)
+    for start in range(first, last, per):
+        yield start, min(last, start + per)
+
+
+def read_range(info: TensorInfo, itemsize: int, first: int, last: int) -> Read:
+    return Read(info.path, info.start + first * itemsize, (last - first) * itemsize)
+
+
+class Prefetcher:
+    """Reads chunks ahead on worker threads into a ring of reusable buffers, yielding them in order.
+
+    The ring has ``depth + 1`` slots: when the consumer asks for chunk N + 1, the slot of chunk N - 1
+    is refilled. So a yielded chunk's buffers stay valid until the consumer asks for the chunk after
+    next, which is what lets :class:`OutputWriter` write chunk N while chunk N + 1 is decoded.
+    """
+
+    def __init__(self, reader: RangeReader, depth: int = PREFETCH_DEPTH) -> None:
+        self._reader = reader
+        self._depth = depth
+        self._slots = [[bytearray(CHUNK_BYTES), bytearray(CHUNK_BYTES)] for _ in range(depth + 1)]
+
+    def _fill(self, chunk: Chunk, slot: list[bytearray]) -> list[memoryview]:
+        views = []
+        for read, buffer in zip(chunk.reads, slot, strict=False):
+            view = memoryview(buffer)[: read.length]
+            self._reader.read_into(read.path, read.offset, view)
+            views.append(view)
+        return views
+
+    def run(self, chunks: Iterable[Chunk]) -> Iterator[tuple[Chunk, list[memoryview]]]:
+        pending: list[tuple[Chunk, Future[list[memoryview]]]] = []
+        source = iter(chunks)
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="deltakit-read") as pool:
+            index = 0
+
+            def submit() -> None:
+                nonlocal index
+                chunk = next(source, None)
+                if chunk is not None:
+                    slot = self._slots[index % len(self._slots)]
+                    pending.append((chunk, pool.submit(self._fill, chunk, slot)))
+                    index += 1
+
+            for _ in range(self._depth):
+                submit()
+            try:
+                while pending:
+                    chunk, future = pending.pop(0)
+                    views = future.result()
+                    yield chunk, views
+                    submit()  # reuses the slot just consumed
+            finally:
+                for _, future in pending:
+                    future.cancel()
+
+
+def as_bytes(view: memoryview) -> Bytes:
+    return np.frombuffer(view, dtype=np.uint8)
+
+
+def plan_shards(specs: Sequence[TensorSpec], shard_size: int) -> list[list[TensorSpec]]:
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def output_name(index: int, count: int) -> str:
+    return "model.safetensors" if count == 1 else f"model-{index:05d}-of-{count:05d}.safetensors"
+
+
+def write_all(fd: int, view: memoryview) -> None:
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class OutputWriter:
+    """Hashes and writes output chunks on a thread of its own, one chunk behind the decoding.
+
+    One chunk in flight at most: its bytes may be a view of a read-ahead buffer, which the
+    prefetcher recycles only after the next chunk has been handed out. Written ranges are handed
+    to the kernel for write-back as they go, so the final fsync finds little left to flush.
+    """
+
+    _WRITEBACK_BYTES = 64 << 20
+
+    def __init__(self, fds: Sequence[int]) -> None:
+        self._fds = fds
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltakit-write")
+        self._pending: Future[None] | None = None
+        self._written = [0] * len(fds)
+        self._advised = [0] * len(fds)
+
+    def _write(self, shard: int, data: Bytes, hasher: TensorHasher) -> None:
+        view = data.data.cast("B") if data.size else memoryview(b"")
+        hasher.update(view)
+        fd = self._fds[shard]
+        write_all(fd, view)
+        self._written[shard] += len(view)
+        if hasattr(os, "posix_fadvise") and self._written[shard] - self._advised[shard] >= self._WRITEBACK_BYTES:
+            os.posix_fadvise(
+                fd, self._advised[shard], self._written[shard] - self._advised[shard], os.POSIX_FADV_DONTNEED
+            )
+            self._advised[shard] = self._written[shard]
+
+    def submit(self, shard: int, data: Bytes, hasher: TensorHasher) -> None:
+        self.wait()
+        self._pending = self._pool.submit(self._write, shard, data, hasher)
+
+    def wait(self) -> None:
+        """Block until the chunk in flight is hashed and written (re-raising its error)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+@dataclass(frozen=True)
+class OutputShard:
+    """One output safetensors file, its header fixed before any data is written."""
+
+    name: str
+    layout: FileLayout
+
+
+def plan_output(specs: Sequence[TensorSpec], shard_size: int) -> tuple[tuple[OutputShard, ...], dict[str, int]]:
+    """Lay out a model's tensors in HF-named shards; returns the shards and each tensor's shard index."""
+    groups = plan_shards(specs, shard_size)
+    shards = tuple(
+        OutputShard(output_name(i + 1, len(groups)), plan_layout(group, OUTPUT_METADATA))
+        for i, group in enumerate(groups)
+    )
+    shard_of = {spec.name: i for i, group in enumerate(groups) for spec in group}
+    return shards, shard_of
+
+
+def open_output_shards(folder: Path, shards: Sequence[OutputShard]) -> list[int]:
+    """Create each shard file (never an existing one) and write its header; data follows in order."""
+    fds: list[int] = []
+    try:
+        for shard in shards:
+            fds.append(os.open(folder / shard.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            write_all(fds[-1], memoryview(shard.layout.header))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
+def write_index(
+    folder: Path, shards: Sequence[OutputShard], shard_of: dict[str, int], specs: Iterable[TensorSpec]
+) -> None:
+    """``model.safetensors.index.json``, written last, once every shard is complete; only when sharded."""
+    if len(shards) < 2:
+        return
+    index = {
+        "metadata": {"total_size": sum(spec.nbytes for spec in specs)},
+        "weight_map": {name: shards[i].name for name, i in shard_of.items()},
+    }
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
