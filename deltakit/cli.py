@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
+from .adapters import MergeReport, merge_adapters
 from .engine import (
     DEFAULT_SHARD_SIZE,
     ApplyReport,
@@ -28,6 +29,7 @@ from .engine import (
     verify_model,
 )
 from .errors import DeltakitError
+from .formats.peft import is_adapter
 from .inspection import Inspection, inspect_path
 from .progress import ProgressFactory, tqdm_progress
 from .staging import check_output_free
@@ -146,7 +148,30 @@ def _cmd_make(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_merge(report: MergeReport, seconds: float) -> None:
+    _say(f"merged {', '.join(report.adapters)} into {report.out} in {seconds:.1f}s")
+    _say(f"  tensors   {report.tensors}: {len(report.merged)} with LoRA updates, {len(report.replaced)} replaced whole")
+    _say(f"  written   {human_bytes(report.bytes_written)} in {', '.join(report.shards)}")
+    _say(f"  files     {', '.join(report.files) or 'none'}")
+    if report.vocab_size is not None:
+        _say(f"  config    vocab_size set to {report.vocab_size}, the merged embedding's rows")
+    _say(f"  result    fingerprint {report.fingerprint} (adapters carry no digests to check it against)")
+
+
 def _cmd_apply(args: argparse.Namespace) -> int:
+    adapters = [d for d in args.delta if is_adapter(d)]
+    if adapters:
+        if len(adapters) != len(args.delta):
+            raise _UsageError("several --delta are for LoRA adapters only; deltakit deltas apply one at a time")
+        if args.dry_run:
+            raise _UsageError("--dry-run is for deltakit deltas; adapters have no plan to print yet")
+        start = time.perf_counter()
+        merged = merge_adapters(args.base, adapters, args.out, shard_size=args.shard_size, progress=_progress(args))
+        _print_merge(merged, time.perf_counter() - start)
+        return 0
+    if len(args.delta) > 1:
+        raise _UsageError("several --delta are for LoRA adapters only; deltakit deltas apply one at a time")
+    args.delta = args.delta[0]
     if args.dry_run:
         check_output_free(Path(args.out))
         plan = plan_apply(args.base, args.delta, shard_size=args.shard_size)
@@ -257,7 +282,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("apply", parents=[common], help="rebuild a fine-tune from a base and a delta")
     p.add_argument("--base", required=True, help="base checkpoint (folder or .safetensors file)")
-    p.add_argument("--delta", required=True, help="delta package folder")
+    p.add_argument(
+        "--delta",
+        required=True,
+        action="append",
+        help="delta package folder, or a PEFT LoRA adapter folder (repeat to stack adapters in order)",
+    )
     p.add_argument("--out", required=True, help="model folder to create (must not exist, or be empty)")
     p.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE, help="output file size (5GB)")
     p.add_argument("--dry-run", action="store_true", help="check and print the plan; write nothing")

@@ -21,7 +21,18 @@ from ..dtypes import is_float, itemsize, to_torch
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CODECS", "Bytes", "Codec", "add_decode", "add_encode", "cast_bits", "count_differences", "xor_bits"]
+__all__ = [
+    "CODECS",
+    "Bytes",
+    "Codec",
+    "LoraTerm",
+    "add_decode",
+    "add_encode",
+    "cast_bits",
+    "count_differences",
+    "lora_merge_rows",
+    "xor_bits",
+]
 
 Bytes = npt.NDArray[np.uint8]
 
@@ -129,3 +140,37 @@ CODECS: dict[str, Codec] = {
     "xor": Codec("xor", _xor_encode, _xor_decode, exact=True, accepts=lambda dtype: True),
     "add": Codec("add", add_encode, add_decode, exact=False, accepts=is_float),
 }
+
+
+@dataclass(frozen=True)
+class LoraTerm:
+    """``scale * (B @ A)`` for one adapter, A and B as fp32 torch tensors; ``transposed`` for
+    weights stored (in, out), where the product's transpose is added."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+    transposed: bool
+
+
+def lora_merge_rows(rows: Bytes, dtype: str, shape: tuple[int, ...], first: int, terms: list[LoraTerm]) -> Bytes:
+    """Rows ``first:first + n`` of ``W + sum(scale * B @ A)``, computed in fp32, rounded to ``dtype``.
+
+    Args:
+        rows: the bytes of whole rows of the weight ``W`` (shape ``(out, in)``, or ``(in, out)``
+            when a term is transposed).
+        shape: the weight's full shape.
+        first: the index of the first row in ``rows``.
+    """
+    import torch
+
+    width = shape[1]
+    count = rows.size // itemsize(dtype) // width
+    w = _values(rows, dtype).to(torch.float32).reshape(count, width)
+    for term in terms:
+        if term.transposed:
+            w += term.scale * (term.b @ term.a[:, first : first + count]).T
+        else:
+            w += term.scale * (term.b[first : first + count] @ term.a)
+    merged = w.to(to_torch(dtype)).reshape(-1)
+    return _bits(merged, nan_source=merged)

@@ -1,0 +1,252 @@
+"""Merge PEFT LoRA adapters into a base model: ``W + scale * (B @ A)`` in fp32, streamed rows at a time.
+
+Several adapters apply in the order given, as Chinese-LLaMA-Alpaca's Plus models need; whole tensors an
+adapter carries (``modules_to_save``, resized embeddings) replace the base's. Adapters carry no
+digests of the merged model, so the report gives the result's fingerprint for others to compare.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .codecs import LoraTerm, lora_merge_rows
+from .dtypes import is_float, itemsize, to_torch
+from .errors import UnsupportedInputError
+from .formats.checkpoint import RangeReader, is_weight_file, open_checkpoint
+from .formats.peft import Adapter, LoraPair, open_adapter
+from .formats.safetensors import TensorInfo, TensorSpec
+from .hashing import TensorHasher, file_sha256, fingerprint
+from .progress import ProgressBar, ProgressFactory, no_progress
+from .staging import StagedFolder, check_output_free
+from .streaming import (
+    CHUNK_BYTES,
+    Chunk,
+    OutputWriter,
+    Prefetcher,
+    as_bytes,
+    element_ranges,
+    open_output_shards,
+    plan_output,
+    read_range,
+    write_index,
+)
+
+__all__ = ["MergeReport", "merge_adapters"]
+
+_DEFAULT_SHARD_SIZE = 5_000_000_000
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What a LoRA merge wrote.
+
+    Attributes:
+        merged: tensors changed by low-rank updates.
+        replaced: tensors taken whole from an adapter (``modules_to_save``, resized embeddings).
+        vocab_size: the ``vocab_size`` written into ``config.json`` when the embedding grew, else None.
+        fingerprint: the merged model's fingerprint (adapters record none to check it against).
+    """
+
+    out: Path
+    adapters: tuple[str, ...]
+    tensors: int
+    merged: tuple[str, ...]
+    replaced: tuple[str, ...]
+    bytes_written: int
+    files: tuple[str, ...]
+    shards: tuple[str, ...]
+    fingerprint: str
+    vocab_size: int | None
+
+
+@dataclass(frozen=True)
+class _MergeStep:
+    name: str
+    source: TensorInfo
+    pairs: tuple[LoraPair, ...]
+    shard: int
+
+
+def _fits(pair: LoraPair, shape: tuple[int, ...]) -> bool:
+    a, b = pair.a.shape, pair.b.shape
+    return len(shape) == 2 and ((a[1], b[0]) if pair.transposed else (b[0], a[1])) == shape
+
+
+def _plan(
+    base_tensors: dict[str, TensorInfo], adapters: Sequence[Adapter]
+) -> dict[str, tuple[TensorInfo, list[LoraPair]]]:
+    plan: dict[str, tuple[TensorInfo, list[LoraPair]]] = {n: (info, []) for n, info in base_tensors.items()}
+    for adapter in adapters:
+        for name, info in adapter.replacements.items():
+            if name not in plan:
+                raise UnsupportedInputError(
+                    f"adapter {adapter.root} carries {name!r}, which the base lacks: "
+                    "it was made for another architecture",
+                    path=adapter.root,
+                    tensor=name,
+                )
+            plan[name] = (info, [])  # a replacement discards earlier adapters' updates to it
+        for name, pair in adapter.pairs.items():
+            if name not in plan:
+                raise UnsupportedInputError(
+                    f"adapter {adapter.root} adapts {name!r}, which the base lacks: it was made for another "
+                    "architecture",
+                    path=adapter.root,
+                    tensor=name,
+                )
+            source, pairs = plan[name]
+            if not _fits(pair, source.shape) or not is_float(source.dtype):
+                raise UnsupportedInputError(
+                    f"adapter {adapter.root}: {name!r} is {source.dtype} {list(source.shape)} in the base, but "
+                    f"lora_A {list(pair.a.shape)} and lora_B {list(pair.b.shape)} do not fit it "
+                    "(an adapter for another architecture or vocabulary?)",
+                    path=adapter.root,
+                    tensor=name,
+                )
+            pairs.append(pair)
+    return plan
+
+
+def _row_ranges(shape: tuple[int, ...]) -> Iterator[tuple[int, int]]:
+    """Element ranges of whole rows, sized so the fp32 working copy stays near CHUNK_BYTES."""
+    width = shape[1]
+    rows = max(1, CHUNK_BYTES // (4 * max(width, 1)))
+    for first in range(0, shape[0], rows):
+        yield first * width, min(shape[0], first + rows) * width
+
+
+def _chunks(steps: Sequence[_MergeStep]) -> Iterator[Chunk]:
+    for i, step in enumerate(steps):
+        info, item = step.source, itemsize(step.source.dtype)
+        ranges = _row_ranges(info.shape) if step.pairs else element_ranges(0, math.prod(info.shape), item)
+        for a, b in ranges:
+            yield Chunk(i, 0, a, b, (read_range(info, item, a, b),))
+
+
+def _load_terms(reader: RangeReader, pairs: Sequence[LoraPair]) -> list[LoraTerm]:
+    import torch
+
+    def fp32(info: TensorInfo) -> torch.Tensor:
+        buffer = bytearray(info.nbytes)
+        reader.read_into(info.path, info.start, memoryview(buffer))
+        raw = torch.frombuffer(buffer, dtype=torch.uint8) if info.nbytes else torch.empty(0, dtype=torch.uint8)
+        return raw.view(to_torch(info.dtype)).reshape(info.shape).to(torch.float32)
+
+    return [LoraTerm(fp32(p.a), fp32(p.b), p.scale, p.transposed) for p in pairs]
+
+
+def merge_adapters(
+    base: str | Path,
+    adapters: Sequence[str | Path],
+    out: str | Path,
+    *,
+    shard_size: int = _DEFAULT_SHARD_SIZE,
+    progress: ProgressFactory = no_progress,
+) -> MergeReport:
+    """Write ``base`` with the LoRA ``adapters`` merged in, in order, as a Hugging Face checkpoint.
+
+    The result matches peft's ``merge_and_unload`` within the rounding of the model dtype (peft rounds
+    the update to the dtype before adding it; deltakit adds in fp32 and rounds once).
+
+    Raises:
+        OutputExistsError: ``out`` exists and is not empty.
+        UnsupportedInputError: an adapter targets tensors the base lacks or does not fit.
+    """
+    out = Path(out)
+    check_output_free(out)
+    ckpt = open_checkpoint(base)
+    loaded = [open_adapter(a) for a in adapters]
+    planned = _plan(ckpt.tensors, loaded)
+    specs = [TensorSpec(n, info.dtype, info.shape) for n, (info, _) in planned.items()]
+    shards, shard_of = plan_output(specs, shard_size)
+    steps = [_MergeStep(n, info, tuple(pairs), shard_of[n]) for n, (info, pairs) in planned.items()]
+    digests: dict[str, str] = {}
+    with RangeReader() as reader, StagedFolder(out) as staged:
+        fds = open_output_shards(staged.path, shards)
+        try:
+            bar = progress(sum(spec.nbytes for spec in specs), "merge")
+            _stream(steps, reader, fds, digests, bar)
+            bar.close()
+        finally:
+            for fd in fds:
+                os.close(fd)
+        write_index(staged.path, shards, shard_of, specs)
+        files, vocab = _carry_files(ckpt.root, ckpt.extra_files, loaded, staged.path, specs)
+        staged.commit()
+    return MergeReport(
+        out=out,
+        adapters=tuple(a.name for a in loaded),
+        tensors=len(steps),
+        merged=tuple(s.name for s in steps if s.pairs),
+        replaced=tuple(n for n, (info, _) in planned.items() if info is not ckpt.tensors.get(n)),
+        bytes_written=sum(s.layout.size for s in shards),
+        files=files,
+        shards=tuple(s.name for s in shards),
+        fingerprint=fingerprint((s.name, s.dtype, s.shape, digests[s.name]) for s in specs),
+        vocab_size=vocab,
+    )
+
+
+def _stream(
+    steps: Sequence[_MergeStep], reader: RangeReader, fds: Sequence[int], digests: dict[str, str], bar: ProgressBar
+) -> None:
+    writer = OutputWriter(fds)
+    current, hasher, terms = -1, TensorHasher(), []
+    try:
+        for chunk, views in Prefetcher(reader).run(_chunks(steps)):
+            step = steps[chunk.owner]
+            if chunk.owner != current:
+                if current >= 0:
+                    writer.wait()
+                    digests[steps[current].name] = hasher.hexdigest()
+                current, hasher = chunk.owner, TensorHasher()
+                terms = _load_terms(reader, step.pairs)
+            data = as_bytes(views[0])
+            if terms:
+                first_row = chunk.first // step.source.shape[1]
+                data = lora_merge_rows(data, step.source.dtype, step.source.shape, first_row, terms)
+            writer.submit(step.shard, data, hasher)
+            bar.update(int(data.size))
+        if current >= 0:
+            writer.wait()
+            digests[steps[current].name] = hasher.hexdigest()
+    finally:
+        writer.close()
+
+
+_TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+
+
+def _carry_files(
+    root: Path, base_files: Sequence[str], adapters: Sequence[Adapter], dest: Path, specs: Sequence[TensorSpec]
+) -> tuple[tuple[str, ...], int | None]:
+    """The base's files, then each adapter's tokenizer files over them; ``vocab_size`` follows the embedding."""
+    sources = {rel: root / rel for rel in base_files}
+    for adapter in adapters:
+        for name in adapter.extra_files:
+            if name in _TOKENIZER_FILES or not is_weight_file(name):
+                sources[name] = adapter.root / name
+    for rel, src in sources.items():
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        file_sha256(src, copy_to=dest / rel)
+    vocab = None
+    embed = next((s for s in specs if s.name.endswith("embed_tokens.weight")), None)
+    config_path = dest / "config.json"
+    if embed is not None and config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        if isinstance(config, dict) and config.get("vocab_size") not in (None, embed.shape[0]):
+            config["vocab_size"] = vocab = embed.shape[0]
+            config_path.unlink()
+            config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return tuple(sorted(sources)), vocab

@@ -1,0 +1,155 @@
+"""LoRA adapters merged by deltakit match peft's merge_and_unload on the same inputs."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_checkpoint
+from test_cli import deltakit_cli
+
+from deltakit import UnsupportedInputError
+from deltakit.adapters import merge_adapters
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama(seed: int = 0, vocab: int = 100) -> torch.nn.Module:
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).to(torch.float16)
+
+
+def lora(model: torch.nn.Module, seed: int, **config: object) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **config))
+
+
+def assert_within_one_rounding(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    assert sorted(ours) == sorted(reference)
+    exact = total = 0
+    for name, ref in reference.items():
+        got = ours[name]
+        assert got.dtype == ref.dtype and got.shape == ref.shape, name
+        # peft rounds the update to fp16 before adding; deltakit adds in fp32 and rounds once
+        eps = torch.finfo(ref.dtype).eps
+        assert torch.allclose(got.float(), ref.float(), rtol=eps, atol=eps * 1e-2), name
+        exact += int((got.view(torch.int16) == ref.view(torch.int16)).sum())
+        total += ref.numel()
+    assert exact / total > 0.9, f"only {exact}/{total} elements are bit-identical"
+
+
+def save(model: torch.nn.Module, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_merge_matches_peft_with_resized_vocab_rslora_and_modules_to_save(tmp_path):
+    base = tiny_llama()
+    base_dir = save(base, tmp_path / "base")
+    base.resize_token_embeddings(120, mean_resizing=False)  # as Chinese-LLaMA grows LLaMA's vocabulary
+    model = lora(
+        base,
+        1,
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+        modules_to_save=["lm_head"],
+    )
+    model.save_pretrained(tmp_path / "adapter")
+    (tmp_path / "adapter" / "tokenizer_config.json").write_text('{"note": "extended"}')
+    reference = model.merge_and_unload().state_dict()
+
+    report = merge_adapters(base_dir, [tmp_path / "adapter"], tmp_path / "out")
+
+    assert_within_one_rounding(load_checkpoint(tmp_path / "out"), reference)
+    assert "model.layers.1.mlp.down_proj.weight" in report.merged
+    assert "model.embed_tokens.weight" in report.merged and "lm_head.weight" in report.replaced
+    assert report.vocab_size == 120
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 120
+    assert (tmp_path / "out" / "tokenizer_config.json").read_text() == '{"note": "extended"}'
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float16)
+    assert loaded.get_input_embeddings().weight.shape == (120, 32)
+
+
+def test_stacked_adapters_match_sequential_peft_merges_in_fp32(tmp_path):
+    base = tiny_llama(seed=3)
+    base_dir = save(base, tmp_path / "base")
+    lora(tiny_llama(seed=3), 4, r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"]).save_pretrained(tmp_path / "a")
+    second = lora(
+        tiny_llama(seed=3), 5, r=2, lora_alpha=4, target_modules=["k_proj", "o_proj"], rank_pattern={"o_proj": 4}
+    )
+    second.save_pretrained(tmp_path / "b")
+    # the reference: peft merging one adapter after the other in fp32, rounded to fp16 once at the end,
+    # which is what deltakit computes; merging in fp16 would round after every step
+    merged = tiny_llama(seed=3).float()
+    for adapter in ("a", "b"):
+        merged = peft.PeftModel.from_pretrained(merged, tmp_path / adapter).merge_and_unload()
+    reference = {k: v.half() for k, v in merged.state_dict().items()}
+
+    result = deltakit_cli(
+        "apply",
+        "--base",
+        base_dir,
+        "--delta",
+        tmp_path / "a",
+        "--delta",
+        tmp_path / "b",
+        "--out",
+        tmp_path / "out",
+        "-q",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "merged a, b" in result.stdout
+    assert_within_one_rounding(load_checkpoint(tmp_path / "out"), reference)
+
+
+def test_fan_in_fan_out_layers_match_peft(tmp_path):
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16)
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(config).to(torch.float16)
+    base_dir = save(base, tmp_path / "base")
+    model = lora(base, 2, r=4, lora_alpha=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    model.save_pretrained(tmp_path / "adapter")
+    reference = model.merge_and_unload().state_dict()
+
+    merge_adapters(base_dir, [tmp_path / "adapter"], tmp_path / "out")
+
+    ours = load_checkpoint(tmp_path / "out")
+    reference = {k: v for k, v in reference.items() if k in ours}  # tied lm_head is not saved twice
+    assert_within_one_rounding(ours, reference)
+
+
+def test_an_adapter_for_another_architecture_is_refused(tmp_path):
+    llama = lora(tiny_llama(), 1, r=2, lora_alpha=2, target_modules=["q_proj"])
+    llama.save_pretrained(tmp_path / "adapter")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))
+    gpt2_dir = save(gpt2, tmp_path / "gpt2")
+    with pytest.raises(UnsupportedInputError, match="which the base lacks: it was made for another architecture"):
+        merge_adapters(gpt2_dir, [tmp_path / "adapter"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_for_another_vocabulary_is_refused(tmp_path):
+    base_dir = save(tiny_llama(vocab=100), tmp_path / "base")
+    bigger = tiny_llama(vocab=130)
+    model = lora(bigger, 1, r=2, lora_alpha=2, target_modules=["embed_tokens"])
+    model.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
+    with pytest.raises(UnsupportedInputError, match=r"'model\.embed_tokens\.weight' is F16 \[100, 32\]"):
+        merge_adapters(base_dir, [tmp_path / "adapter"], tmp_path / "out")
+    result = deltakit_cli("apply", "--base", base_dir, "--delta", tmp_path / "adapter", "--out", tmp_path / "o")
+    assert result.returncode == 1 and "another architecture or vocabulary" in result.stderr
