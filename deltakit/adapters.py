@@ -14,25 +14,24 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .codecs import LoraTerm, lora_merge_rows
+from .codecs import Bytes, LoraTerm, lora_merge_rows
 from .dtypes import is_float, itemsize, to_torch
 from .errors import UnsupportedInputError
 from .formats.checkpoint import RangeReader, is_weight_file, open_checkpoint
 from .formats.peft import Adapter, LoraPair, open_adapter
 from .formats.safetensors import TensorInfo, TensorSpec
-from .hashing import TensorHasher, file_sha256, fingerprint
+from .hashing import file_sha256, fingerprint
 from .progress import ProgressBar, ProgressFactory, no_progress
 from .staging import StagedFolder, check_output_free
 from .streaming import (
     CHUNK_BYTES,
     Chunk,
-    OutputWriter,
-    Prefetcher,
     as_bytes,
     element_ranges,
     open_output_shards,
     plan_output,
     read_range,
+    stream_outputs,
     write_index,
 )
 
@@ -195,28 +194,21 @@ def merge_adapters(
 def _stream(
     steps: Sequence[_MergeStep], reader: RangeReader, fds: Sequence[int], digests: dict[str, str], bar: ProgressBar
 ) -> None:
-    writer = OutputWriter(fds)
-    current, hasher, terms = -1, TensorHasher(), []
-    try:
-        for chunk, views in Prefetcher(reader).run(_chunks(steps)):
-            step = steps[chunk.owner]
-            if chunk.owner != current:
-                if current >= 0:
-                    writer.wait()
-                    digests[steps[current].name] = hasher.hexdigest()
-                current, hasher = chunk.owner, TensorHasher()
-                terms = _load_terms(reader, step.pairs)
-            data = as_bytes(views[0])
-            if terms:
-                first_row = chunk.first // step.source.shape[1]
-                data = lora_merge_rows(data, step.source.dtype, step.source.shape, first_row, terms)
-            writer.submit(step.shard, data, hasher)
-            bar.update(int(data.size))
-        if current >= 0:
-            writer.wait()
-            digests[steps[current].name] = hasher.hexdigest()
-    finally:
-        writer.close()
+    loaded: dict[int, list[LoraTerm]] = {}  # the current tensor's terms only: bounded memory
+
+    def produce(chunk: Chunk, views: list[memoryview]) -> Bytes:
+        step = steps[chunk.owner]
+        if chunk.owner not in loaded:
+            loaded.clear()
+            loaded[chunk.owner] = _load_terms(reader, step.pairs)
+        data = as_bytes(views[0])
+        if step.pairs:
+            first_row = chunk.first // step.source.shape[1]
+            data = lora_merge_rows(data, step.source.dtype, step.source.shape, first_row, loaded[chunk.owner])
+        return data
+
+    results = stream_outputs(reader, _chunks(steps), produce, [s.shard for s in steps], fds, bar)
+    digests.update((step.name, digest) for step, digest in zip(steps, results, strict=True))
 
 
 _TOKENIZER_FILES = (

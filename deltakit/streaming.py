@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ from .codecs import Bytes
 from .formats.checkpoint import RangeReader
 from .formats.safetensors import FileLayout, TensorInfo, TensorSpec, plan_layout
 from .hashing import TensorHasher
+from .progress import ProgressBar
 
 __all__ = [
     "CHUNK_BYTES",
@@ -35,6 +36,7 @@ __all__ = [
     "plan_output",
     "plan_shards",
     "read_range",
+    "stream_outputs",
     "write_index",
 ]
 
@@ -241,3 +243,38 @@ def write_index(
         "weight_map": {name: shards[i].name for name, i in shard_of.items()},
     }
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def stream_outputs(
+    reader: RangeReader,
+    chunks: Iterable[Chunk],
+    produce: Callable[[Chunk, list[memoryview]], Bytes],
+    shard_of_owner: Sequence[int],
+    fds: Sequence[int],
+    bar: ProgressBar,
+) -> list[str]:
+    """Read ``chunks`` ahead, turn each into output bytes with ``produce``, write them behind.
+
+    Returns the BLAKE3 digest of every owner's (tensor's) output, by owner index. Every owner must
+    yield at least one chunk, in order.
+    """
+    digests: list[str] = []
+    writer = OutputWriter(fds)
+    hasher = TensorHasher()
+    try:
+        for chunk, views in Prefetcher(reader).run(chunks):
+            if chunk.owner != len(digests) - 1:
+                if digests:
+                    writer.wait()
+                    digests[-1] = hasher.hexdigest()
+                hasher = TensorHasher()
+                digests.append("")
+            data = produce(chunk, views)
+            writer.submit(shard_of_owner[chunk.owner], data, hasher)
+            bar.update(int(data.size))
+        if digests:
+            writer.wait()
+            digests[-1] = hasher.hexdigest()
+    finally:
+        writer.close()
+    return digests
