@@ -31,6 +31,8 @@ from .engine import (
 from .errors import DeltakitError
 from .formats.peft import is_adapter
 from .inspection import Inspection, inspect_path
+from .legacy import LEGACY_KINDS, LegacyReport, apply_legacy_delta, make_delta_from_legacy
+from .manifest import MANIFEST_NAME
 from .progress import ProgressFactory, tqdm_progress
 from .staging import check_output_free
 from .units import human_bytes, parse_size
@@ -132,8 +134,30 @@ def _progress(args: argparse.Namespace) -> ProgressFactory:
     return tqdm_progress(quiet=args.quiet)
 
 
+def _print_legacy(report: LegacyReport, seconds: float) -> None:
+    _say(f"rebuilt {report.out} from a {report.kind} delta in {seconds:.1f}s")
+    _say(f"  tensors   {report.tensors}" + (f"; rows grown: {', '.join(report.grown)}" if report.grown else ""))
+    _say(f"  written   {human_bytes(report.bytes_written)} in {', '.join(report.shards)}")
+    _say(f"  files     {', '.join(report.files) or 'none'}")
+    _say(f"  result    fingerprint {report.fingerprint} (legacy deltas carry no digests to check it against)")
+
+
 def _cmd_make(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    if args.from_legacy is not None:
+        rebuilt, made = make_delta_from_legacy(
+            args.base,
+            args.from_legacy,
+            args.out,
+            kind=None if args.legacy_kind == "auto" else args.legacy_kind,
+            name=args.name,
+            base_name=args.base_name,
+            shard_size=args.shard_size,
+            progress=_progress(args),
+        )
+        _say(f"read {args.from_legacy} as a {rebuilt.kind} delta; re-packaged as format 1:")
+        _print_make(made, time.perf_counter() - start)
+        return 0
     report = make_delta(
         args.base,
         args.target,
@@ -172,6 +196,22 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     if len(args.delta) > 1:
         raise _UsageError("several --delta are for LoRA adapters only; deltakit deltas apply one at a time")
     args.delta = args.delta[0]
+    if args.legacy != "auto" or (not (Path(args.delta) / MANIFEST_NAME).exists() and Path(args.delta).is_dir()):
+        if args.dry_run:
+            raise _UsageError("--dry-run is for deltakit deltas; legacy deltas have no plan to print yet")
+        kind = None if args.legacy == "auto" else args.legacy
+        start = time.perf_counter()
+        legacy = apply_legacy_delta(
+            args.base, args.delta, args.out, kind=kind, shard_size=args.shard_size, progress=_progress(args)
+        )
+        _print_legacy(legacy, time.perf_counter() - start)
+        if kind is None:
+            other = "alpaca" if legacy.kind == "fastchat" else "fastchat"
+            _say(
+                f"  note      {args.delta} has no deltakit.json: read as a {legacy.kind} delta "
+                f"(--legacy {other} if it is not)"
+            )
+        return 0
     if args.dry_run:
         check_output_free(Path(args.out))
         plan = plan_apply(args.base, args.delta, shard_size=args.shard_size)
@@ -272,7 +312,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make", parents=[common], help="compute a delta package from a base and a fine-tune")
     p.add_argument("--base", required=True, help="base checkpoint (folder or .safetensors file)")
-    p.add_argument("--target", required=True, help="fine-tuned checkpoint")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--target", help="fine-tuned checkpoint")
+    source.add_argument(
+        "--from-legacy", metavar="DELTA", help="re-package a FastChat/Panda or Alpaca delta release as format 1"
+    )
+    p.add_argument(
+        "--legacy-kind", choices=["auto", *LEGACY_KINDS], default="auto", help="what --from-legacy holds (auto)"
+    )
     p.add_argument("--out", required=True, help="delta package folder to create")
     p.add_argument("--codec", choices=["xor", "add"], default="xor", help="xor: lossless (default); add: task vector")
     p.add_argument("--name", help="the target's name in the manifest (default: its folder name)")
@@ -291,6 +338,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model folder to create (must not exist, or be empty)")
     p.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE, help="output file size (5GB)")
     p.add_argument("--dry-run", action="store_true", help="check and print the plan; write nothing")
+    p.add_argument(
+        "--legacy",
+        choices=["auto", *LEGACY_KINDS],
+        default="auto",
+        help="the delta is an older tool's release: a model folder of differences (auto: when it has no deltakit.json)",
+    )
     p.set_defaults(run=_cmd_apply)
 
     p = sub.add_parser(

@@ -1,0 +1,143 @@
+"""Deltas from older tools rebuild exactly as those tools rebuild them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_same_tensors, llama_like, load_checkpoint, nudged, random_tensor, tensor_bytes
+from conftest import write_checkpoint as write
+from test_cli import deltakit_cli
+
+from deltakit import UnsupportedInputError, apply_delta, verify_model
+from deltakit.legacy import apply_legacy_delta, make_delta_from_legacy
+
+
+def fastchat_make_delta_v0(base: dict, target: dict) -> dict:
+    """FastChat 0.1's make_delta: target - base in fp16, base subtracted from the shared rows only."""
+    delta = {}
+    for name, t in target.items():
+        d = t.clone()
+        b = base[name]
+        d[: b.shape[0]] -= b
+        delta[name] = d
+    return delta
+
+
+def fastchat_apply_delta_v0(base: dict, delta: dict) -> dict:
+    """FastChat 0.1's apply_delta, as it runs: both in fp16, ``param.data[:rows] += base``."""
+    out = {}
+    for name, d in delta.items():
+        param = d.clone()
+        b = base[name].to(torch.float16)
+        param[: b.shape[0], ...] += b
+        out[name] = param
+    return out
+
+
+def finetuned(base: dict, extra_rows: int) -> dict:
+    target = {}
+    for i, (name, t) in enumerate(base.items()):
+        t = nudged(t, 100 + i, scale=2e-3).to(torch.float16)
+        if extra_rows and name in ("model.embed_tokens.weight", "lm_head.weight"):
+            t = torch.cat([t, random_tensor((extra_rows, t.shape[1]), torch.float16, 7)])
+        target[name] = t
+    return target
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("extra_rows", [0, 1], ids=["same-vocab", "vicuna-v0-32001"])
+def test_fastchat_delta_rebuilds_byte_for_byte(tmp_path, base_dtype, extra_rows):
+    base = {k: v.to(base_dtype) for k, v in llama_like(torch.float16).items()}
+    target = finetuned(base, extra_rows)
+    delta = fastchat_make_delta_v0({k: v.to(torch.float16) for k, v in base.items()}, target)
+    base_dir = write(tmp_path / "llama", base)
+    delta_dir = write(tmp_path / "vicuna-delta", delta, files={"config.json": "{}", "tokenizer_config.json": "{}"})
+
+    report = apply_legacy_delta(base_dir, delta_dir, tmp_path / "out")
+
+    expected = fastchat_apply_delta_v0(base, delta)
+    assert report.kind == "fastchat"
+    assert_same_tensors(load_checkpoint(tmp_path / "out"), expected)
+    assert (tmp_path / "out" / "tokenizer_config.json").exists()
+    assert set(report.grown) == ({"model.embed_tokens.weight", "lm_head.weight"} if extra_rows else set())
+
+
+def test_alpaca_diff_recovers_with_the_pad_row_as_the_mean(tmp_path):
+    base = llama_like(torch.float16, vocab=40)
+    raw = {k: v.float() for k, v in base.items()}
+    # Alpaca's smart_tokenizer_and_embedding_resize: one [PAD] row, the mean of the others
+    resized = dict(raw)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        resized[name] = torch.cat([raw[name], raw[name].mean(dim=0, keepdim=True)])
+    tuned = {k: nudged(v, 3, scale=1e-3) for k, v in resized.items()}
+    diff = {k: tuned[k] - resized[k] for k in tuned}  # weight_diff.py make_diff, fp32
+    base_dir = write(tmp_path / "llama", base)
+    diff_dir = write(tmp_path / "alpaca-diff", diff)
+
+    report = apply_legacy_delta(base_dir, diff_dir, tmp_path / "out")
+
+    assert report.kind == "alpaca"
+    ours = load_checkpoint(tmp_path / "out")
+    expected = {k: diff[k] + resized[k] for k in diff}  # weight_diff.py recover, fp32
+    for name, want in expected.items():
+        got = ours[name]
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        rows = base[name].shape[0] if name in ("model.embed_tokens.weight", "lm_head.weight") else None
+        assert tensor_bytes(got[:rows]) == tensor_bytes(want[:rows]), name
+        # the mean is summed in fp64 here and in fp32 by torch: equal within fp32 rounding
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-7), name
+
+
+def test_legacy_delta_whose_vocab_does_not_match_the_base(tmp_path):
+    base = llama_like(torch.float16, vocab=64)
+    small = {k: (v[:60] if v.shape[0] == 64 else v) * 0.001 for k, v in llama_like(torch.float16, vocab=64).items()}
+    base_dir = write(tmp_path / "llama", base)
+    delta_dir = write(tmp_path / "delta", small)
+    with pytest.raises(UnsupportedInputError, match="vocabulary does not match"):
+        apply_legacy_delta(base_dir, delta_dir, tmp_path / "out")
+    partial = {k: v * 0.001 for k, v in base.items() if k != "model.norm.weight"}
+    with pytest.raises(UnsupportedInputError, match=r"lacks base tensor 'model\.norm\.weight'"):
+        apply_legacy_delta(base_dir, write(tmp_path / "partial", partial), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_full_model_passed_as_a_delta_is_refused(tmp_path):
+    base = llama_like(torch.float16)
+    base_dir = write(tmp_path / "llama", base)
+    model_dir = write(tmp_path / "panda", finetuned(base, 0))
+    result = deltakit_cli("apply", "--base", base_dir, "--delta", model_dir, "--out", tmp_path / "out")
+    assert result.returncode == 1
+    assert "does not look like a delta" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_make_from_legacy_gains_digests_and_rebuilds_the_same_bytes(tmp_path):
+    base = llama_like(torch.float16)
+    target = finetuned(base, 1)
+    delta = fastchat_make_delta_v0(base, target)
+    base_dir = write(tmp_path / "llama", base)
+    delta_dir = write(tmp_path / "vicuna-7b-delta-v0", delta, files={"config.json": "{}"})
+
+    result = deltakit_cli("make", "--base", base_dir, "--from-legacy", delta_dir, "--out", tmp_path / "packaged", "-q")
+    assert result.returncode == 0, result.stderr
+    assert "as a fastchat delta" in result.stdout
+    assert not list(tmp_path.glob(".packaged.legacy-*")), "the scratch rebuild is removed"
+
+    apply_delta(base_dir, tmp_path / "packaged", tmp_path / "via-format-1")
+    apply_legacy_delta(base_dir, delta_dir, tmp_path / "via-legacy")
+    assert_same_tensors(load_checkpoint(tmp_path / "via-format-1"), load_checkpoint(tmp_path / "via-legacy"))
+    assert verify_model(tmp_path / "via-legacy", tmp_path / "packaged").ok
+
+    _, made = make_delta_from_legacy(base_dir, delta_dir, tmp_path / "lib", name="vicuna-7b")
+    assert made.manifest.target.name == "vicuna-7b"
+    assert made.encodings["rows"] == 2
+
+
+def test_cli_applies_a_legacy_delta_and_says_how_it_read_it(tmp_path):
+    base = llama_like(torch.float16)
+    delta = fastchat_make_delta_v0(base, finetuned(base, 0))
+    base_dir = write(tmp_path / "llama", base)
+    delta_dir = write(tmp_path / "delta", delta)
+    result = deltakit_cli("apply", "--base", base_dir, "--delta", delta_dir, "--out", tmp_path / "out", "-q")
+    assert result.returncode == 0, result.stderr
+    assert "from a fastchat delta" in result.stdout and "--legacy alpaca if it is not" in result.stdout
