@@ -102,7 +102,8 @@ def _print_verify(report: VerifyReport) -> None:
 
 
 def _print_inspect(info: Inspection, *, all_tensors: bool) -> None:
-    _say(f"{info.path}: {'deltakit delta package' if info.kind == 'delta' else 'model checkpoint'}")
+    _say(f"{info.path}: {info.description}" + (f" ({info.legacy_kind})" if info.legacy_kind else ""))
+    _say(f"  apply       {info.apply}")
     if info.kind == "delta":
         _say(f"  created by  {info.created_by}")
         _say(f"  base        {info.base_name}  fingerprint {info.base_fingerprint}")

@@ -1,24 +1,41 @@
-"""Say what a path holds: a model checkpoint or a delta package, its tensors, dtypes, sizes, encodings.
+"""Say what a path is and holds: a deltakit delta, a LoRA adapter, an HF or Meta checkpoint, or a
+legacy delta; its tensors, dtypes and sizes; and what ``deltakit apply`` would do with it.
 
-Only headers and the manifest are read, so inspecting a 13B model takes milliseconds; a
-checkpoint's fingerprint, which needs every byte hashed, is computed only on request.
+Only headers, manifests and a few small tensors are read, so inspecting a 13B model takes
+milliseconds; a checkpoint's fingerprint, which needs every byte hashed, is computed only on request.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from .codecs import cast_bits
+from .dtypes import is_float, itemsize
 from .engine import checkpoint_digests
-from .formats.checkpoint import open_checkpoint
+from .formats.checkpoint import Checkpoint, RangeReader, open_checkpoint
 from .formats.delta import open_delta
+from .formats.peft import is_adapter, open_adapter
+from .formats.safetensors import TensorInfo
 from .hashing import fingerprint
+from .legacy import detect_legacy_kind
 from .manifest import MANIFEST_NAME
 from .progress import ProgressFactory, no_progress
 
-__all__ = ["Inspection", "TensorSummary", "inspect_path"]
+__all__ = ["KINDS", "Inspection", "TensorSummary", "inspect_path"]
+
+KINDS = {
+    "delta": "deltakit delta package (format 1)",
+    "lora-adapter": "PEFT LoRA adapter",
+    "hf-checkpoint": "Hugging Face model checkpoint",
+    "meta-checkpoint": "Meta (original LLaMA) checkpoint",
+    "legacy-delta": "legacy delta (a model folder of differences)",
+}
 
 
 @dataclass(frozen=True)
@@ -32,17 +49,20 @@ class TensorSummary:
 
 @dataclass(frozen=True)
 class Inspection:
-    """What a checkpoint or delta package holds.
+    """What a path holds.
 
     Attributes:
-        kind: ``checkpoint`` or ``delta``.
+        kind: one of :data:`KINDS`.
+        apply: what ``deltakit apply`` would do with it, in a sentence.
         bytes_by_dtype: tensor bytes per dtype (the target's, for a delta).
         fingerprint: the checkpoint's fingerprint, when asked for.
         base/target: for a delta, the names and fingerprints from its manifest.
+        legacy_kind: for a legacy delta, ``fastchat`` or ``alpaca``.
     """
 
     path: str
     kind: str
+    apply: str
     tensors: tuple[TensorSummary, ...]
     total_bytes: int
     bytes_by_dtype: dict[str, int]
@@ -56,9 +76,14 @@ class Inspection:
     encodings: dict[str, int] | None = None
     payload_bytes: int | None = None
     dropped: tuple[str, ...] = ()
+    legacy_kind: str | None = None
+
+    @property
+    def description(self) -> str:
+        return KINDS[self.kind]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"description": self.description}
 
 
 def _by_dtype(tensors: tuple[TensorSummary, ...]) -> dict[str, int]:
@@ -68,10 +93,83 @@ def _by_dtype(tensors: tuple[TensorSummary, ...]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def _summaries(tensors: dict[str, TensorInfo]) -> tuple[TensorSummary, ...]:
+    return tuple(TensorSummary(n, t.dtype, t.shape, t.nbytes) for n, t in tensors.items())
+
+
+def _inspect_delta(path: Path) -> Inspection:
+    package = open_delta(path)
+    m = package.manifest
+    tensors = tuple(
+        TensorSummary(n, t.dtype, t.shape, package.payload[n].nbytes if n in package.payload else 0, t.encoding)
+        for n, t in m.target.tensors.items()
+    )
+    return Inspection(
+        path=str(path),
+        kind="delta",
+        apply=f"rebuilds {m.target.name!r} from a base with fingerprint {m.base.fingerprint[:16]}... "
+        f"({m.base.name!r}), every tensor checked against its digest",
+        tensors=tensors,
+        total_bytes=sum(t.nbytes for t in tensors),
+        bytes_by_dtype=_by_dtype(tensors),
+        files=tuple(m.target.files),
+        created_by=m.created_by,
+        base_name=m.base.name,
+        base_fingerprint=m.base.fingerprint,
+        target_name=m.target.name,
+        target_fingerprint=m.target.fingerprint,
+        encodings=dict(sorted(Counter(t.encoding for t in m.target.tensors.values()).items())),
+        payload_bytes=package.payload_bytes,
+        dropped=m.dropped,
+    )
+
+
+def _inspect_adapter(path: Path) -> Inspection:
+    adapter = open_adapter(path)
+    infos = {p.a.name: p.a for p in adapter.pairs.values()} | {p.b.name: p.b for p in adapter.pairs.values()}
+    infos |= adapter.replacements
+    tensors = _summaries(infos)
+    config = adapter.config
+    scales = sorted({round(p.scale, 6) for p in adapter.pairs.values()})
+    return Inspection(
+        path=str(path),
+        kind="lora-adapter",
+        apply=f"merges W + scale * (B @ A) into {len(adapter.pairs)} base tensors (r={config.get('r')}, "
+        f"scale {', '.join(map(str, scales)) or '-'}), replaces {len(adapter.replacements)} whole"
+        + (f" ({', '.join(adapter.replacements)})" if adapter.replacements else ""),
+        tensors=tensors,
+        total_bytes=sum(t.nbytes for t in tensors),
+        bytes_by_dtype=_by_dtype(tensors),
+        files=adapter.extra_files,
+        base_name=config.get("base_model_name_or_path"),
+    )
+
+
+def _probe_mean_abs(reader: RangeReader, info: TensorInfo) -> float:
+    n = min(math.prod(info.shape), 1 << 16)
+    buffer = bytearray(n * itemsize(info.dtype))
+    reader.read_into(info.path, info.start, memoryview(buffer))
+    values = cast_bits(np.frombuffer(buffer, dtype=np.uint8), info.dtype, "F64").view(np.float64)
+    return float(np.abs(values).mean()) if n else 1.0
+
+
+def _checkpoint_kind(ckpt: Checkpoint) -> str:
+    names = ckpt.tensors
+    if "tok_embeddings.weight" in names or any(n.startswith("layers.0.attention.") for n in names):
+        return "meta-checkpoint"
+    norms = [t for n, t in names.items() if n.endswith("norm.weight") and is_float(t.dtype)]
+    if norms:
+        with RangeReader() as reader:
+            # a model's norm weights sit near 1; in a delta they are differences, near 0
+            if _probe_mean_abs(reader, norms[0]) < 0.1:
+                return "legacy-delta"
+    return "hf-checkpoint"
+
+
 def inspect_path(
     path: str | Path, *, with_fingerprint: bool = False, progress: ProgressFactory = no_progress
 ) -> Inspection:
-    """Describe a checkpoint (file or folder) or a delta package.
+    """Describe a delta package, a LoRA adapter, or a checkpoint (HF, Meta, or a legacy delta).
 
     Args:
         path: what to inspect.
@@ -79,40 +177,31 @@ def inspect_path(
     """
     path = Path(path)
     if (path / MANIFEST_NAME).is_file():
-        package = open_delta(path)
-        m = package.manifest
-        tensors = tuple(
-            TensorSummary(n, t.dtype, t.shape, package.payload[n].nbytes if n in package.payload else 0, t.encoding)
-            for n, t in m.target.tensors.items()
-        )
-        return Inspection(
-            path=str(path),
-            kind="delta",
-            tensors=tensors,
-            total_bytes=sum(t.nbytes for t in tensors),
-            bytes_by_dtype=_by_dtype(tensors),
-            files=tuple(m.target.files),
-            created_by=m.created_by,
-            base_name=m.base.name,
-            base_fingerprint=m.base.fingerprint,
-            target_name=m.target.name,
-            target_fingerprint=m.target.fingerprint,
-            encodings=dict(sorted(Counter(t.encoding for t in m.target.tensors.values()).items())),
-            payload_bytes=package.payload_bytes,
-            dropped=m.dropped,
-        )
+        return _inspect_delta(path)
+    if is_adapter(path):
+        return _inspect_adapter(path)
     ckpt = open_checkpoint(path)
-    tensors = tuple(TensorSummary(n, t.dtype, t.shape, t.nbytes) for n, t in ckpt.tensors.items())
+    tensors = _summaries(ckpt.tensors)
     digest = None
     if with_fingerprint:
         digests = checkpoint_digests(ckpt, progress)
         digest = fingerprint((n, t.dtype, t.shape, digests[n]) for n, t in ckpt.tensors.items())
+    kind = _checkpoint_kind(ckpt)
+    legacy_kind = detect_legacy_kind(ckpt) if kind == "legacy-delta" else None
+    apply = {
+        "hf-checkpoint": "serves as --base; as --delta it would be refused unless --legacy names its kind",
+        "meta-checkpoint": "serves as --base for deltas made from the same Meta checkpoint; HF-named deltas need "
+        "an HF conversion of it",
+        "legacy-delta": f"as --delta, rebuilds a fine-tune the {legacy_kind} way (base + differences)",
+    }[kind]
     return Inspection(
         path=str(path),
-        kind="checkpoint",
+        kind=kind,
+        apply=apply,
         tensors=tensors,
         total_bytes=ckpt.nbytes,
         bytes_by_dtype=_by_dtype(tensors),
         files=ckpt.extra_files,
         fingerprint=digest,
+        legacy_kind=legacy_kind,
     )
