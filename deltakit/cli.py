@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import __version__
 from .adapters import MergeReport, merge_adapters
+from .convert import DTYPE_NAMES, convert
 from .engine import (
     DEFAULT_SHARD_SIZE,
     ApplyReport,
@@ -231,6 +232,28 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    report = convert(
+        args.source,
+        args.out,
+        to=args.to,
+        dtype=args.dtype,
+        shard_size=args.shard_size,
+        meta_shards=args.meta_shards,
+        progress=_progress(args),
+    )
+    _say(
+        f"converted {args.source} ({report.source_kind}) to {report.out} ({report.target_kind}) "
+        f"in {time.perf_counter() - start:.1f}s"
+    )
+    _say(f"  tensors   {report.tensors}, {human_bytes(report.bytes_written)} written")
+    _say(f"  files     {', '.join(report.files) or 'none'}")
+    if report.fingerprint:
+        _say(f"  result    fingerprint {report.fingerprint}")
+    return 0
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     if args.delta is not None:
         if args.base is not None:
@@ -346,6 +369,17 @@ def _parser() -> argparse.ArgumentParser:
         help="the delta is an older tool's release: a model folder of differences (auto: when it has no deltakit.json)",
     )
     p.set_defaults(run=_cmd_apply)
+
+    p = sub.add_parser(
+        "convert", parents=[common], help="Meta <-> HF layout, .bin -> safetensors, dtype change, resharding"
+    )
+    p.add_argument("source", help="a Meta folder (consolidated.NN.pth + params.json) or an HF checkpoint")
+    p.add_argument("--out", required=True, help="folder to create")
+    p.add_argument("--to", choices=["hf", "meta"], default="hf", help="output layout (hf)")
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), help="cast float tensors (round to nearest even)")
+    p.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE, help="HF output file size (5GB)")
+    p.add_argument("--meta-shards", type=int, help="model-parallel shards for --to meta (Meta's count by default)")
+    p.set_defaults(run=_cmd_convert)
 
     p = sub.add_parser(
         "verify",

@@ -16,15 +16,16 @@ import math
 import pickle
 import struct
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..dtypes import ITEMSIZE
 from ..errors import FormatError, InputNotFoundError, UnsafePickleError, UnsupportedInputError
-from .safetensors import TensorInfo
+from .safetensors import TensorInfo, TensorSpec
 
-__all__ = ["MAX_PICKLE_BYTES", "read_torch_zip"]
+__all__ = ["MAX_PICKLE_BYTES", "TorchZipWriter", "read_torch_zip"]
 
 # A 65B model's data.pkl is well under 1 MB; a pickle this large is not a state dict.
 MAX_PICKLE_BYTES = 64 << 20
@@ -77,6 +78,7 @@ class _StorageType:
 
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch", "Size"): tuple,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
@@ -205,3 +207,74 @@ def _locate(
         raise FormatError(f"{path}: tensor {name!r} reaches past its storage", path=path, tensor=name)
     start = _data_offset(path, raw, info) + ref.offset * item
     return TensorInfo(name, ref.storage.dtype, ref.shape, path, start, start + numel * item)
+
+
+_STORAGE_CLASSES = {dtype: name for name, dtype in _STORAGE_DTYPES.items()}
+
+
+class TorchZipWriter:
+    """Writes a checkpoint that ``torch.load(..., weights_only=True)`` reads, one tensor at a time.
+
+    The pickle is written first, from the tensor list alone; then each tensor's storage streams into
+    its own uncompressed zip entry, so no tensor is ever held whole.
+    """
+
+    def __init__(self, path: Path, specs: list[TensorSpec], *, prefix: str = "archive") -> None:
+        import torch  # the pickle must name torch's own rebuild function and storage classes
+        import torch._utils
+
+        self.path = path
+        self._prefix = prefix
+        self._specs = specs
+        self._next = 0
+        storage_types = {dtype: getattr(torch, name) for dtype, name in _STORAGE_CLASSES.items()}
+
+        class _Storage:
+            def __init__(self, key: str, spec: TensorSpec) -> None:
+                self.key, self.spec = key, spec
+
+        class _Tensor:
+            def __init__(self, storage: _Storage) -> None:
+                self.storage = storage
+
+            def __reduce__(self) -> tuple[Any, ...]:
+                shape = self.storage.spec.shape
+                hooks: collections.OrderedDict[str, Any] = collections.OrderedDict()
+                args = (self.storage, 0, tuple(shape), _contiguous_strides(shape), False, hooks)
+                return (torch._utils._rebuild_tensor_v2, args)
+
+        def persistent_id(obj: object) -> tuple[Any, ...] | None:
+            if isinstance(obj, _Storage):
+                return ("storage", storage_types[obj.spec.dtype], obj.key, "cpu", obj.spec.numel)
+            return None
+
+        buffer = io.BytesIO()
+        pickler = pickle.Pickler(buffer, protocol=2)
+        pickler.persistent_id = persistent_id  # type: ignore[method-assign]
+        pickler.dump({spec.name: _Tensor(_Storage(str(i), spec)) for i, spec in enumerate(specs)})
+        self._zip = zipfile.ZipFile(path, "x", zipfile.ZIP_STORED, allowZip64=True)
+        self._zip.writestr(f"{prefix}/data.pkl", buffer.getvalue())
+        self._zip.writestr(f"{prefix}/byteorder", "little")
+
+    def write_tensor(self, chunks: Iterable[bytes | memoryview]) -> None:
+        """The next tensor's bytes, in order; their total must be the tensor's size."""
+        spec = self._specs[self._next]
+        written = 0
+        with self._zip.open(f"{self._prefix}/data/{self._next}", "w", force_zip64=True) as entry:
+            for chunk in chunks:
+                entry.write(chunk)
+                written += len(chunk)
+        if written != spec.nbytes:
+            raise FormatError(
+                f"{self.path}: tensor {spec.name!r} got {written} bytes, not {spec.nbytes}", path=self.path
+            )
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._specs):
+            raise FormatError(f"{self.path}: {len(self._specs) - self._next} tensors were not written", path=self.path)
+        self._zip.writestr(f"{self._prefix}/version", "3\n")
+        self._zip.close()
+
+    def abort(self) -> None:
+        self._zip.close()
