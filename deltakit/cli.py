@@ -141,6 +141,13 @@ def _print_legacy(report: LegacyReport, seconds: float) -> None:
     _say(f"  tensors   {report.tensors}" + (f"; rows grown: {', '.join(report.grown)}" if report.grown else ""))
     _say(f"  written   {human_bytes(report.bytes_written)} in {', '.join(report.shards)}")
     _say(f"  files     {', '.join(report.files) or 'none'}")
+    if report.kind == "oasst-xor":
+        _say(
+            "  checked   against the published checksums"
+            if report.verified
+            else "  WARNING   not verified: an XOR release rebuilds plausible weights from any base; pass "
+            "--checksums with the sums from the release's model card"
+        )
     _say(f"  result    fingerprint {report.fingerprint} (legacy deltas carry no digests to check it against)")
 
 
@@ -204,10 +211,16 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         kind = None if args.legacy == "auto" else args.legacy
         start = time.perf_counter()
         legacy = apply_legacy_delta(
-            args.base, args.delta, args.out, kind=kind, shard_size=args.shard_size, progress=_progress(args)
+            args.base,
+            args.delta,
+            args.out,
+            kind=kind,
+            checksums=args.checksums,
+            shard_size=args.shard_size,
+            progress=_progress(args),
         )
         _print_legacy(legacy, time.perf_counter() - start)
-        if kind is None:
+        if kind is None and legacy.kind != "oasst-xor":
             other = "alpaca" if legacy.kind == "fastchat" else "fastchat"
             _say(
                 f"  note      {args.delta} has no deltakit.json: read as a {legacy.kind} delta "
@@ -368,6 +381,7 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="the delta is an older tool's release: a model folder of differences (auto: when it has no deltakit.json)",
     )
+    p.add_argument("--checksums", help="for an XOR release: md5/sha256 sums of the rebuilt files, from its model card")
     p.set_defaults(run=_cmd_apply)
 
     p = sub.add_parser(

@@ -6,6 +6,9 @@
 - ``alpaca``: Stanford Alpaca's ``weight_diff.py recover``: both in fp32, ``diff + base``; when the
   diff has more rows, the base gains rows equal to the mean of its rows first, as Alpaca's
   ``smart_tokenizer_and_embedding_resize`` does for its ``[PAD]`` token.
+- ``oasst-xor``: OpenAssistant's ``xor_codec.py``: every file of the release is gzip(file XOR the
+  base's file of the same name, zero-padded or cut to length); the files come back byte for byte
+  only from byte-identical base files, so each rebuilt checkpoint file is validated before use.
 
 Legacy deltas record no digests, so the result is checked only for shape and the report gives its
 fingerprint; ``deltakit make --from-legacy`` turns such a release into a format-1 package.
@@ -13,6 +16,8 @@ fingerprint; ``deltakit make --from-legacy`` turns such a release into a format-
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import math
 import os
 import shutil
@@ -20,17 +25,17 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .codecs import Bytes, add_decode, cast_bits
 from .dtypes import itemsize
-from .errors import UnsupportedInputError
-from .formats.checkpoint import Checkpoint, RangeReader, open_checkpoint
+from .engine import MakeReport, checkpoint_digests, make_delta
+from .errors import BaseMismatchError, DeltakitError, FormatError, InputNotFoundError, UnsupportedInputError
+from .formats.checkpoint import Checkpoint, RangeReader, is_weight_file, open_checkpoint
 from .formats.safetensors import TensorInfo, TensorSpec
 from .hashing import file_sha256, fingerprint
-from .progress import ProgressFactory, no_progress
+from .progress import ProgressBar, ProgressFactory, no_progress
 from .staging import StagedFolder, check_output_free
 from .streaming import (
     Chunk,
@@ -43,12 +48,16 @@ from .streaming import (
     write_index,
 )
 
-if TYPE_CHECKING:
-    from .engine import MakeReport
+__all__ = [
+    "LEGACY_KINDS",
+    "LegacyReport",
+    "apply_legacy_delta",
+    "detect_legacy_kind",
+    "is_xor_release",
+    "make_delta_from_legacy",
+]
 
-__all__ = ["LEGACY_KINDS", "LegacyReport", "apply_legacy_delta", "detect_legacy_kind", "make_delta_from_legacy"]
-
-LEGACY_KINDS = ("fastchat", "alpaca")
+LEGACY_KINDS = ("fastchat", "alpaca", "oasst-xor")
 _DTYPE = {"fastchat": "F16", "alpaca": "F32"}
 _DEFAULT_SHARD_SIZE = 5_000_000_000
 # Buffers older LLaMA conversions carry and FastChat's models never load.
@@ -67,6 +76,7 @@ class LegacyReport:
     files: tuple[str, ...]
     shards: tuple[str, ...]
     fingerprint: str
+    verified: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,11 +129,11 @@ _PROBE_ELEMENTS = 1 << 20
 
 def _mean_abs(reader: RangeReader, info: TensorInfo) -> float:
     n = min(math.prod(info.shape), _PROBE_ELEMENTS)
-    item = itemsize(info.dtype)
-    buffer = bytearray(n * item)
+    buffer = bytearray(n * itemsize(info.dtype))
     reader.read_into(info.path, info.start, memoryview(buffer))
     values = cast_bits(np.frombuffer(buffer, dtype=np.uint8), info.dtype, "F64").view(np.float64)
-    return float(np.abs(values[np.isfinite(values)]).mean()) if n else 0.0
+    finite = values[np.isfinite(values)]
+    return float(np.abs(finite).mean()) if finite.size else 0.0
 
 
 def _check_looks_like_differences(reader: RangeReader, pairs: Sequence[tuple[str, TensorInfo, TensorInfo]]) -> None:
@@ -143,6 +153,28 @@ def _check_looks_like_differences(reader: RangeReader, pairs: Sequence[tuple[str
             path=d.path,
             tensor=name,
         )
+
+
+def _read_checksums(path: Path) -> dict[str, str]:
+    """``<md5 or sha256>  <file name>`` lines, as model cards and ``md5sum`` give them."""
+    sums: dict[str, str] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        digest, _, name = line.strip().partition(" ")
+        name = name.strip().lstrip("*")
+        if len(digest) not in (32, 64) or not name or any(c not in "0123456789abcdefABCDEF" for c in digest):
+            raise FormatError(f"{path}:{number}: expected '<md5 or sha256>  <file name>'", path=path)
+        sums[Path(name).name] = digest.lower()
+    return sums
+
+
+def _file_digest(path: Path, length: int) -> str:
+    digest = hashlib.md5(usedforsecurity=False) if length == 32 else hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_XOR_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _row_means(reader: RangeReader, info: TensorInfo) -> Bytes:
@@ -181,6 +213,7 @@ def apply_legacy_delta(
     out: str | Path,
     *,
     kind: str | None = None,
+    checksums: str | Path | None = None,
     shard_size: int = _DEFAULT_SHARD_SIZE,
     progress: ProgressFactory = no_progress,
 ) -> LegacyReport:
@@ -188,7 +221,11 @@ def apply_legacy_delta(
 
     Args:
         kind: ``fastchat`` or ``alpaca``; by default ``alpaca`` for an all-fp32 delta, else ``fastchat``,
-            after checking that the delta holds differences rather than a full model.
+            after checking that the delta holds differences rather than a full model; ``oasst-xor``
+            for a folder of gzip-compressed XORed files.
+        checksums: for ``oasst-xor``, a file of ``<md5 or sha256>  <name>`` lines for the rebuilt files
+            (from the release's model card). Without it the rebuild cannot be verified: XOR against a
+            wrong base still yields well-formed files, even their zip CRCs consistent, of wrong weights.
 
     Raises:
         UnsupportedInputError: the delta's tensors do not pair with the base's (another model, or a
@@ -196,6 +233,8 @@ def apply_legacy_delta(
     """
     out = Path(out)
     check_output_free(out)
+    if kind == "oasst-xor" or (kind is None and is_xor_release(delta)):
+        return _rebuild_xor_release(Path(base), Path(delta), out, Path(checksums) if checksums else None, progress)
     base_ckpt, delta_ckpt = open_checkpoint(base), open_checkpoint(delta)
     pairs = _pair(base_ckpt, delta_ckpt)
     if kind is None:
@@ -252,6 +291,91 @@ def apply_legacy_delta(
     )
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+_XOR_BLOCK = 8 << 20
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == _GZIP_MAGIC
+
+
+def is_xor_release(path: str | Path) -> bool:
+    """An OpenAssistant XOR release: a folder whose weight files are gzip streams."""
+    folder = Path(path)
+    return folder.is_dir() and any(p.is_file() and is_weight_file(p.name) and _is_gzip(p) for p in folder.iterdir())
+
+
+def _xor_file(payload: Path, base: Path, dest: Path, bar: ProgressBar) -> None:
+    """``gunzip(payload) XOR base``, the base zero-padded or cut to the payload's length, streamed."""
+    with gzip.open(payload, "rb") as fin, open(base, "rb") as fbase, open(dest, "xb") as fout:
+        while block := fin.read(_XOR_BLOCK):
+            mask = fbase.read(len(block))
+            data = np.frombuffer(block, dtype=np.uint8)
+            key = np.zeros(len(block), dtype=np.uint8)
+            key[: len(mask)] = np.frombuffer(mask, dtype=np.uint8)
+            fout.write(np.bitwise_xor(data, key).tobytes())
+            bar.update(len(block))
+
+
+def _rebuild_xor_release(
+    base: Path, release: Path, out: Path, checksums_file: Path | None, progress: ProgressFactory
+) -> LegacyReport:
+    if not base.is_dir():
+        raise UnsupportedInputError(f"{base}: an XOR release needs the base folder its files were XORed against")
+    checksums = _read_checksums(checksums_file) if checksums_file is not None else None
+    files = sorted(p for p in release.iterdir() if p.is_file() and not p.name.startswith("."))
+    encoded = [p for p in files if _is_gzip(p)]
+    for payload in encoded:
+        if not (base / payload.name).is_file():
+            raise InputNotFoundError(
+                f"the XOR release has {payload.name}, which the base lacks: the release was made against "
+                "a base laid out differently",
+                path=base / payload.name,
+            )
+    bar = progress(sum((base / p.name).stat().st_size for p in encoded), "apply (oasst-xor)")
+    with StagedFolder(out) as staged:
+        for payload in encoded:
+            _xor_file(payload, base / payload.name, staged.path / payload.name, bar)
+        for plain in files:
+            if plain not in encoded:  # added_tokens.json travels as it is
+                file_sha256(plain, copy_to=staged.path / plain.name)
+        bar.close()
+        for name, expected in (checksums or {}).items():
+            rebuilt = staged.path / name
+            if rebuilt.is_file() and _file_digest(rebuilt, len(expected)) != expected:
+                raise BaseMismatchError(
+                    f"{name} rebuilt from {release} does not match its published checksum: the base files are "
+                    "not byte-identical to the ones the release was XORed against (same conversion, same "
+                    "transformers version)",
+                    path=base / name,
+                    expected=expected,
+                    actual=_file_digest(rebuilt, len(expected)),
+                )
+        try:
+            ckpt = open_checkpoint(staged.path)
+        except DeltakitError as e:
+            raise BaseMismatchError(
+                f"the files rebuilt from {release} are not a valid checkpoint ({e}): the base files are not "
+                "byte-identical to the ones the release was XORed against (same conversion, same transformers "
+                "version); compare their checksums with the release's model card",
+                path=base,
+            ) from e
+        digests = checkpoint_digests(ckpt)
+        staged.commit()
+    return LegacyReport(
+        out=out,
+        kind="oasst-xor",
+        tensors=len(ckpt.tensors),
+        grown=(),
+        bytes_written=sum((out / p.name).stat().st_size for p in files),
+        files=tuple(p.name for p in files),
+        shards=tuple(p.name for p in encoded if is_weight_file(p.name)),
+        fingerprint=fingerprint((n, t.dtype, t.shape, digests[n]) for n, t in ckpt.tensors.items()),
+        verified=bool(checksums) and all(p.name in (checksums or {}) for p in encoded),
+    )
+
+
 def make_delta_from_legacy(
     base: str | Path,
     legacy: str | Path,
@@ -268,8 +392,6 @@ def make_delta_from_legacy(
     The fine-tune is rebuilt the legacy way into a temporary folder beside ``out`` (so that much disk
     is needed for a while), then diffed against ``base`` with the lossless ``xor`` codec.
     """
-    from .engine import make_delta  # engine does not import this module: no cycle
-
     out = Path(out)
     check_output_free(out)
     scratch = out.parent / f".{out.name}.legacy-{uuid.uuid4().hex[:12]}.tmp"

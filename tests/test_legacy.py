@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import assert_same_tensors, llama_like, load_checkpoint, nudged, random_tensor, tensor_bytes
 from conftest import write_checkpoint as write
 from test_cli import deltakit_cli
 
-from deltakit import UnsupportedInputError, apply_delta, verify_model
+from deltakit import BaseMismatchError, UnsupportedInputError, apply_delta, verify_model
 from deltakit.legacy import apply_legacy_delta, make_delta_from_legacy
 
 
@@ -141,3 +144,77 @@ def test_cli_applies_a_legacy_delta_and_says_how_it_read_it(tmp_path):
     result = deltakit_cli("apply", "--base", base_dir, "--delta", delta_dir, "--out", tmp_path / "out", "-q")
     assert result.returncode == 0, result.stderr
     assert "from a fastchat delta" in result.stdout and "--legacy alpaca if it is not" in result.stdout
+
+
+def oasst_xor_release(release: Path, target: Path, base: Path) -> None:
+    """OpenAssistant's xor_codec.py encode: gzip(target file XOR base file, zero-padded or cut)."""
+    import gzip
+
+    import numpy as np
+
+    release.mkdir()
+    for path in sorted(target.iterdir()):
+        if path.name == "added_tokens.json":
+            (release / path.name).write_bytes(path.read_bytes())
+            continue
+        data = np.frombuffer(path.read_bytes(), dtype=np.uint8)
+        key = np.zeros(len(data), dtype=np.uint8)
+        other = np.frombuffer((base / path.name).read_bytes(), dtype=np.uint8)[: len(data)]
+        key[: len(other)] = other
+        with gzip.open(release / path.name, "wb") as f:
+            f.write(np.bitwise_xor(data, key).tobytes())
+
+
+def oasst_setup(tmp_path: Path) -> dict:
+    base = llama_like(torch.float16)
+    for name in ("llama", "oasst", "other"):
+        (tmp_path / name).mkdir()
+    torch.save(base, tmp_path / "llama" / "pytorch_model.bin")
+    (tmp_path / "llama" / "config.json").write_text('{"vocab_size": 64}')
+    torch.save(finetuned(base, 0), tmp_path / "oasst" / "pytorch_model.bin")
+    (tmp_path / "oasst" / "config.json").write_text('{"vocab_size": 64, "note": "a longer config than the base"}')
+    (tmp_path / "oasst" / "added_tokens.json").write_text('{"<|prompter|>": 32000}')
+    # another conversion of the base: same layout, other bytes
+    torch.save({k: nudged(v, 9, scale=1e-2) for k, v in base.items()}, tmp_path / "other" / "pytorch_model.bin")
+    (tmp_path / "other" / "config.json").write_text('{"vocab_size": 64}')
+    oasst_xor_release(tmp_path / "release", tmp_path / "oasst", tmp_path / "llama")
+    sums = "".join(
+        f"{hashlib.sha256((tmp_path / 'oasst' / n).read_bytes()).hexdigest()}  {n}\n"
+        for n in ("pytorch_model.bin", "config.json")
+    )
+    (tmp_path / "sums.txt").write_text(sums)
+    return base
+
+
+def test_oasst_xor_release_rebuilds_the_files_byte_for_byte(tmp_path):
+    oasst_setup(tmp_path)
+    result = deltakit_cli(
+        "apply",
+        "--base",
+        tmp_path / "llama",
+        "--delta",
+        tmp_path / "release",
+        "--out",
+        tmp_path / "out",
+        "--checksums",
+        tmp_path / "sums.txt",
+        "-q",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "from a oasst-xor delta" in result.stdout and "checked   against the published checksums" in result.stdout
+    for name in ("pytorch_model.bin", "config.json", "added_tokens.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "oasst" / name).read_bytes(), name
+
+
+def test_oasst_xor_release_against_another_base(tmp_path):
+    oasst_setup(tmp_path)
+    # without checksums, a wrong base yields plausible weights: the rebuild is flagged unverified
+    result = deltakit_cli(
+        "apply", "--base", tmp_path / "other", "--delta", tmp_path / "release", "--out", tmp_path / "unchecked", "-q"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "WARNING   not verified" in result.stdout
+    # with the published checksums it is refused, and nothing is left behind
+    with pytest.raises(BaseMismatchError, match="does not match its published checksum"):
+        apply_legacy_delta(tmp_path / "other", tmp_path / "release", tmp_path / "out", checksums=tmp_path / "sums.txt")
+    assert not (tmp_path / "out").exists()
