@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__
@@ -33,8 +34,9 @@ from .errors import DeltakitError
 from .formats.peft import is_adapter
 from .inspection import Inspection, inspect_path
 from .legacy import LEGACY_KINDS, LegacyReport, apply_legacy_delta, make_delta_from_legacy
-from .manifest import MANIFEST_NAME
+from .manifest import MANIFEST_NAME, load_manifest
 from .progress import ProgressFactory, tqdm_progress
+from .registry import Registry
 from .staging import check_output_free
 from .units import human_bytes, parse_size
 
@@ -191,7 +193,25 @@ def _print_merge(report: MergeReport, seconds: float) -> None:
     _say(f"  result    fingerprint {report.fingerprint} (adapters carry no digests to check it against)")
 
 
+def _choose_base(args: argparse.Namespace) -> None:
+    """``apply`` without ``--base``: the registered model whose fingerprint the delta's manifest names."""
+    if args.base is not None:
+        return
+    if len(args.delta) != 1 or not (Path(args.delta[0]) / MANIFEST_NAME).is_file():
+        raise _UsageError("--base may be left out only for one deltakit delta, whose manifest names its base")
+    manifest = load_manifest(args.delta[0])
+    entry = Registry().find_base(manifest.base.fingerprint)
+    if entry is None:
+        raise DeltakitError(
+            f"no registered model has the fingerprint of {manifest.base.name!r} "
+            f"({manifest.base.fingerprint[:16]}...): pass --base, or `deltakit registry add NAME PATH` first"
+        )
+    _say(f"using registered base {entry.name!r} at {entry.path} (fingerprint {entry.fingerprint[:16]}...)")
+    args.base = entry.path
+
+
 def _cmd_apply(args: argparse.Namespace) -> int:
+    _choose_base(args)
     adapters = [d for d in args.delta if is_adapter(d)]
     if adapters:
         if len(adapters) != len(args.delta):
@@ -332,6 +352,50 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report.ok and same else 1
 
 
+def _cmd_registry_add(args: argparse.Namespace) -> int:
+    entry = Registry().add(args.name, args.path, progress=_progress(args))
+    _say(f"registered {entry.name!r}: {entry.kind} at {entry.path}, fingerprint {entry.fingerprint}")
+    return 0
+
+
+def _cmd_registry_list(args: argparse.Namespace) -> int:
+    registry = Registry()
+    entries = registry.entries()
+    if args.json:
+        _say(json.dumps([asdict(e) for e in entries.values()], indent=2))
+        return 0
+    if not entries:
+        _say(f"no names registered in {registry.path}")
+    for e in entries.values():
+        extra = f", for base {e.base_fingerprint[:16]}..." if e.base_fingerprint else ""
+        _say(f"{e.name}  {e.kind}  {human_bytes(e.size)}  {e.path}  fingerprint {e.fingerprint[:16]}...{extra}")
+    return 0
+
+
+def _cmd_registry_remove(args: argparse.Namespace) -> int:
+    entry = Registry().remove(args.name)
+    _say(f"forgot {entry.name!r} ({entry.path} is left as it is)")
+    return 0
+
+
+_PATH_ARGUMENTS = ("base", "target", "path", "source", "from_legacy")
+
+
+def _resolve_names(args: argparse.Namespace) -> None:
+    """Registered names become their paths; anything else must exist as given."""
+    if args.run in (_cmd_registry_add, _cmd_registry_remove):
+        return
+    registry = Registry()
+    for attribute in _PATH_ARGUMENTS:
+        value = getattr(args, attribute, None)
+        if value is not None:
+            setattr(args, attribute, str(registry.resolve(value)))
+    if getattr(args, "delta", None) is not None:
+        deltas = args.delta if isinstance(args.delta, list) else [args.delta]
+        resolved = [str(registry.resolve(d)) for d in deltas]
+        args.delta = resolved if isinstance(args.delta, list) else resolved[0]
+
+
 class _UsageError(Exception):
     pass
 
@@ -365,7 +429,9 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_make)
 
     p = sub.add_parser("apply", parents=[common], help="rebuild a fine-tune from a base and a delta")
-    p.add_argument("--base", required=True, help="base checkpoint (folder or .safetensors file)")
+    p.add_argument(
+        "--base", help="base checkpoint, or a registered name (default: the registered model the delta names)"
+    )
     p.add_argument(
         "--delta",
         required=True,
@@ -413,6 +479,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fingerprint", action="store_true", help="hash a checkpoint's tensors to fingerprint it")
     p.set_defaults(run=_cmd_inspect)
 
+    p = sub.add_parser("registry", parents=[common], help="name local models and deltas")
+    registry = p.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
+    r = registry.add_parser("add", parents=[common], help="register a checkpoint (fingerprinted now) or a delta")
+    r.add_argument("name")
+    r.add_argument("path")
+    r.set_defaults(run=_cmd_registry_add)
+    r = registry.add_parser("list", parents=[common], help="list the registered names")
+    r.add_argument("--json", action="store_true", help="print as JSON")
+    r.set_defaults(run=_cmd_registry_list)
+    r = registry.add_parser("remove", parents=[common], help="forget a name (its files are left alone)")
+    r.add_argument("name")
+    r.set_defaults(run=_cmd_registry_remove)
+
     p = sub.add_parser("demo", parents=[common], help="make, apply and verify a delta on a built-in tiny model")
     p.add_argument("--dir", help="where to write the example (default: a new temporary folder)")
     p.set_defaults(run=_cmd_demo)
@@ -430,6 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     run: Callable[[argparse.Namespace], int] = args.run
     try:
+        _resolve_names(args)
         return run(args)
     except _UsageError as e:
         parser.error(str(e))

@@ -111,3 +111,9 @@ def make_pair(tmp_path: Path) -> Callable[..., tuple[Path, Path]]:
         return base_dir, target_dir
 
     return factory
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Every test gets its own DELTAKIT_HOME: no test reads or writes the user's registry."""
+    monkeypatch.setenv("DELTAKIT_HOME", str(tmp_path_factory.mktemp("deltakit-home")))

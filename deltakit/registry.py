@@ -1,0 +1,147 @@
+"""Names for local models and deltas, kept in ``$DELTAKIT_HOME/registry.json``, shared by CLI and service.
+
+A base is registered with its fingerprint (every tensor hashed once, at ``add``), so a delta can find
+the base it was made from without being told. A name resolves as a registry entry first, then as a
+path; Hub repo ids are the Hub module's business.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import FormatError, InputNotFoundError, UnsupportedInputError
+from .formats.checkpoint import open_checkpoint
+from .manifest import MANIFEST_NAME, load_manifest
+from .progress import ProgressFactory, no_progress
+
+__all__ = ["Entry", "Registry", "deltakit_home"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def deltakit_home() -> Path:
+    """``$DELTAKIT_HOME``, else ``$XDG_DATA_HOME/deltakit``, else ``~/.local/share/deltakit``."""
+    if home := os.environ.get("DELTAKIT_HOME"):
+        return Path(home)
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "deltakit"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A registered model or delta.
+
+    Attributes:
+        kind: ``model`` (a checkpoint: a base, or a built model) or ``delta``.
+        fingerprint: a model's fingerprint; for a delta, its target's.
+        base_fingerprint: for a delta, the fingerprint of the base it applies to.
+    """
+
+    name: str
+    path: str
+    kind: str
+    fingerprint: str
+    base_fingerprint: str | None = None
+    size: int = 0
+    added: float = 0.0
+
+
+class Registry:
+    """The registry file of one ``DELTAKIT_HOME``; every change is written atomically under a lock."""
+
+    def __init__(self, home: Path | None = None) -> None:
+        self.home = Path(home) if home is not None else deltakit_home()
+        self.path = self.home / "registry.json"
+
+    @contextmanager
+    def _locked(self) -> Iterator[dict[str, Entry]]:
+        self.home.mkdir(parents=True, exist_ok=True)
+        with open(self.home / "registry.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            entries = self._read()
+            before = dict(entries)
+            yield entries
+            if entries != before:
+                tmp = self.path.with_name(f".registry.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({n: asdict(e) for n, e in sorted(entries.items())}, indent=2) + "\n")
+                os.replace(tmp, self.path)
+
+    def _read(self) -> dict[str, Entry]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            return {name: Entry(**fields) for name, fields in data.items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, TypeError, RecursionError) as e:
+            raise FormatError(f"{self.path}: the registry is unreadable ({e}); fix or remove it", path=self.path) from e
+
+    def entries(self) -> dict[str, Entry]:
+        return self._read()
+
+    def get(self, name: str) -> Entry | None:
+        return self._read().get(name)
+
+    def add(self, name: str, path: str | Path, *, progress: ProgressFactory = no_progress) -> Entry:
+        """Register a checkpoint or delta package under ``name``; a checkpoint is fingerprinted now."""
+        from .engine import checkpoint_digests  # the engine is heavy; the registry is often used without it
+        from .hashing import fingerprint
+
+        if not _NAME.match(name):
+            raise UnsupportedInputError(
+                f"{name!r} is not a valid name: letters, digits, '.', '_' and '-', starting with a letter or digit"
+            )
+        path = Path(path).resolve()
+        if not path.exists():
+            raise InputNotFoundError(f"{path}: no such file or folder", path=path)
+        if (path / MANIFEST_NAME).is_file():
+            m = load_manifest(path)
+            size = sum(f.size for f in m.payload.values())
+            entry = Entry(name, str(path), "delta", m.target.fingerprint, m.base.fingerprint, size, time.time())
+        else:
+            ckpt = open_checkpoint(path)
+            digests = checkpoint_digests(ckpt, progress)
+            model_fingerprint = fingerprint((n, t.dtype, t.shape, digests[n]) for n, t in ckpt.tensors.items())
+            entry = Entry(name, str(path), "model", model_fingerprint, None, ckpt.nbytes, time.time())
+        with self._locked() as entries:
+            entries[name] = entry
+        return entry
+
+    def remove(self, name: str) -> Entry:
+        """Forget ``name``; the files it names are left alone."""
+        with self._locked() as entries:
+            entry = entries.pop(name, None)
+        if entry is None:
+            raise InputNotFoundError(f"{name!r} is not in the registry {self.path}")
+        return entry
+
+    def resolve(self, name: str | Path) -> Path:
+        """A registered name's path, else ``name`` itself when it exists on disk."""
+        entry = self.get(str(name)) if _NAME.match(str(name)) else None
+        if entry is not None:
+            if not Path(entry.path).exists():
+                raise InputNotFoundError(
+                    f"{name!r} is registered at {entry.path}, which no longer exists; "
+                    f"`deltakit registry remove {name}` forgets it",
+                    path=entry.path,
+                )
+            return Path(entry.path)
+        if Path(name).exists():
+            return Path(name)
+        raise InputNotFoundError(
+            f"{name}: no such file or folder, nor a name registered in {self.path}", path=str(name)
+        )
+
+    def find_base(self, base_fingerprint: str) -> Entry | None:
+        """A registered model with this fingerprint: the base a delta was made from."""
+        for entry in self._read().values():
+            if entry.kind == "model" and entry.fingerprint == base_fingerprint and Path(entry.path).exists():
+                return entry
+        return None
