@@ -32,6 +32,7 @@ from .engine import (
 )
 from .errors import DeltakitError
 from .formats.peft import is_adapter
+from .hub import PublishReport, fetch_delta, is_repo_spec, publish_delta
 from .inspection import Inspection, inspect_path
 from .legacy import LEGACY_KINDS, LegacyReport, apply_legacy_delta, make_delta_from_legacy
 from .manifest import MANIFEST_NAME, load_manifest
@@ -352,6 +353,54 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report.ok and same else 1
 
 
+def _print_publish(report: PublishReport) -> None:
+    verb = "would upload" if report.dry_run else "uploaded"
+    total = sum(size for _, size in report.files)
+    _say(f"{verb} {len(report.files)} files ({human_bytes(total)}) to {report.repo_id}@{report.revision}")
+    for name, size in report.files:
+        _say(f"  {name}  {human_bytes(size)}")
+    if report.commit:
+        _say(f"commit {report.commit}: {report.commit_url}")
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    report = publish_delta(
+        args.path,
+        args.repo,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        license=args.license,
+        base_model=args.base_model,
+        dry_run=args.dry_run,
+    )
+    _print_publish(report)
+    return 0
+
+
+def _cmd_release(args: argparse.Namespace) -> int:
+    """The maintainer's one step: make, verify, publish."""
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="deltakit-release-")) / "delta"
+    made = make_delta(args.base, args.target, out, name=args.name, base_name=args.base_name, progress=_progress(args))
+    _print_make(made, 0.0)
+    report = verify_delta(out, base=args.base, progress=_progress(args))
+    _print_verify(report)
+    if not report.ok:
+        return 1
+    _print_publish(
+        publish_delta(
+            out,
+            args.repo,
+            private=args.private,
+            revision=args.revision,
+            license=args.license,
+            base_model=args.base_model,
+            dry_run=args.dry_run,
+        )
+    )
+    return 0
+
+
 def _cmd_registry_add(args: argparse.Namespace) -> int:
     entry = Registry().add(args.name, args.path, progress=_progress(args))
     _say(f"registered {entry.name!r}: {entry.kind} at {entry.path}, fingerprint {entry.fingerprint}")
@@ -381,18 +430,28 @@ def _cmd_registry_remove(args: argparse.Namespace) -> int:
 _PATH_ARGUMENTS = ("base", "target", "path", "source", "from_legacy")
 
 
+def _resolve_delta(registry: Registry, name: str) -> str:
+    """A delta resolves as a registered name, then a path, then a Hub repo id (fetched and checked)."""
+    if registry.get(name) is not None or Path(name).exists() or not is_repo_spec(name):
+        return str(registry.resolve(name))
+    fetched = fetch_delta(name)
+    _say(f"fetched {fetched.repo_id} at {fetched.revision} (commit {fetched.commit[:12]}), every file checked")
+    return str(fetched.path)
+
+
 def _resolve_names(args: argparse.Namespace) -> None:
-    """Registered names become their paths; anything else must exist as given."""
+    """Registered names become their paths; deltas may also be Hub repo ids; anything else must exist."""
     if args.run in (_cmd_registry_add, _cmd_registry_remove):
         return
     registry = Registry()
     for attribute in _PATH_ARGUMENTS:
         value = getattr(args, attribute, None)
         if value is not None:
-            setattr(args, attribute, str(registry.resolve(value)))
+            resolve = _resolve_delta if args.run is _cmd_verify and attribute == "path" else None
+            setattr(args, attribute, resolve(registry, value) if resolve else str(registry.resolve(value)))
     if getattr(args, "delta", None) is not None:
         deltas = args.delta if isinstance(args.delta, list) else [args.delta]
-        resolved = [str(registry.resolve(d)) for d in deltas]
+        resolved = [_resolve_delta(registry, d) for d in deltas]
         args.delta = resolved if isinstance(args.delta, list) else resolved[0]
 
 
@@ -478,6 +537,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="list every tensor")
     p.add_argument("--fingerprint", action="store_true", help="hash a checkpoint's tensors to fingerprint it")
     p.set_defaults(run=_cmd_inspect)
+
+    hub = argparse.ArgumentParser(add_help=False)
+    hub.add_argument("--repo", required=True, help="Hub repo id, ORG/NAME")
+    hub.add_argument("--private", action="store_true", help="create the repo private")
+    hub.add_argument("--revision", help="branch to commit to (main)")
+    hub.add_argument("--license", default="other", help="license in the model card (other)")
+    hub.add_argument("--base-model", help="base_model in the model card (default: the base's name)")
+    hub.add_argument("--dry-run", action="store_true", help="show what would be uploaded; upload nothing")
+
+    p = sub.add_parser("publish", parents=[common, hub], help="verify a delta and upload it with a model card")
+    p.add_argument("path", help="the delta package")
+    p.add_argument("--commit-message", help="commit message")
+    p.set_defaults(run=_cmd_publish)
+
+    p = sub.add_parser("release", parents=[common, hub], help="make, verify and publish in one step")
+    p.add_argument("--base", required=True)
+    p.add_argument("--target", required=True)
+    p.add_argument("--out", help="where the delta package is kept (default: a temporary folder)")
+    p.add_argument("--name", help="the target's name in the manifest")
+    p.add_argument("--base-name", help="the base's name in the manifest")
+    p.set_defaults(run=_cmd_release)
 
     p = sub.add_parser("registry", parents=[common], help="name local models and deltas")
     registry = p.add_subparsers(dest="registry_command", required=True, metavar="ACTION")

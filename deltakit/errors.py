@@ -12,7 +12,8 @@ message needs (``path``, ``tensor``, ``expected``, ``actual``) as attributes::
     │   └── ManifestError                            deltakit.json is missing fields or malformed
     ├── IntegrityError          (ValueError)         bytes differ from the digest they must have
     │   └── BaseMismatchError                        the base is not the one the delta was made from
-    └── OutputExistsError       (FileExistsError)    refusing to touch an existing output
+    ├── OutputExistsError       (FileExistsError)    refusing to touch an existing output
+    └── HubError                (RuntimeError)       the Hub refused a request or cannot be reached
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = [
     "BaseMismatchError",
     "DeltakitError",
     "FormatError",
+    "HubError",
     "InputNotFoundError",
     "IntegrityError",
     "ManifestError",
@@ -98,3 +100,7 @@ class BaseMismatchError(IntegrityError):
 
 class OutputExistsError(DeltakitError, FileExistsError):
     """The output path exists and is not empty; deltakit never deletes or overwrites it."""
+
+
+class HubError(DeltakitError, RuntimeError):
+    """The Hub refused or failed a request: authentication, a missing repo or revision, the network."""

@@ -1,0 +1,236 @@
+"""Publish delta packages to the Hugging Face Hub, with a model card, and fetch them back, checked.
+
+Everything goes through huggingface_hub's own APIs: ``create_commit`` uploads only the LFS objects
+the Hub lacks (so re-running an interrupted publish sends only what is missing), and
+``snapshot_download`` keeps its resumable cache and honours ``HF_HUB_OFFLINE``. The token comes from
+``HF_TOKEN`` or the huggingface_hub login, and is never logged.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .dtypes import itemsize
+from .errors import HubError, IntegrityError, UnsupportedInputError
+from .formats.delta import FILES_DIR
+from .manifest import MANIFEST_NAME, Manifest, load_manifest
+from .units import human_bytes
+
+__all__ = [
+    "FetchedDelta",
+    "PublishReport",
+    "fetch_delta",
+    "is_repo_spec",
+    "model_card",
+    "parse_repo_spec",
+    "publish_delta",
+]
+
+_REPO_SPEC = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
+
+
+def is_repo_spec(text: str) -> bool:
+    """``ORG/NAME`` or ``ORG/NAME@REVISION`` that is not an existing local path."""
+    return bool(_REPO_SPEC.match(text)) and not Path(text).exists()
+
+
+def parse_repo_spec(text: str) -> tuple[str, str | None]:
+    match = _REPO_SPEC.match(text)
+    if match is None:
+        raise UnsupportedInputError(f"{text!r} is not a Hub repo id (ORG/NAME or ORG/NAME@REVISION)")
+    return match["repo"], match["revision"]
+
+
+def model_card(manifest: Manifest, repo_id: str, *, license: str = "other", base_model: str | None = None) -> str:
+    """The ``README.md`` of a published delta: metadata for the Hub, and how to rebuild and check it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(
+        base_model=base_model or manifest.base.name,
+        library_name="deltakit",
+        license=license,
+        tags=["deltakit", "delta"],
+    )
+    counts: dict[str, tuple[int, int]] = {}
+    for t in manifest.target.tensors.values():
+        n, size = counts.get(t.encoding, (0, 0))
+        nbytes = 0 if t.encoding == "copy" else _nbytes(t.dtype, t.shape)
+        counts[t.encoding] = (n + 1, size + nbytes)
+    rows = "\n".join(f"| `{e}` | {n} | {human_bytes(size)} |" for e, (n, size) in sorted(counts.items()))
+    payload = sum(f.size for f in manifest.payload.values())
+    target, base = manifest.target.name, manifest.base.name
+    body = f"""
+# {target} (delta against {base})
+
+This repository holds **{target}** as a parameter delta against **{base}**, not the weights themselves:
+rebuild the model from your own copy of the base. Every tensor of the result is checked against the
+BLAKE3 digest recorded in `deltakit.json`, so the rebuild is bit for bit or it fails.
+
+## Rebuild
+
+```sh
+pip install deltakit
+deltakit apply --base /path/to/{base} --delta {repo_id} --out {target}
+```
+
+The base must be exactly the one the delta was made from: fingerprint `{manifest.base.fingerprint}`
+({len(manifest.base.tensors)} tensors). `deltakit verify {repo_id} --base /path/to/{base}` checks a
+base without rebuilding; a wrong base is refused in seconds, naming the first tensor that differs.
+
+## Contents
+
+| encoding | tensors | payload |
+|---|---:|---:|
+{rows}
+
+Payload: {human_bytes(payload)} in {len(manifest.payload)} file(s). Target fingerprint:
+`{manifest.target.fingerprint}`. Made by {manifest.created_by}; published by deltakit {__version__}.
+"""
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    return str(card)
+
+
+def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    n = itemsize(dtype)
+    for d in shape:
+        n *= d
+    return n
+
+
+@dataclass(frozen=True)
+class PublishReport:
+    """What publish uploaded, or with ``dry_run`` would upload."""
+
+    repo_id: str
+    revision: str
+    commit: str | None
+    commit_url: str | None
+    files: tuple[tuple[str, int], ...]
+    dry_run: bool
+
+
+def _package_files(root: Path, manifest: Manifest) -> list[tuple[str, Path]]:
+    files = [(MANIFEST_NAME, root / MANIFEST_NAME)]
+    files += [(name, root / name) for name in manifest.payload]
+    files += [(f"{FILES_DIR}/{rel}", root / FILES_DIR / rel) for rel in manifest.target.files]
+    return files
+
+
+def publish_delta(
+    delta: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    license: str = "other",
+    base_model: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    dry_run: bool = False,
+) -> PublishReport:
+    """Verify a delta package, then upload it with a generated model card in one commit.
+
+    Raises:
+        IntegrityError: the package does not verify; nothing is uploaded.
+        HubError: the Hub refused (no token, no permission...).
+    """
+    from .engine import verify_delta
+
+    root = Path(delta)
+    parse_repo_spec(repo_id)
+    report = verify_delta(root)
+    if not report.ok:
+        first = report.missing[0] if report.missing else report.mismatched[0].name
+        raise IntegrityError(f"{root} does not verify ({first}); not publishing it", path=root)
+    manifest = load_manifest(root)
+    card = model_card(manifest, repo_id, license=license, base_model=base_model)
+    files = _package_files(root, manifest)
+    listing = (("README.md", len(card.encode())), *((name, path.stat().st_size) for name, path in files))
+    branch = revision or "main"
+    if dry_run:
+        return PublishReport(repo_id, branch, None, None, listing, True)
+
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(endpoint=endpoint, token=token, library_name="deltakit", library_version=__version__)
+    operations = [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode())]
+    operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files]
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.create_commit(
+            repo_id,
+            operations,
+            commit_message=commit_message or f"Upload {manifest.target.name} as a deltakit delta",
+            revision=branch,
+        )
+    except HfHubHTTPError as e:
+        raise HubError(f"the Hub refused publishing to {repo_id}: {_http_reason(e)}") from e
+    except OSError as e:
+        raise HubError(f"could not reach the Hub to publish {repo_id}: {e}") from e
+    return PublishReport(repo_id, branch, info.oid, info.commit_url, listing, False)
+
+
+def _http_reason(error: Exception) -> str:
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None)
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return f"HTTP {status}: {text}" if status else text
+
+
+@dataclass(frozen=True)
+class FetchedDelta:
+    """A delta downloaded into the Hub cache and checked against its manifest."""
+
+    path: Path
+    repo_id: str
+    revision: str
+    commit: str
+
+
+def fetch_delta(
+    spec: str, *, token: str | None = None, endpoint: str | None = None, cache_dir: str | Path | None = None
+) -> FetchedDelta:
+    """Download ``ORG/NAME[@REVISION]`` through the Hub cache, then check every file's SHA-256.
+
+    Raises:
+        HubError: the repo or revision does not exist, access is denied, or the Hub is unreachable
+            (with ``HF_HUB_OFFLINE=1``, when the cache does not hold it).
+        IntegrityError: a downloaded file differs from the manifest: it is not used.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    from .engine import verify_delta
+
+    repo_id, revision = parse_repo_spec(spec)
+    try:
+        folder = Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                token=token,
+                endpoint=endpoint,
+                cache_dir=cache_dir,
+                library_name="deltakit",
+                library_version=__version__,
+            )
+        )
+    except LocalEntryNotFoundError as e:
+        raise HubError(f"{spec} is not in the local Hub cache and the Hub cannot be reached: {e}") from e
+    except HfHubHTTPError as e:
+        raise HubError(f"could not fetch {spec}: {_http_reason(e)}") from e
+    except OSError as e:
+        raise HubError(f"could not fetch {spec}: {e}") from e
+    report = verify_delta(folder)
+    if not report.ok:
+        first = report.mismatched[0] if report.mismatched else None
+        what = f"{first.name}: expected {first.expected}, got {first.actual}" if first else report.missing[0]
+        raise IntegrityError(f"{spec} as downloaded does not match its manifest ({what}); not using it", path=folder)
+    return FetchedDelta(folder, repo_id, revision or "main", folder.name)
