@@ -1,0 +1,1161 @@
+"""A local, fake Hugging Face Hub for tests: the real ``huggingface_hub`` client talks to it over HTTP.
+
+``FakeHub`` is a stdlib-only HTTP server (``ThreadingHTTPServer`` on 127.0.0.1, ephemeral port, background
+thread) that stores repos on disk under a root folder and speaks the subset of the Hub's protocol that
+huggingface_hub 2.4.0 uses for publishing and fetching, as read from the client's source::
+
+    with FakeHub(tmp_path / "hub", token="hf_test") as hub:
+        api = HfApi(endpoint=hub.endpoint, token="hf_test")
+
+What it implements (routes as the client calls them; ``{type}s`` is ``models``, ``datasets`` or ``spaces``,
+and ``{prefix}`` is ``""``, ``datasets/`` or ``spaces/``):
+
+- ``POST /api/repos/create``, ``DELETE /api/repos/delete``, ``PUT /api/{type}s/{repo}/settings`` (private);
+  creating a repo makes an initial commit holding ``.gitattributes``, as the real Hub does (``gitattributes=False``
+  makes that first commit empty). An existing repo answers 409 with its ``url``, which ``exist_ok=True`` needs.
+- ``GET /api/{type}s/{repo}[/revision/{rev}]`` (``model_info``, ``repo_info``, ``repo_exists``; ``?blobs=true``
+  adds sizes and LFS info to ``siblings``), ``GET /api/{type}s/{repo}/tree/{rev}[/{path}]`` (``list_repo_tree``,
+  ``list_repo_files``; no pagination), ``POST .../paths-info/{rev}``, ``GET .../refs``, ``GET .../commits/{rev}``,
+  ``POST|DELETE .../branch/{name}``, ``POST .../tag/{rev}``, ``DELETE .../tag/{name}``.
+- ``POST /api/{type}s/{repo}/preupload/{rev}``: each file is ``lfs`` when it is at least ``lfs_threshold`` bytes,
+  has a suffix in ``lfs_suffixes`` or (``lfs_binary``) a NUL byte in its 512-byte sample, else ``regular``;
+  empty files are always regular. A path already holding the same kind of file returns its ``oid`` (git sha1 for
+  regular files, sha256 for LFS), which is how the client drops unchanged files from a commit.
+- ``POST /{prefix}{repo}.git/info/lfs/objects/batch`` (basic transfer only): objects the repo already holds get no
+  ``actions`` (the client then sends nothing); others get an upload ``href`` to ``PUT /_fakehub/lfs/{ticket}``,
+  which, like a pre-signed S3 URL, needs no token. The PUT checks size and sha256 of what arrives (400 otherwise).
+- ``POST /api/{type}s/{repo}/commit/{branch}`` (NDJSON: ``header`` with ``summary``, ``description``,
+  ``parentCommit``; ``file`` base64; ``lfsFile``; ``deletedFile``; ``deletedFolder``). Every commit is a full
+  snapshot (path -> sha256, git blob id, size, lfs) with a fresh 40-hex id; ``parentCommit`` other than the
+  branch head gives 412; an ``lfsFile`` the repo has not received gives 422.
+- ``HEAD|GET /{prefix}{repo}/resolve/{rev}/{path}`` by branch, tag or (full or >= 7 char) commit sha, served
+  directly (no CDN redirect) with ``X-Repo-Commit``, ``ETag`` (git blob sha1 for regular files, sha256 for LFS
+  files), ``X-Linked-Etag``/``X-Linked-Size`` for LFS files, ``Content-Length``, ``Accept-Ranges`` and single
+  ``Range: bytes=`` requests (206/416), which the client uses to resume a download that broke mid-stream.
+- ``POST /api/validate-yaml`` (always valid: the client calls it before committing a ``README.md``),
+  ``GET /api/whoami-v2``, ``GET /api/agent-harnesses`` (an empty registry, see below).
+- Errors are JSON ``{"error": ...}`` with ``X-Error-Message`` and, where the client relies on it, ``X-Error-Code``
+  (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``) so it raises ``RepositoryNotFoundError`` etc.
+- Auth: with ``token`` set, writes (create/delete repo, settings, branch, tag, preupload, LFS batch, commit)
+  need ``Authorization: Bearer <token>`` (401 otherwise), reads of private repos need it too (401 +
+  ``RepoNotFound``, like the Hub), and a wrong token is refused everywhere with the Hub's ``Invalid credentials
+  in Authorization header``. ``token=None`` turns auth off.
+
+Not implemented: Xet (the ``xet-*-token`` routes answer 501; the client MUST run with Xet disabled), multipart
+LFS, the LFS ``verify`` action, pull requests (``create_pr`` answers 400), gated repos, pagination,
+``.gitignore``/``.gitattributes`` semantics, cross-repo LFS duplication, CDN redirects, real git objects.
+
+Test hooks: ``hub.lfs_uploads`` / ``hub.lfs_uploaded_oids`` (LFS objects actually received and verified),
+``hub.requests`` (every ``(method, path)`` served), ``hub.fail_uploads_after(n)`` (simulated interruption),
+``hub.tamper(...)`` (served bytes differ from recorded hashes), ``hub.seed(...)`` (make a repo without the
+client), and ``hub.head/commits/read`` to inspect what was stored.
+
+Pointing huggingface_hub 2.4.0 at it. The client reads its environment ONCE, at import, into
+``huggingface_hub.constants`` (``HF_ENDPOINT`` -> ``ENDPOINT`` and ``HUGGINGFACE_CO_URL_TEMPLATE``,
+``HF_HUB_OFFLINE``, ``HF_HUB_DISABLE_XET``, ``HF_HOME``/``HF_HUB_CACHE``, ``HF_TOKEN_PATH``...). Setting an
+environment variable inside a test that runs after the import changes nothing in-process; the code reads the
+module attributes at call time, so patch those (``configure_client`` below does all of it):
+
+- endpoint: pass ``endpoint=hub.endpoint`` to ``HfApi``, ``hf_hub_download`` and ``snapshot_download`` (all
+  accept it), or patch ``constants.ENDPOINT`` AND ``constants.HUGGINGFACE_CO_URL_TEMPLATE`` (``hf_hub_url``
+  builds download URLs from the template, then swaps the ``ENDPOINT`` prefix for ``endpoint=``).
+- Xet: ``hf_xet`` is installed, so ``upload_folder`` takes the Xet pipeline and ``create_commit`` uploads through
+  Xet unless ``constants.HF_HUB_DISABLE_XET`` is True (``is_xet_available()`` reads it at call time).
+- offline: ``constants.HF_HUB_OFFLINE = True`` (``is_offline_mode()`` returns it; every request then raises
+  ``OfflineModeIsEnabled`` in the session's request hook and downloads fall back to the cache).
+- cache: pass ``cache_dir=`` or patch ``constants.HF_HUB_CACHE``.
+- token: ``get_token()`` reads the ``HF_TOKEN`` environment variable at call time, then the file at
+  ``constants.HF_TOKEN_PATH``; pass ``token=False`` for a call that must be anonymous.
+- agent detection: building the User-Agent of the first request fetches ``{constants.ENDPOINT}/api/agent-harnesses``
+  (3 s timeout) unless ``utils._detect_agent._registry`` is already set and caches it at
+  ``constants.AGENT_HARNESSES_PATH``: with ``ENDPOINT`` left at huggingface.co that is a real network call.
+- for a subprocess (CLI tests), the environment works: ``HF_ENDPOINT``, ``HF_HUB_DISABLE_XET=1``,
+  ``HF_HUB_DISABLE_TELEMETRY=1``, ``HF_HOME``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE=1``; ``configure_client`` sets them.
+
+Client behaviour worth knowing: ``http_backoff`` retries 408/429/500/502/503/504 five times with 1+2+4+8+8 s
+of sleep, which is why ``fail_uploads_after`` fails with 507 by default (not retried, so a publish dies at once);
+a failed LFS upload never reaches the commit, so nothing is committed. Downloads check only the size (the
+client never hashes what it downloads): ``tamper`` with same-size bytes is served and cached silently, with other
+sizes an LFS file fails the client's "Consistency check" while a regular file (sized by ``Content-Length``) is
+cached as is. Partial downloads are written to a per-process temp file that is deleted on failure: resuming with
+``Range`` only happens within one ``http_get`` call after a broken stream.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+if TYPE_CHECKING:
+    import pytest
+
+__all__ = ["Commit", "FakeHub", "FileEntry", "configure_client", "set_offline"]
+
+DEFAULT_LFS_THRESHOLD = 10 * 1024 * 1024
+# The patterns of the .gitattributes the Hub writes into every new repo.
+DEFAULT_LFS_SUFFIXES: tuple[str, ...] = (
+    ".7z", ".arrow", ".bin", ".bz2", ".ckpt", ".ftz", ".gz", ".h5", ".joblib", ".mlmodel", ".model", ".msgpack",
+    ".npy", ".npz", ".onnx", ".ot", ".parquet", ".pb", ".pickle", ".pkl", ".pt", ".pth", ".rar", ".safetensors",
+    ".tar", ".tflite", ".tgz", ".wasm", ".xz", ".zip", ".zst",
+)  # fmt: skip
+DEFAULT_FAIL_STATUS = 507  # a 5xx that huggingface_hub's http_backoff does not retry
+USER = "fakehub-user"
+
+_TYPE_BY_PLURAL = {"models": "model", "datasets": "dataset", "spaces": "space"}
+_URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_API_ACTIONS = frozenset(
+    {"revision", "tree", "paths-info", "preupload", "commit", "refs", "commits", "branch", "tag", "settings"}
+)
+_LFS_BATCH_SUFFIX = ".git/info/lfs/objects/batch"
+_CHUNK = 1 << 20
+
+
+# --------------------------------------------------------------------------------------------------- data model
+
+
+def git_blob_sha1(data: bytes) -> str:
+    """Git's blob id: what the Hub reports (and the client compares) for regular files."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def lfs_pointer(sha256: str, size: int) -> bytes:
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a commit: ``oid`` is the git blob id (of the content, or of the LFS pointer)."""
+
+    sha256: str
+    size: int
+    lfs: bool
+    oid: str
+
+    @property
+    def etag(self) -> str:
+        return self.sha256 if self.lfs else self.oid
+
+    @property
+    def preupload_oid(self) -> str:
+        return self.sha256 if self.lfs else self.oid
+
+
+@dataclass
+class Commit:
+    id: str
+    parent: str | None
+    title: str
+    description: str
+    date: str
+    files: dict[str, FileEntry]
+
+
+@dataclass
+class _Repo:
+    repo_type: str
+    repo_id: str
+    private: bool
+    created_at: str
+    commits: dict[str, Commit] = field(default_factory=dict)
+    branches: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    lfs_oids: set[str] = field(default_factory=set)
+    tampered: dict[str, dict[str, str]] = field(default_factory=dict)  # commit -> path -> served sha256
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "repo_type": self.repo_type,
+            "repo_id": self.repo_id,
+            "private": self.private,
+            "created_at": self.created_at,
+            "commits": {
+                cid: {**vars(c), "files": {p: vars(e) for p, e in c.files.items()}} for cid, c in self.commits.items()
+            },
+            "branches": self.branches,
+            "tags": self.tags,
+            "lfs_oids": sorted(self.lfs_oids),
+            "tampered": self.tampered,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> _Repo:
+        commits = {
+            cid: Commit(**{**c, "files": {p: FileEntry(**e) for p, e in c["files"].items()}})
+            for cid, c in data["commits"].items()
+        }
+        return cls(
+            repo_type=data["repo_type"],
+            repo_id=data["repo_id"],
+            private=data["private"],
+            created_at=data["created_at"],
+            commits=commits,
+            branches=data["branches"],
+            tags=data["tags"],
+            lfs_oids=set(data["lfs_oids"]),
+            tampered=data["tampered"],
+        )
+
+
+class HubError(Exception):
+    """An HTTP error answer: status, message, and the ``X-Error-Code`` the client dispatches on."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.headers = headers or {}
+
+
+def _repo_not_found(repo_id: str, status: int = 404) -> HubError:
+    return HubError(status, f"Repository not found: {repo_id}", "RepoNotFound")
+
+
+# ------------------------------------------------------------------------------------------------------ storage
+
+
+class _Store:
+    """Repos (JSON per repo) and content-addressed objects (by sha256) on disk, guarded by one lock."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.lock = threading.RLock()
+        self.repos: dict[tuple[str, str], _Repo] = {}
+        self._seq = 0
+        (root / "objects").mkdir(parents=True, exist_ok=True)
+        (root / "tmp").mkdir(parents=True, exist_ok=True)
+        for meta in sorted((root / "repos").glob("**/repo.json")):
+            repo = _Repo.from_json(json.loads(meta.read_text()))
+            self.repos[(repo.repo_type, repo.repo_id)] = repo
+
+    # objects
+    def object_path(self, sha256: str) -> Path:
+        return self.root / "objects" / sha256[:2] / sha256
+
+    def put_bytes(self, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        path = self.object_path(sha)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.root / "tmp" / secrets.token_hex(8)
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        return sha
+
+    def adopt(self, tmp: Path, sha256: str) -> None:
+        path = self.object_path(sha256)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, path)
+
+    def entry_for(self, data: bytes, *, lfs: bool) -> FileEntry:
+        sha = self.put_bytes(data)
+        oid = git_blob_sha1(lfs_pointer(sha, len(data))) if lfs else git_blob_sha1(data)
+        return FileEntry(sha256=sha, size=len(data), lfs=lfs, oid=oid)
+
+    # repos
+    def save(self, repo: _Repo) -> None:
+        path = self.root / "repos" / f"{repo.repo_type}s" / repo.repo_id / "repo.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(repo.to_json()))
+        os.replace(tmp, path)
+
+    def get(self, repo_type: str, repo_id: str) -> _Repo:
+        repo = self.repos.get((repo_type, repo_id))
+        if repo is None:
+            raise _repo_not_found(repo_id)
+        return repo
+
+    def resolve(self, repo: _Repo, revision: str) -> str:
+        """Branch, tag, ``refs/heads/x``, ``refs/tags/x``, full commit id or a unique prefix of >= 7 chars."""
+        rev = revision.removeprefix("refs/heads/")
+        if rev in repo.branches:
+            return repo.branches[rev]
+        rev = revision.removeprefix("refs/tags/")
+        if rev in repo.tags:
+            return repo.tags[rev]
+        if revision in repo.commits:
+            return revision
+        if re.fullmatch(r"[0-9a-f]{7,39}", revision):
+            found = [cid for cid in repo.commits if cid.startswith(revision)]
+            if len(found) == 1:
+                return found[0]
+        raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+
+    def new_commit(
+        self, repo: _Repo, branch: str, files: dict[str, FileEntry], title: str, description: str = ""
+    ) -> Commit:
+        parent = repo.branches.get(branch)
+        self._seq += 1
+        digest = json.dumps(
+            [parent, title, description, sorted((p, e.oid) for p, e in files.items()), self._seq, time.time_ns()]
+        )
+        commit = Commit(
+            id=hashlib.sha1(digest.encode()).hexdigest(),
+            parent=parent,
+            title=title,
+            description=description,
+            date=_now(),
+            files=dict(sorted(files.items())),
+        )
+        repo.commits[commit.id] = commit
+        repo.branches[branch] = commit.id
+        self.save(repo)
+        return commit
+
+    def create_repo(self, repo_type: str, repo_id: str, *, private: bool, gitattributes: bool) -> _Repo:
+        repo = _Repo(repo_type=repo_type, repo_id=repo_id, private=private, created_at=_now())
+        files = {}
+        if gitattributes:
+            lines = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in DEFAULT_LFS_SUFFIXES)
+            files[".gitattributes"] = self.entry_for(lines.encode(), lfs=False)
+        self.repos[(repo_type, repo_id)] = repo
+        self.new_commit(repo, "main", files, "initial commit")
+        return repo
+
+
+# ---------------------------------------------------------------------------------------------- HTTP plumbing
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # keep-alive connections of the client's pool must not block shutdown
+
+    def __init__(self, hub: FakeHub) -> None:
+        self.hub = hub
+        self.connections: set[socket.socket] = set()
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as with the real Hub: every answer carries Content-Length
+    server: _Server
+
+    # connection bookkeeping, so that stopping the hub closes idle keep-alive connections
+    def setup(self) -> None:
+        super().setup()
+        self.server.connections.add(self.connection)
+
+    def finish(self) -> None:
+        self.server.connections.discard(self.connection)
+        super().finish()
+
+    def log_message(self, format: str, *args: Any) -> None:  # no stderr noise
+        pass
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    # request side
+    def _dispatch(self, method: str) -> None:
+        hub = self.server.hub
+        url = urlsplit(self.path)
+        hub._record(method, url.path)
+        segments = [s for s in url.path.split("/") if s]  # still percent-encoded: revisions may hold "%2F"
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        body_read = False
+        try:
+            if method == "PUT" and segments[:2] == ["_fakehub", "lfs"] and len(segments) == 3:
+                body_read = True  # the upload handler consumes the body itself, streaming it to disk
+                hub._lfs_put(self, segments[2])
+                return
+            body = b"".join(self.iter_body())
+            body_read = True
+            status, payload, headers = hub._route(self, method, segments, query, body)
+            self.send_json(status, payload, headers)
+        except HubError as e:
+            if not body_read:
+                self.close_connection = True
+            self.send_error_json(e)
+        except Exception as e:  # a bug in the fake: answer, and drop the connection to stay in sync
+            self.close_connection = True
+            self.send_error_json(HubError(500, f"FakeHub internal error: {e!r}"))
+
+    def iter_body(self) -> Iterator[bytes]:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return
+                yield self.rfile.read(size)
+                self.rfile.readline()
+        remaining = int(self.headers.get("Content-Length") or 0)
+        while remaining > 0:
+            chunk = self.rfile.read(min(remaining, _CHUNK))
+            if not chunk:
+                raise ConnectionError("client closed the connection mid-body")
+            remaining -= len(chunk)
+            yield chunk
+
+    def bearer(self) -> str | None:
+        auth = self.headers.get("Authorization")
+        if auth is None:
+            return None
+        return auth.removeprefix("Bearer ").strip()
+
+    # response side
+    def send_json(
+        self, status: int, payload: Any, headers: dict[str, str] | None = None, content_type: str = "application/json"
+    ) -> None:
+        body = b"" if payload is None else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_error_json(self, error: HubError) -> None:
+        headers = {"X-Error-Message": error.message, **error.headers}
+        if error.code is not None:
+            headers["X-Error-Code"] = error.code
+        self.send_json(error.status, {"error": error.message}, headers)
+
+    def send_file(self, path: Path, headers: dict[str, str]) -> None:
+        """200 with the whole file, or 206/416 for a single ``Range: bytes=`` request."""
+        total = path.stat().st_size
+        start, end, status = 0, total - 1, 200
+        if (range_header := self.headers.get("Range")) is not None:
+            parsed = _parse_range(range_header, total)
+            if parsed is None:
+                raise HubError(416, f"Range not satisfiable: {range_header}", headers={"Content-Range": f"*/{total}"})
+            start, end = parsed
+            status = 206
+            headers = {**headers, "Content-Range": f"bytes {start}-{end}/{total}"}
+        self.send_response(status)
+        for k, v in {**headers, "Accept-Ranges": "bytes", "Content-Length": str(end - start + 1)}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        with path.open("rb") as f:
+            f.seek(start)
+            remaining = end - start + 1
+            while remaining > 0:
+                chunk = f.read(min(remaining, _CHUNK))
+                self.wfile.write(chunk)
+                remaining -= len(chunk)
+
+
+def _parse_range(header: str, total: int) -> tuple[int, int] | None:
+    match = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    if match is None or not (match[1] or match[2]):
+        return None
+    if not match[1]:  # suffix: the last N bytes
+        start, end = max(total - int(match[2]), 0), total - 1
+    else:
+        start = int(match[1])
+        end = min(int(match[2]), total - 1) if match[2] else total - 1
+    return (start, end) if start <= end else None
+
+
+def _split_repo(segments: list[str]) -> tuple[str, list[str]]:
+    """``[ns, name, action, ...]`` or ``[name, action, ...]`` -> (repo_id, rest)."""
+    if len(segments) >= 2 and segments[1] not in _API_ACTIONS and not segments[1].startswith("xet-"):
+        return f"{segments[0]}/{segments[1]}", segments[2:]
+    return segments[0], segments[1:]
+
+
+def _type_and_rest(segments: list[str]) -> tuple[str, list[str]]:
+    """Strip the optional ``datasets/`` or ``spaces/`` prefix of non-API URLs."""
+    if segments and segments[0] in ("datasets", "spaces"):
+        return _TYPE_BY_PLURAL[segments[0]], segments[1:]
+    return "model", segments
+
+
+Reply = tuple[int, Any, dict[str, str]]
+
+
+# ------------------------------------------------------------------------------------------------------ FakeHub
+
+
+class FakeHub:
+    """A Hub-compatible HTTP server on 127.0.0.1 storing repos under ``root``; use it as a context manager.
+
+    Args:
+        root: folder for objects and repo metadata (restarting a FakeHub on the same root keeps the repos).
+        token: the one token accepted for writes and private reads; ``None`` disables auth.
+        lfs_threshold: files of at least this many bytes are LFS files.
+        lfs_suffixes: files ending with one of these (case-insensitive) are LFS files.
+        lfs_binary: files whose first 512 bytes hold a NUL byte are LFS files (the Hub refuses binary git blobs).
+        gitattributes: new repos start with a commit holding the Hub's default ``.gitattributes``.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        token: str | None = "hf_test",
+        *,
+        lfs_threshold: int = DEFAULT_LFS_THRESHOLD,
+        lfs_suffixes: tuple[str, ...] = DEFAULT_LFS_SUFFIXES,
+        lfs_binary: bool = True,
+        gitattributes: bool = True,
+    ) -> None:
+        self.root = Path(root)
+        self.token = token
+        self.lfs_threshold = lfs_threshold
+        self.lfs_suffixes = tuple(s.lower() for s in lfs_suffixes)
+        self.lfs_binary = lfs_binary
+        self.gitattributes = gitattributes
+        self.lfs_uploads = 0
+        self.lfs_uploaded_oids: list[str] = []
+        self.requests: list[tuple[str, str]] = []
+        self._store = _Store(self.root)
+        self._tickets: dict[str, tuple[str, str, str, int]] = {}  # ticket -> (repo_type, repo_id, oid, size)
+        self._upload_budget: int | None = None
+        self._fail_status = DEFAULT_FAIL_STATUS
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # lifecycle
+    def start(self) -> FakeHub:
+        if self._server is None:
+            self._server = _Server(self)
+            self._thread = threading.Thread(
+                target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fakehub", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        for conn in list(server.connections):
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> FakeHub:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def endpoint(self) -> str:
+        if self._server is None:
+            raise RuntimeError("FakeHub is not running: use it as a context manager or call start()")
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    # test hooks
+    def fail_uploads_after(self, n: int | None, *, status: int = DEFAULT_FAIL_STATUS) -> None:
+        """Accept ``n`` more LFS uploads, then answer every further LFS PUT with ``status`` (``None`` heals).
+
+        The body is read and dropped, and the object is not stored. The default 507 is not retried by the
+        client; 500/502/503/504 are retried 5 times with 23 s of backoff in total before the client gives up.
+        """
+        with self._store.lock:
+            self._upload_budget = n
+            self._fail_status = status
+
+    def tamper(
+        self, repo_id: str, path: str, data: bytes, *, revision: str = "main", repo_type: str = "model"
+    ) -> None:
+        """Serve ``data`` for ``path`` at ``revision`` while headers keep the recorded ETag, size and hashes."""
+        with self._store.lock:
+            repo = self._store.get(repo_type, repo_id)
+            commit = self._store.resolve(repo, revision)
+            if path not in repo.commits[commit].files:
+                raise KeyError(f"{path} is not in {repo_id}@{revision}")
+            repo.tampered.setdefault(commit, {})[path] = self._store.put_bytes(data)
+            self._store.save(repo)
+
+    def seed(
+        self,
+        repo_id: str,
+        files: dict[str, bytes],
+        *,
+        repo_type: str = "model",
+        private: bool = False,
+        branch: str = "main",
+        message: str = "seed",
+    ) -> str:
+        """Create the repo if needed and commit ``files`` (LFS or not by the same rules as preupload)."""
+        with self._store.lock:
+            repo = self._store.repos.get((repo_type, repo_id))
+            if repo is None:
+                repo = self._store.create_repo(repo_type, repo_id, private=private, gitattributes=self.gitattributes)
+            base = repo.branches.get(branch) or repo.branches["main"]
+            tree = dict(repo.commits[base].files)
+            for path, data in files.items():
+                lfs = self._is_lfs(path, len(data), data[:512])
+                tree[path] = self._store.entry_for(data, lfs=lfs)
+                if lfs:
+                    repo.lfs_oids.add(tree[path].sha256)
+            repo.branches.setdefault(branch, base)
+            return self._store.new_commit(repo, branch, tree, message).id
+
+    def head(self, repo_id: str, revision: str = "main", *, repo_type: str = "model") -> str:
+        with self._store.lock:
+            return self._store.resolve(self._store.get(repo_type, repo_id), revision)
+
+    def commits(self, repo_id: str, revision: str = "main", *, repo_type: str = "model") -> list[Commit]:
+        """The history of ``revision``, newest first."""
+        with self._store.lock:
+            repo = self._store.get(repo_type, repo_id)
+            out, cid = [], self._store.resolve(repo, revision)
+            while cid is not None:
+                out.append(repo.commits[cid])
+                cid = repo.commits[cid].parent
+            return out
+
+    def read(self, repo_id: str, path: str, revision: str = "main", *, repo_type: str = "model") -> bytes:
+        """The recorded (untampered) content of a file."""
+        with self._store.lock:
+            repo = self._store.get(repo_type, repo_id)
+            entry = repo.commits[self._store.resolve(repo, revision)].files[path]
+            return self._store.object_path(entry.sha256).read_bytes()
+
+    # internals shared by the handlers
+    def _record(self, method: str, path: str) -> None:
+        with self._store.lock:
+            self.requests.append((method, path))
+
+    def _is_lfs(self, path: str, size: int, sample: bytes) -> bool:
+        if size == 0:
+            return False
+        return (
+            size >= self.lfs_threshold
+            or path.lower().endswith(self.lfs_suffixes)
+            or (self.lfs_binary and b"\0" in sample)
+        )
+
+    def _authenticated(self, handler: _Handler) -> bool:
+        """True with the right token, False with none; a wrong token is refused outright, as the Hub does."""
+        token = handler.bearer()
+        if token is None or self.token is None:
+            return self.token is None or False
+        if token != self.token:
+            raise HubError(401, "Invalid credentials in Authorization header")
+        return True
+
+    def _require_write(self, handler: _Handler) -> None:
+        if not self._authenticated(handler):
+            raise HubError(401, "Unauthorized: this operation needs a token (Authorization: Bearer ...)")
+
+    def _readable(self, handler: _Handler, repo_type: str, repo_id: str) -> _Repo:
+        authed = self._authenticated(handler)
+        repo = self._store.get(repo_type, repo_id)
+        if repo.private and not authed:
+            raise _repo_not_found(repo_id, status=401)
+        return repo
+
+    def _writable(self, handler: _Handler, repo_type: str, repo_id: str) -> _Repo:
+        self._require_write(handler)
+        return self._store.get(repo_type, repo_id)
+
+    def _url(self, repo_type: str, repo_id: str) -> str:
+        return f"{self.endpoint}/{_URL_PREFIX[repo_type]}{repo_id}"
+
+    # routing
+    def _route(self, h: _Handler, method: str, segs: list[str], query: dict[str, str], body: bytes) -> Reply:
+        with self._store.lock:
+            if segs[:1] == ["api"]:
+                return self._route_api(h, method, segs[1:], query, body)
+            if method == "POST" and "/".join(segs).endswith(_LFS_BATCH_SUFFIX):
+                repo_type, rest = _type_and_rest(segs)
+                repo_id = unquote("/".join(rest))[: -len(_LFS_BATCH_SUFFIX)]
+                return self._lfs_batch(h, repo_type, repo_id, _json_body(body))
+            repo_type, rest = _type_and_rest(segs)
+            for i in (1, 2):
+                if len(rest) > i + 1 and rest[i] == "resolve" and method in ("GET", "HEAD"):
+                    revision = unquote(rest[i + 1])
+                    path = "/".join(unquote(s) for s in rest[i + 2 :])
+                    self._resolve(h, repo_type, "/".join(rest[:i]), revision, path)
+                    raise _AlreadySent
+        raise HubError(404, f"FakeHub has no route for {method} /{'/'.join(segs)}")
+
+    def _route_api(self, h: _Handler, method: str, segs: list[str], query: dict[str, str], body: bytes) -> Reply:
+        match method, segs:
+            case "GET", ["whoami-v2"]:
+                return self._whoami(h)
+            case "GET", ["agent-harnesses"]:
+                return 200, {"standardEnvVars": [], "harnesses": {}}, {}
+            case "POST", ["validate-yaml"]:
+                return 200, {"errors": [], "warnings": []}, {}
+            case "POST", ["repos", "create"]:
+                return self._create_repo(h, _json_body(body))
+            case "DELETE", ["repos", "delete"]:
+                return self._delete_repo(h, _json_body(body))
+            case _, [plural, *rest] if plural in _TYPE_BY_PLURAL and rest:
+                repo_id, tail = _split_repo(rest)
+                if not _REPO_ID.match(repo_id):
+                    raise HubError(400, f"Invalid repo id: {repo_id}")
+                return self._route_repo(h, method, _TYPE_BY_PLURAL[plural], repo_id, tail, query, body)
+        raise HubError(404, f"FakeHub has no route for {method} /api/{'/'.join(segs)}")
+
+    def _route_repo(
+        self, h: _Handler, method: str, rt: str, repo_id: str, tail: list[str], query: dict[str, str], body: bytes
+    ) -> Reply:
+        rev = unquote(tail[1]) if len(tail) > 1 else "main"
+        match method, tail[:1]:
+            case "GET", []:
+                return self._info(h, rt, repo_id, "main", query)
+            case "GET", ["revision"]:
+                return self._info(h, rt, repo_id, rev, query)
+            case "GET", ["tree"]:
+                path = "/".join(unquote(s) for s in tail[2:])
+                return self._tree(h, rt, repo_id, rev, path, query.get("recursive", "false").lower() == "true")
+            case "POST", ["paths-info"]:
+                form = parse_qs(body.decode())
+                return self._paths_info(h, rt, repo_id, rev, form.get("paths", []))
+            case "POST", ["preupload"]:
+                return self._preupload(h, rt, repo_id, rev, _json_body(body))
+            case "POST", ["commit"]:
+                if query.get("create_pr"):
+                    raise HubError(400, "FakeHub does not implement pull requests (create_pr)")
+                return self._commit(h, rt, repo_id, rev, body)
+            case "GET", ["refs"]:
+                return self._refs(h, rt, repo_id)
+            case "GET", ["commits"]:
+                return self._list_commits(h, rt, repo_id, rev)
+            case "POST" | "DELETE", ["branch"]:
+                return self._branch(h, method, rt, repo_id, rev, _json_body(body) if body else {})
+            case "POST" | "DELETE", ["tag"]:
+                return self._tag(h, method, rt, repo_id, rev, _json_body(body) if body else {})
+            case "PUT", ["settings"]:
+                return self._settings(h, rt, repo_id, _json_body(body))
+            case _, [action] if action.startswith("xet-"):
+                raise HubError(501, "FakeHub does not implement Xet: disable it (constants.HF_HUB_DISABLE_XET=True)")
+        raise HubError(404, f"FakeHub has no route for {method} {rt} {repo_id} {'/'.join(tail)}")
+
+    # account and repos
+    def _whoami(self, h: _Handler) -> Reply:
+        if not self._authenticated(h) or self.token is None:
+            raise HubError(401, "Invalid credentials in Authorization header")
+        auth = {"type": "access_token", "accessToken": {"displayName": "fakehub", "role": "write"}}
+        return 200, {"type": "user", "name": USER, "fullname": USER, "orgs": [], "auth": auth}, {}
+
+    def _create_repo(self, h: _Handler, payload: dict[str, Any]) -> Reply:
+        self._require_write(h)
+        name, org = payload.get("name"), payload.get("organization")
+        repo_id = f"{org}/{name}" if org else str(name)
+        repo_type = payload.get("type") or "model"
+        if repo_type not in _URL_PREFIX or not _REPO_ID.match(repo_id):
+            raise HubError(400, f"Invalid repo: {repo_type} {repo_id}")
+        url = self._url(repo_type, repo_id)
+        if (repo_type, repo_id) in self._store.repos:
+            return 409, {"error": "You already created this repo", "url": url}, {"X-Error-Message": "Repo exists"}
+        private = payload.get("visibility") == "private" or bool(payload.get("private"))
+        repo = self._store.create_repo(repo_type, repo_id, private=private, gitattributes=self.gitattributes)
+        return 200, {"url": url, "name": repo_id, "id": repo_id}, {}
+
+    def _delete_repo(self, h: _Handler, payload: dict[str, Any]) -> Reply:
+        self._require_write(h)
+        name, org = payload.get("name"), payload.get("organization")
+        repo_id = f"{org}/{name}" if org else str(name)
+        repo = self._store.get(payload.get("type") or "model", repo_id)
+        del self._store.repos[(repo.repo_type, repo.repo_id)]
+        (self.root / "repos" / f"{repo.repo_type}s" / repo.repo_id / "repo.json").unlink(missing_ok=True)
+        return 200, {}, {}
+
+    def _settings(self, h: _Handler, rt: str, repo_id: str, payload: dict[str, Any]) -> Reply:
+        repo = self._writable(h, rt, repo_id)
+        if "visibility" in payload:
+            repo.private = payload["visibility"] == "private"
+        elif "private" in payload:
+            repo.private = bool(payload["private"])
+        self._store.save(repo)
+        return 200, {}, {}
+
+    def _info(self, h: _Handler, rt: str, repo_id: str, rev: str, query: dict[str, str]) -> Reply:
+        repo = self._readable(h, rt, repo_id)
+        commit = repo.commits[self._store.resolve(repo, rev)]
+        blobs = query.get("blobs", "false").lower() == "true"
+        siblings = []
+        for path, entry in commit.files.items():
+            sibling: dict[str, Any] = {"rfilename": path}
+            if blobs:
+                sibling |= {"size": entry.size, "blobId": entry.oid}
+                if entry.lfs:
+                    pointer = len(lfs_pointer(entry.sha256, entry.size))
+                    sibling["lfs"] = {"size": entry.size, "sha256": entry.sha256, "pointerSize": pointer}
+            siblings.append(sibling)
+        info = {
+            "_id": hashlib.sha1(f"{rt}/{repo_id}".encode()).hexdigest()[:24],
+            "id": repo_id,
+            "author": repo_id.split("/")[0] if "/" in repo_id else USER,
+            "sha": commit.id,
+            "lastModified": commit.date,
+            "createdAt": repo.created_at,
+            "private": repo.private,
+            "gated": False,
+            "disabled": False,
+            "downloads": 0,
+            "likes": 0,
+            "tags": [],
+            "siblings": siblings,
+            "usedStorage": sum(e.size for e in commit.files.values()),
+        }
+        return 200, info, {}
+
+    # listing
+    def _tree_entry(self, path: str, entry: FileEntry) -> dict[str, Any]:
+        item: dict[str, Any] = {"type": "file", "oid": entry.oid, "size": entry.size, "path": path}
+        if entry.lfs:
+            pointer = len(lfs_pointer(entry.sha256, entry.size))
+            item["lfs"] = {"oid": entry.sha256, "size": entry.size, "pointerSize": pointer}
+        return item
+
+    @staticmethod
+    def _dirs(files: dict[str, FileEntry]) -> set[str]:
+        return {"/".join(p.split("/")[:i]) for p in files for i in range(1, p.count("/") + 1)}
+
+    def _dir_entry(self, path: str, files: dict[str, FileEntry]) -> dict[str, Any]:
+        content = "".join(f"{p}:{e.oid}\n" for p, e in files.items() if p.startswith(path + "/"))
+        return {"type": "directory", "oid": hashlib.sha1(content.encode()).hexdigest(), "size": 0, "path": path}
+
+    def _tree(self, h: _Handler, rt: str, repo_id: str, rev: str, path: str, recursive: bool) -> Reply:
+        repo = self._readable(h, rt, repo_id)
+        commit_id = self._store.resolve(repo, rev)
+        files = repo.commits[commit_id].files
+        dirs = self._dirs(files)
+        if path and path not in dirs:
+            raise HubError(
+                404, f"Entry not found: {path}", "EntryNotFound", {"X-Repo-Commit": commit_id}
+            )  # a file, or nothing
+        prefix = f"{path}/" if path else ""
+        depth = prefix.count("/")
+
+        def wanted(p: str) -> bool:
+            return p.startswith(prefix) and (recursive or p.count("/") == depth)
+
+        items = [self._dir_entry(d, files) for d in sorted(dirs) if wanted(d)]
+        items += [self._tree_entry(p, e) for p, e in files.items() if wanted(p)]
+        return 200, sorted(items, key=lambda i: i["path"]), {}
+
+    def _paths_info(self, h: _Handler, rt: str, repo_id: str, rev: str, paths: list[str]) -> Reply:
+        repo = self._readable(h, rt, repo_id)
+        files = repo.commits[self._store.resolve(repo, rev)].files
+        dirs = self._dirs(files)
+        items = []
+        for p in paths:
+            p = p.strip("/")
+            if p in files:
+                items.append(self._tree_entry(p, files[p]))
+            elif p in dirs:
+                items.append(self._dir_entry(p, files))
+        return 200, items, {}
+
+    def _refs(self, h: _Handler, rt: str, repo_id: str) -> Reply:
+        repo = self._readable(h, rt, repo_id)
+
+        def refs(kind: str, table: dict[str, str]) -> list[dict[str, str]]:
+            return [{"name": n, "ref": f"refs/{kind}/{n}", "targetCommit": c} for n, c in sorted(table.items())]
+
+        payload = {
+            "branches": refs("heads", repo.branches),
+            "tags": refs("tags", repo.tags),
+            "converts": [],
+            "pullRequests": [],
+        }
+        return 200, payload, {}
+
+    def _list_commits(self, h: _Handler, rt: str, repo_id: str, rev: str) -> Reply:
+        repo = self._readable(h, rt, repo_id)
+        out, cid = [], self._store.resolve(repo, rev)
+        while cid is not None:
+            c = repo.commits[cid]
+            out.append(
+                {
+                    "id": c.id,
+                    "title": c.title,
+                    "message": c.description,
+                    "authors": [{"user": USER}],
+                    "date": c.date,
+                }
+            )
+            cid = c.parent
+        return 200, out, {}
+
+    def _branch(self, h: _Handler, method: str, rt: str, repo_id: str, name: str, payload: dict[str, Any]) -> Reply:
+        repo = self._writable(h, rt, repo_id)
+        if method == "DELETE":
+            if name not in repo.branches or name == "main":
+                raise HubError(404 if name != "main" else 403, f"Cannot delete branch {name}", "RevisionNotFound")
+            del repo.branches[name]
+        else:
+            if name in repo.branches:
+                raise HubError(409, f"Reference already exists: refs/heads/{name}")
+            repo.branches[name] = self._store.resolve(repo, payload.get("startingPoint") or "main")
+        self._store.save(repo)
+        return 200, {}, {}
+
+    def _tag(self, h: _Handler, method: str, rt: str, repo_id: str, rev: str, payload: dict[str, Any]) -> Reply:
+        repo = self._writable(h, rt, repo_id)
+        if method == "DELETE":
+            if repo.tags.pop(rev, None) is None:
+                raise HubError(404, f"Tag not found: {rev}", "RevisionNotFound")
+        else:
+            tag = str(payload.get("tag"))
+            if tag in repo.tags:
+                raise HubError(409, f"Tag already exists: {tag}")
+            repo.tags[tag] = self._store.resolve(repo, rev)
+        self._store.save(repo)
+        return 200, {}, {}
+
+    # upload
+    def _preupload(self, h: _Handler, rt: str, repo_id: str, rev: str, payload: dict[str, Any]) -> Reply:
+        repo = self._writable(h, rt, repo_id)
+        commit_id = self._store.resolve(repo, rev)
+        files = repo.commits[commit_id].files
+        out = []
+        for f in payload.get("files", []):
+            path, size, sample = f["path"], int(f["size"]), base64.b64decode(f.get("sample", ""))
+            lfs = self._is_lfs(path, size, sample)
+            item: dict[str, Any] = {"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False}
+            if (existing := files.get(path)) is not None and existing.lfs == lfs:
+                item["oid"] = existing.preupload_oid
+            out.append(item)
+        return 200, {"files": out, "commitOid": commit_id}, {}
+
+    def _lfs_batch(self, h: _Handler, rt: str, repo_id: str, payload: dict[str, Any]) -> Reply:
+        repo = self._writable(h, rt, repo_id)
+        if payload.get("operation") != "upload":
+            raise HubError(400, "FakeHub's LFS batch endpoint only does uploads")
+        objects = []
+        for obj in payload.get("objects", []):
+            oid, size = str(obj["oid"]), int(obj["size"])
+            if oid in repo.lfs_oids:
+                objects.append({"oid": oid, "size": size})  # already there: no actions, nothing is sent
+                continue
+            ticket = secrets.token_urlsafe(16)
+            self._tickets[ticket] = (rt, repo_id, oid, size)
+            upload = {"href": f"{self.endpoint}/_fakehub/lfs/{ticket}", "expires_at": "2999-01-01T00:00:00.000Z"}
+            objects.append({"oid": oid, "size": size, "authenticated": True, "actions": {"upload": upload}})
+        return 200, {"transfer": "basic", "objects": objects}, {"Content-Type": "application/vnd.git-lfs+json"}
+
+    def _reserve_upload(self) -> bool:
+        with self._store.lock:
+            if self._upload_budget is None:
+                return True
+            if self._upload_budget <= 0:
+                return False
+            self._upload_budget -= 1
+            return True
+
+    def _refund_upload(self) -> None:
+        with self._store.lock:
+            if self._upload_budget is not None:
+                self._upload_budget += 1
+
+    def _lfs_put(self, h: _Handler, ticket: str) -> None:
+        """Stream the body to a temp file while hashing it; store it only if size and sha256 match."""
+        with self._store.lock:
+            target = self._tickets.get(ticket)
+        allowed = target is not None and self._reserve_upload()
+        digest, size = hashlib.sha256(), 0
+        tmp = self.root / "tmp" / secrets.token_hex(8)
+        try:
+            with tmp.open("wb") as f:
+                for chunk in h.iter_body():
+                    digest.update(chunk)
+                    size += len(chunk)
+                    if allowed:
+                        f.write(chunk)
+            if target is None:
+                raise HubError(403, "Unknown or expired upload URL")
+            if not allowed:
+                raise HubError(self._fail_status, "Simulated storage failure (FakeHub.fail_uploads_after)")
+            rt, repo_id, oid, expected_size = target
+            if size != expected_size or digest.hexdigest() != oid:
+                self._refund_upload()
+                raise HubError(400, f"Uploaded content does not match: sha256 {digest.hexdigest()}, {size} bytes")
+            with self._store.lock:
+                self._store.adopt(tmp, oid)
+                repo = self._store.get(rt, repo_id)
+                repo.lfs_oids.add(oid)
+                self._store.save(repo)
+                self._tickets.pop(ticket, None)
+                self.lfs_uploads += 1
+                self.lfs_uploaded_oids.append(oid)
+            h.send_json(200, None, {"ETag": f'"{oid}"'})
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _commit(self, h: _Handler, rt: str, repo_id: str, rev: str, body: bytes) -> Reply:
+        repo = self._writable(h, rt, repo_id)
+        branch = rev.removeprefix("refs/heads/")
+        if branch not in repo.branches:
+            self._store.resolve(repo, rev)  # 404 RevisionNotFound for unknown revisions
+            raise HubError(400, f"Can only commit to a branch, not to {rev}")
+        lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+        if not lines or lines[0].get("key") != "header":
+            raise HubError(400, "The commit payload must start with a header line")
+        header = lines[0]["value"]
+        head = repo.branches[branch]
+        parent = header.get("parentCommit")
+        if parent and not head.startswith(parent):
+            raise HubError(412, f"A commit has happened since {parent}: {branch} is at {head}")
+        tree = dict(repo.commits[head].files)
+        for line in lines[1:]:
+            self._apply(repo, tree, line["key"], line["value"], head)
+        summary = header.get("summary") or ""
+        if not summary:
+            raise HubError(400, "A commit needs a summary")
+        commit = self._store.new_commit(repo, branch, tree, summary, header.get("description") or "")
+        url = f"{self._url(rt, repo_id)}/commit/{commit.id}"
+        return 200, {"success": True, "commitOid": commit.id, "commitUrl": url, "hookOutput": ""}, {}
+
+    def _apply(self, repo: _Repo, tree: dict[str, FileEntry], key: str, value: dict[str, Any], head: str) -> None:
+        path = str(value.get("path", "")).strip("/")
+        if key == "file":
+            if value.get("encoding", "base64") != "base64":
+                raise HubError(400, f"Unsupported encoding for {path}")
+            tree[path] = self._store.entry_for(base64.b64decode(value["content"]), lfs=False)
+        elif key == "lfsFile":
+            oid = str(value["oid"])
+            if oid not in repo.lfs_oids:
+                raise HubError(422, f"LFS object {oid} for {path} was never uploaded to {repo.repo_id}")
+            size = self._store.object_path(oid).stat().st_size
+            if value.get("size") not in (None, size):
+                raise HubError(422, f"LFS object {oid} has {size} bytes, not {value['size']}")
+            pointer = lfs_pointer(oid, size)
+            tree[path] = FileEntry(sha256=oid, size=size, lfs=True, oid=git_blob_sha1(pointer))
+        elif key == "deletedFile":
+            if tree.pop(path, None) is None:
+                raise HubError(404, "A file with this name doesn't exist", "EntryNotFound", {"X-Repo-Commit": head})
+        elif key == "deletedFolder":
+            gone = [p for p in tree if p.startswith(path + "/")]
+            if not gone:
+                raise HubError(404, "A folder with this name doesn't exist", "EntryNotFound")
+            for p in gone:
+                del tree[p]
+        else:
+            raise HubError(400, f"FakeHub does not implement commit operation {key!r}")
+
+    # download
+    def _resolve(self, h: _Handler, rt: str, repo_id: str, revision: str, path: str) -> None:
+        with self._store.lock:
+            repo = self._readable(h, rt, repo_id)
+            commit_id = self._store.resolve(repo, revision)
+            entry = repo.commits[commit_id].files.get(path)
+            if entry is None:
+                raise HubError(404, f"Entry not found: {path}", "EntryNotFound", {"X-Repo-Commit": commit_id})
+            served = repo.tampered.get(commit_id, {}).get(path, entry.sha256)
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "X-Repo-Commit": commit_id,
+            "ETag": f'"{entry.etag}"',
+        }
+        if entry.lfs:
+            headers |= {"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size)}
+        h.send_file(self._store.object_path(served), headers)
+
+
+class _AlreadySentError(Exception):
+    """Raised by routes that wrote their own response (file downloads)."""
+
+
+_AlreadySent = _AlreadySentError()
+
+
+def _json_body(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body or b"{}")
+    except json.JSONDecodeError as e:
+        raise HubError(400, f"Malformed JSON body: {e}") from e
+    if not isinstance(data, dict):
+        raise HubError(400, "Expected a JSON object")
+    return data
+
+
+# --------------------------------------------------------------------------------------------- client helpers
+
+
+def configure_client(
+    monkeypatch: pytest.MonkeyPatch, endpoint: str, home: Path, *, token: str | None = None
+) -> None:
+    """Point huggingface_hub (already imported or not, and subprocesses) at ``endpoint``, caching under ``home``.
+
+    Patches the ``huggingface_hub.constants`` the client reads at call time, and sets the environment for
+    subprocesses; ``token`` becomes ``HF_TOKEN`` (else any ambient token is removed). Undone by ``monkeypatch``.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _detect_agent
+
+    home = Path(home)
+    values = {
+        "ENDPOINT": endpoint,
+        "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_HUB_DISABLE_XET": True,
+        "HF_HUB_DISABLE_TELEMETRY": True,
+        "HF_HUB_OFFLINE": False,
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "HF_ASSETS_CACHE": str(home / "assets"),
+        "HF_XET_CACHE": str(home / "xet"),
+        "HF_TOKEN_PATH": str(home / "token"),
+        "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
+        "AGENT_HARNESSES_PATH": str(home / ".agent_harnesses.json"),
+    }
+    for name, value in values.items():
+        monkeypatch.setattr(constants, name, value)
+    monkeypatch.setattr(_detect_agent, "_registry", {"standardEnvVars": [], "harnesses": {}})
+    env = {
+        "HF_ENDPOINT": endpoint,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_UPDATE_CHECK": "1",
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    if token is None:
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("HF_TOKEN", token)
+
+
+def set_offline(monkeypatch: pytest.MonkeyPatch, offline: bool = True) -> None:
+    """Switch huggingface_hub's offline mode in-process (``constants.HF_HUB_OFFLINE``) and for subprocesses."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
