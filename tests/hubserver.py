@@ -66,9 +66,10 @@ module attributes at call time, so patch those (``configure_client`` below does 
 - cache: pass ``cache_dir=`` or patch ``constants.HF_HUB_CACHE``.
 - token: ``get_token()`` reads the ``HF_TOKEN`` environment variable at call time, then the file at
   ``constants.HF_TOKEN_PATH``; pass ``token=False`` for a call that must be anonymous.
-- agent detection: building the User-Agent of the first request fetches ``{constants.ENDPOINT}/api/agent-harnesses``
-  (3 s timeout) unless ``utils._detect_agent._registry`` is already set and caches it at
-  ``constants.AGENT_HARNESSES_PATH``: with ``ENDPOINT`` left at huggingface.co that is a real network call.
+- telemetry: unless ``constants.HF_HUB_DISABLE_TELEMETRY`` is True, building the User-Agent of the first request
+  of the process fetches ``{constants.ENDPOINT}/api/agent-harnesses`` (AI-agent detection, 3 s timeout) and caches
+  it at ``constants.AGENT_HARNESSES_PATH``: with ``ENDPOINT`` left at huggingface.co that is a real network call.
+  FakeHub answers that route with an empty registry.
 - for a subprocess (CLI tests), the environment works: ``HF_ENDPOINT``, ``HF_HUB_DISABLE_XET=1``,
   ``HF_HUB_DISABLE_TELEMETRY=1``, ``HF_HOME``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE=1``; ``configure_client`` sets them.
 
@@ -84,6 +85,7 @@ cached as is. Partial downloads are written to a per-process temp file that is d
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -95,7 +97,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -346,6 +347,9 @@ class _Server(ThreadingHTTPServer):
         self.connections: set[socket.socket] = set()
         super().__init__(("127.0.0.1", 0), _Handler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:  # a client hung up: nothing to print
+        pass
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as with the real Hub: every answer carries Content-Length
@@ -385,20 +389,18 @@ class _Handler(BaseHTTPRequestHandler):
         hub._record(method, url.path)
         segments = [s for s in url.path.split("/") if s]  # still percent-encoded: revisions may hold "%2F"
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        body_read = False
         try:
             if method == "PUT" and segments[:2] == ["_fakehub", "lfs"] and len(segments) == 3:
-                body_read = True  # the upload handler consumes the body itself, streaming it to disk
-                hub._lfs_put(self, segments[2])
+                hub._lfs_put(self, segments[2])  # consumes the body itself, streaming it to disk
                 return
             body = b"".join(self.iter_body())
-            body_read = True
-            status, payload, headers = hub._route(self, method, segments, query, body)
-            self.send_json(status, payload, headers)
+            reply = hub._route(self, method, segments, query, body)
+            if reply is not None:  # None: the route wrote its own answer (file downloads)
+                self.send_json(*reply)
         except HubError as e:
-            if not body_read:
-                self.close_connection = True
             self.send_error_json(e)
+        except ConnectionError:  # the client went away
+            self.close_connection = True
         except Exception as e:  # a bug in the fake: answer, and drop the connection to stay in sync
             self.close_connection = True
             self.send_error_json(HubError(500, f"FakeHub internal error: {e!r}"))
@@ -428,13 +430,10 @@ class _Handler(BaseHTTPRequestHandler):
         return auth.removeprefix("Bearer ").strip()
 
     # response side
-    def send_json(
-        self, status: int, payload: Any, headers: dict[str, str] | None = None, content_type: str = "application/json"
-    ) -> None:
+    def send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
         body = b"" if payload is None else json.dumps(payload).encode()
         self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        for k, v in (headers or {}).items():
+        for k, v in {"Content-Type": "application/json", **(headers or {})}.items():
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -442,7 +441,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def send_error_json(self, error: HubError) -> None:
-        headers = {"X-Error-Message": error.message, **error.headers}
+        message = " ".join(error.message.split()).encode("latin-1", "replace").decode("latin-1")
+        headers = {"X-Error-Message": message, **error.headers}
         if error.code is not None:
             headers["X-Error-Code"] = error.code
         self.send_json(error.status, {"error": error.message}, headers)
@@ -499,7 +499,7 @@ def _type_and_rest(segments: list[str]) -> tuple[str, list[str]]:
     return "model", segments
 
 
-Reply = tuple[int, Any, dict[str, str]]
+Reply = tuple[int, Any, dict[str, str]]  # status, JSON payload, extra headers
 
 
 # ------------------------------------------------------------------------------------------------------ FakeHub
@@ -560,10 +560,11 @@ class FakeHub:
         server.shutdown()
         server.server_close()
         for conn in list(server.connections):
-            try:
+            with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        deadline = time.monotonic() + 2
+        while server.connections and time.monotonic() < deadline:  # let the handler threads see EOF and exit
+            time.sleep(0.01)
         if self._thread is not None:
             self._thread.join(timeout=5)
 
@@ -591,9 +592,7 @@ class FakeHub:
             self._upload_budget = n
             self._fail_status = status
 
-    def tamper(
-        self, repo_id: str, path: str, data: bytes, *, revision: str = "main", repo_type: str = "model"
-    ) -> None:
+    def tamper(self, repo_id: str, path: str, data: bytes, *, revision: str = "main", repo_type: str = "model") -> None:
         """Serve ``data`` for ``path`` at ``revision`` while headers keep the recorded ETag, size and hashes."""
         with self._store.lock:
             repo = self._store.get(repo_type, repo_id)
@@ -664,10 +663,12 @@ class FakeHub:
         )
 
     def _authenticated(self, handler: _Handler) -> bool:
-        """True with the right token, False with none; a wrong token is refused outright, as the Hub does."""
+        """True with the right token (or auth off), False with none; a wrong token is refused, as the Hub does."""
+        if self.token is None:
+            return True
         token = handler.bearer()
-        if token is None or self.token is None:
-            return self.token is None or False
+        if token is None:
+            return False
         if token != self.token:
             raise HubError(401, "Invalid credentials in Authorization header")
         return True
@@ -691,21 +692,19 @@ class FakeHub:
         return f"{self.endpoint}/{_URL_PREFIX[repo_type]}{repo_id}"
 
     # routing
-    def _route(self, h: _Handler, method: str, segs: list[str], query: dict[str, str], body: bytes) -> Reply:
+    def _route(self, h: _Handler, method: str, segs: list[str], query: dict[str, str], body: bytes) -> Reply | None:
+        repo_type, rest = _type_and_rest(segs)
+        for i in (1, 2):
+            if method in ("GET", "HEAD") and len(rest) > i + 1 and rest[i] == "resolve":
+                path = "/".join(unquote(s) for s in rest[i + 2 :])
+                self._resolve(h, repo_type, "/".join(rest[:i]), unquote(rest[i + 1]), path)
+                return None
         with self._store.lock:
             if segs[:1] == ["api"]:
                 return self._route_api(h, method, segs[1:], query, body)
-            if method == "POST" and "/".join(segs).endswith(_LFS_BATCH_SUFFIX):
-                repo_type, rest = _type_and_rest(segs)
+            if method == "POST" and "/".join(rest).endswith(_LFS_BATCH_SUFFIX):
                 repo_id = unquote("/".join(rest))[: -len(_LFS_BATCH_SUFFIX)]
                 return self._lfs_batch(h, repo_type, repo_id, _json_body(body))
-            repo_type, rest = _type_and_rest(segs)
-            for i in (1, 2):
-                if len(rest) > i + 1 and rest[i] == "resolve" and method in ("GET", "HEAD"):
-                    revision = unquote(rest[i + 1])
-                    path = "/".join(unquote(s) for s in rest[i + 2 :])
-                    self._resolve(h, repo_type, "/".join(rest[:i]), revision, path)
-                    raise _AlreadySent
         raise HubError(404, f"FakeHub has no route for {method} /{'/'.join(segs)}")
 
     def _route_api(self, h: _Handler, method: str, segs: list[str], query: dict[str, str], body: bytes) -> Reply:
@@ -780,7 +779,7 @@ class FakeHub:
         if (repo_type, repo_id) in self._store.repos:
             return 409, {"error": "You already created this repo", "url": url}, {"X-Error-Message": "Repo exists"}
         private = payload.get("visibility") == "private" or bool(payload.get("private"))
-        repo = self._store.create_repo(repo_type, repo_id, private=private, gitattributes=self.gitattributes)
+        self._store.create_repo(repo_type, repo_id, private=private, gitattributes=self.gitattributes)
         return 200, {"url": url, "name": repo_id, "id": repo_id}, {}
 
     def _delete_repo(self, h: _Handler, payload: dict[str, Any]) -> Reply:
@@ -987,7 +986,7 @@ class FakeHub:
         with self._store.lock:
             target = self._tickets.get(ticket)
         allowed = target is not None and self._reserve_upload()
-        digest, size = hashlib.sha256(), 0
+        digest, size, stored = hashlib.sha256(), 0, False
         tmp = self.root / "tmp" / secrets.token_hex(8)
         try:
             with tmp.open("wb") as f:
@@ -1002,9 +1001,9 @@ class FakeHub:
                 raise HubError(self._fail_status, "Simulated storage failure (FakeHub.fail_uploads_after)")
             rt, repo_id, oid, expected_size = target
             if size != expected_size or digest.hexdigest() != oid:
-                self._refund_upload()
                 raise HubError(400, f"Uploaded content does not match: sha256 {digest.hexdigest()}, {size} bytes")
             with self._store.lock:
+                stored = True
                 self._store.adopt(tmp, oid)
                 repo = self._store.get(rt, repo_id)
                 repo.lfs_oids.add(oid)
@@ -1014,6 +1013,8 @@ class FakeHub:
                 self.lfs_uploaded_oids.append(oid)
             h.send_json(200, None, {"ETag": f'"{oid}"'})
         finally:
+            if allowed and not stored:
+                self._refund_upload()
             tmp.unlink(missing_ok=True)
 
     def _commit(self, h: _Handler, rt: str, repo_id: str, rev: str, body: bytes) -> Reply:
@@ -1026,16 +1027,16 @@ class FakeHub:
         if not lines or lines[0].get("key") != "header":
             raise HubError(400, "The commit payload must start with a header line")
         header = lines[0]["value"]
+        summary = header.get("summary") or ""
+        if not summary:
+            raise HubError(400, "A commit needs a summary")
         head = repo.branches[branch]
         parent = header.get("parentCommit")
-        if parent and not head.startswith(parent):
+        if parent and not head.startswith(str(parent).lower()):
             raise HubError(412, f"A commit has happened since {parent}: {branch} is at {head}")
         tree = dict(repo.commits[head].files)
         for line in lines[1:]:
             self._apply(repo, tree, line["key"], line["value"], head)
-        summary = header.get("summary") or ""
-        if not summary:
-            raise HubError(400, "A commit needs a summary")
         commit = self._store.new_commit(repo, branch, tree, summary, header.get("description") or "")
         url = f"{self._url(rt, repo_id)}/commit/{commit.id}"
         return 200, {"success": True, "commitOid": commit.id, "commitUrl": url, "hookOutput": ""}, {}
@@ -1086,13 +1087,6 @@ class FakeHub:
         h.send_file(self._store.object_path(served), headers)
 
 
-class _AlreadySentError(Exception):
-    """Raised by routes that wrote their own response (file downloads)."""
-
-
-_AlreadySent = _AlreadySentError()
-
-
 def _json_body(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body or b"{}")
@@ -1106,16 +1100,13 @@ def _json_body(body: bytes) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- client helpers
 
 
-def configure_client(
-    monkeypatch: pytest.MonkeyPatch, endpoint: str, home: Path, *, token: str | None = None
-) -> None:
+def configure_client(monkeypatch: pytest.MonkeyPatch, endpoint: str, home: Path, *, token: str | None = None) -> None:
     """Point huggingface_hub (already imported or not, and subprocesses) at ``endpoint``, caching under ``home``.
 
     Patches the ``huggingface_hub.constants`` the client reads at call time, and sets the environment for
     subprocesses; ``token`` becomes ``HF_TOKEN`` (else any ambient token is removed). Undone by ``monkeypatch``.
     """
     from huggingface_hub import constants
-    from huggingface_hub.utils import _detect_agent
 
     home = Path(home)
     values = {
@@ -1134,7 +1125,6 @@ def configure_client(
     }
     for name, value in values.items():
         monkeypatch.setattr(constants, name, value)
-    monkeypatch.setattr(_detect_agent, "_registry", {"standardEnvVars": [], "harnesses": {}})
     env = {
         "HF_ENDPOINT": endpoint,
         "HF_HUB_DISABLE_XET": "1",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -112,7 +113,7 @@ def test_legacy_and_damaged_files(tmp_path):
     with pytest.raises(FormatError, match=r"data\.pkl"):
         read_torch_zip(tmp_path / "nopkl.bin")
     with zipfile.ZipFile(tmp_path / "garbage.bin", "w") as z:
-        z.writestr("archive/data.pkl", b"\x80\x02not a pickle")
+        z.writestr("archive/data.pkl", b"\x80\x02}")  # ends before STOP
     with pytest.raises(FormatError, match="not a readable pickle"):
         read_torch_zip(tmp_path / "garbage.bin")
 
@@ -169,3 +170,61 @@ def test_single_meta_consolidated_file_is_read(tmp_path):
     torch.save({"tok_embeddings.weight": torch.ones(4, 2).half()}, tmp_path / "meta" / "consolidated.01.pth")
     with pytest.raises(UnsupportedInputError, match="2 model-parallel shards"):
         open_checkpoint(tmp_path / "meta")
+
+
+def raw_archive(path: Path, pickle_bytes: bytes) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", pickle_bytes)
+        z.writestr("archive/byteorder", "little")
+    return path
+
+
+def _global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+@pytest.mark.parametrize(
+    ("pickle_bytes", "message"),
+    [
+        # a 3-million-deep tuple as a dict key: hashing it would crash the interpreter
+        (b"\x80\x02}" + b"K\x00" + b"\x85" * 3_000_000 + b"K\x01s.", "dict key is not a string"),
+        # a 16 MB bytes object: BINBYTES is no opcode torch writes
+        (b"\x80\x03}X\x01\x00\x00\x00aB" + (1 << 24).to_bytes(4, "little") + b"\0" * (1 << 24) + b"s.", "opcode"),
+        # torch.Size of something that is not a shape
+        (
+            b"\x80\x02}X\x01\x00\x00\x00a"
+            + _global("torch", "Size")
+            + b"(K\x01K\x02K\x03K\x04K\x05K\x06K\x07K\x08K\x09"
+            b"tq\x00\x85Rs.",
+            "size is a tuple of the wrong length",
+        ),
+        # BUILD on something other than a state dict
+        (
+            b"\x80\x02" + _global("torch", "HalfStorage") + b"}X\x05\x00\x00\x00dtypeX\x03\x00\x00\x00F32sb.",
+            "sets the state of something",
+        ),
+    ],
+    ids=["deep-key", "bytes-opcode", "bad-size", "build"],
+)
+def test_hostile_pickles_are_refused_quickly(tmp_path, pickle_bytes, message):
+    with pytest.raises(UnsafePickleError, match=message):
+        read_torch_zip(raw_archive(tmp_path / "x.bin", pickle_bytes))
+
+
+def test_random_corruption_never_escapes_as_anything_but_a_deltakit_error(tmp_path):
+    import random
+
+    from deltakit import DeltakitError
+
+    torch.save({f"layer.{i}.weight": torch.randn(4, 8).half() for i in range(3)}, tmp_path / "src.bin")
+    source = (tmp_path / "src.bin").read_bytes()
+    rng = random.Random(7)
+    for _ in range(300):
+        data = bytearray(source)
+        for _ in range(rng.choice([1, 2, 4, 8])):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        if rng.random() < 0.1:
+            data = data[: rng.randrange(len(data))]
+        (tmp_path / "fz.bin").write_bytes(bytes(data))
+        with contextlib.suppress(DeltakitError):
+            read_torch_zip(tmp_path / "fz.bin")

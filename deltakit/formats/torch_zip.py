@@ -14,15 +14,16 @@ import collections
 import io
 import math
 import pickle
+import pickletools
 import struct
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..dtypes import ITEMSIZE
-from ..errors import FormatError, InputNotFoundError, UnsafePickleError, UnsupportedInputError
+from ..errors import DeltakitError, FormatError, InputNotFoundError, UnsafePickleError, UnsupportedInputError
 from .safetensors import TensorInfo, TensorSpec
 
 __all__ = ["MAX_PICKLE_BYTES", "TorchZipWriter", "read_torch_zip"]
@@ -59,10 +60,28 @@ class _TensorRef:
     stride: tuple[int, ...]
 
 
+_MAX_RANK = 8
+_MAX_DIM = 1 << 48
+
+
+def _size(values: Any) -> tuple[int, ...]:
+    """A shape or stride: at most 8 non-negative ints below 2**48; anything else is refused."""
+    if not isinstance(values, tuple | list) or len(values) > _MAX_RANK:
+        raise UnsafePickleError(f"a tensor size is a {type(values).__name__} of the wrong length, not a shape")
+    if not all(type(v) is int and 0 <= v < _MAX_DIM for v in values):
+        raise UnsafePickleError("a tensor size holds something other than small non-negative integers")
+    return tuple(values)
+
+
 def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_rest: Any) -> _TensorRef:
     if not isinstance(storage, _StorageRef):
         raise UnsafePickleError("a tensor is rebuilt from something that is not a storage")
-    return _TensorRef(storage, int(offset), tuple(int(d) for d in size), tuple(int(s) for s in stride))
+    if type(offset) is not int or not 0 <= offset < _MAX_DIM:
+        raise UnsafePickleError("a tensor's storage offset is not a small non-negative integer")
+    shape, strides = _size(size), _size(stride)
+    if len(strides) != len(shape):
+        raise UnsafePickleError("a tensor's stride and size differ in length")
+    return _TensorRef(storage, offset, shape, strides)
 
 
 def _rebuild_parameter(data: Any, *_rest: Any) -> Any:
@@ -78,16 +97,66 @@ class _StorageType:
 
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch", "Size"): tuple,
+    ("torch", "Size"): _size,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
 }
 
+# The opcodes torch.save emits (protocols 2 to 4); any other one is refused before it runs.
+_OPCODES = {
+    op.code.encode("latin-1")[0]
+    for op in pickletools.opcodes
+    if op.name
+    in {
+        "PROTO", "FRAME", "STOP", "MARK", "POP", "POP_MARK", "NONE", "NEWTRUE", "NEWFALSE",
+        "BININT", "BININT1", "BININT2", "LONG1", "BINFLOAT", "BINUNICODE", "SHORT_BINUNICODE",
+        "EMPTY_DICT", "SETITEM", "SETITEMS", "EMPTY_LIST", "LIST", "APPEND", "APPENDS",
+        "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "BINPUT", "LONG_BINPUT", "MEMOIZE",
+        "BINGET", "LONG_BINGET", "GLOBAL", "STACK_GLOBAL", "REDUCE", "BUILD", "BINPERSID",
+    }
+}  # fmt: skip
 
-class _StateDictUnpickler(pickle.Unpickler):
-    """Knows tensors, storages and ``OrderedDict``; every other global is refused by name."""
+
+class _StateDictUnpickler(pickle._Unpickler):  # the pure-Python one: its dispatch table can be narrowed
+    """Knows tensors, storages and ``OrderedDict``; every other global, and any opcode torch does not
+    emit, is refused by name. Dict keys must be strings, so nothing crafted is ever hashed, and
+    errors name types, never the crafted objects themselves."""
+
+    # the pure-Python unpickler's internals, which these overrides use
+    stack: list[Any]
+    pop_mark: Callable[[], list[Any]]
+    dispatch: ClassVar[dict[int, Callable[[Any], None]]] = {
+        code: fn for code, fn in pickle._Unpickler.dispatch.items() if code in _OPCODES
+    }
+
+    def _check_keys(self, keys: Iterable[Any]) -> None:
+        if not all(type(k) is str for k in keys):
+            raise UnsafePickleError("a dict key is not a string; a state dict maps names to tensors")
+
+    def load_setitem(self) -> None:
+        value = self.stack.pop()
+        key = self.stack.pop()
+        self._check_keys([key])
+        self.stack[-1][key] = value
+
+    def load_setitems(self) -> None:
+        items = self.pop_mark()
+        self._check_keys(items[0::2])
+        target = self.stack[-1]
+        for k in range(0, len(items), 2):
+            target[items[k]] = items[k + 1]
+
+    def load_build(self) -> None:
+        state = self.stack.pop()
+        if not isinstance(self.stack[-1], collections.OrderedDict) or not isinstance(state, dict):
+            raise UnsafePickleError("the pickle sets the state of something other than a state dict")
+        self._check_keys(state)  # _metadata and its kin: nothing deltakit needs, so dropped
+
+    dispatch[pickle.SETITEM[0]] = load_setitem
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch" and name in _STORAGE_DTYPES:
@@ -95,19 +164,26 @@ class _StateDictUnpickler(pickle.Unpickler):
         allowed = _ALLOWED.get((module, name))
         if allowed is None:
             raise UnsafePickleError(
-                f"the pickle asks for {module}.{name}, which is not part of a tensor state dict; "
+                f"the pickle asks for {module[:100]}.{name[:100]}, which is not part of a tensor state dict; "
                 "refusing to load it (it could run code)",
-                actual=f"{module}.{name}",
+                actual=f"{module[:100]}.{name[:100]}",
             )
         return allowed
 
     def persistent_load(self, pid: Any) -> _StorageRef:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise UnsafePickleError(f"unknown persistent id {str(pid)[:80]!r}")
+            raise UnsafePickleError(f"unknown persistent id (a {type(pid).__name__})")
         _, storage_type, key, _location, numel = pid
-        if not isinstance(storage_type, _StorageType) or not isinstance(key, str) or type(numel) is not int:
-            raise UnsafePickleError(f"malformed storage reference {str(pid)[:80]!r}")
+        if not isinstance(storage_type, _StorageType) or type(key) is not str or type(numel) is not int:
+            raise UnsafePickleError("malformed storage reference")
+        if not 0 <= numel < _MAX_DIM or len(key) > 64:
+            raise UnsafePickleError("storage reference out of range")
         return _StorageRef(key, storage_type.dtype, numel)
+
+
+def _read_small(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int = 16) -> bytes:
+    with archive.open(info) as entry:
+        return entry.read(limit)
 
 
 def _data_offset(archive: Path, raw: io.BufferedReader, info: zipfile.ZipInfo) -> int:
@@ -141,6 +217,15 @@ def read_torch_zip(path: str | Path) -> dict[str, TensorInfo]:
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"{path}: no such file", path=path)
+    try:
+        return _read_torch_zip(path)
+    except DeltakitError:
+        raise
+    except Exception as e:  # a damaged archive fails in many ways inside zipfile, zlib and struct
+        raise FormatError(f"{path}: damaged or unreadable archive: {type(e).__name__}: {e}", path=path) from e
+
+
+def _read_torch_zip(path: Path) -> dict[str, TensorInfo]:
     if not zipfile.is_zipfile(path):
         raise UnsupportedInputError(
             f"{path}: not a zip archive; this is the legacy torch.save format (torch < 1.6): "
@@ -155,7 +240,7 @@ def read_torch_zip(path: str | Path) -> dict[str, TensorInfo]:
                 raise FormatError(f"{path}: expected one */data.pkl in the archive, found {len(pickles)}", path=path)
             prefix = pickles[0][: -len("data.pkl")]
             byteorder = entries.get(prefix + "byteorder")
-            if byteorder is not None and archive.read(byteorder).strip() != b"little":
+            if byteorder is not None and _read_small(archive, byteorder).strip() != b"little":
                 raise UnsupportedInputError(f"{path}: a big-endian checkpoint; only little-endian is read", path=path)
             if entries[pickles[0]].file_size > MAX_PICKLE_BYTES:
                 raise FormatError(f"{path}: data.pkl is larger than the {MAX_PICKLE_BYTES} byte cap", path=path)
@@ -163,8 +248,12 @@ def read_torch_zip(path: str | Path) -> dict[str, TensorInfo]:
                 state = _StateDictUnpickler(io.BytesIO(archive.read(pickles[0]))).load()
             except (UnsafePickleError, FormatError):
                 raise
+            except KeyError as e:  # the narrowed dispatch table has no entry for this opcode
+                op = e.args[0] if e.args and isinstance(e.args[0], int) else None
+                what = f"pickle opcode {bytes([op])!r}, which torch.save never writes" if op is not None else e
+                raise UnsafePickleError(f"{path}: data.pkl uses {what}; refusing it", path=path) from e
             except Exception as e:  # any malformed pickle: the unpickler raises many kinds
-                raise FormatError(f"{path}: data.pkl is not a readable pickle: {e}", path=path) from e
+                raise FormatError(f"{path}: data.pkl is not a readable pickle: {type(e).__name__}", path=path) from e
             state = state.get("state_dict", state) if isinstance(state, dict) else state
             if not isinstance(state, dict):
                 raise FormatError(f"{path}: the pickle holds a {type(state).__name__}, not a state dict", path=path)
