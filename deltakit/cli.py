@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -587,6 +588,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="deltakit: %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
+    if getattr(args, "quiet", False):  # huggingface_hub's own bars too; it reads this when first imported
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         _resolve_names(args)

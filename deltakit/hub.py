@@ -172,8 +172,12 @@ def publish_delta(
         )
     except HfHubHTTPError as e:
         raise HubError(f"the Hub refused publishing to {repo_id}: {_http_reason(e)}") from e
-    except OSError as e:
-        raise HubError(f"could not reach the Hub to publish {repo_id}: {e}") from e
+    except (OSError, RuntimeError) as e:  # huggingface_hub wraps failed LFS uploads in a RuntimeError
+        cause = e.__cause__ if isinstance(e.__cause__, HfHubHTTPError) else e
+        raise HubError(
+            f"publishing to {repo_id} failed: {_http_reason(cause)}; run the same command again to send what "
+            "did not arrive"
+        ) from e
     return PublishReport(repo_id, branch, info.oid, info.commit_url, listing, False)
 
 

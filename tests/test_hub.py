@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
-from conftest import finetune_of, llama_like, write_checkpoint
+from conftest import assert_same_tensors, finetune_of, llama_like, load_checkpoint, write_checkpoint
 
-from deltakit import make_delta
-from deltakit.hub import is_repo_spec, model_card, parse_repo_spec, publish_delta
+from deltakit import HubError, IntegrityError, load_manifest, make_delta, verify_model
+from deltakit.hub import fetch_delta, is_repo_spec, model_card, parse_repo_spec, publish_delta
 
 
 @pytest.fixture
@@ -47,3 +49,107 @@ def test_dry_run_lists_what_would_be_uploaded_and_sends_nothing(delta):
     assert names[:2] == ["README.md", "deltakit.json"]
     assert set(manifest.payload) <= set(names) and "files/config.json" in names
     assert report.commit is None and report.dry_run
+
+
+# --- round trips through a local Hub server, with the real huggingface_hub client --------------------
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    from hubserver import FakeHub, configure_client
+
+    with FakeHub(tmp_path / "hub-storage", token="hf_test", lfs_threshold=1024) as server:
+        configure_client(monkeypatch, server.endpoint, tmp_path / "hf-home", token="hf_test")
+        yield server
+
+
+def test_publish_fetch_apply_round_trip_is_byte_exact(tmp_path, delta, hub):
+    from huggingface_hub import ModelCard
+    from test_cli import deltakit_cli
+
+    base_dir, delta_dir, manifest = delta
+    report = publish_delta(delta_dir, "dandelion/panda-7b-delta", license="apache-2.0")
+    assert report.commit and not report.dry_run
+    card = ModelCard(hub.read("dandelion/panda-7b-delta", "README.md").decode())
+    assert card.data.library_name == "deltakit" and card.data.base_model == "llama-7b"
+    assert hub.lfs_uploads >= len(manifest.payload)
+
+    result = deltakit_cli(
+        "apply", "--base", base_dir, "--delta", "dandelion/panda-7b-delta", "--out", tmp_path / "out", "-q"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "fetched dandelion/panda-7b-delta at main" in result.stdout
+    assert verify_model(tmp_path / "out", delta_dir).ok
+    assert_same_tensors(load_checkpoint(tmp_path / "out"), load_checkpoint(tmp_path / "panda-7b"))
+
+
+def test_an_interrupted_publish_resumes_without_sending_again(tmp_path, hub):
+    base = llama_like(torch.float16)
+    base_dir = write_checkpoint(tmp_path / "llama", base)
+    target_dir = write_checkpoint(tmp_path / "panda", finetune_of(base))
+    make_delta(base_dir, target_dir, tmp_path / "d", shard_size=3000)  # several payload files
+    assert len(load_manifest(tmp_path / "d").payload) >= 3
+
+    hub.fail_uploads_after(1)
+    with pytest.raises(HubError, match="run the same command again"):
+        publish_delta(tmp_path / "d", "org/d")
+    assert hub.lfs_uploads == 1 and not hub.commits("org/d")[0].files.get("deltakit.json")
+    hub.fail_uploads_after(None)
+    publish_delta(tmp_path / "d", "org/d")
+    sent = list(hub.lfs_uploaded_oids)
+    assert len(sent) == len(set(sent)), "the object that arrived the first time is not sent again"
+    assert hub.read("org/d", "deltakit.json") == (tmp_path / "d" / "deltakit.json").read_bytes()
+    publish_delta(tmp_path / "d", "org/d")
+    assert hub.lfs_uploaded_oids == sent, "publishing the same package again sends nothing"
+
+
+def test_fetch_pins_revisions_works_offline_and_refuses_tampered_files(tmp_path, delta, hub, monkeypatch):
+    from hubserver import set_offline
+
+    _, delta_dir, manifest = delta
+    first = publish_delta(delta_dir, "org/panda")
+    pinned = fetch_delta(f"org/panda@{first.commit}", cache_dir=tmp_path / "cache")
+    assert pinned.commit == first.commit and pinned.revision == first.commit
+    latest = fetch_delta("org/panda", cache_dir=tmp_path / "cache")
+    assert latest.commit == first.commit and latest.revision == "main"
+
+    set_offline(monkeypatch, True)
+    served = len(hub.requests)
+    again = fetch_delta("org/panda", cache_dir=tmp_path / "cache")
+    assert again.path == pinned.path and len(hub.requests) == served, "offline: served from the cache"
+    with pytest.raises(HubError, match="not in the local Hub cache"):
+        fetch_delta("org/panda", cache_dir=tmp_path / "empty-cache")
+    set_offline(monkeypatch, False)
+
+    payload = next(iter(manifest.payload))
+    original = hub.read("org/panda", payload)
+    hub.tamper("org/panda", payload, bytes([original[0] ^ 1]) + original[1:])
+    with pytest.raises(IntegrityError, match="does not match its manifest"):
+        fetch_delta("org/panda", cache_dir=tmp_path / "fresh-cache")
+
+
+def test_publish_refuses_a_package_that_does_not_verify_and_needs_a_token(tmp_path, delta, hub, monkeypatch):
+    _, delta_dir, manifest = delta
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(HubError, match="401"):
+        publish_delta(delta_dir, "org/no-token", token=False)
+    payload = delta_dir / next(iter(manifest.payload))
+    data = bytearray(payload.read_bytes())
+    data[-1] ^= 1
+    payload.write_bytes(bytes(data))
+    before = len(hub.requests)
+    with pytest.raises(IntegrityError, match="does not verify"):
+        publish_delta(delta_dir, "org/panda", token="hf_test")
+    assert len(hub.requests) == before, "nothing is sent for a package that does not verify"
+
+
+@pytest.mark.skipif(
+    not (os.environ.get("HF_TOKEN") and os.environ.get("DELTAKIT_CONTRACT_REPO")),
+    reason="contract test against the real Hub: set HF_TOKEN and DELTAKIT_CONTRACT_REPO (a scratch repo)",
+)
+def test_contract_with_the_real_hub(tmp_path, delta):
+    _, delta_dir, _ = delta
+    repo = os.environ["DELTAKIT_CONTRACT_REPO"]
+    report = publish_delta(delta_dir, repo, private=True)
+    fetched = fetch_delta(f"{repo}@{report.commit}", cache_dir=tmp_path / "cache")
+    assert fetched.commit == report.commit
