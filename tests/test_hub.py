@@ -153,3 +153,21 @@ def test_contract_with_the_real_hub(tmp_path, delta):
     report = publish_delta(delta_dir, repo, private=True)
     fetched = fetch_delta(f"{repo}@{report.commit}", cache_dir=tmp_path / "cache")
     assert fetched.commit == report.commit
+
+
+def test_release_makes_verifies_and_publishes_in_one_step(tmp_path, hub):
+    from test_cli import deltakit_cli
+
+    base = llama_like(torch.float16)
+    base_dir = write_checkpoint(tmp_path / "llama-7b", base)
+    target_dir = write_checkpoint(tmp_path / "panda-7b", finetune_of(base, extra_vocab=2))
+    dry = deltakit_cli("release", "--base", base_dir, "--target", target_dir, "--repo", "org/panda", "--dry-run", "-q")
+    assert dry.returncode == 0, dry.stderr
+    assert "would upload" in dry.stdout and "OK:" in dry.stdout
+    assert ("POST", "/api/repos/create") not in hub.requests, "a dry run sends nothing"
+    done = deltakit_cli(
+        "release", "--base", base_dir, "--target", target_dir, "--repo", "org/panda", "--out", tmp_path / "d", "-q"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "uploaded" in done.stdout and "commit " in done.stdout
+    assert hub.read("org/panda", "deltakit.json") == (tmp_path / "d" / "deltakit.json").read_bytes()
