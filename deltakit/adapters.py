@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,23 +20,19 @@ from .formats.checkpoint import RangeReader, is_weight_file, open_checkpoint
 from .formats.peft import Adapter, LoraPair, open_adapter
 from .formats.safetensors import TensorInfo, TensorSpec
 from .hashing import file_sha256, fingerprint
-from .progress import ProgressBar, ProgressFactory, no_progress
+from .progress import ProgressFactory, no_progress
 from .staging import StagedFolder, check_output_free
 from .streaming import (
     CHUNK_BYTES,
+    DEFAULT_SHARD_SIZE,
     Chunk,
     as_bytes,
     element_ranges,
-    open_output_shards,
-    plan_output,
     read_range,
-    stream_outputs,
-    write_index,
+    write_model,
 )
 
 __all__ = ["MergeReport", "merge_adapters"]
-
-_DEFAULT_SHARD_SIZE = 5_000_000_000
 
 
 @dataclass(frozen=True)
@@ -68,7 +63,6 @@ class _MergeStep:
     name: str
     source: TensorInfo
     pairs: tuple[LoraPair, ...]
-    shard: int
 
 
 def _fits(pair: LoraPair, shape: tuple[int, ...]) -> bool:
@@ -144,7 +138,7 @@ def merge_adapters(
     adapters: Sequence[str | Path],
     out: str | Path,
     *,
-    shard_size: int = _DEFAULT_SHARD_SIZE,
+    shard_size: int = DEFAULT_SHARD_SIZE,
     progress: ProgressFactory = no_progress,
 ) -> MergeReport:
     """Write ``base`` with the LoRA ``adapters`` merged in, in order, as a Hugging Face checkpoint.
@@ -162,19 +156,14 @@ def merge_adapters(
     loaded = [open_adapter(a) for a in adapters]
     planned = _plan(ckpt.tensors, loaded)
     specs = [TensorSpec(n, info.dtype, info.shape) for n, (info, _) in planned.items()]
-    shards, shard_of = plan_output(specs, shard_size)
-    steps = [_MergeStep(n, info, tuple(pairs), shard_of[n]) for n, (info, pairs) in planned.items()]
-    digests: dict[str, str] = {}
+    steps = [_MergeStep(n, info, tuple(pairs)) for n, (info, pairs) in planned.items()]
     with RangeReader() as reader, StagedFolder(out) as staged:
-        fds = open_output_shards(staged.path, shards)
-        try:
-            bar = progress(sum(spec.nbytes for spec in specs), "merge")
-            _stream(steps, reader, fds, digests, bar)
-            bar.close()
-        finally:
-            for fd in fds:
-                os.close(fd)
-        write_index(staged.path, shards, shard_of, specs)
+        bar = progress(sum(spec.nbytes for spec in specs), "merge")
+        results, shards = write_model(
+            staged.path, specs, shard_size, reader, _chunks(steps), _producer(steps, reader), bar
+        )
+        bar.close()
+        digests = dict(zip((s.name for s in specs), results, strict=True))
         files, vocab = _carry_files(ckpt.root, ckpt.extra_files, loaded, staged.path, specs)
         staged.commit()
     return MergeReport(
@@ -191,9 +180,7 @@ def merge_adapters(
     )
 
 
-def _stream(
-    steps: Sequence[_MergeStep], reader: RangeReader, fds: Sequence[int], digests: dict[str, str], bar: ProgressBar
-) -> None:
+def _producer(steps: Sequence[_MergeStep], reader: RangeReader) -> Callable[[Chunk, list[memoryview]], Bytes]:
     loaded: dict[int, list[LoraTerm]] = {}  # the current tensor's terms only: bounded memory
 
     def produce(chunk: Chunk, views: list[memoryview]) -> Bytes:
@@ -207,8 +194,7 @@ def _stream(
             data = lora_merge_rows(data, step.source.dtype, step.source.shape, first_row, loaded[chunk.owner])
         return data
 
-    results = stream_outputs(reader, _chunks(steps), produce, [s.shard for s in steps], fds, bar)
-    digests.update((step.name, digest) for step, digest in zip(steps, results, strict=True))
+    return produce
 
 
 _TOKENIZER_FILES = (

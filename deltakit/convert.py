@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -29,12 +28,11 @@ from .formats.torch_zip import TorchZipWriter, read_torch_zip
 from .hashing import file_sha256, fingerprint
 from .progress import ProgressBar, ProgressFactory, no_progress
 from .staging import StagedFolder, check_output_free
-from .streaming import CHUNK_BYTES, Chunk, open_output_shards, plan_output, stream_outputs, write_index
+from .streaming import CHUNK_BYTES, DEFAULT_SHARD_SIZE, Chunk, write_model
 
 __all__ = ["DTYPE_NAMES", "ConvertReport", "convert"]
 
 DTYPE_NAMES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
-_DEFAULT_SHARD_SIZE = 5_000_000_000
 _META_FILE = re.compile(r"^consolidated\.(\d+)\.pth$")
 # Meta's own shard counts, by hidden size (7B, 13B, 30B/33B, 65B and 70B).
 _META_SHARDS = {4096: 1, 5120: 2, 6656: 4, 8192: 8}
@@ -377,7 +375,6 @@ def _write_hf(
     bar: ProgressBar,
 ) -> tuple[list[TensorSpec], list[str], int]:
     specs = [TensorSpec(name, _out_dtype(rows, dtype), rows.shape) for name, rows in sources]
-    shards, shard_of = plan_output(specs, shard_size)
     blocks = [list(_row_blocks(rows)) for _, rows in sources]
 
     def chunks() -> Iterator[Chunk]:
@@ -388,13 +385,7 @@ def _write_hf(
     def produce(chunk: Chunk, views: list[memoryview]) -> Bytes:
         return _convert_rows(reader, sources[chunk.owner][1], chunk.first, chunk.last, specs[chunk.owner].dtype)
 
-    fds = open_output_shards(folder, shards)
-    try:
-        digests = stream_outputs(reader, chunks(), produce, [shard_of[s.name] for s in specs], fds, bar)
-    finally:
-        for fd in fds:
-            os.close(fd)
-    write_index(folder, shards, shard_of, specs)
+    digests, shards = write_model(folder, specs, shard_size, reader, chunks(), produce, bar)
     return specs, digests, sum(s.layout.size for s in shards)
 
 
@@ -477,7 +468,7 @@ def convert(
     *,
     to: str = "hf",
     dtype: str | None = None,
-    shard_size: int = _DEFAULT_SHARD_SIZE,
+    shard_size: int = DEFAULT_SHARD_SIZE,
     meta_shards: int | None = None,
     progress: ProgressFactory = no_progress,
 ) -> ConvertReport:

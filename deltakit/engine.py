@@ -40,6 +40,7 @@ from .progress import ProgressBar, ProgressFactory, no_progress
 from .staging import StagedFolder, check_output_free
 from .streaming import (
     CHUNK_BYTES,
+    DEFAULT_SHARD_SIZE,
     Chunk,
     OutputShard,
     OutputWriter,
@@ -72,7 +73,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SHARD_SIZE = 5_000_000_000
 _SAMPLE_CAP_BYTES = 1 << 30
 _PAYLOAD_METADATA = {"format": "pt", "deltakit": PAYLOAD_TAG}
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import math
-import os
 import shutil
 import uuid
 from collections.abc import Iterator, Sequence
@@ -37,16 +36,7 @@ from .formats.safetensors import TensorInfo, TensorSpec
 from .hashing import file_sha256, fingerprint
 from .progress import ProgressBar, ProgressFactory, no_progress
 from .staging import StagedFolder, check_output_free
-from .streaming import (
-    Chunk,
-    as_bytes,
-    element_ranges,
-    open_output_shards,
-    plan_output,
-    read_range,
-    stream_outputs,
-    write_index,
-)
+from .streaming import DEFAULT_SHARD_SIZE, Chunk, as_bytes, element_ranges, read_range, write_model
 
 __all__ = [
     "LEGACY_KINDS",
@@ -59,7 +49,6 @@ __all__ = [
 
 LEGACY_KINDS = ("fastchat", "alpaca", "oasst-xor")
 _DTYPE = {"fastchat": "F16", "alpaca": "F32"}
-_DEFAULT_SHARD_SIZE = 5_000_000_000
 # Buffers older LLaMA conversions carry and FastChat's models never load.
 _IGNORED_BASE_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -84,7 +73,6 @@ class _Step:
     name: str
     base: TensorInfo
     delta: TensorInfo
-    shard: int
 
 
 def detect_legacy_kind(delta: Checkpoint) -> str:
@@ -214,7 +202,7 @@ def apply_legacy_delta(
     *,
     kind: str | None = None,
     checksums: str | Path | None = None,
-    shard_size: int = _DEFAULT_SHARD_SIZE,
+    shard_size: int = DEFAULT_SHARD_SIZE,
     progress: ProgressFactory = no_progress,
 ) -> LegacyReport:
     """Rebuild a fine-tune from ``base`` and a delta published by an older tool.
@@ -245,8 +233,7 @@ def apply_legacy_delta(
         raise UnsupportedInputError(f"unknown legacy delta kind {kind!r}; choose one of {', '.join(LEGACY_KINDS)}")
     dtype = _DTYPE[kind]
     specs = [TensorSpec(name, dtype, d.shape) for name, _, d in pairs]
-    shards, shard_of = plan_output(specs, shard_size)
-    steps = [_Step(name, b, d, shard_of[name]) for name, b, d in pairs]
+    steps = [_Step(name, b, d) for name, b, d in pairs]
 
     with RangeReader() as reader, StagedFolder(out) as staged:
         means = {
@@ -266,15 +253,9 @@ def apply_legacy_delta(
             mean_rows = means[step.name].view(np.float32)[columns].view(np.uint8)
             return add_decode(mean_rows, delta_bits, dtype)
 
-        fds = open_output_shards(staged.path, shards)
-        try:
-            bar = progress(sum(spec.nbytes for spec in specs), f"apply ({kind} delta)")
-            digests = stream_outputs(reader, _chunks(steps), produce, [s.shard for s in steps], fds, bar)
-            bar.close()
-        finally:
-            for fd in fds:
-                os.close(fd)
-        write_index(staged.path, shards, shard_of, specs)
+        bar = progress(sum(spec.nbytes for spec in specs), f"apply ({kind} delta)")
+        digests, shards = write_model(staged.path, specs, shard_size, reader, _chunks(steps), produce, bar)
+        bar.close()
         for rel in delta_ckpt.extra_files:
             (staged.path / rel).parent.mkdir(parents=True, exist_ok=True)
             file_sha256(delta_ckpt.root / rel, copy_to=staged.path / rel)
@@ -384,7 +365,7 @@ def make_delta_from_legacy(
     kind: str | None = None,
     name: str | None = None,
     base_name: str | None = None,
-    shard_size: int = _DEFAULT_SHARD_SIZE,
+    shard_size: int = DEFAULT_SHARD_SIZE,
     progress: ProgressFactory = no_progress,
 ) -> tuple[LegacyReport, MakeReport]:
     """Re-package a legacy release as a format-1 delta, so it gains per-tensor digests.

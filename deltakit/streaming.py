@@ -24,6 +24,7 @@ from .progress import ProgressBar
 
 __all__ = [
     "CHUNK_BYTES",
+    "DEFAULT_SHARD_SIZE",
     "OUTPUT_METADATA",
     "Chunk",
     "OutputShard",
@@ -38,6 +39,7 @@ __all__ = [
     "read_range",
     "stream_outputs",
     "write_index",
+    "write_model",
 ]
 
 CHUNK_BYTES = 8 << 20
@@ -278,3 +280,30 @@ def stream_outputs(
     finally:
         writer.close()
     return digests
+
+
+DEFAULT_SHARD_SIZE = 5_000_000_000
+
+
+def write_model(
+    folder: Path,
+    specs: Sequence[TensorSpec],
+    shard_size: int,
+    reader: RangeReader,
+    chunks: Iterable[Chunk],
+    produce: Callable[[Chunk, list[memoryview]], Bytes],
+    bar: ProgressBar,
+) -> tuple[list[str], tuple[OutputShard, ...]]:
+    """Stream a model's tensors (chunk owners index ``specs``) into HF safetensors shards plus index.
+
+    Returns each tensor's BLAKE3 digest and the shards written.
+    """
+    shards, shard_of = plan_output(specs, shard_size)
+    fds = open_output_shards(folder, shards)
+    try:
+        digests = stream_outputs(reader, chunks, produce, [shard_of[s.name] for s in specs], fds, bar)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    write_index(folder, shards, shard_of, specs)
+    return digests, shards
