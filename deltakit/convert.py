@@ -8,7 +8,6 @@ undoes both, so HF -> Meta -> HF gives back every tensor byte for byte.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -25,7 +24,7 @@ from .errors import FormatError, InputNotFoundError, IntegrityError, Unsupported
 from .formats.checkpoint import RangeReader, open_checkpoint
 from .formats.safetensors import TensorInfo, TensorSpec
 from .formats.torch_zip import TorchZipWriter, read_torch_zip
-from .hashing import file_sha256, fingerprint
+from .hashing import algorithm_of, file_hexdigest, file_sha256, fingerprint, read_checksum_file
 from .progress import ProgressBar, ProgressFactory, no_progress
 from .staging import StagedFolder, check_output_free
 from .streaming import CHUNK_BYTES, DEFAULT_SHARD_SIZE, Chunk, write_model
@@ -248,23 +247,17 @@ def _check_checklist(folder: Path) -> None:
     checklist = folder / "checklist.chk"
     if not checklist.is_file():
         return
-    for line in checklist.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        expected, _, name = line.strip().partition("  ")
-        path = folder / name.strip()
-        if Path(name.strip()).name != name.strip() or not path.is_file():
-            raise InputNotFoundError(f"{checklist} lists {name.strip()!r}, which is missing", path=path)
-        digest = hashlib.md5(usedforsecurity=False)
-        with open(path, "rb") as f:
-            while block := f.read(CHUNK_BYTES):
-                digest.update(block)
-        if digest.hexdigest() != expected.lower():
+    for name, expected in read_checksum_file(checklist).items():
+        path = folder / name
+        if Path(name).name != name or not path.is_file():
+            raise InputNotFoundError(f"{checklist} lists {name!r}, which is missing", path=path)
+        actual = file_hexdigest(path, algorithm_of(expected))
+        if actual != expected:
             raise IntegrityError(
-                f"{path}: md5 {digest.hexdigest()} differs from checklist.chk's {expected}: the download is corrupt",
+                f"{path}: md5 {actual} differs from checklist.chk's {expected}: the download is corrupt",
                 path=path,
                 expected=expected,
-                actual=digest.hexdigest(),
+                actual=actual,
             )
 
 
@@ -419,13 +412,7 @@ def _counted(blocks: Iterator[Bytes], bar: ProgressBar) -> Iterator[memoryview]:
 
 
 def _write_checklist(folder: Path) -> None:
-    lines = []
-    for path in sorted(folder.iterdir()):
-        digest = hashlib.md5(usedforsecurity=False)
-        with open(path, "rb") as f:
-            while block := f.read(CHUNK_BYTES):
-                digest.update(block)
-        lines.append(f"{digest.hexdigest()}  {path.name}\n")
+    lines = [f"{file_hexdigest(path, 'md5')}  {path.name}\n" for path in sorted(folder.iterdir())]
     (folder / "checklist.chk").write_text("".join(lines), encoding="utf-8")
 
 

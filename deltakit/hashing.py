@@ -11,14 +11,18 @@ import json
 from collections.abc import Iterable
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import blake3
 
 __all__ = [
     "HASH_NAME",
     "TensorHasher",
+    "algorithm_of",
+    "file_hexdigest",
     "file_sha256",
     "fingerprint",
+    "read_checksum_file",
     "tensor_digest",
 ]
 
@@ -55,13 +59,7 @@ def tensor_digest(data: bytes | bytearray | memoryview) -> str:
     return blake3.blake3(data, max_threads=threads).hexdigest()
 
 
-def file_sha256(path: str | Path, *, copy_to: str | Path | None = None) -> tuple[str, int]:
-    """SHA-256 hex digest and size of a whole file, read in bounded chunks.
-
-    Args:
-        copy_to: also write the bytes read to this new file, so a copy costs one read.
-    """
-    digest = hashlib.sha256()
+def _hash_file(path: str | Path, digest: Any, copy_to: str | Path | None) -> int:
     buffer = bytearray(_FILE_CHUNK)
     view = memoryview(buffer)
     size = 0
@@ -71,7 +69,46 @@ def file_sha256(path: str | Path, *, copy_to: str | Path | None = None) -> tuple
             if out is not None:
                 out.write(view[:n])
             size += n
+    return size
+
+
+def file_sha256(path: str | Path, *, copy_to: str | Path | None = None) -> tuple[str, int]:
+    """SHA-256 hex digest and size of a whole file, read in bounded chunks.
+
+    Args:
+        copy_to: also write the bytes read to this new file, so a copy costs one read.
+    """
+    digest = hashlib.sha256()
+    size = _hash_file(path, digest, copy_to)
     return digest.hexdigest(), size
+
+
+def file_hexdigest(path: str | Path, algorithm: str) -> str:
+    """``md5`` or ``sha256`` of a whole file, as published checksum lists give them."""
+    digest = hashlib.md5(usedforsecurity=False) if algorithm == "md5" else hashlib.new(algorithm)
+    _hash_file(path, digest, None)
+    return digest.hexdigest()
+
+
+def read_checksum_file(path: str | Path) -> dict[str, str]:
+    """``<md5 or sha256>  <file name>`` lines, as ``md5sum``, Meta's ``checklist.chk`` and model cards
+    give them; returns file name -> lowercase hex digest (its length says which algorithm)."""
+    from .errors import FormatError
+
+    sums: dict[str, str] = {}
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        digest, _, name = line.strip().partition(" ")
+        name = name.strip().lstrip("*")
+        if len(digest) not in (32, 64) or not name or any(c not in "0123456789abcdefABCDEF" for c in digest):
+            raise FormatError(f"{path}:{number}: expected '<md5 or sha256>  <file name>'", path=path)
+        sums[name] = digest.lower()
+    return sums
+
+
+def algorithm_of(hexdigest: str) -> str:
+    return "md5" if len(hexdigest) == 32 else "sha256"
 
 
 def fingerprint(tensors: Iterable[tuple[str, str, tuple[int, ...], str]]) -> str:

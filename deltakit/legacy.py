@@ -17,7 +17,6 @@ fingerprint; ``deltakit make --from-legacy`` turns such a release into a format-
 from __future__ import annotations
 
 import gzip
-import hashlib
 import math
 import shutil
 import uuid
@@ -30,10 +29,10 @@ import numpy as np
 from .codecs import Bytes, add_decode, cast_bits
 from .dtypes import itemsize
 from .engine import MakeReport, checkpoint_digests, make_delta
-from .errors import BaseMismatchError, DeltakitError, FormatError, InputNotFoundError, UnsupportedInputError
+from .errors import BaseMismatchError, DeltakitError, InputNotFoundError, UnsupportedInputError
 from .formats.checkpoint import Checkpoint, RangeReader, is_weight_file, open_checkpoint
 from .formats.safetensors import TensorInfo, TensorSpec
-from .hashing import file_sha256, fingerprint
+from .hashing import algorithm_of, file_hexdigest, file_sha256, fingerprint, read_checksum_file
 from .progress import ProgressBar, ProgressFactory, no_progress
 from .staging import StagedFolder, check_output_free
 from .streaming import DEFAULT_SHARD_SIZE, Chunk, as_bytes, element_ranges, read_range, write_model
@@ -141,28 +140,6 @@ def _check_looks_like_differences(reader: RangeReader, pairs: Sequence[tuple[str
             path=d.path,
             tensor=name,
         )
-
-
-def _read_checksums(path: Path) -> dict[str, str]:
-    """``<md5 or sha256>  <file name>`` lines, as model cards and ``md5sum`` give them."""
-    sums: dict[str, str] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        digest, _, name = line.strip().partition(" ")
-        name = name.strip().lstrip("*")
-        if len(digest) not in (32, 64) or not name or any(c not in "0123456789abcdefABCDEF" for c in digest):
-            raise FormatError(f"{path}:{number}: expected '<md5 or sha256>  <file name>'", path=path)
-        sums[Path(name).name] = digest.lower()
-    return sums
-
-
-def _file_digest(path: Path, length: int) -> str:
-    digest = hashlib.md5(usedforsecurity=False) if length == 32 else hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_XOR_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _row_means(reader: RangeReader, info: TensorInfo) -> Bytes:
@@ -304,7 +281,9 @@ def _rebuild_xor_release(
 ) -> LegacyReport:
     if not base.is_dir():
         raise UnsupportedInputError(f"{base}: an XOR release needs the base folder its files were XORed against")
-    checksums = _read_checksums(checksums_file) if checksums_file is not None else None
+    checksums = (
+        {Path(n).name: d for n, d in read_checksum_file(checksums_file).items()} if checksums_file is not None else None
+    )
     files = sorted(p for p in release.iterdir() if p.is_file() and not p.name.startswith("."))
     encoded = [p for p in files if _is_gzip(p)]
     for payload in encoded:
@@ -324,14 +303,15 @@ def _rebuild_xor_release(
         bar.close()
         for name, expected in (checksums or {}).items():
             rebuilt = staged.path / name
-            if rebuilt.is_file() and _file_digest(rebuilt, len(expected)) != expected:
+            actual = file_hexdigest(rebuilt, algorithm_of(expected)) if rebuilt.is_file() else expected
+            if actual != expected:
                 raise BaseMismatchError(
                     f"{name} rebuilt from {release} does not match its published checksum: the base files are "
                     "not byte-identical to the ones the release was XORed against (same conversion, same "
                     "transformers version)",
                     path=base / name,
                     expected=expected,
-                    actual=_file_digest(rebuilt, len(expected)),
+                    actual=actual,
                 )
         try:
             ckpt = open_checkpoint(staged.path)
