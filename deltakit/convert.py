@@ -154,6 +154,11 @@ class _Rotary:
     heads: int
     to_hf: bool
 
+    def __post_init__(self) -> None:
+        rows = self.inner.shape[0]
+        if self.heads <= 0 or rows % self.heads or (rows // self.heads) % 2:
+            raise FormatError(f"{rows} q/k rows do not split into {self.heads} heads of an even size")
+
     @property
     def dtype(self) -> str:
         return self.inner.dtype
@@ -168,8 +173,6 @@ class _Rotary:
 
     def read(self, reader: RangeReader, first: int, last: int) -> Bytes:
         rows = self.head_rows
-        if first % rows or last % rows:
-            raise ValueError("rotary rows are read whole heads at a time")
         # HF row k * rows/2 + j is Meta row 2j + k (transformers' permute)
         meta_rows = np.concatenate([np.arange(0, rows, 2), np.arange(1, rows, 2)])
         order = meta_rows if self.to_hf else np.argsort(meta_rows)
@@ -286,7 +289,16 @@ def _meta_to_hf(folder: Path) -> tuple[list[tuple[str, _Rows]], _LlamaShape]:
                     f"consolidated.{i:02d}.pth lacks {meta_name!r}", path=folder / f"consolidated.{i:02d}.pth"
                 )
             parts.append(_Whole(shard[meta_name]))
+        if meta_name == "tok_embeddings.weight" and len(parts) > 1 and parts[0].shape[1] == shape.dim:
+            axis = 0  # Llama 3 splits the embedding by rows, Llama 1 and 2 by columns
         rows: _Rows = parts[0] if axis is None or len(parts) == 1 else _Concat(tuple(parts), axis)
+        if len(rows.shape) == 2 and meta_name != "output.weight" and shape.dim not in rows.shape:
+            raise FormatError(
+                f"{meta_name} is {list(rows.shape)} across {len(shards)} shard(s), which params.json's dim "
+                f"{shape.dim} does not fit: a shard is missing or params.json is for another model",
+                path=folder,
+                tensor=meta_name,
+            )
         if meta_name.endswith(("wq.weight", "wk.weight")):
             heads = shape.heads if "wq" in meta_name else shape.kv_heads
             if rows.shape[0] != heads * shape.head_dim:
@@ -298,7 +310,20 @@ def _meta_to_hf(folder: Path) -> tuple[list[tuple[str, _Rows]], _LlamaShape]:
                 )
             rows = _Rotary(rows, heads, to_hf=True)
         sources.append((hf_name, rows))
+    _refuse_unmapped(shards[0], {m for m, _, _ in _name_map(shape.layers)}, ("rope.freqs",), folder)
     return sources, shape
+
+
+def _refuse_unmapped(tensors: dict[str, TensorInfo], mapped: set[str], ignored: tuple[str, ...], where: Path) -> None:
+    """A tensor the conversion has no place for would silently vanish: refuse instead."""
+    extra = sorted(n for n in tensors if n not in mapped and not n.endswith(ignored))
+    if extra:
+        raise UnsupportedInputError(
+            f"{where}: tensor {extra[0]!r} has no counterpart in the other layout ({len(extra)} such); "
+            "this converter knows LLaMA-architecture checkpoints only",
+            path=where,
+            tensor=extra[0],
+        )
 
 
 def _hf_shape(config: dict[str, Any], folder: Path) -> _LlamaShape:
@@ -314,7 +339,9 @@ def _hf_shape(config: dict[str, Any], folder: Path) -> _LlamaShape:
         raise FormatError(f"{folder / 'config.json'}: not a LLaMA config: {e}", path=folder) from e
 
 
-def _hf_to_meta(tensors: dict[str, TensorInfo], shape: _LlamaShape, shards: int) -> list[list[tuple[str, _Rows]]]:
+def _hf_to_meta(
+    tensors: dict[str, TensorInfo], shape: _LlamaShape, shards: int, root: Path
+) -> list[list[tuple[str, _Rows]]]:
     if shape.heads % shards or shape.kv_heads % shards:
         raise UnsupportedInputError(f"{shape.heads} heads do not split into {shards} model-parallel shards")
     out: list[list[tuple[str, _Rows]]] = [[] for _ in range(shards)]
@@ -323,6 +350,12 @@ def _hf_to_meta(tensors: dict[str, TensorInfo], shape: _LlamaShape, shards: int)
         if info is None:
             raise UnsupportedInputError(f"the checkpoint lacks {hf_name!r}: not a LLaMA model", tensor=hf_name)
         whole = _Whole(info)
+        if axis is not None and info.shape[axis] % shards:
+            raise UnsupportedInputError(
+                f"{hf_name!r} has {info.shape[axis]} along dimension {axis}, which does not split into "
+                f"{shards} model-parallel shards",
+                tensor=hf_name,
+            )
         for s in range(shards):
             part: _Rows = whole
             if axis is not None and shards > 1:
@@ -332,6 +365,7 @@ def _hf_to_meta(tensors: dict[str, TensorInfo], shape: _LlamaShape, shards: int)
                 heads = shape.heads if "wq" in meta_name else shape.kv_heads
                 part = _Rotary(part, heads // shards, to_hf=False)
             out[s].append((meta_name, part))
+    _refuse_unmapped(tensors, {h for _, h, _ in _name_map(shape.layers)}, ("rotary_emb.inv_freq",), root)
     return out
 
 
@@ -432,13 +466,14 @@ def _hf_config(shape: _LlamaShape, params: dict[str, Any], sources: Sequence[tup
         "vocab_size": by_name["model.embed_tokens.weight"].shape[0],
         "hidden_act": "silu",
         "tie_word_embeddings": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
         "torch_dtype": {v: k for k, v in DTYPE_NAMES.items()}.get(dtype, "float16"),
     }
+    if config["vocab_size"] <= _SENTENCEPIECE_VOCAB_MAX:  # Llama 1 and 2; Llama 3's tokenizer is another kind
+        config |= {"bos_token_id": 1, "eos_token_id": 2}
     return json.dumps(config, indent=2) + "\n"
 
 
+_SENTENCEPIECE_VOCAB_MAX = 65536
 _LLAMA_TOKENIZER_CONFIG = {
     "tokenizer_class": "LlamaTokenizer",
     "bos_token": "<s>",
@@ -494,7 +529,8 @@ def convert(
         files["generation_config.json"] = json.dumps({"bos_token_id": 1, "eos_token_id": 2}, indent=2) + "\n"
         if (source / "tokenizer.model").is_file():
             files["tokenizer.model"] = source / "tokenizer.model"
-            files["tokenizer_config.json"] = json.dumps(_LLAMA_TOKENIZER_CONFIG, indent=2) + "\n"
+            if dict(sources)["model.embed_tokens.weight"].shape[0] <= _SENTENCEPIECE_VOCAB_MAX:
+                files["tokenizer_config.json"] = json.dumps(_LLAMA_TOKENIZER_CONFIG, indent=2) + "\n"
         meta_out: list[list[tuple[str, _Rows]]] | None = None
     else:
         ckpt = open_checkpoint(source)
@@ -505,7 +541,7 @@ def convert(
             config = _read_json(ckpt.root / "config.json")
             shape = _hf_shape(config, ckpt.root)
             count = meta_shards or _META_SHARDS.get(shape.dim, 1)
-            meta_out = _hf_to_meta(ckpt.tensors, shape, count)
+            meta_out = _hf_to_meta(ckpt.tensors, shape, count, ckpt.root)
             params = {
                 "dim": shape.dim,
                 "multiple_of": 256,

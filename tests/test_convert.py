@@ -151,3 +151,32 @@ def test_bin_to_safetensors_with_a_dtype_change(tmp_path):
     assert out["steps"].dtype == torch.int64, "integer tensors keep their dtype"
     assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_llama3_row_split_embedding_is_joined_by_rows(tmp_path):
+    whole = meta_checkpoint(tmp_path / "meta", 2)
+    embedding = whole["tok_embeddings.weight"]
+    for s in range(2):  # re-save with the embedding split by rows, as Llama 3 is
+        path = tmp_path / "meta" / f"consolidated.{s:02d}.pth"
+        part = torch.load(path, weights_only=True)
+        part["tok_embeddings.weight"] = embedding.chunk(2, dim=0)[s].clone()
+        torch.save(part, path)
+    convert(tmp_path / "meta", tmp_path / "hf")
+    assert tensor_bytes(load_checkpoint(tmp_path / "hf")["model.embed_tokens.weight"]) == tensor_bytes(embedding)
+
+
+def test_conversions_that_would_lose_or_garble_tensors_are_refused(tmp_path):
+    from deltakit import UnsupportedInputError
+
+    meta_checkpoint(tmp_path / "meta", 1)
+    extra = torch.load(tmp_path / "meta" / "consolidated.00.pth", weights_only=True)
+    extra["layers.0.attention.wq.bias"] = torch.zeros(DIM, dtype=torch.float16)
+    torch.save(extra, tmp_path / "meta" / "consolidated.00.pth")
+    with pytest.raises(UnsupportedInputError, match=r"'layers\.0\.attention\.wq\.bias' has no counterpart"):
+        convert(tmp_path / "meta", tmp_path / "hf")
+    del extra["layers.0.attention.wq.bias"]
+    torch.save(extra, tmp_path / "meta" / "consolidated.00.pth")
+    convert(tmp_path / "meta", tmp_path / "hf")
+    with pytest.raises(UnsupportedInputError, match="do not split into 3"):
+        convert(tmp_path / "hf", tmp_path / "meta3", to="meta", meta_shards=3)
+    assert not (tmp_path / "meta3").exists()
