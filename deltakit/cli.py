@@ -163,6 +163,7 @@ def _cmd_make(args: argparse.Namespace) -> int:
             args.from_legacy,
             args.out,
             kind=None if args.legacy_kind == "auto" else args.legacy_kind,
+            checksums=args.checksums,
             name=args.name,
             base_name=args.base_name,
             shard_size=args.shard_size,
@@ -481,6 +482,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--legacy-kind", choices=["auto", *LEGACY_KINDS], default="auto", help="what --from-legacy holds (auto)"
     )
+    p.add_argument("--checksums", help="for an XOR release: md5/sha256 sums of the rebuilt files (required)")
     p.add_argument("--out", required=True, help="delta package folder to create")
     p.add_argument("--codec", choices=["xor", "add"], default="xor", help="xor: lossless (default); add: task vector")
     p.add_argument("--name", help="the target's name in the manifest (default: its folder name)")

@@ -5,7 +5,9 @@
   32001), the base is added to the shared rows and the new rows are taken as they are.
 - ``alpaca``: Stanford Alpaca's ``weight_diff.py recover``: both in fp32, ``diff + base``; when the
   diff has more rows, the base gains rows equal to the mean of its rows first, as Alpaca's
-  ``smart_tokenizer_and_embedding_resize`` does for its ``[PAD]`` token.
+  ``smart_tokenizer_and_embedding_resize`` does for its ``[PAD]`` token. That mean is summed in fp64
+  chunk by chunk (bounded memory) where torch sums in fp32, so the ``[PAD]`` row may differ from
+  Alpaca's in the last bit; every other element is exact.
 - ``oasst-xor``: OpenAssistant's ``xor_codec.py``: every file of the release is gzip(file XOR the
   base's file of the same name, zero-padded or cut to length); the files come back byte for byte
   only from byte-identical base files, so each rebuilt checkpoint file is validated before use.
@@ -83,6 +85,8 @@ def detect_legacy_kind(delta: Checkpoint) -> str:
 def _pair(base: Checkpoint, delta: Checkpoint) -> list[tuple[str, TensorInfo, TensorInfo]]:
     pairs = []
     for name, d in delta.tensors.items():
+        if name.endswith(_IGNORED_BASE_SUFFIXES):  # buffers, not weights: older deltas carry them
+            continue
         b = base.tensors.get(name)
         if b is None:
             raise UnsupportedInputError(
@@ -90,7 +94,7 @@ def _pair(base: Checkpoint, delta: Checkpoint) -> list[tuple[str, TensorInfo, Te
                 path=delta.root,
                 tensor=name,
             )
-        grows = len(d.shape) >= 1 and d.shape[1:] == b.shape[1:] and d.shape[0] > b.shape[0]
+        grows = len(d.shape) == 2 and d.shape[1:] == b.shape[1:] and d.shape[0] > b.shape[0]
         if d.shape != b.shape and not grows:
             raise UnsupportedInputError(
                 f"tensor {name!r} is {list(d.shape)} in the delta but {list(b.shape)} in the base"
@@ -343,6 +347,7 @@ def make_delta_from_legacy(
     out: str | Path,
     *,
     kind: str | None = None,
+    checksums: str | Path | None = None,
     name: str | None = None,
     base_name: str | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
@@ -355,9 +360,17 @@ def make_delta_from_legacy(
     """
     out = Path(out)
     check_output_free(out)
+    if (kind == "oasst-xor" or (kind is None and is_xor_release(legacy))) and checksums is None:
+        raise UnsupportedInputError(
+            f"{legacy} is an XOR release, which rebuilds plausible weights from any base: re-packaging it "
+            "would record digests of whatever came out; pass the release's published checksums",
+            path=legacy,
+        )
     scratch = out.parent / f".{out.name}.legacy-{uuid.uuid4().hex[:12]}.tmp"
     try:
-        rebuilt = apply_legacy_delta(base, legacy, scratch, kind=kind, shard_size=shard_size, progress=progress)
+        rebuilt = apply_legacy_delta(
+            base, legacy, scratch, kind=kind, checksums=checksums, shard_size=shard_size, progress=progress
+        )
         made = make_delta(
             base,
             scratch,

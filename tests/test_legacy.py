@@ -218,3 +218,23 @@ def test_oasst_xor_release_against_another_base(tmp_path):
     with pytest.raises(BaseMismatchError, match="does not match its published checksum"):
         apply_legacy_delta(tmp_path / "other", tmp_path / "release", tmp_path / "out", checksums=tmp_path / "sums.txt")
     assert not (tmp_path / "out").exists()
+
+
+def test_make_from_an_xor_release_needs_its_checksums(tmp_path):
+    from deltakit.legacy import make_delta_from_legacy
+
+    oasst_setup(tmp_path)
+    with pytest.raises(UnsupportedInputError, match="pass the release's published checksums"):
+        make_delta_from_legacy(tmp_path / "llama", tmp_path / "release", tmp_path / "packaged")
+    _, made = make_delta_from_legacy(
+        tmp_path / "llama", tmp_path / "release", tmp_path / "packaged", checksums=tmp_path / "sums.txt"
+    )
+    assert made.manifest.target.files["config.json"].size > 0
+
+
+def test_inv_freq_buffers_in_an_old_delta_are_ignored(tmp_path):
+    base = llama_like(torch.float16)
+    delta = fastchat_make_delta_v0(base, finetuned(base, 0))
+    delta["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.arange(4, dtype=torch.float32)
+    report = apply_legacy_delta(write(tmp_path / "llama", base), write(tmp_path / "d", delta), tmp_path / "out")
+    assert report.tensors == len(base)
