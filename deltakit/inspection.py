@@ -22,8 +22,9 @@ from .formats.checkpoint import Checkpoint, RangeReader, open_checkpoint
 from .formats.delta import open_delta
 from .formats.peft import is_adapter, open_adapter
 from .formats.safetensors import TensorInfo
+from .formats.torch_zip import read_torch_zip
 from .hashing import fingerprint
-from .legacy import detect_legacy_kind
+from .legacy import detect_legacy_kind, is_xor_release
 from .manifest import MANIFEST_NAME
 from .progress import ProgressFactory, no_progress
 
@@ -180,6 +181,32 @@ def inspect_path(
         return _inspect_delta(path)
     if is_adapter(path):
         return _inspect_adapter(path)
+    if is_xor_release(path):
+        files = tuple(sorted(p.name for p in path.iterdir() if p.is_file()))
+        return Inspection(
+            path=str(path),
+            kind="legacy-delta",
+            apply="as --delta, rebuilds each file as gunzip(file) XOR the base's file of the same name; "
+            "verified only with --checksums from the release's model card",
+            tensors=(),
+            total_bytes=sum((path / f).stat().st_size for f in files),
+            bytes_by_dtype={},
+            files=files,
+            legacy_kind="oasst-xor",
+        )
+    meta = sorted(path.glob("consolidated.*.pth")) if path.is_dir() else []
+    if len(meta) > 1:
+        tensors = _summaries(read_torch_zip(meta[0]))
+        return Inspection(
+            path=str(path),
+            kind="meta-checkpoint",
+            apply=f"split into {len(meta)} model-parallel shards: `deltakit convert` it to the HF layout first; "
+            "tensors below are those of the first shard",
+            tensors=tensors,
+            total_bytes=sum(p.stat().st_size for p in meta),
+            bytes_by_dtype=_by_dtype(tensors),
+            files=tuple(sorted(p.name for p in path.iterdir() if p.is_file() and p not in meta)),
+        )
     ckpt = open_checkpoint(path)
     tensors = _summaries(ckpt.tensors)
     digest = None
@@ -191,7 +218,7 @@ def inspect_path(
     apply = {
         "hf-checkpoint": "serves as --base; as --delta it would be refused unless --legacy names its kind",
         "meta-checkpoint": "serves as --base for deltas made from the same Meta checkpoint; HF-named deltas need "
-        "an HF conversion of it",
+        "an HF conversion of it (`deltakit convert`)",
         "legacy-delta": f"as --delta, rebuilds a fine-tune the {legacy_kind} way (base + differences)",
     }[kind]
     return Inspection(

@@ -57,3 +57,16 @@ def test_a_lora_adapter_is_named_with_what_merging_would_do(tmp_path):
     assert info["kind"] == "lora-adapter" and info["description"] == "PEFT LoRA adapter"
     assert "into 1 base tensors (r=4, scale 2.0)" in info["apply"]
     assert "lm_head.weight" in info["apply"]
+
+
+def test_split_meta_checkpoints_and_xor_releases_are_named(tmp_path):
+    from test_convert import meta_checkpoint
+    from test_legacy import oasst_setup
+
+    meta_checkpoint(tmp_path / "meta", 2)
+    found = inspect_path(tmp_path / "meta")
+    assert found.kind == "meta-checkpoint" and "2 model-parallel shards" in found.apply
+    (tmp_path / "oa").mkdir()
+    oasst_setup(tmp_path / "oa")
+    found = inspect_path(tmp_path / "oa" / "release")
+    assert (found.kind, found.legacy_kind) == ("legacy-delta", "oasst-xor")

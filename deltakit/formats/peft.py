@@ -62,10 +62,16 @@ def is_adapter(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+def _pattern_value(patterns: Any, module: str, default: Any, where: Path) -> Any:
     """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: a key matches a module name's tail."""
+    if not isinstance(patterns, dict):
+        raise FormatError(f"{where}: rank_pattern and alpha_pattern must be objects", path=where)
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        try:
+            matched = re.match(rf"(.*\.)?({key})$", module)
+        except (re.error, TypeError) as e:
+            raise FormatError(f"{where}: pattern {key!r} is not a valid regular expression: {e}", path=where) from e
+        if matched:
             return value
     return default
 
@@ -130,14 +136,23 @@ def open_adapter(path: str | Path) -> Adapter:
             missing = "B" if "A" in half else "A"
             raise FormatError(f"{weights_path}: module {module!r} has no lora_{missing}", path=weights_path)
         a, b = half["A"], half["B"]
-        r = int(_pattern_value(rank_pattern, module, r_default))
-        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1] or a.shape[0] != r:
+        try:
+            r = int(_pattern_value(rank_pattern, module, r_default, config_path))
+            alpha = float(_pattern_value(alpha_pattern, module, alpha_default, config_path))
+        except (TypeError, ValueError) as e:
+            raise FormatError(f"{config_path}: the rank or alpha for {module!r} is not a number", path=root) from e
+        if len(a.shape) != 2 or len(b.shape) != 2:
+            raise UnsupportedInputError(
+                f"{weights_path}: module {module!r} has {len(a.shape)}-D LoRA weights (a convolution?); "
+                "deltakit merges linear and embedding LoRA only",
+                path=weights_path,
+            )
+        if a.shape[0] != b.shape[1] or a.shape[0] != r:
             raise FormatError(
                 f"{weights_path}: module {module!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} "
                 f"do not make a rank-{r} pair",
                 path=weights_path,
             )
-        alpha = float(_pattern_value(alpha_pattern, module, alpha_default))
         scale = alpha / math.sqrt(r) if rslora else alpha / r
         transposed = module in embedding_modules or fan_in_fan_out
         pairs[f"{module}.weight"] = LoraPair(f"{module}.weight", a, b, scale, transposed)
