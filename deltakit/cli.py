@@ -443,7 +443,7 @@ def _resolve_delta(registry: Registry, name: str) -> str:
 
 def _resolve_names(args: argparse.Namespace) -> None:
     """Registered names become their paths; deltas may also be Hub repo ids; anything else must exist."""
-    if args.run in (_cmd_registry_add, _cmd_registry_remove):
+    if args.run in (_cmd_registry_add, _cmd_registry_remove, _cmd_serve, _cmd_token_create):
         return
     registry = Registry()
     for attribute in _PATH_ARGUMENTS:
@@ -455,6 +455,27 @@ def _resolve_names(args: argparse.Namespace) -> None:
         deltas = args.delta if isinstance(args.delta, list) else [args.delta]
         resolved = [_resolve_delta(registry, d) for d in deltas]
         args.delta = resolved if isinstance(args.delta, list) else resolved[0]
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn  # the service's own dependencies load only here: the library never imports them
+
+    from service.main import create_app
+
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _cmd_token_create(args: argparse.Namespace) -> int:
+    from service.settings import Settings
+    from service.store import Store
+
+    store = Store(Settings().database)
+    try:
+        print(store.create_token(args.scope))  # alone on stdout, shown once: only its hash is kept
+    finally:
+        store.close()
+    return 0
 
 
 class _UsageError(Exception):
@@ -574,6 +595,17 @@ def _parser() -> argparse.ArgumentParser:
     r = registry.add_parser("remove", parents=[common], help="forget a name (its files are left alone)")
     r.add_argument("name")
     r.set_defaults(run=_cmd_registry_remove)
+
+    p = sub.add_parser("serve", parents=[common], help="run the HTTP service for a model registry")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(run=_cmd_serve)
+
+    p = sub.add_parser("token", parents=[common], help="bearer tokens for the HTTP service")
+    tokens = p.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    t = tokens.add_parser("create", parents=[common], help="print a new token once; only its hash is stored")
+    t.add_argument("--scope", choices=["read", "write"], required=True)
+    t.set_defaults(run=_cmd_token_create)
 
     p = sub.add_parser("demo", parents=[common], help="make, apply and verify a delta on a built-in tiny model")
     p.add_argument("--dir", help="where to write the example (default: a new temporary folder)")

@@ -718,7 +718,7 @@ def apply_delta(
     with RangeReader() as reader, StagedFolder(out) as staged:
         fds = open_output_shards(staged.path, plan.shards)
         try:
-            bar = progress(plan.write_bytes, "apply")
+            bar = progress(sum(spec.nbytes for spec in plan.specs), "apply")
             _stream_apply(plan, reader, fds, verified, bar)
             bar.close()
         finally:

@@ -114,6 +114,17 @@ class Registry:
             entries[name] = entry
         return entry
 
+    def add_known(
+        self, name: str, path: str | Path, kind: str, fingerprint: str, size: int, base_fingerprint: str | None = None
+    ) -> Entry:
+        """Register something whose fingerprint is already known (a model a job just built and checked)."""
+        if not _NAME.match(name):
+            raise UnsupportedInputError(f"{name!r} is not a valid name")
+        entry = Entry(name, str(Path(path).resolve()), kind, fingerprint, base_fingerprint, size, time.time())
+        with self._locked() as entries:
+            entries[name] = entry
+        return entry
+
     def remove(self, name: str) -> Entry:
         """Forget ``name``; the files it names are left alone."""
         with self._locked() as entries:

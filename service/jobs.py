@@ -1,0 +1,198 @@
+"""Run jobs on a bounded pool of worker threads, recording progress in the store.
+
+A job runs one library call. Its progress callback writes to the store a few times a second and is
+where cancellation lands: it raises, the library's staging folder removes the half-built output,
+and the job ends ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from deltakit import apply_delta, make_delta, verify_delta, verify_model
+from deltakit.errors import DeltakitError, InputNotFoundError
+from deltakit.progress import ProgressBar
+from deltakit.registry import Entry, Registry
+
+from .settings import Settings
+from .store import Job, Store
+
+log = logging.getLogger(__name__)
+
+_FLUSH_SECONDS = 0.25
+
+
+class JobCancelled(Exception):
+    """Raised inside a running job when it is cancelled."""
+
+
+class NameOutsideRoots(DeltakitError, PermissionError):
+    """A registered name points outside the folders the service may read."""
+
+
+class _JobBar:
+    """The library's progress bar, as the service sees it: bytes into the store, cancellation out."""
+
+    def __init__(self, runner: Runner, job_id: str, total: int, stage: str) -> None:
+        self._runner, self._job_id, self._done = runner, job_id, 0
+        self._last = 0.0
+        runner.store.update(job_id, bytes_total=total, bytes_done=0, stage=stage)
+
+    def update(self, n: int) -> None:
+        self._done += n
+        if self._runner.is_cancelled(self._job_id):
+            raise JobCancelled
+        now = time.monotonic()
+        if now - self._last >= _FLUSH_SECONDS:
+            self._last = now
+            self._runner.store.update(self._job_id, bytes_done=self._done)
+
+    def close(self) -> None:
+        self._runner.store.update(self._job_id, bytes_done=self._done)
+
+
+class Runner:
+    """Owns the worker pool; the store owns the state."""
+
+    def __init__(self, settings: Settings, store: Store, registry: Registry) -> None:
+        self.settings, self.store, self.registry = settings, store, registry
+        self._pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="deltakit-job")
+        self._cancelled: set[str] = set()
+        self._lock = threading.Lock()
+
+    # lifecycle -------------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """After a restart: jobs that were running failed, their temporary output is removed, and
+        queued jobs run again."""
+        for job in self.store.recent(limit=1_000_000):
+            if job.state == "running":
+                self.store.update(
+                    job.id,
+                    state="failed",
+                    finished=time.time(),
+                    error={"type": "Interrupted", "detail": "the service stopped while this job ran; run it again"},
+                )
+        for folder in (self.settings.models_dir, self.settings.deltas_dir):
+            for leftover in folder.glob(".*.tmp") if folder.is_dir() else ():
+                shutil.rmtree(leftover, ignore_errors=True)
+                log.info("removed the temporary output %s of an interrupted job", leftover)
+        for job in self.store.queued():
+            self.submit(job.id)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._cancelled.update(j.id for j in self.store.recent() if j.state in ("queued", "running"))
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # jobs ------------------------------------------------------------------------------------------
+
+    def submit(self, job_id: str) -> None:
+        self._pool.submit(self._run, job_id)
+
+    def cancel(self, job_id: str) -> None:
+        with self._lock:
+            self._cancelled.add(job_id)
+        job = self.store.get(job_id)
+        if job is not None and job.state == "queued":
+            self.store.update(job_id, state="cancelled", finished=time.time())
+
+    def is_cancelled(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._cancelled
+
+    def _progress(self, job_id: str) -> Any:
+        def factory(total: int, stage: str) -> ProgressBar:
+            return _JobBar(self, job_id, total, stage)
+
+        return factory
+
+    def _run(self, job_id: str) -> None:
+        if self.is_cancelled(job_id) or not self.store.start(job_id):
+            return
+        job = self.store.get(job_id)
+        assert job is not None
+        try:
+            report = self._execute(job)
+        except JobCancelled:
+            self.store.update(job_id, state="cancelled", finished=time.time())
+        except DeltakitError as e:
+            self.store.update(
+                job_id, state="failed", finished=time.time(), error={"type": type(e).__name__, "detail": str(e)}
+            )
+        except Exception as e:  # a bug: recorded on the job, never a crashed worker
+            log.exception("job %s failed unexpectedly", job_id)
+            self.store.update(
+                job_id, state="failed", finished=time.time(), error={"type": "InternalError", "detail": str(e)}
+            )
+        else:
+            self.store.update(job_id, state="succeeded", finished=time.time(), report=report)
+
+    # name resolution -------------------------------------------------------------------------------
+
+    def resolve(self, name: str, *, kind: str | None = None) -> Entry:
+        """A registered name whose real path lies inside the configured roots."""
+        entry = self.registry.get(name)
+        if entry is None or (kind is not None and entry.kind != kind):
+            raise InputNotFoundError(f"no registered {kind or 'model or delta'} is named {name!r}")
+        real = Path(entry.path).resolve()
+        if not any(real.is_relative_to(root) for root in self.settings.allowed_roots):
+            raise NameOutsideRoots(f"{name!r} resolves outside the folders this service may read")
+        return entry
+
+    def _output(self, folder: Path, name: str) -> Path:
+        if self.registry.get(name) is not None:
+            raise DeltakitError(f"{name!r} is already a registered name; choose another output name")
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / name
+
+    def _execute(self, job: Job) -> dict[str, Any]:
+        p, progress = job.params, self._progress(job.id)
+        if job.kind == "apply":
+            base = self.resolve(p["base"], kind="model")
+            delta = self.resolve(p["delta"], kind="delta")
+            out = self._output(self.settings.models_dir, p["output"])
+            applied = apply_delta(base.path, delta.path, out, progress=progress)
+            self.registry.add_known(p["output"], out, "model", applied.fingerprint, applied.bytes_written)
+            return {
+                "output": p["output"],
+                "fingerprint": applied.fingerprint,
+                "tensors": applied.tensors,
+                "encodings": applied.encodings,
+                "bytes_written": applied.bytes_written,
+                "verified": True,
+            }
+        if job.kind == "make":
+            base = self.resolve(p["base"], kind="model")
+            target = self.resolve(p["target"], kind="model")
+            out = self._output(self.settings.deltas_dir, p["output"])
+            made = make_delta(base.path, target.path, out, progress=progress)
+            self.registry.add(p["output"], out)
+            return {
+                "output": p["output"],
+                "encodings": made.encodings,
+                "payload_bytes": made.payload_bytes,
+                "target_bytes": made.target_bytes,
+                "raw_tensors": list(made.raw_tensors),
+                "dropped": list(made.dropped),
+            }
+        # verify
+        delta = self.resolve(p["delta"], kind="delta")
+        if p.get("model"):
+            report = verify_model(self.resolve(p["model"], kind="model").path, delta.path, progress=progress)
+        else:
+            base_path = self.resolve(p["base"], kind="model").path if p.get("base") else None
+            report = verify_delta(delta.path, base=base_path, progress=progress)
+        return {
+            "ok": report.ok,
+            "checked": report.checked,
+            "missing": list(report.missing),
+            "extra": list(report.extra),
+            "mismatched": [{"name": m.name, "expected": m.expected, "actual": m.actual} for m in report.mismatched],
+        }

@@ -1,0 +1,124 @@
+"""Assemble the FastAPI app: settings, store, registry, job runner, routers, and error handlers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from deltakit import __version__
+from deltakit.errors import DeltakitError, InputNotFoundError, OutputExistsError
+from deltakit.registry import Registry
+
+from .jobs import NameOutsideRoots, Runner
+from .routes import health, jobs, metrics, models
+from .settings import Settings
+from .store import Store
+
+_STATUS: list[tuple[type[Exception], int]] = [
+    (InputNotFoundError, 404),
+    (NameOutsideRoots, 403),
+    (OutputExistsError, 409),
+]
+
+
+def _problem(status: int, type_: str, title: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"type": type_, "title": title, "status": status, "detail": detail}
+    return JSONResponse(body, status_code=status, media_type="application/problem+json", headers=headers)
+
+
+async def _deltakit_error(request: Request, exc: Exception) -> JSONResponse:
+    status = next((code for cls, code in _STATUS if isinstance(exc, cls)), 422)
+    return _problem(status, type(exc).__name__, "the request cannot be carried out", str(exc))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return _problem(exc.status_code, "HTTPError", str(exc.detail), str(exc.detail), dict(exc.headers or {}))
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    return _problem(422, "ValidationError", "the request is not valid", detail)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    return _problem(500, "InternalError", "an unexpected error", "see the service log")  # never a stack trace
+
+
+class BodyLimit:
+    """Refuse request bodies above a size, announced or streamed, with 413."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await _problem(413, "PayloadTooLarge", "request body too large", f"at most {self.limit} bytes")(
+                scope, receive, send
+            )
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await _problem(413, "PayloadTooLarge", "request body too large", f"at most {self.limit} bytes")(
+                scope, receive, send
+            )
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The service app; its job store, registry and workers live as long as it does."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.home.mkdir(parents=True, exist_ok=True)
+        store = Store(settings.database)
+        registry = Registry(settings.home)
+        runner = Runner(settings, store, registry)
+        app.state.settings, app.state.store, app.state.registry, app.state.runner = settings, store, registry, runner
+        runner.recover()
+        try:
+            yield
+        finally:
+            runner.shutdown()
+            store.close()
+
+    app = FastAPI(title="deltakit", version=__version__, lifespan=lifespan)
+    for router in (health.router, models.router, jobs.router, metrics.router):
+        app.include_router(router)
+    handlers: dict[Any, Callable[[Request, Exception], Awaitable[JSONResponse]]] = {
+        DeltakitError: _deltakit_error,
+        StarletteHTTPException: _http_error,
+        RequestValidationError: _validation_error,
+        Exception: _unexpected,
+    }
+    for exc_class, handler in handlers.items():
+        app.add_exception_handler(exc_class, handler)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app

@@ -1,0 +1,92 @@
+"""The API's request and response models; storage rows are converted here, at the HTTP edge."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, StringConstraints, model_validator
+
+from .store import Job
+
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+
+_REQUIRED = {"apply": ("base", "delta", "output"), "make": ("base", "target", "output"), "verify": ("delta",)}
+
+
+class JobRequest(BaseModel):
+    """``apply`` needs base, delta, output; ``make`` base, target, output; ``verify`` a delta, and a base
+    or a model to check against it. Every value is a registered name, never a path."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["apply", "make", "verify"]
+    base: Name | None = None
+    delta: Name | None = None
+    target: Name | None = None
+    model: Name | None = None
+    output: Name | None = None
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self) -> JobRequest:
+        missing = [f for f in _REQUIRED[self.kind] if getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"a {self.kind} job needs {', '.join(missing)}")
+        if self.kind == "verify" and self.base and self.model:
+            raise ValueError("verify takes a base (to check the delta's base) or a model, not both")
+        return self
+
+    def params(self) -> dict[str, str]:
+        return {k: v for k, v in self.model_dump(exclude={"kind"}).items() if v is not None}
+
+
+class Progress(BaseModel):
+    stage: str | None
+    bytes_done: int
+    bytes_total: int
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    params: dict[str, Any]
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    progress: Progress
+    created: float
+    started: float | None
+    finished: float | None
+    duration: float | None
+    report: dict[str, Any] | None
+    error: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        return cls(
+            id=job.id,
+            kind=job.kind,
+            params=job.params,
+            state=job.state,  # type: ignore[arg-type]
+            progress=Progress(stage=job.stage, bytes_done=job.bytes_done, bytes_total=job.bytes_total),
+            created=job.created,
+            started=job.started,
+            finished=job.finished,
+            duration=job.duration,
+            report=job.report,
+            error=job.error,
+        )
+
+
+class ModelOut(BaseModel):
+    name: str
+    kind: Literal["model", "delta"]
+    fingerprint: str
+    base_fingerprint: str | None
+    size: int
+
+
+class Problem(BaseModel):
+    """An error, as RFC 9457 problem details: ``type`` is the deltakit error class."""
+
+    type: str
+    title: str
+    status: int
+    detail: str

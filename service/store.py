@@ -1,0 +1,200 @@
+"""The embedded job and token store: one SQLite file under the data root.
+
+Every method opens its own short transaction under one lock, so the worker threads and the request
+handlers can share it; the store holds state, the runner does the work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+ACTIVE = ("queued", "running")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    params TEXT NOT NULL,
+    request_hash TEXT NOT NULL,
+    idempotency_key TEXT UNIQUE,
+    state TEXT NOT NULL,
+    bytes_done INTEGER NOT NULL DEFAULT 0,
+    bytes_total INTEGER NOT NULL DEFAULT 0,
+    stage TEXT,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    report TEXT,
+    error TEXT,
+    temp_output TEXT
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    hash TEXT PRIMARY KEY,
+    scope TEXT NOT NULL,
+    created REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    kind: str
+    params: dict[str, Any]
+    state: str
+    bytes_done: int
+    bytes_total: int
+    stage: str | None
+    created: float
+    started: float | None
+    finished: float | None
+    report: dict[str, Any] | None
+    error: dict[str, Any] | None
+    temp_output: str | None
+
+    @property
+    def duration(self) -> float | None:
+        if self.started is None:
+            return None
+        return (self.finished or time.time()) - self.started
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def request_hash(kind: str, params: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps([kind, params], sort_keys=True).encode()).hexdigest()
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _run(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # tokens ----------------------------------------------------------------------------------------
+
+    def create_token(self, scope: str) -> str:
+        """A new bearer token, returned once; only its hash is kept."""
+        token = "dk_" + secrets.token_urlsafe(32)
+        self._run(
+            "INSERT INTO tokens (hash, scope, created) VALUES (?, ?, ?)", (_token_hash(token), scope, time.time())
+        )
+        return token
+
+    def token_scope(self, token: str) -> str | None:
+        rows = self._run("SELECT scope FROM tokens WHERE hash = ?", (_token_hash(token),))
+        return str(rows[0]["scope"]) if rows else None
+
+    # jobs ------------------------------------------------------------------------------------------
+
+    def create_job(self, kind: str, params: dict[str, Any], idempotency_key: str | None) -> tuple[Job, bool]:
+        """Queue a job, or return the one this request already made: ``(job, created)``."""
+        digest = request_hash(kind, params)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if idempotency_key is not None:
+                    row = self._db.execute(
+                        "SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
+                    ).fetchone()
+                else:
+                    row = self._db.execute(
+                        "SELECT * FROM jobs WHERE request_hash = ? AND state IN ('queued', 'running') "
+                        "ORDER BY created LIMIT 1",
+                        (digest,),
+                    ).fetchone()
+                if row is not None:
+                    self._db.execute("COMMIT")
+                    return _job(row), False
+                job_id = uuid.uuid4().hex
+                self._db.execute(
+                    "INSERT INTO jobs (id, kind, params, request_hash, idempotency_key, state, created) "
+                    "VALUES (?, ?, ?, ?, ?, 'queued', ?)",
+                    (job_id, kind, json.dumps(params), digest, idempotency_key, time.time()),
+                )
+                row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                self._db.execute("COMMIT")
+                return _job(row), True
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def get(self, job_id: str) -> Job | None:
+        rows = self._run("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return _job(rows[0]) if rows else None
+
+    def recent(self, limit: int = 100) -> list[Job]:
+        return [_job(r) for r in self._run("SELECT * FROM jobs ORDER BY created DESC LIMIT ?", (limit,))]
+
+    def queued(self) -> list[Job]:
+        return [_job(r) for r in self._run("SELECT * FROM jobs WHERE state = 'queued' ORDER BY created")]
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        encoded = {k: json.dumps(v) if k in ("report", "error") and v is not None else v for k, v in fields.items()}
+        columns = ", ".join(f"{k} = ?" for k in encoded)
+        self._run(f"UPDATE jobs SET {columns} WHERE id = ?", (*encoded.values(), job_id))
+
+    def start(self, job_id: str) -> bool:
+        """Mark a queued job running; False when it was cancelled meanwhile."""
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE jobs SET state = 'running', started = ? WHERE id = ? AND state = 'queued'",
+                (time.time(), job_id),
+            )
+            return cursor.rowcount == 1
+
+    def counts(self) -> dict[str, int]:
+        rows = self._run("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+        counts = dict.fromkeys(STATES, 0)
+        counts.update({str(r["state"]): int(r["n"]) for r in rows})
+        return counts
+
+    def totals(self) -> tuple[int, float, int]:
+        """Bytes processed by finished jobs, and the sum and count of their durations."""
+        rows = self._run(
+            "SELECT COALESCE(SUM(bytes_done), 0) AS b, COALESCE(SUM(finished - started), 0) AS d, COUNT(*) AS n "
+            "FROM jobs WHERE finished IS NOT NULL AND started IS NOT NULL"
+        )
+        return int(rows[0]["b"]), float(rows[0]["d"]), int(rows[0]["n"])
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        kind=row["kind"],
+        params=json.loads(row["params"]),
+        state=row["state"],
+        bytes_done=row["bytes_done"],
+        bytes_total=row["bytes_total"],
+        stage=row["stage"],
+        created=row["created"],
+        started=row["started"],
+        finished=row["finished"],
+        report=json.loads(row["report"]) if row["report"] else None,
+        error=json.loads(row["error"]) if row["error"] else None,
+        temp_output=row["temp_output"],
+    )

@@ -1,0 +1,215 @@
+"""The HTTP service, run for real with uvicorn on 127.0.0.1 and driven with httpx."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from conftest import assert_same_tensors, finetune_of, llama_like, load_checkpoint, write_checkpoint
+
+from deltakit import make_delta
+from deltakit.registry import Registry
+from service.main import create_app
+from service.settings import Settings
+from service.store import Store
+
+
+class LiveServer:
+    """uvicorn serving the app on an ephemeral loopback port, in a thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture
+def home(tmp_path):
+    home = tmp_path / "home"
+    base = llama_like(torch.float16, vocab=256, hidden=64)
+    target = finetune_of(base, extra_vocab=8)
+    base_dir = write_checkpoint(home / "data" / "llama-7b", base)
+    target_dir = write_checkpoint(home / "data" / "panda-7b", target, files={"config.json": "{}"})
+    make_delta(base_dir, target_dir, home / "data" / "panda-7b-delta")
+    registry = Registry(home)
+    registry.add("llama-7b", base_dir)
+    registry.add("panda-7b-src", target_dir)
+    registry.add("panda-7b", home / "data" / "panda-7b-delta")
+    store = Store(home / "jobs.sqlite3")
+    tokens = {"read": store.create_token("read"), "write": store.create_token("write")}
+    store.close()
+    return home, tokens, target
+
+
+def client(url: str, token: str | None) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=url, headers=headers, timeout=30)
+
+
+def wait(http: httpx.Client, job_id: str, states: tuple[str, ...] = ("succeeded", "failed", "cancelled")) -> dict:
+    deadline = time.monotonic() + 60
+    while True:
+        job = http.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] in states:
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+
+
+def test_apply_job_from_request_to_verified_output(home):
+    root, tokens, target = home
+    with LiveServer(Settings(home=root)) as url, client(url, tokens["write"]) as http:
+        created = http.post("/v1/jobs", json={"kind": "apply", "base": "llama-7b", "delta": "panda-7b", "output": "p"})
+        assert created.status_code == 202, created.text
+        assert created.headers["location"] == f"/v1/jobs/{created.json()['id']}"
+        job = wait(http, created.json()["id"])
+        assert job["state"] == "succeeded", job
+        assert job["report"]["verified"] is True
+        assert job["progress"]["bytes_done"] == job["progress"]["bytes_total"] > 0
+
+        assert_same_tensors(load_checkpoint(root / "models" / "p"), target)
+        listed = {m["name"]: m for m in http.get("/v1/models").json()}
+        assert listed["p"]["kind"] == "model" and listed["p"]["fingerprint"] == job["report"]["fingerprint"]
+        assert http.get("/v1/models/p").json()["size"] > 0
+
+        with http.stream("GET", f"/v1/jobs/{job['id']}/events") as events:
+            text = "".join(events.iter_text())
+        assert "event: end" in text and '"state":"succeeded"' in text
+
+        verify = http.post("/v1/jobs", json={"kind": "verify", "delta": "panda-7b", "model": "p"})
+        assert wait(http, verify.json()["id"])["report"]["ok"] is True
+        metrics = http.get("/metrics").text
+        assert 'deltakit_jobs{state="succeeded"} 2' in metrics and "deltakit_bytes_processed_total" in metrics
+
+
+def test_auth_scopes(home):
+    root, tokens, _ = home
+    job = {"kind": "verify", "delta": "panda-7b"}
+    with LiveServer(Settings(home=root)) as url:
+        with client(url, None) as anonymous:
+            assert anonymous.get("/healthz").json() == {"status": "ok"}
+            assert anonymous.get("/readyz").status_code == 200
+            refused = anonymous.get("/v1/models")
+            assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+            assert refused.headers["content-type"] == "application/problem+json"
+            assert anonymous.get("/metrics").status_code == 401
+        with client(url, "dk_not-a-token") as forged:
+            assert forged.get("/v1/jobs").status_code == 401
+        with client(url, tokens["read"]) as reader:
+            assert reader.get("/v1/models").status_code == 200
+            assert reader.post("/v1/jobs", json=job).status_code == 403
+        with client(url, tokens["write"]) as writer:
+            assert writer.post("/v1/jobs", json=job).status_code == 202
+
+
+def test_only_registered_names_inside_the_roots_come_in(home, tmp_path):
+    root, tokens, _ = home
+    outside = write_checkpoint(tmp_path / "outside", llama_like(torch.float16))
+    (root / "data" / "link").symlink_to(outside, target_is_directory=True)
+    Registry(root).add("sneaky", root / "data" / "link")
+    Registry(root).add("elsewhere", outside)
+    with LiveServer(Settings(home=root)) as url, client(url, tokens["write"]) as http:
+        for bad in ("../llama-7b", "/etc/passwd", "a/b", ".hidden", ""):
+            response = http.post("/v1/jobs", json={"kind": "apply", "base": bad, "delta": "panda-7b", "output": "x"})
+            assert response.status_code == 422, (bad, response.text)
+            assert response.json()["type"] == "ValidationError"
+        for name in ("sneaky", "elsewhere"):
+            response = http.post("/v1/jobs", json={"kind": "apply", "base": name, "delta": "panda-7b", "output": "x"})
+            assert response.status_code == 403, response.text
+            assert response.json()["type"] == "NameOutsideRoots"
+        missing = http.post("/v1/jobs", json={"kind": "apply", "base": "nope", "delta": "panda-7b", "output": "x"})
+        assert missing.status_code == 404 and missing.json()["type"] == "InputNotFoundError"
+        taken = http.post(
+            "/v1/jobs", json={"kind": "apply", "base": "llama-7b", "delta": "panda-7b", "output": "llama-7b"}
+        )
+        assert taken.status_code == 409
+        huge = http.post("/v1/jobs", content=b"{" + b" " * 100_000 + b"}", headers={"content-type": "application/json"})
+        assert huge.status_code == 413
+        assert "Traceback" not in huge.text
+        assert not (root / "models" / "x").exists()
+
+
+def test_cancel_stops_the_work_and_removes_its_output(home, monkeypatch):
+    root, tokens, _ = home
+    monkeypatch.setattr("deltakit.streaming.CHUNK_BYTES", 256)  # many small chunks: a job that takes a while
+    with LiveServer(Settings(home=root, workers=1)) as url, client(url, tokens["write"]) as http:
+        running = http.post("/v1/jobs", json={"kind": "apply", "base": "llama-7b", "delta": "panda-7b", "output": "a"})
+        queued = http.post("/v1/jobs", json={"kind": "apply", "base": "llama-7b", "delta": "panda-7b", "output": "b"})
+        wait(http, running.json()["id"], ("running",))
+        assert http.delete(f"/v1/jobs/{queued.json()['id']}").json()["state"] == "cancelled"
+        http.delete(f"/v1/jobs/{running.json()['id']}")
+        assert wait(http, running.json()["id"])["state"] == "cancelled"
+        assert not (root / "models" / "a").exists()
+        assert not list((root / "models").glob(".*")), "no temporary output is left"
+        assert "a" not in {m["name"] for m in http.get("/v1/models").json()}
+
+
+def test_the_same_request_returns_the_same_job(home, monkeypatch):
+    root, tokens, _ = home
+    monkeypatch.setattr("deltakit.streaming.CHUNK_BYTES", 256)
+    request = {"kind": "apply", "base": "llama-7b", "delta": "panda-7b", "output": "same"}
+    with LiveServer(Settings(home=root, workers=1)) as url, client(url, tokens["write"]) as http:
+        first = http.post("/v1/jobs", json=request).json()
+        assert http.post("/v1/jobs", json=request).json()["id"] == first["id"]
+        keyed = http.post("/v1/jobs", json={"kind": "verify", "delta": "panda-7b"}, headers={"Idempotency-Key": "k1"})
+        wait(http, keyed.json()["id"])
+        again = http.post("/v1/jobs", json={"kind": "verify", "delta": "panda-7b"}, headers={"Idempotency-Key": "k1"})
+        assert again.json()["id"] == keyed.json()["id"], "a finished job is returned for its key too"
+        http.delete(f"/v1/jobs/{first['id']}")
+        wait(http, first["id"])
+
+
+def test_a_restart_marks_interrupted_jobs_and_cleans_their_temporary_output(home):
+    root, tokens, _ = home
+    store = Store(root / "jobs.sqlite3")
+    job, _ = store.create_job("apply", {"base": "llama-7b", "delta": "panda-7b", "output": "half"}, None)
+    store.start(job.id)  # as if the service died while this ran
+    store.close()
+    leftover = root / "models" / ".half.deltakit-0123456789ab.tmp"
+    leftover.mkdir(parents=True)
+    (leftover / "model.safetensors").write_bytes(b"half written")
+    with LiveServer(Settings(home=root)) as url, client(url, tokens["read"]) as http:
+        seen = http.get(f"/v1/jobs/{job.id}").json()
+        assert seen["state"] == "failed" and seen["error"]["type"] == "Interrupted"
+        assert not leftover.exists()
+        assert "half" not in {m["name"] for m in http.get("/v1/models").json()}
+
+
+def test_openapi_schema_is_served(home):
+    root, _, _ = home
+    with LiveServer(Settings(home=root)) as url, client(url, None) as http:
+        schema = http.get("/openapi.json").json()
+        assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/models", "/metrics"} <= set(
+            schema["paths"]
+        )
+
+
+def test_token_create_prints_the_token_alone_and_stores_only_its_hash(tmp_path, monkeypatch):
+    from test_cli import deltakit_cli
+
+    monkeypatch.setenv("DELTAKIT_HOME", str(tmp_path / "h"))
+    result = deltakit_cli("token", "create", "--scope", "read")
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    assert token.startswith("dk_") and "\n" not in token
+    store = Store(Path(tmp_path / "h" / "jobs.sqlite3"))
+    assert store.token_scope(token) == "read"
+    assert token.encode() not in (tmp_path / "h" / "jobs.sqlite3").read_bytes()
+    store.close()
