@@ -21,14 +21,17 @@ def test_no_generated_request_makes_the_service_fail(home):  # noqa: F811 - the 
         assert len(operations) >= 8
         calls = []
         for operation in operations:
-
-            @given(case=operation.as_strategy())
-            @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-            def call(case):  # noqa: ANN001 - a schemathesis Case
-                response = case.call(base_url=url, headers=headers, timeout=10)
-                calls.append(response.status_code)
-                assert response.status_code < 500, (operation.label, case.body, response.text)
-                assert "Traceback" not in response.text
-
-            call()
+            _fuzz(operation, url, headers, calls)
         assert len(calls) >= 5 * len(operations), "the run really exercised every operation"
+
+
+def _fuzz(operation, url: str, headers: dict[str, str], calls: list[int]) -> None:
+    @given(case=operation.as_strategy())
+    @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    def call(case) -> None:
+        response = case.call(base_url=url, headers=headers, timeout=10)
+        calls.append(response.status_code)
+        assert response.status_code < 500, (operation.label, case.body, response.text)
+        assert "Traceback" not in response.text
+
+    call()
