@@ -1,13 +1,21 @@
-# deltakit in a slim image; CPU PyTorch from the PyTorch index keeps the image small.
+# deltakit in a slim image: the CLI as entrypoint, `deltakit serve` by default, as a non-root user.
+# CPU PyTorch from the PyTorch index keeps the image small.
 FROM python:3.11-slim
 
-ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
+ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 DELTAKIT_HOME=/data/deltakit
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY deltakit ./deltakit
+COPY service ./service
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch>=2.1" \
-    && pip install .
+    && pip install . \
+    && useradd --create-home --uid 10001 deltakit \
+    && mkdir -p /data/deltakit && chown -R deltakit /data
 
+USER deltakit
 WORKDIR /data
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"
 ENTRYPOINT ["deltakit"]
-CMD ["--help"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
