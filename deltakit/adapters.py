@@ -75,23 +75,17 @@ def _plan(
 ) -> dict[str, tuple[TensorInfo, list[LoraPair]]]:
     plan: dict[str, tuple[TensorInfo, list[LoraPair]]] = {n: (info, []) for n, info in base_tensors.items()}
     for adapter in adapters:
-        for name, info in adapter.replacements.items():
+        for name in [*adapter.replacements, *adapter.pairs]:
             if name not in plan:
                 raise UnsupportedInputError(
-                    f"adapter {adapter.root} carries {name!r}, which the base lacks: "
-                    "it was made for another architecture",
-                    path=adapter.root,
-                    tensor=name,
-                )
-            plan[name] = (info, [])  # a replacement discards earlier adapters' updates to it
-        for name, pair in adapter.pairs.items():
-            if name not in plan:
-                raise UnsupportedInputError(
-                    f"adapter {adapter.root} adapts {name!r}, which the base lacks: it was made for another "
+                    f"adapter {adapter.root} changes {name!r}, which the base lacks: it was made for another "
                     "architecture",
                     path=adapter.root,
                     tensor=name,
                 )
+        for name, info in adapter.replacements.items():
+            plan[name] = (info, [])  # a replacement discards earlier adapters' updates to it
+        for name, pair in adapter.pairs.items():
             source, pairs = plan[name]
             if not _fits(pair, source.shape) or not is_float(source.dtype):
                 raise UnsupportedInputError(
