@@ -462,7 +462,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from service.main import create_app
 
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info")
+    # Streams (server-sent events) end by themselves within minutes; do not wait that long to stop.
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)
     return 0
 
 

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import FormatError, InputNotFoundError, UnsupportedInputError
+from .errors import FormatError, InputNotFoundError, OutputExistsError, UnsupportedInputError
 from .formats.checkpoint import open_checkpoint
 from .manifest import MANIFEST_NAME, load_manifest
 from .progress import ProgressFactory, no_progress
@@ -77,7 +77,11 @@ class Registry:
     def _read(self) -> dict[str, Entry]:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-            return {name: Entry(**fields) for name, fields in data.items()}
+            entries = {name: Entry(**fields) for name, fields in data.items()}
+            for name, e in entries.items():
+                if e.name != name or e.kind not in ("model", "delta") or not isinstance(e.path, str):
+                    raise ValueError(f"entry {name!r} is malformed")
+            return entries
         except FileNotFoundError:
             return {}
         except (OSError, ValueError, TypeError, RecursionError) as e:
@@ -122,6 +126,8 @@ class Registry:
             raise UnsupportedInputError(f"{name!r} is not a valid name")
         entry = Entry(name, str(Path(path).resolve()), kind, fingerprint, base_fingerprint, size, time.time())
         with self._locked() as entries:
+            if name in entries:
+                raise OutputExistsError(f"{name!r} is already registered", path=entries[name].path)
             entries[name] = entry
         return entry
 

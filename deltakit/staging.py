@@ -5,6 +5,7 @@ Whatever fails, the final path is either absent or holds the complete result: ne
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import uuid
@@ -13,7 +14,7 @@ from types import TracebackType
 
 from .errors import OutputExistsError
 
-__all__ = ["StagedFolder", "check_output_free", "fsync_path"]
+__all__ = ["StagedFolder", "check_output_free", "fsync_path", "remove_abandoned"]
 
 
 def fsync_path(path: str | Path) -> None:
@@ -55,6 +56,10 @@ class StagedFolder:
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.path = self.final.parent / f".{self.final.name}.deltakit-{uuid.uuid4().hex[:12]}.tmp"
         self.path.mkdir()
+        # Held while this process builds the folder; the kernel drops it if the process dies, which is
+        # how remove_abandoned() tells a crashed build from a live one.
+        self._lock_fd = os.open(self.path, os.O_RDONLY)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         self._committed = False
 
     def __enter__(self) -> StagedFolder:
@@ -73,6 +78,12 @@ class StagedFolder:
                     parent.rmdir()
                 except OSError:
                     break
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def commit(self) -> Path:
         """fsync every file, then rename the folder into place (an empty ``final`` is replaced)."""
@@ -84,4 +95,26 @@ class StagedFolder:
         os.rename(self.path, self.final)  # rename(2) replaces an empty folder atomically
         fsync_path(self.final.parent)
         self._committed = True
+        self._unlock()
         return self.final
+
+
+def remove_abandoned(folder: Path) -> list[Path]:
+    """Remove the staging folders under ``folder`` whose builder died; live builds are left alone.
+
+    Returns what was removed.
+    """
+    removed: list[Path] = []
+    for candidate in sorted(folder.glob(".*.deltakit-*.tmp")) if folder.is_dir() else ():
+        if not candidate.is_dir() or candidate.is_symlink():
+            continue
+        fd = os.open(candidate, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live process holds it
+        finally:
+            os.close(fd)
+        shutil.rmtree(candidate, ignore_errors=True)
+        removed.append(candidate)
+    return removed

@@ -11,7 +11,9 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from deltakit import apply_delta, make_delta, verify_delta, verify_model
 from deltakit.errors import DeltakitError, InputNotFoundError
 from deltakit.progress import ProgressBar
 from deltakit.registry import Entry, Registry
+from deltakit.staging import remove_abandoned
 
 from .settings import Settings
 from .store import Job, Store
@@ -26,10 +29,15 @@ from .store import Job, Store
 log = logging.getLogger(__name__)
 
 _FLUSH_SECONDS = 0.25
+_INTERRUPTED = {"type": "Interrupted", "detail": "the service stopped while this job ran; run it again"}
 
 
 class JobCancelled(Exception):
     """Raised inside a running job when it is cancelled."""
+
+
+class JobInterrupted(Exception):
+    """Raised inside a running job when the service stops."""
 
 
 class NameOutsideRoots(DeltakitError, PermissionError):
@@ -46,8 +54,7 @@ class _JobBar:
 
     def update(self, n: int) -> None:
         self._done += n
-        if self._runner.is_cancelled(self._job_id):
-            raise JobCancelled
+        self._runner.check(self._job_id)
         now = time.monotonic()
         if now - self._last >= _FLUSH_SECONDS:
             self._last = now
@@ -65,6 +72,7 @@ class Runner:
         self._pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="deltakit-job")
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
 
     # lifecycle -------------------------------------------------------------------------------------
 
@@ -73,22 +81,17 @@ class Runner:
         queued jobs run again."""
         for job in self.store.recent(limit=1_000_000):
             if job.state == "running":
-                self.store.update(
-                    job.id,
-                    state="failed",
-                    finished=time.time(),
-                    error={"type": "Interrupted", "detail": "the service stopped while this job ran; run it again"},
-                )
+                self.store.finish(job.id, "failed", error=_INTERRUPTED)
         for folder in (self.settings.models_dir, self.settings.deltas_dir):
-            for leftover in folder.glob(".*.tmp") if folder.is_dir() else ():
-                shutil.rmtree(leftover, ignore_errors=True)
+            for leftover in remove_abandoned(folder):  # a live build (the CLI's, say) holds its lock
                 log.info("removed the temporary output %s of an interrupted job", leftover)
         for job in self.store.queued():
             self.submit(job.id)
 
     def shutdown(self) -> None:
-        with self._lock:
-            self._cancelled.update(j.id for j in self.store.recent() if j.state in ("queued", "running"))
+        """Stop: running jobs end as interrupted (their staging folders removed), queued ones wait for
+        the next start."""
+        self._stopping.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     # jobs ------------------------------------------------------------------------------------------
@@ -99,13 +102,22 @@ class Runner:
     def cancel(self, job_id: str) -> None:
         with self._lock:
             self._cancelled.add(job_id)
-        job = self.store.get(job_id)
-        if job is not None and job.state == "queued":
-            self.store.update(job_id, state="cancelled", finished=time.time())
+        self.store.finish(job_id, "cancelled", only_if="queued")
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
 
     def is_cancelled(self, job_id: str) -> bool:
         with self._lock:
             return job_id in self._cancelled
+
+    def check(self, job_id: str) -> None:
+        """Called from inside a running job: stop it if it was cancelled or the service is stopping."""
+        if self._stopping.is_set():
+            raise JobInterrupted
+        if self.is_cancelled(job_id):
+            raise JobCancelled
 
     def _progress(self, job_id: str) -> Any:
         def factory(total: int, stage: str) -> ProgressBar:
@@ -114,25 +126,23 @@ class Runner:
         return factory
 
     def _run(self, job_id: str) -> None:
-        if self.is_cancelled(job_id) or not self.store.start(job_id):
+        if self._stopping.is_set() or self.is_cancelled(job_id) or not self.store.start(job_id):
             return
         job = self.store.get(job_id)
         assert job is not None
         try:
             report = self._execute(job)
         except JobCancelled:
-            self.store.update(job_id, state="cancelled", finished=time.time())
+            self.store.finish(job_id, "cancelled")
+        except JobInterrupted:
+            self.store.finish(job_id, "failed", error=_INTERRUPTED)
         except DeltakitError as e:
-            self.store.update(
-                job_id, state="failed", finished=time.time(), error={"type": type(e).__name__, "detail": str(e)}
-            )
+            self.store.finish(job_id, "failed", error={"type": type(e).__name__, "detail": str(e)})
         except Exception as e:  # a bug: recorded on the job, never a crashed worker
             log.exception("job %s failed unexpectedly", job_id)
-            self.store.update(
-                job_id, state="failed", finished=time.time(), error={"type": "InternalError", "detail": str(e)}
-            )
+            self.store.finish(job_id, "failed", error={"type": "InternalError", "detail": str(e)})
         else:
-            self.store.update(job_id, state="succeeded", finished=time.time(), report=report)
+            self.store.finish(job_id, "succeeded", report=report)
 
     # name resolution -------------------------------------------------------------------------------
 
@@ -142,9 +152,21 @@ class Runner:
         if entry is None or (kind is not None and entry.kind != kind):
             raise InputNotFoundError(f"no registered {kind or 'model or delta'} is named {name!r}")
         real = Path(entry.path).resolve()
-        if not any(real.is_relative_to(root) for root in self.settings.allowed_roots):
+        inside = self._inside_roots
+        if not inside(real) or (real.is_dir() and not all(inside(f.resolve()) for f in real.rglob("*"))):
             raise NameOutsideRoots(f"{name!r} resolves outside the folders this service may read")
-        return entry
+        return replace(entry, path=str(real))
+
+    def _inside_roots(self, path: Path) -> bool:
+        return any(path.is_relative_to(root) for root in self.settings.allowed_roots)
+
+    def _register(self, out: Path, register: Callable[[], Entry]) -> None:
+        """An output that cannot be registered is removed: no unlisted folder blocks a retry."""
+        try:
+            register()
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)
+            raise
 
     def _output(self, folder: Path, name: str) -> Path:
         if self.registry.get(name) is not None:
@@ -159,7 +181,10 @@ class Runner:
             delta = self.resolve(p["delta"], kind="delta")
             out = self._output(self.settings.models_dir, p["output"])
             applied = apply_delta(base.path, delta.path, out, progress=progress)
-            self.registry.add_known(p["output"], out, "model", applied.fingerprint, applied.bytes_written)
+            self._register(
+                out,
+                lambda: self.registry.add_known(p["output"], out, "model", applied.fingerprint, applied.bytes_written),
+            )
             return {
                 "output": p["output"],
                 "fingerprint": applied.fingerprint,
@@ -173,7 +198,7 @@ class Runner:
             target = self.resolve(p["target"], kind="model")
             out = self._output(self.settings.deltas_dir, p["output"])
             made = make_delta(base.path, target.path, out, progress=progress)
-            self.registry.add(p["output"], out)
+            self._register(out, lambda: self.registry.add(p["output"], out))
             return {
                 "output": p["output"],
                 "encodings": made.encodings,

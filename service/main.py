@@ -16,8 +16,10 @@ from deltakit import __version__
 from deltakit.errors import DeltakitError, InputNotFoundError, OutputExistsError
 from deltakit.registry import Registry
 
+from .deps import Read
 from .jobs import NameOutsideRoots, Runner
 from .routes import health, jobs, metrics, models
+from .routes.jobs import JobFinished
 from .settings import Settings
 from .store import Store
 
@@ -25,6 +27,7 @@ _STATUS: list[tuple[type[Exception], int]] = [
     (InputNotFoundError, 404),
     (NameOutsideRoots, 403),
     (OutputExistsError, 409),
+    (JobFinished, 409),
 ]
 
 
@@ -54,7 +57,8 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 class BodyLimit:
-    """Refuse request bodies above a size, announced or streamed, with 413."""
+    """Refuse request bodies above a size with 413, whether announced or streamed: the body is read
+    (up to the limit) before the app sees the request."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -63,32 +67,28 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        too_large = _problem(413, "PayloadTooLarge", "request body too large", f"at most {self.limit} bytes")
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await _problem(413, "PayloadTooLarge", "request body too large", f"at most {self.limit} bytes")(
-                scope, receive, send
-            )
+            await too_large(scope, receive, send)
             return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        messages: list[Message] = []
+        size = 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge
-            return message
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await too_large(scope, receive, send)
+                return
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+        replay = iter(messages)
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await _problem(413, "PayloadTooLarge", "request body too large", f"at most {self.limit} bytes")(
-                scope, receive, send
-            )
+        async def buffered() -> Message:
+            return next(replay, None) or await receive()
 
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, buffered, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -109,9 +109,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             runner.shutdown()
             store.close()
 
-    app = FastAPI(title="deltakit", version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="deltakit", version=__version__, lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None
+    )
     for router in (health.router, models.router, jobs.router, metrics.router):
         app.include_router(router)
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Read])
+    def openapi() -> dict[str, Any]:  # behind a token like everything but health
+        return app.openapi()
+
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[JSONResponse]]] = {
         DeltakitError: _deltakit_error,
         StarletteHTTPException: _http_error,

@@ -143,6 +143,10 @@ class Store:
                 self._db.execute("ROLLBACK")
                 raise
 
+    def by_key(self, idempotency_key: str) -> Job | None:
+        rows = self._run("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,))
+        return _job(rows[0]) if rows else None
+
     def get(self, job_id: str) -> Job | None:
         rows = self._run("SELECT * FROM jobs WHERE id = ?", (job_id,))
         return _job(rows[0]) if rows else None
@@ -153,10 +157,39 @@ class Store:
     def queued(self) -> list[Job]:
         return [_job(r) for r in self._run("SELECT * FROM jobs WHERE state = 'queued' ORDER BY created")]
 
+    _UPDATABLE = frozenset({"bytes_done", "bytes_total", "stage"})
+
     def update(self, job_id: str, **fields: Any) -> None:
+        """Progress fields only; states change through start() and finish()."""
+        if not fields.keys() <= self._UPDATABLE:
+            raise ValueError(f"not an updatable job field: {sorted(fields.keys() - self._UPDATABLE)}")
         encoded = {k: json.dumps(v) if k in ("report", "error") and v is not None else v for k, v in fields.items()}
         columns = ", ".join(f"{k} = ?" for k in encoded)
         self._run(f"UPDATE jobs SET {columns} WHERE id = ?", (*encoded.values(), job_id))
+
+    def finish(
+        self,
+        job_id: str,
+        state: str,
+        *,
+        report: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+        only_if: str = "running",
+    ) -> bool:
+        """End a job, only from the state it must be in: a cancel and a finish never overwrite each other."""
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE jobs SET state = ?, finished = ?, report = ?, error = ? WHERE id = ? AND state = ?",
+                (
+                    state,
+                    time.time(),
+                    json.dumps(report) if report is not None else None,
+                    json.dumps(error) if error is not None else None,
+                    job_id,
+                    only_if,
+                ),
+            )
+            return cursor.rowcount == 1
 
     def start(self, job_id: str) -> bool:
         """Mark a queued job running; False when it was cancelled meanwhile."""

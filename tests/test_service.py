@@ -23,7 +23,10 @@ class LiveServer:
     """uvicorn serving the app on an ephemeral loopback port, in a thread."""
 
     def __init__(self, settings: Settings) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="error"))
+        config = uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=0, log_level="error", timeout_graceful_shutdown=5
+        )
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> str:
@@ -193,8 +196,9 @@ def test_a_restart_marks_interrupted_jobs_and_cleans_their_temporary_output(home
 
 
 def test_openapi_schema_is_served(home):
-    root, _, _ = home
-    with LiveServer(Settings(home=root)) as url, client(url, None) as http:
+    root, tokens, _ = home
+    with LiveServer(Settings(home=root)) as url, client(url, tokens["read"]) as http:
+        assert httpx.get(f"{url}/openapi.json").status_code == 401
         schema = http.get("/openapi.json").json()
         assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/models", "/metrics"} <= set(
             schema["paths"]
@@ -213,3 +217,63 @@ def test_token_create_prints_the_token_alone_and_stores_only_its_hash(tmp_path, 
     assert store.token_scope(token) == "read"
     assert token.encode() not in (tmp_path / "h" / "jobs.sqlite3").read_bytes()
     store.close()
+
+
+def test_review_fixes_idempotency_cancel_and_bodies(home):
+    root, tokens, _ = home
+    verify = {"kind": "verify", "delta": "panda-7b"}
+    with LiveServer(Settings(home=root)) as url, client(url, tokens["write"]) as http:
+        apply = {"kind": "apply", "base": "llama-7b", "delta": "panda-7b", "output": "k"}
+        first = http.post("/v1/jobs", json=apply, headers={"Idempotency-Key": "build-k"}).json()
+        assert wait(http, first["id"])["state"] == "succeeded"
+        retry = http.post("/v1/jobs", json=apply, headers={"Idempotency-Key": "build-k"})
+        assert retry.status_code == 202 and retry.json()["id"] == first["id"], "a retry gets the job, not a 409"
+        reused = http.post("/v1/jobs", json=verify, headers={"Idempotency-Key": "build-k"})
+        assert reused.status_code == 422 and reused.json()["type"] == "IdempotencyKeyReused"
+        assert http.delete(f"/v1/jobs/{first['id']}").status_code == 409
+
+        def chunks():
+            yield b'{"kind": "verify", "delta": "'
+            for _ in range(100):
+                yield b"x" * 1000
+            yield b'"}'
+
+        streamed = http.post("/v1/jobs", content=chunks(), headers={"content-type": "application/json"})
+        assert streamed.status_code == 413 and streamed.json()["type"] == "PayloadTooLarge"
+
+
+def test_a_live_build_survives_a_service_start_and_a_file_linked_out_of_the_roots_is_refused(home, tmp_path):
+    from deltakit.staging import StagedFolder
+
+    root, tokens, _ = home
+    (root / "models").mkdir(exist_ok=True)
+    outside = tmp_path / "secret.safetensors"
+    outside.write_bytes(b"not for the service")
+    linked = root / "data" / "linked"
+    linked.mkdir()
+    (linked / "model.safetensors").symlink_to(outside)
+    Registry(root).add_known("linked", linked, "model", "0" * 64, 1)
+    with (
+        StagedFolder(root / "models" / "cli-built") as live,  # as a CLI apply in progress holds it
+        LiveServer(Settings(home=root)) as url,
+        client(url, tokens["write"]) as http,
+    ):
+        assert live.path.is_dir(), "the service must not remove another process's build in progress"
+        refused = http.post("/v1/jobs", json={"kind": "verify", "delta": "panda-7b", "model": "linked"})
+        assert refused.status_code == 403 and refused.json()["type"] == "NameOutsideRoots"
+
+
+def test_an_output_that_cannot_be_registered_is_removed(home, monkeypatch):
+    from deltakit.errors import FormatError
+
+    root, tokens, _ = home
+
+    def broken(*args, **kwargs):
+        raise FormatError("registry full")
+
+    monkeypatch.setattr(Registry, "add_known", broken)
+    with LiveServer(Settings(home=root)) as url, client(url, tokens["write"]) as http:
+        job = http.post("/v1/jobs", json={"kind": "apply", "base": "llama-7b", "delta": "panda-7b", "output": "o"})
+        ended = wait(http, job.json()["id"])
+        assert ended["state"] == "failed" and ended["error"]["detail"] == "registry full"
+        assert not (root / "models" / "o").exists()

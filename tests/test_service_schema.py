@@ -16,7 +16,7 @@ def test_no_generated_request_makes_the_service_fail(home):  # noqa: F811 - the 
     root, tokens, _ = home
     headers = {"Authorization": f"Bearer {tokens['write']}"}
     with LiveServer(Settings(home=root)) as url:
-        schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+        schema = schemathesis.openapi.from_url(f"{url}/openapi.json", headers=headers)
         operations = [result.ok() for result in schema.get_all_operations()]
         assert len(operations) >= 8
         calls = []

@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Response, status
 from fastapi.responses import StreamingResponse
 
-from deltakit.errors import InputNotFoundError, OutputExistsError
+from deltakit.errors import DeltakitError, InputNotFoundError, OutputExistsError
 
 from ..deps import Read, RunnerDep, StoreDep, Write
-from ..schemas import JobOut, JobRequest
+from ..schemas import JobOut, JobRequest, Problem
 from ..store import ACTIVE, Store
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 _EVENT_SECONDS = 0.5
+_STREAM_SECONDS = 300.0
+
+
+class IdempotencyKeyReused(DeltakitError, ValueError):
+    """An Idempotency-Key came back with a different request."""
+
+
+class JobFinished(DeltakitError, ValueError):
+    """The job already ended."""
 
 
 def _job(store: Store, job_id: str) -> JobOut:
@@ -38,6 +48,10 @@ def create_job(
     """Queue a job; the same request while it is queued or running (or the same Idempotency-Key) gets
     the same job back."""
     params = request.params()
+    if idempotency_key is not None and (earlier := store.by_key(idempotency_key)) is not None:
+        if (earlier.kind, earlier.params) != (request.kind, params):
+            raise IdempotencyKeyReused(f"Idempotency-Key {idempotency_key!r} was used for another request")
+        return JobOut.of(earlier)
     for field, kind in (("base", "model"), ("target", "model"), ("model", "model"), ("delta", "delta")):
         if field in params:
             runner.resolve(params[field], kind=kind)  # 404 or 403 now, not a failed job later
@@ -60,12 +74,18 @@ def get_job(job_id: str, store: StoreDep) -> JobOut:
     return _job(store, job_id)
 
 
-@router.delete("/{job_id}", status_code=status.HTTP_202_ACCEPTED, dependencies=[Write])
+@router.delete(
+    "/{job_id}",
+    status_code=status.HTTP_202_ACCEPTED,
+    dependencies=[Write],
+    responses={409: {"model": Problem, "description": "the job already ended"}},
+)
 def cancel_job(job_id: str, store: StoreDep, runner: RunnerDep) -> JobOut:
     """Cancel a queued or running job: it stops, and its temporary output is removed."""
     job = _job(store, job_id)
-    if job.state in ACTIVE:
-        runner.cancel(job_id)
+    if job.state not in ACTIVE:
+        raise JobFinished(f"job {job_id} already ended {job.state}; there is nothing to cancel")
+    runner.cancel(job_id)
     return _job(store, job_id)
 
 
@@ -75,18 +95,19 @@ def cancel_job(job_id: str, store: StoreDep, runner: RunnerDep) -> JobOut:
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}, "description": "progress events until the job ends"}},
 )
-async def job_events(job_id: str, store: StoreDep) -> StreamingResponse:
+async def job_events(job_id: str, store: StoreDep, runner: RunnerDep) -> StreamingResponse:
     _job(store, job_id)
 
     async def events() -> AsyncIterator[str]:
         last = None
-        while True:
+        deadline = time.monotonic() + _STREAM_SECONDS  # watchers reconnect; nothing holds a stream forever
+        while time.monotonic() < deadline and not runner.stopping:
             job = await asyncio.to_thread(_job, store, job_id)
-            body = job.model_dump_json()
-            if body != last:
+            seen = (job.state, job.progress)
+            if seen != last:
                 name = "progress" if job.state in ACTIVE else "end"
-                yield f"event: {name}\ndata: {body}\n\n"
-                last = body
+                yield f"event: {name}\ndata: {job.model_dump_json()}\n\n"
+                last = seen
             if job.state not in ACTIVE:
                 return
             await asyncio.sleep(_EVENT_SECONDS)
