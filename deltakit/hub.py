@@ -162,6 +162,8 @@ def publish_delta(
     operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files]
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
+        if private and not api.repo_info(repo_id).private:
+            raise HubError(f"{repo_id} exists and is public; refusing to publish what was asked to be private")
         if revision is not None and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         info = api.create_commit(
@@ -214,27 +216,44 @@ def fetch_delta(
     from .engine import verify_delta
 
     repo_id, revision = parse_repo_spec(spec)
-    try:
-        folder = Path(
-            snapshot_download(
-                repo_id,
-                revision=revision,
-                token=token,
-                endpoint=endpoint,
-                cache_dir=cache_dir,
-                library_name="deltakit",
-                library_version=__version__,
+
+    def download(force: bool) -> Path:
+        try:
+            return Path(
+                snapshot_download(
+                    repo_id,
+                    revision=revision,
+                    token=token,
+                    endpoint=endpoint,
+                    cache_dir=cache_dir,
+                    force_download=force,
+                    library_name="deltakit",
+                    library_version=__version__,
+                )
             )
-        )
-    except LocalEntryNotFoundError as e:
-        raise HubError(f"{spec} is not in the local Hub cache and the Hub cannot be reached: {e}") from e
-    except HfHubHTTPError as e:
-        raise HubError(f"could not fetch {spec}: {_http_reason(e)}") from e
-    except OSError as e:
-        raise HubError(f"could not fetch {spec}: {e}") from e
+        except LocalEntryNotFoundError as e:
+            raise HubError(f"{spec} is not in the local Hub cache and the Hub cannot be reached: {e}") from e
+        except HfHubHTTPError as e:
+            raise HubError(f"could not fetch {spec}: {_http_reason(e)}") from e
+        except OSError as e:
+            raise HubError(f"could not fetch {spec}: {e}") from e
+
+    folder = download(force=False)
     report = verify_delta(folder)
+    if not report.ok and not constants_offline():
+        folder = download(force=True)  # the cache may hold a bad copy from an earlier download
+        report = verify_delta(folder)
     if not report.ok:
         first = report.mismatched[0] if report.mismatched else None
         what = f"{first.name}: expected {first.expected}, got {first.actual}" if first else report.missing[0]
-        raise IntegrityError(f"{spec} as downloaded does not match its manifest ({what}); not using it", path=folder)
+        raise IntegrityError(
+            f"{spec} as downloaded does not match its manifest ({what}); not using it (cached copy: {folder})",
+            path=folder,
+        )
     return FetchedDelta(folder, repo_id, revision or "main", folder.name)
+
+
+def constants_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)

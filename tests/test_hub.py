@@ -171,3 +171,17 @@ def test_release_makes_verifies_and_publishes_in_one_step(tmp_path, hub):
     assert done.returncode == 0, done.stderr
     assert "uploaded" in done.stdout and "commit " in done.stdout
     assert hub.read("org/panda", "deltakit.json") == (tmp_path / "d" / "deltakit.json").read_bytes()
+
+
+def test_a_bad_cached_copy_is_downloaded_again_and_private_is_not_silently_public(tmp_path, delta, hub):
+    _, delta_dir, manifest = delta
+    publish_delta(delta_dir, "org/panda")
+    payload = next(iter(manifest.payload))
+    original = hub.read("org/panda", payload)
+    hub.tamper("org/panda", payload, bytes([original[0] ^ 1]) + original[1:])
+    with pytest.raises(IntegrityError, match="cached copy"):
+        fetch_delta("org/panda", cache_dir=tmp_path / "cache")
+    hub.tamper("org/panda", payload, original)  # the Hub serves the right bytes again
+    assert fetch_delta("org/panda", cache_dir=tmp_path / "cache").commit
+    with pytest.raises(HubError, match="exists and is public"):
+        publish_delta(delta_dir, "org/panda", private=True)
