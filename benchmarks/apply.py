@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -28,8 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from common import machine, record
 
-import deltakit
 from deltakit.engine import plan_apply
 from deltakit.examples import LlamaShape, write_llama_pair
 
@@ -170,42 +169,6 @@ def model_bytes(shape: LlamaShape, extra_vocab: int, dtype: torch.dtype) -> int:
     return (shape.layers * per_layer + 2 * v * h + h) * torch.empty(0, dtype=dtype).element_size()
 
 
-def deltakit_source() -> str:
-    """The commit deltakit was measured at, and whether its sources had uncommitted changes."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "deltakit"], cwd=ROOT, capture_output=True, text=True)
-    except OSError:
-        return "unknown"
-    if head.returncode != 0:
-        return "unknown"
-    return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
-
-
-def machine() -> dict[str, object]:
-    meminfo = Path("/proc/meminfo").read_text().splitlines()
-    mem_kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal:"))
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor() or "unknown",
-    )
-    return {
-        "cpus": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu,
-        "ram_gib": round(mem_kib / (1 << 20), 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "deltakit": deltakit.__version__,
-        "deltakit_source": deltakit_source(),
-    }
-
-
 # --------------------------------------------------------------------------------------------------
 # The run
 
@@ -330,7 +293,7 @@ def benchmark(args: argparse.Namespace, work: Path) -> Results:
     return Results(
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         command=" ".join(["python", "benchmarks/apply.py", *sys.argv[1:]]),
-        machine=machine(),
+        machine=machine(("deltakit",)),
         shape=asdict(shape),
         extra_vocab=args.extra_vocab,
         base_bytes=total_size(base_files),
@@ -433,18 +396,6 @@ def markdown(results: Results) -> str:
     return "\n".join(lines) + "\n"
 
 
-def record(path: Path, section: str) -> None:
-    """Replace this script's section of ``path``, or add it; other sections are left as they are."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\n"
-    if SECTION_BEGIN in text and SECTION_END in text:
-        head, rest = text.split(SECTION_BEGIN, 1)
-        tail = rest.split(SECTION_END, 1)[1].lstrip("\n")
-        text = head + section + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
-
-
 # --------------------------------------------------------------------------------------------------
 # Command line
 
@@ -492,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_record:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(results.to_json(), encoding="utf-8")
-        record(args.markdown, markdown(results))
+        record(args.markdown, markdown(results), SECTION_BEGIN, SECTION_END)
         print(f"\nrecorded in {args.markdown} and {args.json}")
     return 0
 
