@@ -844,17 +844,23 @@ class VerifyReport:
 
 
 def _check_files(
-    folder: Path, records: dict[str, FileRecord], prefix: str = ""
+    folder: Path,
+    records: dict[str, FileRecord],
+    prefix: str = "",
+    progress: ProgressFactory = no_progress,
+    description: str = "verify files",
 ) -> tuple[int, list[str], list[Mismatch]]:
     missing, mismatched = [], []
+    bar = progress(sum(r.size for r in records.values()), description)
     for rel, record in records.items():
         path = folder / rel
         if not path.is_file():
             missing.append(prefix + rel)
             continue
-        digest, _ = file_sha256(path)
+        digest, _ = file_sha256(path, on_bytes=bar.update)
         if digest != record.sha256:
             mismatched.append(Mismatch(prefix + rel, f"sha256 {record.sha256}", f"sha256 {digest}"))
+    bar.close()
     return len(records), missing, mismatched
 
 
@@ -895,7 +901,7 @@ def verify_delta(
     """
     root = Path(delta)
     m = load_manifest(root)
-    checked, missing, mismatched = _check_files(root, m.payload)
+    checked, missing, mismatched = _check_files(root, m.payload, progress=progress, description="verify payload")
     n, miss, bad = _check_files(root / FILES_DIR, m.target.files, f"{FILES_DIR}/")
     checked, missing, mismatched = checked + n, missing + miss, mismatched + bad
     extra: list[str] = []

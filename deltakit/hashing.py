@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,9 @@ def tensor_digest(data: bytes | bytearray | memoryview) -> str:
     return blake3.blake3(data, max_threads=threads).hexdigest()
 
 
-def _hash_file(path: str | Path, digest: Any, copy_to: str | Path | None) -> int:
+def _hash_file(
+    path: str | Path, digest: Any, copy_to: str | Path | None, on_bytes: Callable[[int], object] | None = None
+) -> int:
     buffer = bytearray(_FILE_CHUNK)
     view = memoryview(buffer)
     size = 0
@@ -69,17 +71,22 @@ def _hash_file(path: str | Path, digest: Any, copy_to: str | Path | None) -> int
             if out is not None:
                 out.write(view[:n])
             size += n
+            if on_bytes is not None:
+                on_bytes(n)
     return size
 
 
-def file_sha256(path: str | Path, *, copy_to: str | Path | None = None) -> tuple[str, int]:
+def file_sha256(
+    path: str | Path, *, copy_to: str | Path | None = None, on_bytes: Callable[[int], object] | None = None
+) -> tuple[str, int]:
     """SHA-256 hex digest and size of a whole file, read in bounded chunks.
 
     Args:
         copy_to: also write the bytes read to this new file, so a copy costs one read.
+        on_bytes: called with the size of each chunk read (progress, and where a job can be stopped).
     """
     digest = hashlib.sha256()
-    size = _hash_file(path, digest, copy_to)
+    size = _hash_file(path, digest, copy_to, on_bytes)
     return digest.hexdigest(), size
 
 
