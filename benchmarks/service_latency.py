@@ -562,7 +562,8 @@ def markdown(results: Results) -> str:
         f"Measured {results.date} with `{results.command}`.",
         "",
         f"- Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['ram_gib']} GiB RAM, Linux {m['kernel']}; "
-        f"Python {m['python']}, torch {m['torch']}, httpx {m['httpx']}, deltakit {m['deltakit']} ({m['source']}).",
+        f"Python {m['python']}, torch {m['torch']}, httpx {httpx.__version__}, "
+        f"deltakit {m['deltakit']} ({m['deltakit_source']}).",
         f"- Model: hidden {s['hidden']}, {s['layers']} layers, intermediate {s['intermediate']}, vocab {s['vocab']} "
         f"(+{results.extra_vocab} rows in the fine-tune), fp16. Base {results.base_bytes / 1e9:.2f} GB, delta "
         f"payload {results.delta_bytes / 1e9:.2f} GB.",
