@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .dtypes import itemsize
@@ -210,29 +211,35 @@ def fetch_delta(
             (with ``HF_HUB_OFFLINE=1``, when the cache does not hold it).
         IntegrityError: a downloaded file differs from the manifest: it is not used.
     """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     from .engine import verify_delta
 
     repo_id, revision = parse_repo_spec(spec)
 
     def download(force: bool) -> Path:
+        common: dict[str, Any] = {
+            "token": token,
+            "endpoint": endpoint,
+            "cache_dir": cache_dir,
+            "force_download": force,
+            "library_name": "deltakit",
+            "library_version": __version__,
+        }
         try:
-            return Path(
-                snapshot_download(
-                    repo_id,
-                    revision=revision,
-                    token=token,
-                    endpoint=endpoint,
-                    cache_dir=cache_dir,
-                    force_download=force,
-                    library_name="deltakit",
-                    library_version=__version__,
-                )
-            )
+            # The manifest first, then only the files it lists, at the very commit the manifest came
+            # from: a repo's other files are not downloaded, and a push in between changes nothing.
+            manifest_path = Path(str(hf_hub_download(repo_id, MANIFEST_NAME, revision=revision, **common)))
+            commit = manifest_path.parent.name
+            manifest = load_manifest(manifest_path.parent)
+            wanted = [MANIFEST_NAME, "README.md", *manifest.payload]
+            wanted += [f"{FILES_DIR}/{rel}" for rel in manifest.target.files]
+            return Path(str(snapshot_download(repo_id, revision=commit, allow_patterns=wanted, **common)))
         except LocalEntryNotFoundError as e:
             raise HubError(f"{spec} is not in the local Hub cache and the Hub cannot be reached: {e}") from e
+        except EntryNotFoundError as e:
+            raise HubError(f"{spec} holds no {MANIFEST_NAME}: it is not a deltakit delta") from e
         except HfHubHTTPError as e:
             raise HubError(f"could not fetch {spec}: {_http_reason(e)}") from e
         except OSError as e:

@@ -185,3 +185,17 @@ def test_a_bad_cached_copy_is_downloaded_again_and_private_is_not_silently_publi
     assert fetch_delta("org/panda", cache_dir=tmp_path / "cache").commit
     with pytest.raises(HubError, match="exists and is public"):
         publish_delta(delta_dir, "org/panda", private=True)
+
+
+def test_fetch_downloads_only_what_the_manifest_lists(tmp_path, delta, hub):
+    from huggingface_hub import HfApi
+
+    _, delta_dir, _ = delta
+    publish_delta(delta_dir, "org/panda")
+    HfApi().upload_file(path_or_fileobj=b"x" * 5000, path_in_repo="extra/unrelated.bin", repo_id="org/panda")
+    fetched = fetch_delta("org/panda", cache_dir=tmp_path / "cache")
+    assert (fetched.path / "deltakit.json").is_file()
+    assert not (fetched.path / "extra").exists(), "files the manifest does not list are not downloaded"
+    with pytest.raises(HubError, match="holds no deltakit.json"):
+        hub.seed("org/not-a-delta", {"config.json": b"{}"})
+        fetch_delta("org/not-a-delta", cache_dir=tmp_path / "cache")
