@@ -47,6 +47,20 @@ __all__ = ["main"]
 log = logging.getLogger("deltakit")
 
 
+def _positive(text: str) -> int:
+    value = int(text) if text.isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer: {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text) if text.isdigit() else -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {text!r}")
+    return value
+
+
 def _say(text: str = "") -> None:
     print(text, file=sys.stdout, flush=True)
 
@@ -119,10 +133,8 @@ def _print_inspect(info: Inspection, *, all_tensors: bool) -> None:
             _say(f"  dropped     {', '.join(info.dropped)}")
     elif info.fingerprint:
         _say(f"  fingerprint {info.fingerprint}")
-    _say(
-        f"  tensors     {len(info.tensors)}, {human_bytes(info.total_bytes)}: "
-        + ", ".join(f"{d} {human_bytes(b)}" for d, b in info.bytes_by_dtype.items())
-    )
+    by_dtype = ", ".join(f"{d} {human_bytes(b)}" for d, b in info.bytes_by_dtype.items())
+    _say(f"  tensors     {len(info.tensors)}, {human_bytes(info.total_bytes)}" + (f": {by_dtype}" if by_dtype else ""))
     _say(f"  files       {', '.join(info.files) or 'none'}")
     shown = info.tensors if all_tensors else info.tensors[:20]
     for t in shown:
@@ -141,7 +153,8 @@ def _progress(args: argparse.Namespace) -> ProgressFactory:
 
 
 def _print_legacy(report: LegacyReport, seconds: float) -> None:
-    _say(f"rebuilt {report.out} from a {report.kind} delta in {seconds:.1f}s")
+    article = "an" if report.kind[0] in "aeiou" else "a"
+    _say(f"rebuilt {report.out} from {article} {report.kind} delta in {seconds:.1f}s")
     _say(f"  tensors   {report.tensors}" + (f"; rows grown: {', '.join(report.grown)}" if report.grown else ""))
     _say(f"  written   {human_bytes(report.bytes_written)} in {', '.join(report.shards)}")
     _say(f"  files     {', '.join(report.files) or 'none'}")
@@ -169,7 +182,7 @@ def _cmd_make(args: argparse.Namespace) -> int:
             shard_size=args.shard_size,
             progress=_progress(args),
         )
-        _say(f"read {args.from_legacy} as a {rebuilt.kind} delta; re-packaged as format 1:")
+        _say(f"read {args.from_legacy} as a delta of kind {rebuilt.kind}; re-packaged as format 1:")
         _print_make(made, time.perf_counter() - start)
         return 0
     report = make_delta(
@@ -463,7 +476,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from service.main import create_app
 
     # Streams (server-sent events) end by themselves within minutes; do not wait that long to stop.
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)
+    try:
+        uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)
+    except SystemExit as e:  # uvicorn exits 3 when it cannot bind; its own log line says why
+        if e.code not in (0, None):
+            raise DeltakitError(f"the service could not start on {args.host}:{args.port} (see the line above)") from e
     return 0
 
 
@@ -542,7 +559,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=["hf", "meta"], default="hf", help="output layout (hf)")
     p.add_argument("--dtype", choices=list(DTYPE_NAMES), help="cast float tensors (round to nearest even)")
     p.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE, help="HF output file size (5GB)")
-    p.add_argument("--meta-shards", type=int, help="model-parallel shards for --to meta (Meta's count by default)")
+    p.add_argument(
+        "--meta-shards", type=_positive, help="model-parallel shards for --to meta (Meta's count by default)"
+    )
     p.set_defaults(run=_cmd_convert)
 
     p = sub.add_parser(
@@ -577,8 +596,8 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_publish)
 
     p = sub.add_parser("release", parents=[common, hub], help="make, verify and publish in one step")
-    p.add_argument("--base", required=True)
-    p.add_argument("--target", required=True)
+    p.add_argument("--base", required=True, help="base checkpoint, or a registered name")
+    p.add_argument("--target", required=True, help="fine-tuned checkpoint, or a registered name")
     p.add_argument("--out", help="where the delta package is kept (default: a temporary folder)")
     p.add_argument("--name", help="the target's name in the manifest")
     p.add_argument("--base-name", help="the base's name in the manifest")
@@ -598,8 +617,8 @@ def _parser() -> argparse.ArgumentParser:
     r.set_defaults(run=_cmd_registry_remove)
 
     p = sub.add_parser("serve", parents=[common], help="run the HTTP service for a model registry")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    p.add_argument("--port", type=_port, default=8000, help="port to listen on (8000)")
     p.set_defaults(run=_cmd_serve)
 
     p = sub.add_parser("token", parents=[common], help="bearer tokens for the HTTP service")

@@ -540,6 +540,8 @@ def convert(
         if to == "meta":
             config = _read_json(ckpt.root / "config.json")
             shape = _hf_shape(config, ckpt.root)
+            if meta_shards is not None and meta_shards < 1:
+                raise UnsupportedInputError(f"meta_shards must be at least 1, not {meta_shards}")
             count = meta_shards or _META_SHARDS.get(shape.dim, 1)
             meta_out = _hf_to_meta(ckpt.tensors, shape, count, ckpt.root)
             params = {
@@ -586,7 +588,7 @@ def convert(
         out=out,
         source_kind="meta" if is_meta else "hf",
         target_kind=to,
-        tensors=len(sources),
+        tensors=len(sources) if meta_out is None else len(meta_out[0]),
         bytes_written=written,
         files=tuple(sorted(files)),
         fingerprint=result,

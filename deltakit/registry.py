@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import time
@@ -23,6 +24,8 @@ from .manifest import MANIFEST_NAME, load_manifest
 from .progress import ProgressFactory, no_progress
 
 __all__ = ["Entry", "Registry", "deltakit_home"]
+
+log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -77,6 +80,8 @@ class Registry:
     def _read(self) -> dict[str, Entry]:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
             entries = {name: Entry(**fields) for name, fields in data.items()}
             for name, e in entries.items():
                 if e.name != name or e.kind not in ("model", "delta") or not isinstance(e.path, str):
@@ -141,7 +146,20 @@ class Registry:
 
     def resolve(self, name: str | Path) -> Path:
         """A registered name's path, else ``name`` itself when it exists on disk."""
-        entry = self.get(str(name)) if _NAME.match(str(name)) else None
+        try:
+            entry = self.get(str(name)) if _NAME.match(str(name)) else None
+        except FormatError:
+            if Path(name).exists():  # an unreadable registry must not block plain paths
+                log.warning("ignoring the unreadable registry %s for the path %s", self.path, name)
+                return Path(name)
+            raise
+        if entry is not None and Path(name).exists():
+            log.warning(
+                "%r is both a registered name and a path here; using the registered %s (./%s for the folder)",
+                str(name),
+                entry.path,
+                name,
+            )
         if entry is not None:
             if not Path(entry.path).exists():
                 raise InputNotFoundError(

@@ -105,3 +105,25 @@ def test_parse_size(text, size):
     from deltakit.units import parse_size
 
     assert parse_size(text) == size
+
+
+def test_bad_registry_bad_ports_and_shard_counts(tmp_path, monkeypatch):
+    monkeypatch.setenv("DELTAKIT_HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "registry.json").write_text("[1, 2]")
+    listed = deltakit_cli("registry", "list")
+    assert listed.returncode == 1 and "the registry is unreadable" in listed.stderr
+    assert "internal error" not in listed.stderr
+    assert deltakit_cli("serve", "--port", "99999").returncode == 2
+    assert deltakit_cli("convert", str(tmp_path), "--out", str(tmp_path / "o"), "--meta-shards", "-1").returncode == 2
+
+
+def test_a_name_that_is_also_a_folder_is_resolved_as_registered_and_says_so(tmp_path, monkeypatch):
+    base = llama_like(torch.float16)
+    write_checkpoint(tmp_path / "llama", base)
+    other = write_checkpoint(tmp_path / "elsewhere", base)
+    monkeypatch.setenv("DELTAKIT_HOME", str(tmp_path / "home"))
+    assert deltakit_cli("registry", "add", "llama", other, "-q").returncode == 0
+    shown = deltakit_cli("inspect", "llama", cwd=tmp_path)
+    assert shown.returncode == 0
+    assert "is both a registered name and a path here" in shown.stderr

@@ -123,7 +123,7 @@ def test_make_from_legacy_gains_digests_and_rebuilds_the_same_bytes(tmp_path):
 
     result = deltakit_cli("make", "--base", base_dir, "--from-legacy", delta_dir, "--out", tmp_path / "packaged", "-q")
     assert result.returncode == 0, result.stderr
-    assert "as a fastchat delta" in result.stdout
+    assert "as a delta of kind fastchat" in result.stdout
     assert not list(tmp_path.glob(".packaged.legacy-*")), "the scratch rebuild is removed"
 
     apply_delta(base_dir, tmp_path / "packaged", tmp_path / "via-format-1")
@@ -201,7 +201,7 @@ def test_oasst_xor_release_rebuilds_the_files_byte_for_byte(tmp_path):
         "-q",
     )
     assert result.returncode == 0, result.stderr
-    assert "from a oasst-xor delta" in result.stdout and "checked   against the published checksums" in result.stdout
+    assert "from an oasst-xor delta" in result.stdout and "checked   against the published checksums" in result.stdout
     for name in ("pytorch_model.bin", "config.json", "added_tokens.json"):
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "oasst" / name).read_bytes(), name
 
