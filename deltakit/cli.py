@@ -33,7 +33,7 @@ from .engine import (
 )
 from .errors import DeltakitError
 from .formats.peft import is_adapter
-from .hub import PublishReport, fetch_delta, is_repo_spec, publish_delta
+from .hub import PublishReport, fetch_delta, fetch_model, is_repo_spec, publish_delta
 from .inspection import Inspection, inspect_path
 from .legacy import LEGACY_KINDS, LegacyReport, apply_legacy_delta, make_delta_from_legacy
 from .manifest import MANIFEST_NAME, load_manifest
@@ -454,6 +454,15 @@ def _resolve_delta(registry: Registry, name: str) -> str:
     return str(fetched.path)
 
 
+def _resolve_model(registry: Registry, name: str) -> str:
+    """A model resolves as a registered name, then a path, then a Hub repo id (fetched into the cache)."""
+    if registry.get(name) is not None or Path(name).exists() or not is_repo_spec(name):
+        return str(registry.resolve(name))
+    fetched = fetch_model(name)
+    _say(f"fetched {fetched.repo_id} at {fetched.revision} (commit {fetched.commit[:12]})")
+    return str(fetched.path)
+
+
 def _resolve_names(args: argparse.Namespace) -> None:
     """Registered names become their paths; deltas may also be Hub repo ids; anything else must exist."""
     if args.run in (_cmd_registry_add, _cmd_registry_remove, _cmd_serve, _cmd_token_create):
@@ -462,8 +471,12 @@ def _resolve_names(args: argparse.Namespace) -> None:
     for attribute in _PATH_ARGUMENTS:
         value = getattr(args, attribute, None)
         if value is not None:
-            resolve = _resolve_delta if args.run is _cmd_verify and attribute == "path" else None
-            setattr(args, attribute, resolve(registry, value) if resolve else str(registry.resolve(value)))
+            if args.run is _cmd_verify and attribute == "path" and getattr(args, "delta", None) is None:
+                setattr(args, attribute, _resolve_delta(registry, value))
+            elif attribute in ("base", "target") or (args.run is _cmd_verify and attribute == "path"):
+                setattr(args, attribute, _resolve_model(registry, value))
+            else:
+                setattr(args, attribute, str(registry.resolve(value)))
     if getattr(args, "delta", None) is not None:
         deltas = args.delta if isinstance(args.delta, list) else [args.delta]
         resolved = [_resolve_delta(registry, d) for d in deltas]

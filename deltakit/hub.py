@@ -24,6 +24,7 @@ __all__ = [
     "FetchedDelta",
     "PublishReport",
     "fetch_delta",
+    "fetch_model",
     "is_repo_spec",
     "model_card",
     "parse_repo_spec",
@@ -193,7 +194,7 @@ def _http_reason(error: Exception) -> str:
 
 @dataclass(frozen=True)
 class FetchedDelta:
-    """A delta downloaded into the Hub cache and checked against its manifest."""
+    """A delta (checked against its manifest) or a model, downloaded into the Hub cache."""
 
     path: Path
     repo_id: str
@@ -264,3 +265,48 @@ def constants_offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE)
+
+
+_OTHER_WEIGHT_FORMATS = ["*.h5", "*.msgpack", "*.gguf", "*.onnx", "*.ot", "*.tflite", "*.mlmodel"]
+
+
+def fetch_model(
+    spec: str, *, token: str | None = None, endpoint: str | None = None, cache_dir: str | Path | None = None
+) -> FetchedDelta:
+    """Download a model checkpoint ``ORG/NAME[@REVISION]`` through the Hub cache: safetensors when the
+    repo has them (else PyTorch ``.bin``), and its config and tokenizer files; no other weight formats.
+
+    Nothing is checked here beyond huggingface_hub's own size checks: a base is checked tensor by
+    tensor against the delta's digests when it is used.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo_id, revision = parse_repo_spec(spec)
+    try:
+        ignore = list(_OTHER_WEIGHT_FORMATS)
+        if not constants_offline():
+            files = HfApi(endpoint=endpoint, token=token).list_repo_files(repo_id, revision=revision)
+            if any(f.endswith(".safetensors") for f in files):
+                ignore += ["*.bin", "*.pth", "*.pt", "*.bin.index.json"]
+        folder = Path(
+            str(
+                snapshot_download(
+                    repo_id,
+                    revision=revision,
+                    token=token,
+                    endpoint=endpoint,
+                    cache_dir=cache_dir,
+                    ignore_patterns=ignore,
+                    library_name="deltakit",
+                    library_version=__version__,
+                )
+            )
+        )
+    except LocalEntryNotFoundError as e:
+        raise HubError(f"{spec} is not in the local Hub cache and the Hub cannot be reached: {e}") from e
+    except HfHubHTTPError as e:
+        raise HubError(f"could not fetch {spec}: {_http_reason(e)}") from e
+    except OSError as e:
+        raise HubError(f"could not fetch {spec}: {e}") from e
+    return FetchedDelta(folder, repo_id, revision or "main", folder.name)

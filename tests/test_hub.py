@@ -199,3 +199,19 @@ def test_fetch_downloads_only_what_the_manifest_lists(tmp_path, delta, hub):
     hub.seed("org/not-a-delta", {"config.json": b"{}"})
     with pytest.raises(HubError, match=r"holds no deltakit\.json"):
         fetch_delta("org/not-a-delta", cache_dir=tmp_path / "cache")
+
+
+def test_a_base_can_come_from_the_hub_too(tmp_path, delta, hub):
+    from huggingface_hub import HfApi
+    from test_cli import deltakit_cli
+
+    base_dir, delta_dir, _ = delta
+    torch.save({"x": torch.ones(1)}, base_dir / "pytorch_model.bin")  # a second format: not downloaded
+    HfApi().create_repo("org/llama-7b")
+    HfApi().upload_folder(folder_path=str(base_dir), repo_id="org/llama-7b")
+    result = deltakit_cli("apply", "--base", "org/llama-7b", "--delta", delta_dir, "--out", tmp_path / "out", "-q")
+    assert result.returncode == 0, result.stderr
+    assert "fetched org/llama-7b at main" in result.stdout
+    assert verify_model(tmp_path / "out", delta_dir).ok
+    snapshots = list((tmp_path / "hf-home").rglob("pytorch_model.bin"))
+    assert snapshots == [], "the .bin copy beside the safetensors is not downloaded"
