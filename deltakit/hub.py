@@ -9,6 +9,8 @@ the Hub lacks (so re-running an interrupted publish sends only what is missing),
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,6 +194,23 @@ def _http_reason(error: Exception) -> str:
     return f"HTTP {status}: {text}" if status else text
 
 
+@contextmanager
+def _fetch_errors(spec: str) -> Iterator[None]:
+    """huggingface_hub's download failures, as one HubError that names what was being fetched."""
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        yield
+    except LocalEntryNotFoundError as e:
+        raise HubError(f"{spec} is not in the local Hub cache and the Hub cannot be reached: {e}") from e
+    except EntryNotFoundError as e:
+        raise HubError(f"{spec} holds no {MANIFEST_NAME}: it is not a deltakit delta") from e
+    except HfHubHTTPError as e:
+        raise HubError(f"could not fetch {spec}: {_http_reason(e)}") from e
+    except OSError as e:
+        raise HubError(f"could not fetch {spec}: {e}") from e
+
+
 @dataclass(frozen=True)
 class FetchedDelta:
     """A delta (checked against its manifest) or a model, downloaded into the Hub cache."""
@@ -213,7 +232,6 @@ def fetch_delta(
         IntegrityError: a downloaded file differs from the manifest: it is not used.
     """
     from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     from .engine import verify_delta
 
@@ -228,7 +246,7 @@ def fetch_delta(
             "library_name": "deltakit",
             "library_version": __version__,
         }
-        try:
+        with _fetch_errors(spec):
             # The manifest first, then only the files it lists, at the very commit the manifest came
             # from: a repo's other files are not downloaded, and a push in between changes nothing.
             manifest_path = Path(str(hf_hub_download(repo_id, MANIFEST_NAME, revision=revision, **common)))
@@ -237,14 +255,6 @@ def fetch_delta(
             wanted = [MANIFEST_NAME, "README.md", *manifest.payload]
             wanted += [f"{FILES_DIR}/{rel}" for rel in manifest.target.files]
             return Path(str(snapshot_download(repo_id, revision=commit, allow_patterns=wanted, **common)))
-        except LocalEntryNotFoundError as e:
-            raise HubError(f"{spec} is not in the local Hub cache and the Hub cannot be reached: {e}") from e
-        except EntryNotFoundError as e:
-            raise HubError(f"{spec} holds no {MANIFEST_NAME}: it is not a deltakit delta") from e
-        except HfHubHTTPError as e:
-            raise HubError(f"could not fetch {spec}: {_http_reason(e)}") from e
-        except OSError as e:
-            raise HubError(f"could not fetch {spec}: {e}") from e
 
     folder = download(force=False)
     report = verify_delta(folder)
@@ -280,10 +290,9 @@ def fetch_model(
     tensor against the delta's digests when it is used.
     """
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     repo_id, revision = parse_repo_spec(spec)
-    try:
+    with _fetch_errors(spec):
         ignore = list(_OTHER_WEIGHT_FORMATS)
         if not constants_offline():
             files = HfApi(endpoint=endpoint, token=token).list_repo_files(repo_id, revision=revision)
@@ -303,10 +312,4 @@ def fetch_model(
                 )
             )
         )
-    except LocalEntryNotFoundError as e:
-        raise HubError(f"{spec} is not in the local Hub cache and the Hub cannot be reached: {e}") from e
-    except HfHubHTTPError as e:
-        raise HubError(f"could not fetch {spec}: {_http_reason(e)}") from e
-    except OSError as e:
-        raise HubError(f"could not fetch {spec}: {e}") from e
     return FetchedDelta(folder, repo_id, revision or "main", folder.name)
