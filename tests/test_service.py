@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -277,3 +278,69 @@ def test_an_output_that_cannot_be_registered_is_removed(home, monkeypatch):
         ended = wait(http, job.json()["id"])
         assert ended["state"] == "failed" and ended["error"]["detail"] == "registry full"
         assert not (root / "models" / "o").exists()
+
+
+@pytest.mark.slow
+def test_killing_the_service_mid_job_then_restarting_it(tmp_path):
+    """The real thing: SIGKILL during an apply, then a new service finds and cleans up after it."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from deltakit.examples import LlamaShape, write_llama_pair
+
+    home = tmp_path / "home"
+    base_dir, tuned_dir = write_llama_pair(
+        home / "data", shape=LlamaShape(vocab=32000, hidden=1024, layers=8, intermediate=2752, heads=8)
+    )  # about 400 MB: an apply that runs for a while
+    make_delta(base_dir, tuned_dir, home / "data" / "delta")
+    registry = Registry(home)
+    registry.add("base", base_dir)
+    registry.add("delta", home / "data" / "delta")
+    store = Store(home / "jobs.sqlite3")
+    token = store.create_token("write")
+    store.close()
+
+    def serve() -> tuple[subprocess.Popen[bytes], str]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "DELTAKIT_HOME": str(home)}
+        exe = [sys.executable, "-m", "deltakit", "serve", "--port", str(port)]
+        process = subprocess.Popen(exe, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    return process, url
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the service did not start"
+            time.sleep(0.1)
+
+    process, url = serve()
+    try:
+        with client(url, token) as http:
+            job = http.post("/v1/jobs", json={"kind": "apply", "base": "base", "delta": "delta", "output": "built"})
+            job_id = job.json()["id"]
+            while http.get(f"/v1/jobs/{job_id}").json()["progress"]["bytes_done"] == 0:
+                time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        assert list((home / "models").glob(".built.deltakit-*.tmp")), "the kill left a half-built staging folder"
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+    process, url = serve()
+    try:
+        with client(url, token) as http:
+            seen = http.get(f"/v1/jobs/{job_id}").json()
+            assert seen["state"] == "failed" and seen["error"]["type"] == "Interrupted"
+            assert "built" not in {m["name"] for m in http.get("/v1/models").json()}
+        assert not list((home / "models").iterdir()), "the half-built output is gone"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
