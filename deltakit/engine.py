@@ -48,6 +48,7 @@ from .streaming import (
     as_bytes,
     element_ranges,
     open_output_shards,
+    paired_chunks,
     plan_output,
     plan_shards,
     read_range,
@@ -208,18 +209,7 @@ class _MakeState:
 
 def _make_chunks(steps: Sequence[_MakeStep]) -> Iterator[Chunk]:
     for i, step in enumerate(steps):
-        t = step.target
-        t_item = itemsize(t.dtype)
-        if step.base is None:
-            for a, b in element_ranges(0, math.prod(t.shape), t_item):
-                yield Chunk(i, 0, a, b, (read_range(t, t_item, a, b),))
-            continue
-        b_item = itemsize(step.base.dtype)
-        shared = math.prod(step.base.shape)
-        for a, b in element_ranges(0, shared, max(t_item, b_item)):
-            yield Chunk(i, 0, a, b, (read_range(t, t_item, a, b), read_range(step.base, b_item, a, b)))
-        for a, b in element_ranges(shared, math.prod(t.shape), t_item, at_least_one=False):
-            yield Chunk(i, 1, a, b, (read_range(t, t_item, a, b),))
+        yield from paired_chunks(i, step.target, step.base)
 
 
 def make_delta(

@@ -7,16 +7,12 @@ milliseconds; a checkpoint's fingerprint, which needs every byte hashed, is comp
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .codecs import cast_bits
-from .dtypes import is_float, itemsize
+from .dtypes import is_float
 from .engine import checkpoint_digests
 from .formats.checkpoint import Checkpoint, RangeReader, open_checkpoint
 from .formats.delta import open_delta
@@ -24,7 +20,7 @@ from .formats.peft import is_adapter, open_adapter
 from .formats.safetensors import TensorInfo
 from .formats.torch_zip import read_torch_zip
 from .hashing import fingerprint
-from .legacy import detect_legacy_kind, is_xor_release
+from .legacy import detect_legacy_kind, is_xor_release, mean_abs
 from .manifest import MANIFEST_NAME
 from .progress import ProgressFactory, no_progress
 
@@ -146,23 +142,15 @@ def _inspect_adapter(path: Path) -> Inspection:
     )
 
 
-def _probe_mean_abs(reader: RangeReader, info: TensorInfo) -> float:
-    n = min(math.prod(info.shape), 1 << 16)
-    buffer = bytearray(n * itemsize(info.dtype))
-    reader.read_into(info.path, info.start, memoryview(buffer))
-    values = cast_bits(np.frombuffer(buffer, dtype=np.uint8), info.dtype, "F64").view(np.float64)
-    return float(np.abs(values).mean()) if n else 1.0
-
-
 def _checkpoint_kind(ckpt: Checkpoint) -> str:
     names = ckpt.tensors
     if "tok_embeddings.weight" in names or any(n.startswith("layers.0.attention.") for n in names):
         return "meta-checkpoint"
-    norms = [t for n, t in names.items() if n.endswith("norm.weight") and is_float(t.dtype)]
+    norms = [t for n, t in names.items() if n.endswith("norm.weight") and is_float(t.dtype) and t.nbytes]
     if norms:
         with RangeReader() as reader:
             # a model's norm weights sit near 1; in a delta they are differences, near 0
-            if _probe_mean_abs(reader, norms[0]) < 0.1:
+            if mean_abs(reader, norms[0], 1 << 16) < 0.1:
                 return "legacy-delta"
     return "hf-checkpoint"
 

@@ -37,7 +37,7 @@ from .formats.safetensors import TensorInfo, TensorSpec
 from .hashing import algorithm_of, file_hexdigest, file_sha256, fingerprint, read_checksum_file
 from .progress import ProgressBar, ProgressFactory, no_progress
 from .staging import StagedFolder, check_output_free
-from .streaming import DEFAULT_SHARD_SIZE, Chunk, as_bytes, element_ranges, read_range, write_model
+from .streaming import DEFAULT_SHARD_SIZE, Chunk, as_bytes, element_ranges, paired_chunks, write_model
 
 __all__ = [
     "LEGACY_KINDS",
@@ -118,8 +118,9 @@ def _pair(base: Checkpoint, delta: Checkpoint) -> list[tuple[str, TensorInfo, Te
 _PROBE_ELEMENTS = 1 << 20
 
 
-def _mean_abs(reader: RangeReader, info: TensorInfo) -> float:
-    n = min(math.prod(info.shape), _PROBE_ELEMENTS)
+def mean_abs(reader: RangeReader, info: TensorInfo, elements: int = _PROBE_ELEMENTS) -> float:
+    """Mean |x| over the finite values among a tensor's first ``elements``: how large its values are."""
+    n = min(math.prod(info.shape), elements)
     buffer = bytearray(n * itemsize(info.dtype))
     reader.read_into(info.path, info.start, memoryview(buffer))
     values = cast_bits(np.frombuffer(buffer, dtype=np.uint8), info.dtype, "F64").view(np.float64)
@@ -135,7 +136,7 @@ def _check_looks_like_differences(reader: RangeReader, pairs: Sequence[tuple[str
     if probe is None:
         return
     name, b, d = probe
-    base_size, delta_size = _mean_abs(reader, b), _mean_abs(reader, d)
+    base_size, delta_size = mean_abs(reader, b), mean_abs(reader, d)
     if base_size and delta_size > 0.5 * base_size:
         raise UnsupportedInputError(
             f"{d.path.parent} does not look like a delta: its {name!r} is as large as the base's "
@@ -167,13 +168,7 @@ def _row_means(reader: RangeReader, info: TensorInfo) -> Bytes:
 
 def _chunks(steps: Sequence[_Step]) -> Iterator[Chunk]:
     for i, step in enumerate(steps):
-        b, d = step.base, step.delta
-        b_item, d_item = itemsize(b.dtype), itemsize(d.dtype)
-        shared = math.prod(b.shape)
-        for lo, hi in element_ranges(0, shared, max(b_item, d_item)):
-            yield Chunk(i, 0, lo, hi, (read_range(b, b_item, lo, hi), read_range(d, d_item, lo, hi)))
-        for lo, hi in element_ranges(shared, math.prod(d.shape), d_item, at_least_one=False):
-            yield Chunk(i, 1, lo, hi, (read_range(d, d_item, lo, hi),))
+        yield from paired_chunks(i, step.delta, step.base)  # views: delta, then base (segment 0)
 
 
 def apply_legacy_delta(
@@ -224,8 +219,8 @@ def apply_legacy_delta(
         def produce(chunk: Chunk, views: list[memoryview]) -> Bytes:
             step = steps[chunk.owner]
             if chunk.segment == 0:
-                base_bits = cast_bits(as_bytes(views[0]), step.base.dtype, dtype)
-                delta_bits = cast_bits(as_bytes(views[1]), step.delta.dtype, dtype)
+                delta_bits = cast_bits(as_bytes(views[0]), step.delta.dtype, dtype)
+                base_bits = cast_bits(as_bytes(views[1]), step.base.dtype, dtype)
                 return add_decode(base_bits, delta_bits, dtype)
             delta_bits = cast_bits(as_bytes(views[0]), step.delta.dtype, dtype)
             if step.name not in means:  # fastchat: new rows as the delta has them

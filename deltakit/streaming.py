@@ -8,6 +8,7 @@ writes results one chunk behind, so reading, computing and writing overlap in bo
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .codecs import Bytes
+from .dtypes import itemsize
 from .formats.checkpoint import RangeReader
 from .formats.safetensors import FileLayout, TensorInfo, TensorSpec, plan_layout
 from .hashing import TensorHasher
@@ -34,6 +36,7 @@ __all__ = [
     "as_bytes",
     "element_ranges",
     "open_output_shards",
+    "paired_chunks",
     "plan_output",
     "plan_shards",
     "read_range",
@@ -79,6 +82,22 @@ def element_ranges(first: int, last: int, widest_item: int, *, at_least_one: boo
 
 def read_range(info: TensorInfo, itemsize: int, first: int, last: int) -> Read:
     return Read(info.path, info.start + first * itemsize, (last - first) * itemsize)
+
+
+def paired_chunks(owner: int, primary: TensorInfo, secondary: TensorInfo | None) -> Iterator[Chunk]:
+    """Chunks of ``primary`` read beside the same elements of ``secondary``, which may be shorter (fewer
+    rows): segment 0 reads both over the shared elements, segment 1 the rest of ``primary`` alone."""
+    p_item = itemsize(primary.dtype)
+    if secondary is None:
+        for a, b in element_ranges(0, math.prod(primary.shape), p_item):
+            yield Chunk(owner, 0, a, b, (read_range(primary, p_item, a, b),))
+        return
+    s_item = itemsize(secondary.dtype)
+    shared = math.prod(secondary.shape)
+    for a, b in element_ranges(0, shared, max(p_item, s_item)):
+        yield Chunk(owner, 0, a, b, (read_range(primary, p_item, a, b), read_range(secondary, s_item, a, b)))
+    for a, b in element_ranges(shared, math.prod(primary.shape), p_item, at_least_one=False):
+        yield Chunk(owner, 1, a, b, (read_range(primary, p_item, a, b),))
 
 
 class Prefetcher:
