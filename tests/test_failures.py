@@ -46,7 +46,7 @@ def test_wrong_base_fails_on_the_sampled_tensors_before_streaming(tmp_path, delt
     other = llama_like(torch.float16, layers=3, seed=42)  # same names, dtypes, shapes; other weights
     other_dir = write_checkpoint(tmp_path / "other", other)
     streamed = []
-    monkeypatch.setattr("deltakit.engine._stream_apply", lambda *a, **k: streamed.append(1))
+    monkeypatch.setattr("deltakit.engine.apply._stream_apply", lambda *a, **k: streamed.append(1))
 
     with pytest.raises(BaseMismatchError) as err:
         apply_delta(other_dir, delta_dir, tmp_path / "out")

@@ -1,0 +1,382 @@
+"""apply: rebuild a fine-tune from its base and a delta package; plan first, then stream.
+
+Cheap checks run first (names, dtypes, shapes, sampled digests); every tensor's digest is checked as it is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..codecs import CODECS, Bytes, cast_bits
+from ..dtypes import itemsize
+from ..errors import BaseMismatchError, IntegrityError, UnsupportedInputError
+from ..formats.checkpoint import Checkpoint, RangeReader, open_checkpoint
+from ..formats.delta import FILES_DIR, DeltaPackage, open_delta
+from ..formats.safetensors import TensorInfo, TensorSpec
+from ..hashing import TensorHasher
+from ..manifest import (
+    Manifest,
+    TargetTensor,
+)
+from ..progress import ProgressBar, ProgressFactory, no_progress
+from ..staging import StagedFolder, check_output_free
+from ..streaming import (
+    DEFAULT_SHARD_SIZE,
+    Chunk,
+    OutputShard,
+    OutputWriter,
+    Prefetcher,
+    as_bytes,
+    element_ranges,
+    open_output_shards,
+    plan_output,
+    read_range,
+    write_index,
+)
+from ..units import human_bytes
+from .digests import copy_hashed, hash_tensor
+
+log = logging.getLogger(__name__)
+
+_SAMPLE_CAP_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class ApplyStep:
+    """One output tensor: where its inputs lie and where its bytes go."""
+
+    name: str
+    target: TargetTensor
+    base: TensorInfo | None
+    payload: TensorInfo | None
+    shard: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class ApplyPlan:
+    """Everything apply will read and write, decided before the first byte moves.
+
+    Attributes:
+        sample: base tensors whose digests are checked first, before streaming starts.
+    """
+
+    base: Checkpoint
+    delta: DeltaPackage
+    steps: tuple[ApplyStep, ...]
+    shards: tuple[OutputShard, ...]
+    sample: tuple[str, ...]
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.delta.manifest
+
+    @property
+    def specs(self) -> list[TensorSpec]:
+        return [TensorSpec(s.name, s.target.dtype, s.target.shape) for s in self.steps]
+
+    @property
+    def read_bytes(self) -> int:
+        return sum((s.base.nbytes if s.base else 0) + (s.payload.nbytes if s.payload else 0) for s in self.steps)
+
+    @property
+    def write_bytes(self) -> int:
+        return sum(shard.layout.size for shard in self.shards)
+
+    def describe(self) -> str:
+        """A human-readable account of the plan, for ``--dry-run``."""
+        m = self.manifest
+        counts = Counter(s.target.encoding for s in self.steps)
+        lines = [
+            f"delta    {self.delta.root}  ({m.target.name} from {m.base.name})",
+            f"base     {self.base.root}  fingerprint {m.base.fingerprint[:16]}... (expected)",
+            f"checks   names, dtypes and shapes of {len(self.steps)} tensors: ok; "
+            f"digests first: {', '.join(self.sample) or 'none'}",
+            f"tensors  {len(self.steps)}: " + ", ".join(f"{n} {e}" for e, n in sorted(counts.items())),
+            f"reads    {human_bytes(self.read_bytes)} (base and payload)",
+            f"writes   {human_bytes(self.write_bytes)} in {len(self.shards)} file(s)"
+            + (" + model.safetensors.index.json" if len(self.shards) > 1 else ""),
+            f"files    {len(m.target.files)} carried: " + ", ".join(sorted(m.target.files)),
+        ]
+        for shard in self.shards:
+            names = [s.name for s in self.steps if self.shards[s.shard] is shard]
+            lines.append(f"  {shard.name}: {len(names)} tensors, {human_bytes(shard.layout.size)}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ApplyReport:
+    """What apply built: every tensor and file of it matched the manifest's digests."""
+
+    out: Path
+    target_name: str
+    tensors: int
+    encodings: dict[str, int]
+    bytes_written: int
+    files: tuple[str, ...]
+    shards: tuple[str, ...]
+    fingerprint: str
+
+
+_SAMPLE_PATTERN = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings)\.|(^|\.)(layers|h|blocks)\.0\.")
+
+
+def _choose_sample(steps: Sequence[ApplyStep]) -> tuple[str, ...]:
+    """The embedding and first layer: where a wrong or differently converted base shows first."""
+    with_base = [s for s in steps if s.base is not None]
+    chosen = [s for s in with_base if _SAMPLE_PATTERN.search(s.name)] or with_base[:3]
+    sample, budget = [], _SAMPLE_CAP_BYTES
+    for step in chosen:
+        assert step.base is not None
+        if step.base.nbytes <= budget:
+            sample.append(step.name)
+            budget -= step.base.nbytes
+    return tuple(sample)
+
+
+def plan_apply(
+    base: str | Path, delta: str | Path | DeltaPackage, *, shard_size: int = DEFAULT_SHARD_SIZE
+) -> ApplyPlan:
+    """Read headers and the manifest, check the base's names, dtypes and shapes, lay out the output.
+
+    Raises:
+        BaseMismatchError: the base lacks a tensor the delta needs, or has it in another dtype or shape.
+    """
+    package = delta if isinstance(delta, DeltaPackage) else open_delta(delta)
+    m = package.manifest
+    ckpt = open_checkpoint(base)
+    for name, target in m.target.tensors.items():
+        if not target.needs_base:
+            continue
+        want = m.base.tensors[name]
+        have = ckpt.tensors.get(name)
+        if have is None:
+            raise BaseMismatchError(
+                f"base {ckpt.root} lacks tensor {name!r}, which the delta needs: it is not "
+                f"{m.base.name!r} (fingerprint {m.base.fingerprint[:16]}...)",
+                path=ckpt.root,
+                tensor=name,
+            )
+        if (have.dtype, have.shape) != (want.dtype, want.shape):
+            raise BaseMismatchError(
+                f"base tensor {name!r} is {have.dtype} {list(have.shape)}, but the delta was made from "
+                f"{want.dtype} {list(want.shape)} ({m.base.name!r}): another model, or another conversion",
+                path=have.path,
+                tensor=name,
+                expected=f"{want.dtype} {list(want.shape)}",
+                actual=f"{have.dtype} {list(have.shape)}",
+            )
+    specs = [TensorSpec(n, t.dtype, t.shape) for n, t in m.target.tensors.items()]
+    shards, shard_of = plan_output(specs, shard_size)
+    steps = []
+    for spec in specs:  # in output order: plan_output keeps the order it was given
+        target = m.target.tensors[spec.name]
+        index = shard_of[spec.name]
+        start, end = shards[index].layout.offsets[spec.name]
+        steps.append(
+            ApplyStep(
+                spec.name,
+                target,
+                ckpt.tensors[spec.name] if target.needs_base else None,
+                package.payload.get(spec.name),
+                index,
+                start,
+                end,
+            )
+        )
+    weight_names = {s.name for s in shards} | {"model.safetensors.index.json"}
+    clash = sorted(weight_names & set(m.target.files))
+    if clash:
+        raise UnsupportedInputError(
+            f"{package.root}: carried file {clash[0]!r} would overwrite a rebuilt weight file", path=package.root
+        )
+    return ApplyPlan(ckpt, package, tuple(steps), tuple(shards), _choose_sample(steps))
+
+
+def _check_sample(plan: ApplyPlan, reader: RangeReader) -> None:
+    m = plan.manifest
+    for name in plan.sample:
+        info = plan.base.tensors[name]
+        want = m.base.tensors[name].digest
+        got = hash_tensor(reader, info)
+        if got != want:
+            raise BaseMismatchError(
+                f"base tensor {name!r} differs from the one the delta was made from: it is not "
+                f"{m.base.name!r} (expected blake3 {want[:16]}..., got {got[:16]}...); another model "
+                "or another conversion of it",
+                path=info.path,
+                tensor=name,
+                expected=want,
+                actual=got,
+            )
+        log.debug("base tensor %s matches", name)
+
+
+def _apply_chunks(steps: Sequence[ApplyStep]) -> Iterator[Chunk]:
+    for i, step in enumerate(steps):
+        t = step.target
+        t_item = itemsize(t.dtype)
+        numel = math.prod(t.shape)
+        if step.base is None:  # raw
+            assert step.payload is not None
+            for a, b in element_ranges(0, numel, t_item):
+                yield Chunk(i, 0, a, b, (read_range(step.payload, t_item, a, b),))
+            continue
+        b_item = itemsize(step.base.dtype)
+        shared = math.prod(step.base.shape)
+        for a, b in element_ranges(0, shared, max(t_item, b_item)):
+            reads = [read_range(step.base, b_item, a, b)]
+            if step.payload is not None:
+                reads.append(read_range(step.payload, t_item, a, b))
+            yield Chunk(i, 0, a, b, tuple(reads))
+        if step.payload is not None:
+            for a, b in element_ranges(shared, numel, t_item, at_least_one=False):
+                yield Chunk(i, 1, a, b, (read_range(step.payload, t_item, a, b),))
+
+
+def _decode_chunk(step: ApplyStep, segment: int, views: list[memoryview]) -> Bytes:
+    """The output bytes of one chunk; may be a view of the read buffers (raw and copy chunks)."""
+    t = step.target
+    if step.base is None or segment == 1:
+        return as_bytes(views[-1])
+    base_bits = as_bytes(views[0])
+    if t.cast_from is not None:
+        base_bits = cast_bits(base_bits, t.cast_from, t.dtype)
+    if step.payload is None:  # copy
+        return base_bits
+    return CODECS[t.codec or t.encoding].decode(base_bits, as_bytes(views[1]), t.dtype)
+
+
+def apply_delta(
+    base: str | Path,
+    delta: str | Path,
+    out: str | Path,
+    *,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    progress: ProgressFactory = no_progress,
+) -> ApplyReport:
+    """Rebuild the delta's target from ``base`` into ``out``, checking every digest on the way.
+
+    The checks run cheapest first: names, dtypes and shapes, then the digests of the embedding and
+    first layer, then every tensor as it streams. On any failure nothing is left at ``out``.
+
+    Args:
+        base: the base checkpoint (file or folder).
+        delta: the delta package folder.
+        out: the model folder to create; it must not exist or be empty.
+        shard_size: the most bytes per output safetensors file.
+        progress: a progress bar factory; output bytes are reported.
+
+    Raises:
+        OutputExistsError: ``out`` exists and is not empty (checked before anything else).
+        BaseMismatchError: the base is not the one the delta was made from.
+        IntegrityError: the payload or a carried file is corrupt.
+
+    Example:
+        >>> apply_delta("llama-7b", "panda-7b-delta", "panda-7b")  # doctest: +SKIP
+    """
+    out = Path(out)
+    check_output_free(out)
+    plan = plan_apply(base, delta, shard_size=shard_size)
+    m = plan.manifest
+    with RangeReader() as reader:
+        _check_sample(plan, reader)  # before anything is created on disk
+    verified = set(plan.sample)
+    with RangeReader() as reader, StagedFolder(out) as staged:
+        fds = open_output_shards(staged.path, plan.shards)
+        try:
+            bar = progress(sum(spec.nbytes for spec in plan.specs), "apply")
+            _stream_apply(plan, reader, fds, verified, bar)
+            bar.close()
+        finally:
+            for fd in fds:
+                os.close(fd)
+        write_index(staged.path, plan.shards, {s.name: s.shard for s in plan.steps}, plan.specs)
+        for rel, record in m.target.files.items():
+            dest = staged.path / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            copied = copy_hashed(plan.delta.root / FILES_DIR / rel, dest)
+            if copied != record:
+                raise IntegrityError(
+                    f"{plan.delta.root / FILES_DIR / rel}: sha256 {copied.sha256[:16]}... differs from the "
+                    f"manifest's {record.sha256[:16]}...: the delta's file is corrupt",
+                    path=plan.delta.root / FILES_DIR / rel,
+                    expected=record.sha256,
+                    actual=copied.sha256,
+                )
+        staged.commit()
+    return ApplyReport(
+        out=out,
+        target_name=m.target.name,
+        tensors=len(plan.steps),
+        encodings=dict(sorted(Counter(s.target.encoding for s in plan.steps).items())),
+        bytes_written=plan.write_bytes,
+        files=tuple(m.target.files),
+        shards=tuple(s.name for s in plan.shards),
+        fingerprint=m.target.fingerprint,
+    )
+
+
+def _stream_apply(
+    plan: ApplyPlan,
+    reader: RangeReader,
+    fds: Sequence[int],
+    verified: set[str],
+    bar: ProgressBar,
+) -> None:
+    m = plan.manifest
+    steps = plan.steps
+    current = -1
+    base_hash = out_hash = TensorHasher()
+    writer = OutputWriter(fds)
+
+    def finish(index: int) -> None:
+        step = steps[index]
+        if step.base is not None and step.name not in verified:
+            want, got = m.base.tensors[step.name].digest, base_hash.hexdigest()
+            if got != want:
+                raise BaseMismatchError(
+                    f"base tensor {step.name!r} differs from the one the delta was made from "
+                    f"({m.base.name!r}): expected blake3 {want[:16]}..., got {got[:16]}...",
+                    path=step.base.path,
+                    tensor=step.name,
+                    expected=want,
+                    actual=got,
+                )
+        writer.wait()  # the tensor's last chunk is hashed
+        got = out_hash.hexdigest()
+        if got != step.target.digest:
+            raise IntegrityError(
+                f"rebuilt tensor {step.name!r} does not match the target digest (expected blake3 "
+                f"{step.target.digest[:16]}..., got {got[:16]}...): the delta's payload is corrupt",
+                path=step.payload.path if step.payload else None,
+                tensor=step.name,
+                expected=step.target.digest,
+                actual=got,
+            )
+
+    try:
+        for chunk, views in Prefetcher(reader).run(_apply_chunks(steps)):
+            if chunk.owner != current:
+                if current >= 0:
+                    finish(current)
+                current = chunk.owner
+                base_hash, out_hash = TensorHasher(), TensorHasher()
+            step = steps[chunk.owner]
+            rebuilt = _decode_chunk(step, chunk.segment, views)
+            writer.submit(step.shard, rebuilt, out_hash)
+            if step.base is not None and chunk.segment == 0 and step.name not in verified:
+                base_hash.update(views[0])
+            bar.update(rebuilt.size)
+        if current >= 0:
+            finish(current)
+    finally:
+        writer.close()
