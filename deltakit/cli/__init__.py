@@ -17,10 +17,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from . import __version__
-from .adapters import MergeReport, merge_adapters
-from .convert import DTYPE_NAMES, convert
-from .engine import (
+from .. import __version__
+from ..adapters import MergeReport, merge_adapters
+from ..convert import DTYPE_NAMES, convert
+from ..engine import (
     DEFAULT_SHARD_SIZE,
     ApplyReport,
     MakeReport,
@@ -31,16 +31,16 @@ from .engine import (
     verify_delta,
     verify_model,
 )
-from .errors import DeltakitError
-from .formats.peft import is_adapter
-from .hub import PublishReport, fetch_delta, fetch_model, is_repo_spec, publish_delta
-from .inspection import Inspection, inspect_path
-from .legacy import LEGACY_KINDS, LegacyReport, apply_legacy_delta, make_delta_from_legacy
-from .manifest import MANIFEST_NAME, load_manifest
-from .progress import ProgressFactory, tqdm_progress
-from .registry import Registry
-from .staging import check_output_free
-from .units import human_bytes, parse_size
+from ..errors import DeltakitError
+from ..formats.peft import is_adapter
+from ..hub import PublishReport, fetch_delta, fetch_model, is_repo_spec, publish_delta
+from ..inspection import Inspection, inspect_path
+from ..legacy import LEGACY_KINDS, LegacyReport, apply_legacy_delta, make_delta_from_legacy
+from ..manifest import MANIFEST_NAME, load_manifest
+from ..progress import ProgressFactory, tqdm_progress
+from ..registry import Registry
+from ..staging import check_output_free
+from ..units import human_bytes, parse_size
 
 __all__ = ["main"]
 
@@ -338,7 +338,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .examples import write_llama_pair
+    from ..examples import write_llama_pair
 
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="deltakit-demo-"))
     if root.exists() and any(root.iterdir()):
