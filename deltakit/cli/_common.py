@@ -1,0 +1,43 @@
+"""What every command module shares: output on stdout, progress bars, argument types, the usage error.
+
+The names keep their leading underscore: they are the CLI's own, never part of deltakit's API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+from ..progress import ProgressFactory, tqdm_progress
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    _Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
+def _positive(text: str) -> int:
+    value = int(text) if text.isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer: {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text) if text.isdigit() else -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {text!r}")
+    return value
+
+
+def _say(text: str = "") -> None:
+    print(text, file=sys.stdout, flush=True)
+
+
+def _progress(args: argparse.Namespace) -> ProgressFactory:
+    return tqdm_progress(quiet=args.quiet)
+
+
+class _UsageError(Exception):
+    pass

@@ -1,0 +1,55 @@
+"""How names on the command line become paths: a registered name, then a path, then a Hub repo id.
+
+Runs after parsing and before the command; a Hub repo id is fetched (and a delta checked) here.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..hub import fetch_delta, fetch_model, is_repo_spec
+from ..registry import Registry
+from ._common import _say
+from .delta import _cmd_verify
+from .registry import _cmd_registry_add, _cmd_registry_remove, _cmd_serve, _cmd_token_create
+
+_PATH_ARGUMENTS = ("base", "target", "path", "source", "from_legacy")
+
+
+def _resolve_delta(registry: Registry, name: str) -> str:
+    """A delta resolves as a registered name, then a path, then a Hub repo id (fetched and checked)."""
+    if registry.get(name) is not None or Path(name).exists() or not is_repo_spec(name):
+        return str(registry.resolve(name))
+    fetched = fetch_delta(name)
+    _say(f"fetched {fetched.repo_id} at {fetched.revision} (commit {fetched.commit[:12]}), every file checked")
+    return str(fetched.path)
+
+
+def _resolve_model(registry: Registry, name: str) -> str:
+    """A model resolves as a registered name, then a path, then a Hub repo id (fetched into the cache)."""
+    if registry.get(name) is not None or Path(name).exists() or not is_repo_spec(name):
+        return str(registry.resolve(name))
+    fetched = fetch_model(name)
+    _say(f"fetched {fetched.repo_id} at {fetched.revision} (commit {fetched.commit[:12]})")
+    return str(fetched.path)
+
+
+def _resolve_names(args: argparse.Namespace) -> None:
+    """Registered names become their paths; deltas may also be Hub repo ids; anything else must exist."""
+    if args.run in (_cmd_registry_add, _cmd_registry_remove, _cmd_serve, _cmd_token_create):
+        return
+    registry = Registry()
+    for attribute in _PATH_ARGUMENTS:
+        value = getattr(args, attribute, None)
+        if value is not None:
+            if args.run is _cmd_verify and attribute == "path" and getattr(args, "delta", None) is None:
+                setattr(args, attribute, _resolve_delta(registry, value))
+            elif attribute in ("base", "target") or (args.run is _cmd_verify and attribute == "path"):
+                setattr(args, attribute, _resolve_model(registry, value))
+            else:
+                setattr(args, attribute, str(registry.resolve(value)))
+    if getattr(args, "delta", None) is not None:
+        deltas = args.delta if isinstance(args.delta, list) else [args.delta]
+        resolved = [_resolve_delta(registry, d) for d in deltas]
+        args.delta = resolved if isinstance(args.delta, list) else resolved[0]

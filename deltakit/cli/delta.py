@@ -1,0 +1,395 @@
+"""The delta commands, make, apply, verify, inspect and demo: their parsers, handlers and report printers.
+
+Each handler calls one library function and prints its report; release (in hub.py) reuses the printers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..adapters import MergeReport, merge_adapters
+from ..engine import (
+    DEFAULT_SHARD_SIZE,
+    ApplyReport,
+    MakeReport,
+    VerifyReport,
+    apply_delta,
+    make_delta,
+    plan_apply,
+    verify_delta,
+    verify_model,
+)
+from ..errors import DeltakitError
+from ..formats.peft import is_adapter
+from ..inspection import Inspection, inspect_path
+from ..legacy import LEGACY_KINDS, LegacyReport, apply_legacy_delta, make_delta_from_legacy
+from ..manifest import MANIFEST_NAME, load_manifest
+from ..registry import Registry
+from ..staging import check_output_free
+from ..units import human_bytes, parse_size
+from ._common import _progress, _say, _UsageError
+
+if TYPE_CHECKING:
+    from ._common import _Subparsers
+
+# -------------------------------------------------------------------------------------------------
+# Reports as text
+
+
+def _print_make(report: MakeReport, seconds: float) -> None:
+    m = report.manifest
+    _say(f"wrote delta {report.out}  ({m.target.name} from {m.base.name}) in {seconds:.1f}s")
+    _say("  tensors   " + ", ".join(f"{n} {e}" for e, n in report.encodings.items()))
+    ratio = report.payload_bytes / report.target_bytes if report.target_bytes else 0.0
+    sizes = f"{human_bytes(report.payload_bytes)} for {human_bytes(report.target_bytes)} of target"
+    _say(f"  payload   {sizes} ({ratio:.0%})")
+    _say(f"  files     {report.files} carried under files/")
+    _say(f"  base      fingerprint {m.base.fingerprint}")
+    _say(f"  target    fingerprint {m.target.fingerprint}")
+    if report.raw_tensors:
+        _say(f"  raw       {len(report.raw_tensors)} tensors stored as they are (copies of fine-tuned weights):")
+        for name, why in report.raw_tensors.items():
+            _say(f"              {name}: {why}")
+    if report.cast:
+        _say(f"  cast      {len(report.cast)} base tensors cast to the target's dtype first")
+    if report.dropped:
+        _say(f"  dropped   {len(report.dropped)} base tensors absent from the target: " + ", ".join(report.dropped))
+    if "add" in report.encodings or ("rows" in report.encodings and report.inexact_tensors):
+        _say(
+            f"  add       {report.inexact_elements} elements in {len(report.inexact_tensors)} tensors rebuild "
+            "differently from the fine-tune; the manifest records the rebuild's digests"
+        )
+    if report.ignored_weight_files:
+        _say("  ignored   weight files in other formats: " + ", ".join(report.ignored_weight_files))
+
+
+def _print_apply(report: ApplyReport, seconds: float) -> None:
+    _say(f"rebuilt {report.target_name} into {report.out} in {seconds:.1f}s: all digests match")
+    _say("  tensors   " + ", ".join(f"{n} {e}" for e, n in report.encodings.items()))
+    _say(f"  written   {human_bytes(report.bytes_written)} in {', '.join(report.shards)}")
+    _say(f"  files     {', '.join(report.files) or 'none'}")
+    _say(f"  target    fingerprint {report.fingerprint}")
+
+
+def _print_verify(report: VerifyReport) -> None:
+    if report.ok:
+        _say(f"OK: {report.subject}: {report.checked} tensors and files match")
+    else:
+        _say(f"FAILED: {report.subject}")
+    for name in report.missing[:50]:
+        _say(f"  missing     {name}")
+    for item in report.mismatched[:50]:
+        _say(f"  mismatched  {item.name}: expected {item.expected}, found {item.actual}")
+    for name in report.extra[:50]:
+        _say(f"  extra       {name} (not in the manifest)")
+    hidden = max(0, len(report.missing) - 50) + max(0, len(report.mismatched) - 50) + max(0, len(report.extra) - 50)
+    if hidden:
+        _say(f"  ... and {hidden} more")
+
+
+def _print_inspect(info: Inspection, *, all_tensors: bool) -> None:
+    _say(f"{info.path}: {info.description}" + (f" ({info.legacy_kind})" if info.legacy_kind else ""))
+    _say(f"  apply       {info.apply}")
+    if info.kind == "delta":
+        _say(f"  created by  {info.created_by}")
+        _say(f"  base        {info.base_name}  fingerprint {info.base_fingerprint}")
+        _say(f"  target      {info.target_name}  fingerprint {info.target_fingerprint}")
+        _say("  encodings   " + ", ".join(f"{n} {e}" for e, n in (info.encodings or {}).items()))
+        _say(f"  payload     {human_bytes(info.payload_bytes or 0)}")
+        if info.dropped:
+            _say(f"  dropped     {', '.join(info.dropped)}")
+    elif info.fingerprint:
+        _say(f"  fingerprint {info.fingerprint}")
+    by_dtype = ", ".join(f"{d} {human_bytes(b)}" for d, b in info.bytes_by_dtype.items())
+    _say(f"  tensors     {len(info.tensors)}, {human_bytes(info.total_bytes)}" + (f": {by_dtype}" if by_dtype else ""))
+    _say(f"  files       {', '.join(info.files) or 'none'}")
+    shown = info.tensors if all_tensors else info.tensors[:20]
+    for t in shown:
+        encoding = f"  {t.encoding}" if t.encoding else ""
+        _say(f"    {t.name}  {t.dtype} {list(t.shape)}  {human_bytes(t.nbytes)}{encoding}")
+    if len(shown) < len(info.tensors):
+        _say(f"    ... {len(info.tensors) - len(shown)} more (--all lists every tensor)")
+
+
+def _print_legacy(report: LegacyReport, seconds: float) -> None:
+    article = "an" if report.kind[0] in "aeiou" else "a"
+    _say(f"rebuilt {report.out} from {article} {report.kind} delta in {seconds:.1f}s")
+    _say(f"  tensors   {report.tensors}" + (f"; rows grown: {', '.join(report.grown)}" if report.grown else ""))
+    _say(f"  written   {human_bytes(report.bytes_written)} in {', '.join(report.shards)}")
+    _say(f"  files     {', '.join(report.files) or 'none'}")
+    if report.kind == "oasst-xor":
+        _say(
+            "  checked   against the published checksums"
+            if report.verified
+            else "  WARNING   not verified: an XOR release rebuilds plausible weights from any base; pass "
+            "--checksums with the sums from the release's model card"
+        )
+    _say(f"  result    fingerprint {report.fingerprint} (legacy deltas carry no digests to check it against)")
+
+
+def _print_merge(report: MergeReport, seconds: float) -> None:
+    _say(f"merged {', '.join(report.adapters)} into {report.out} in {seconds:.1f}s")
+    _say(f"  tensors   {report.tensors}: {len(report.merged)} with LoRA updates, {len(report.replaced)} replaced whole")
+    _say(f"  written   {human_bytes(report.bytes_written)} in {', '.join(report.shards)}")
+    _say(f"  files     {', '.join(report.files) or 'none'}")
+    if report.vocab_size is not None:
+        _say(f"  config    vocab_size set to {report.vocab_size}, the merged embedding's rows")
+    _say(f"  result    fingerprint {report.fingerprint} (adapters carry no digests to check it against)")
+
+
+# -------------------------------------------------------------------------------------------------
+# Commands
+
+
+def _cmd_make(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    if args.from_legacy is not None:
+        rebuilt, made = make_delta_from_legacy(
+            args.base,
+            args.from_legacy,
+            args.out,
+            kind=None if args.legacy_kind == "auto" else args.legacy_kind,
+            checksums=args.checksums,
+            name=args.name,
+            base_name=args.base_name,
+            shard_size=args.shard_size,
+            progress=_progress(args),
+        )
+        _say(f"read {args.from_legacy} as a delta of kind {rebuilt.kind}; re-packaged as format 1:")
+        _print_make(made, time.perf_counter() - start)
+        return 0
+    report = make_delta(
+        args.base,
+        args.target,
+        args.out,
+        codec=args.codec,
+        name=args.name,
+        base_name=args.base_name,
+        shard_size=args.shard_size,
+        progress=_progress(args),
+    )
+    _print_make(report, time.perf_counter() - start)
+    return 0
+
+
+def _choose_base(args: argparse.Namespace) -> None:
+    """``apply`` without ``--base``: the registered model whose fingerprint the delta's manifest names."""
+    if args.base is not None:
+        return
+    if len(args.delta) != 1 or not (Path(args.delta[0]) / MANIFEST_NAME).is_file():
+        raise _UsageError("--base may be left out only for one deltakit delta, whose manifest names its base")
+    manifest = load_manifest(args.delta[0])
+    entry = Registry().find_base(manifest.base.fingerprint)
+    if entry is None:
+        raise DeltakitError(
+            f"no registered model has the fingerprint of {manifest.base.name!r} "
+            f"({manifest.base.fingerprint[:16]}...): pass --base, or `deltakit registry add NAME PATH` first"
+        )
+    _say(f"using registered base {entry.name!r} at {entry.path} (fingerprint {entry.fingerprint[:16]}...)")
+    args.base = entry.path
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    _choose_base(args)
+    adapters = [d for d in args.delta if is_adapter(d)]
+    if adapters:
+        if len(adapters) != len(args.delta):
+            raise _UsageError("several --delta are for LoRA adapters only; deltakit deltas apply one at a time")
+        if args.dry_run:
+            raise _UsageError("--dry-run is for deltakit deltas; adapters have no plan to print yet")
+        start = time.perf_counter()
+        merged = merge_adapters(args.base, adapters, args.out, shard_size=args.shard_size, progress=_progress(args))
+        _print_merge(merged, time.perf_counter() - start)
+        return 0
+    if len(args.delta) > 1:
+        raise _UsageError("several --delta are for LoRA adapters only; deltakit deltas apply one at a time")
+    args.delta = args.delta[0]
+    if args.legacy != "auto" or (not (Path(args.delta) / MANIFEST_NAME).exists() and Path(args.delta).is_dir()):
+        if args.dry_run:
+            raise _UsageError("--dry-run is for deltakit deltas; legacy deltas have no plan to print yet")
+        kind = None if args.legacy == "auto" else args.legacy
+        start = time.perf_counter()
+        legacy = apply_legacy_delta(
+            args.base,
+            args.delta,
+            args.out,
+            kind=kind,
+            checksums=args.checksums,
+            shard_size=args.shard_size,
+            progress=_progress(args),
+        )
+        _print_legacy(legacy, time.perf_counter() - start)
+        if kind is None and legacy.kind != "oasst-xor":
+            other = "alpaca" if legacy.kind == "fastchat" else "fastchat"
+            _say(
+                f"  note      {args.delta} has no deltakit.json: read as a {legacy.kind} delta "
+                f"(--legacy {other} if it is not)"
+            )
+        return 0
+    if args.dry_run:
+        check_output_free(Path(args.out))
+        plan = plan_apply(args.base, args.delta, shard_size=args.shard_size)
+        _say(plan.describe())
+        _say(f"dry run: nothing written; would write {args.out}")
+        return 0
+    start = time.perf_counter()
+    report = apply_delta(
+        args.base,
+        args.delta,
+        args.out,
+        shard_size=args.shard_size,
+        progress=_progress(args),
+    )
+    _print_apply(report, time.perf_counter() - start)
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    if args.delta is not None:
+        if args.base is not None:
+            raise _UsageError("verify takes --base (checking a delta) or --delta (checking a model), not both")
+        report = verify_model(args.path, args.delta, progress=_progress(args))
+    else:
+        report = verify_delta(args.path, base=args.base, progress=_progress(args))
+    if args.json:
+        _say(json.dumps(_report_dict(report), indent=2))
+    else:
+        _print_verify(report)
+    return 0 if report.ok else 1
+
+
+def _report_dict(report: VerifyReport) -> dict[str, object]:
+    return {
+        "ok": report.ok,
+        "subject": report.subject,
+        "checked": report.checked,
+        "missing": list(report.missing),
+        "extra": list(report.extra),
+        "mismatched": [{"name": m.name, "expected": m.expected, "actual": m.actual} for m in report.mismatched],
+    }
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    info = inspect_path(args.path, with_fingerprint=args.fingerprint, progress=_progress(args))
+    if args.json:
+        _say(json.dumps(info.to_dict(), indent=2))
+    else:
+        _print_inspect(info, all_tensors=args.all)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ..examples import write_llama_pair
+
+    root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="deltakit-demo-"))
+    if root.exists() and any(root.iterdir()):
+        raise DeltakitError(f"{root} is not empty; give the demo a new or empty --dir")
+    quiet = argparse.Namespace(quiet=True)
+    _say(f"1. writing a tiny LLaMA-shaped base and a fine-tune with a grown vocabulary under {root}")
+    base, tuned = write_llama_pair(root)
+    _say(f"   base      {base}")
+    _say(f"   fine-tune {tuned}")
+    _say("\n2. deltakit make --base base --target finetune --out delta")
+    start = time.perf_counter()
+    made = make_delta(base, tuned, root / "delta", progress=_progress(quiet))
+    _print_make(made, time.perf_counter() - start)
+    _say("\n3. deltakit apply --base base --delta delta --out rebuilt")
+    start = time.perf_counter()
+    applied = apply_delta(base, root / "delta", root / "rebuilt", progress=_progress(quiet))
+    _print_apply(applied, time.perf_counter() - start)
+    _say("\n4. deltakit verify rebuilt --delta delta")
+    report = verify_model(root / "rebuilt", root / "delta")
+    _print_verify(report)
+    same = all(
+        (tuned / name).read_bytes() == (root / "rebuilt" / name).read_bytes()
+        for name in ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json")
+    )
+    _say(f"\nevery tensor of rebuilt/ is bit-identical to finetune/; side files identical: {same}")
+    _say(f"the files are in {root}; try: deltakit inspect {root / 'delta'}")
+    return 0 if report.ok and same else 1
+
+
+# -------------------------------------------------------------------------------------------------
+# Parsers, one function each: the top-level parser interleaves them with other groups' commands
+
+
+def add_make_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
+    """``deltakit make``."""
+    p = sub.add_parser("make", parents=[common], help="compute a delta package from a base and a fine-tune")
+    p.add_argument("--base", required=True, help="base checkpoint (folder or .safetensors file)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--target", help="fine-tuned checkpoint")
+    source.add_argument(
+        "--from-legacy", metavar="DELTA", help="re-package a FastChat/Panda or Alpaca delta release as format 1"
+    )
+    p.add_argument(
+        "--legacy-kind", choices=["auto", *LEGACY_KINDS], default="auto", help="what --from-legacy holds (auto)"
+    )
+    p.add_argument("--checksums", help="for an XOR release: md5/sha256 sums of the rebuilt files (required)")
+    p.add_argument("--out", required=True, help="delta package folder to create")
+    p.add_argument("--codec", choices=["xor", "add"], default="xor", help="xor: lossless (default); add: task vector")
+    p.add_argument("--name", help="the target's name in the manifest (default: its folder name)")
+    p.add_argument("--base-name", help="the base's name in the manifest (default: its folder name)")
+    p.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE, help="payload file size (5GB)")
+    p.set_defaults(run=_cmd_make)
+
+
+def add_apply_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
+    """``deltakit apply``."""
+    p = sub.add_parser("apply", parents=[common], help="rebuild a fine-tune from a base and a delta")
+    p.add_argument(
+        "--base", help="base checkpoint, or a registered name (default: the registered model the delta names)"
+    )
+    p.add_argument(
+        "--delta",
+        required=True,
+        action="append",
+        help="delta package folder, or a PEFT LoRA adapter folder (repeat to stack adapters in order)",
+    )
+    p.add_argument("--out", required=True, help="model folder to create (must not exist, or be empty)")
+    p.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE, help="output file size (5GB)")
+    p.add_argument("--dry-run", action="store_true", help="check and print the plan; write nothing")
+    p.add_argument(
+        "--legacy",
+        choices=["auto", *LEGACY_KINDS],
+        default="auto",
+        help="the delta is an older tool's release: a model folder of differences (auto: when it has no deltakit.json)",
+    )
+    p.add_argument("--checksums", help="for an XOR release: md5/sha256 sums of the rebuilt files, from its model card")
+    p.set_defaults(run=_cmd_apply)
+
+
+def add_verify_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
+    """``deltakit verify``."""
+    p = sub.add_parser(
+        "verify",
+        parents=[common],
+        help="check a delta package (with --base: and the base), or a rebuilt model (with --delta)",
+    )
+    p.add_argument("path", help="a delta package, or with --delta a rebuilt model")
+    p.add_argument("--base", help="also check that this base is the one the delta was made from")
+    p.add_argument("--delta", help="check PATH, a model, against this delta's target digests")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(run=_cmd_verify)
+
+
+def add_inspect_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
+    """``deltakit inspect``."""
+    p = sub.add_parser("inspect", parents=[common], help="say what a checkpoint or delta package holds")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.add_argument("--all", action="store_true", help="list every tensor")
+    p.add_argument("--fingerprint", action="store_true", help="hash a checkpoint's tensors to fingerprint it")
+    p.set_defaults(run=_cmd_inspect)
+
+
+def add_demo_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
+    """``deltakit demo``."""
+    p = sub.add_parser("demo", parents=[common], help="make, apply and verify a delta on a built-in tiny model")
+    p.add_argument("--dir", help="where to write the example (default: a new temporary folder)")
+    p.set_defaults(run=_cmd_demo)

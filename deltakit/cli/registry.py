@@ -1,0 +1,98 @@
+"""The commands for this machine's named models and its HTTP service: registry add/list/remove, serve, token.
+
+The service's own dependencies (uvicorn, FastAPI) load inside serve and token only, never on import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+from ..errors import DeltakitError
+from ..registry import Registry
+from ..units import human_bytes
+from ._common import _port, _progress, _say
+
+if TYPE_CHECKING:
+    from ._common import _Subparsers
+
+
+def _cmd_registry_add(args: argparse.Namespace) -> int:
+    entry = Registry().add(args.name, args.path, progress=_progress(args))
+    _say(f"registered {entry.name!r}: {entry.kind} at {entry.path}, fingerprint {entry.fingerprint}")
+    return 0
+
+
+def _cmd_registry_list(args: argparse.Namespace) -> int:
+    registry = Registry()
+    entries = registry.entries()
+    if args.json:
+        _say(json.dumps([asdict(e) for e in entries.values()], indent=2))
+        return 0
+    if not entries:
+        _say(f"no names registered in {registry.path}")
+    for e in entries.values():
+        extra = f", for base {e.base_fingerprint[:16]}..." if e.base_fingerprint else ""
+        _say(f"{e.name}  {e.kind}  {human_bytes(e.size)}  {e.path}  fingerprint {e.fingerprint[:16]}...{extra}")
+    return 0
+
+
+def _cmd_registry_remove(args: argparse.Namespace) -> int:
+    entry = Registry().remove(args.name)
+    _say(f"forgot {entry.name!r} ({entry.path} is left as it is)")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn  # the service's own dependencies load only here: the library never imports them
+
+    from service.main import create_app
+
+    # Streams (server-sent events) end by themselves within minutes; do not wait that long to stop.
+    try:
+        uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)
+    except SystemExit as e:  # uvicorn exits 3 when it cannot bind; its own log line says why
+        if e.code not in (0, None):
+            raise DeltakitError(f"the service could not start on {args.host}:{args.port} (see the line above)") from e
+    return 0
+
+
+def _cmd_token_create(args: argparse.Namespace) -> int:
+    from service.settings import Settings
+    from service.store import Store
+
+    store = Store(Settings().database)
+    try:
+        print(store.create_token(args.scope))  # alone on stdout, shown once: only its hash is kept
+    finally:
+        store.close()
+    return 0
+
+
+def add_registry_parsers(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
+    """``deltakit registry add|list|remove``, ``deltakit serve`` and ``deltakit token create``."""
+    p = sub.add_parser("registry", parents=[common], help="name local models and deltas")
+    registry = p.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
+    r = registry.add_parser("add", parents=[common], help="register a checkpoint (fingerprinted now) or a delta")
+    r.add_argument("name")
+    r.add_argument("path")
+    r.set_defaults(run=_cmd_registry_add)
+    r = registry.add_parser("list", parents=[common], help="list the registered names")
+    r.add_argument("--json", action="store_true", help="print as JSON")
+    r.set_defaults(run=_cmd_registry_list)
+    r = registry.add_parser("remove", parents=[common], help="forget a name (its files are left alone)")
+    r.add_argument("name")
+    r.set_defaults(run=_cmd_registry_remove)
+
+    p = sub.add_parser("serve", parents=[common], help="run the HTTP service for a model registry")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    p.add_argument("--port", type=_port, default=8000, help="port to listen on (8000)")
+    p.set_defaults(run=_cmd_serve)
+
+    p = sub.add_parser("token", parents=[common], help="bearer tokens for the HTTP service")
+    tokens = p.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    t = tokens.add_parser("create", parents=[common], help="print a new token once; only its hash is stored")
+    t.add_argument("--scope", choices=["read", "write"], required=True)
+    t.set_defaults(run=_cmd_token_create)
