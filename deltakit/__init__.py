@@ -20,6 +20,7 @@ from .engine import (
 )
 from .errors import (
     BaseMismatchError,
+    CorruptFrameError,
     DeltakitError,
     FormatError,
     HubError,
@@ -38,6 +39,7 @@ __all__ = [
     "ApplyPlan",
     "ApplyReport",
     "BaseMismatchError",
+    "CorruptFrameError",
     "DeltakitError",
     "FormatError",
     "HubError",

@@ -11,7 +11,8 @@ message needs (``path``, ``tensor``, ``expected``, ``actual``) as attributes::
     │   ├── UnsafePickleError                        a .bin/.pth pickle asks for more than tensors
     │   └── ManifestError                            deltakit.json is missing fields or malformed
     ├── IntegrityError          (ValueError)         bytes differ from the digest they must have
-    │   └── BaseMismatchError                        the base is not the one the delta was made from
+    │   ├── BaseMismatchError                        the base is not the one the delta was made from
+    │   └── CorruptFrameError                        a compressed payload frame does not decode
     ├── OutputExistsError       (FileExistsError)    refusing to touch an existing output
     └── HubError                (RuntimeError)       the Hub refused a request or cannot be reached
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 
 __all__ = [
     "BaseMismatchError",
+    "CorruptFrameError",
     "DeltakitError",
     "FormatError",
     "HubError",
@@ -96,6 +98,11 @@ class IntegrityError(DeltakitError, ValueError):
 
 class BaseMismatchError(IntegrityError):
     """The base model is not the one the delta was made from (another model or another conversion)."""
+
+
+class CorruptFrameError(IntegrityError):
+    """A format 2 payload frame does not decode to the size its record gives (truncated, altered,
+    or a decompression bomb); ``tensor`` names the tensor, ``actual`` the frame's byte offset."""
 
 
 class OutputExistsError(DeltakitError, FileExistsError):

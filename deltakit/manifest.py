@@ -1,4 +1,4 @@
-"""The delta manifest (``deltakit.json``, format 1) as frozen dataclasses, to and from JSON.
+"""The delta manifest (``deltakit.json``, formats 1 and 2) as frozen dataclasses, to and from JSON.
 
 Reading validates every field: a manifest comes from whoever published the delta, so nothing in it
 is trusted, least of all the file paths it names.
@@ -7,12 +7,14 @@ is trusted, least of all the file paths it names.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .dtypes import ITEMSIZE, is_float
+from .codecs.frames import CODERS, MAX_FRAME_BYTES, SPLITS, Frame, stream_count
+from .dtypes import ITEMSIZE, is_float, itemsize
 from .errors import InputNotFoundError, ManifestError
 
 __all__ = [
@@ -20,6 +22,8 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "PAYLOAD_TAG",
+    "PAYLOAD_TAGS",
+    "READABLE_FORMATS",
     "FileRecord",
     "Manifest",
     "ModelRecord",
@@ -29,11 +33,17 @@ __all__ = [
     "load_manifest",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the format make writes; every format in READABLE_FORMATS stays readable
+READABLE_FORMATS = (1, 2)
 MANIFEST_NAME = "deltakit.json"
-PAYLOAD_TAG = "delta/1"
-ENCODINGS = frozenset({"xor", "add", "rows", "raw", "copy"})
-ROW_CODECS = frozenset({"xor", "add"})
+PAYLOAD_TAGS = {1: "delta/1", 2: "delta/2"}
+PAYLOAD_TAG = PAYLOAD_TAGS[1]
+# Format 2 adds ``sub`` (bit patterns subtracted modulo 2^bits, zigzag-mapped) beside ``xor``.
+ENCODINGS = {
+    1: frozenset({"xor", "add", "rows", "raw", "copy"}),
+    2: frozenset({"xor", "sub", "add", "rows", "raw", "copy"}),
+}
+ROW_CODECS = {1: frozenset({"xor", "add"}), 2: frozenset({"xor", "sub", "add"})}
 # A 70B model's manifest is about 1 MB; anything near this cap is not a manifest.
 MAX_MANIFEST_BYTES = 64 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -59,6 +69,8 @@ class TargetTensor:
         base_rows: for ``rows``, how many leading rows the base provides.
         source_digest: for ``add``, the fine-tune's own digest where the rebuild differs from it.
         inexact: for ``add``, how many elements of the rebuild differ from the fine-tune.
+        split: format 2, tensors with payload: how payload elements are split into byte streams.
+        frames: format 2, tensors with payload: the frame table, in payload order.
     """
 
     dtype: str
@@ -70,6 +82,13 @@ class TargetTensor:
     base_rows: int | None = None
     source_digest: str | None = None
     inexact: int | None = None
+    split: str | None = None
+    frames: tuple[Frame, ...] | None = None
+
+    @property
+    def coded_bytes(self) -> int:
+        """Bytes of this tensor's format 2 payload (the sum of its frames' coded sizes)."""
+        return sum(f.coded_size(itemsize(self.dtype)) for f in self.frames or ())
 
     @property
     def needs_base(self) -> bool:
@@ -159,10 +178,12 @@ def _tensor_dict(record: TensorRecord | TargetTensor) -> dict[str, Any]:
     out: dict[str, Any] = {"dtype": record.dtype, "shape": list(record.shape), "digest": record.digest}
     if isinstance(record, TargetTensor):
         out["encoding"] = record.encoding
-        for key in ("cast_from", "codec", "base_rows", "source_digest", "inexact"):
+        for key in ("cast_from", "codec", "base_rows", "source_digest", "inexact", "split"):
             value = getattr(record, key)
             if value is not None:
                 out[key] = value
+        if record.frames is not None:
+            out["frames"] = [[f.elements, f.coder, *f.streams] for f in record.frames]
     return out
 
 
@@ -194,8 +215,9 @@ def _manifest_to_dict(m: Manifest) -> dict[str, Any]:
 class _Reader:
     """Typed field access that names the offending field in its errors."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, version: int = FORMAT_VERSION) -> None:
         self.source = source
+        self.version = version
 
     def fail(self, where: str, message: str) -> ManifestError:
         return ManifestError(f"{self.source}: {where}: {message}", path=self.source)
@@ -250,8 +272,8 @@ class _Reader:
         where = f"{where}[{name!r}]"
         obj = value
         encoding = self.get(obj, "encoding", str, where)
-        if encoding not in ENCODINGS:
-            raise self.fail(f"{where}.encoding", f"unknown encoding {encoding!r}")
+        if encoding not in ENCODINGS[self.version]:
+            raise self.fail(f"{where}.encoding", f"unknown encoding {encoding!r} in format {self.version}")
         cast_from = self.opt(obj, "cast_from", str, where)
         codec = self.opt(obj, "codec", str, where)
         base_rows = self.opt(obj, "base_rows", int, where)
@@ -264,13 +286,73 @@ class _Reader:
         if inexact is not None:
             self.count(inexact, f"{where}.inexact")
         if encoding == "rows":
-            if codec not in ROW_CODECS:
-                raise self.fail(f"{where}.codec", "a rows tensor needs codec 'xor' or 'add'")
+            if codec not in ROW_CODECS[self.version]:
+                raise self.fail(
+                    f"{where}.codec", f"a rows tensor needs codec {' or '.join(sorted(ROW_CODECS[self.version]))}"
+                )
             if base_rows is None or not base.shape or not 0 < self.count(base_rows, where) < base.shape[0]:
                 raise self.fail(f"{where}.base_rows", "must be between 1 and the target's rows - 1")
+        split, frames = self.framing(obj, base, encoding, base_rows, cast_from, where)
         return TargetTensor(
-            base.dtype, base.shape, base.digest, encoding, cast_from, codec, base_rows, source_digest, inexact
+            base.dtype,
+            base.shape,
+            base.digest,
+            encoding,
+            cast_from,
+            codec,
+            base_rows,
+            source_digest,
+            inexact,
+            split,
+            frames,
         )
+
+    def framing(
+        self,
+        obj: dict[str, Any],
+        t: TensorRecord,
+        encoding: str,
+        base_rows: int | None,
+        cast_from: str | None,
+        where: str,
+    ) -> tuple[str | None, tuple[Frame, ...] | None]:
+        """Format 2's split and frame table; checked so that apply can size every buffer from them."""
+        if self.version < 2 or encoding == "copy":
+            if "split" in obj or "frames" in obj:
+                raise self.fail(where, "split and frames belong to format 2 tensors with a payload")
+            return None, None
+        split = self.get(obj, "split", str, where)
+        if split not in SPLITS:
+            raise self.fail(f"{where}.split", f"unknown split {split!r}")
+        size = itemsize(t.dtype)
+        widest = max(size, itemsize(cast_from) if cast_from else size)
+        numel = math.prod(t.shape)
+        boundary = base_rows * math.prod(t.shape[1:]) if base_rows is not None else numel
+        frames: list[Frame] = []
+        position = 0
+        for i, value in enumerate(self.get(obj, "frames", list, where)):
+            here = f"{where}.frames[{i}]"
+            if not isinstance(value, list) or len(value) < 2:
+                raise self.fail(here, "must be [elements, coder, stream sizes...]")
+            elements, coder, streams = self.count(value[0], here), value[1], tuple(value[2:])
+            if coder not in CODERS:
+                raise self.fail(here, f"unknown coder {coder!r}")
+            if not 0 < elements * widest <= MAX_FRAME_BYTES:
+                raise self.fail(here, f"{elements} elements is not between 1 and {MAX_FRAME_BYTES // widest}")
+            if position < boundary < position + elements:
+                raise self.fail(here, f"crosses the base's last row (element {boundary})")
+            if coder == "stored" and streams:
+                raise self.fail(here, "a stored frame has no stream sizes")
+            if coder == "zstd":
+                if len(streams) != stream_count(split, size):
+                    raise self.fail(here, f"needs {stream_count(split, size)} stream sizes for split {split!r}")
+                if sum(self.count(n, here) for n in streams) > elements * size:
+                    raise self.fail(here, "its coded streams are larger than the frame they decode to")
+            frames.append(Frame(elements, coder, streams))
+            position += elements
+        if position != numel:
+            raise self.fail(f"{where}.frames", f"cover {position} elements; the tensor has {numel}")
+        return split, tuple(frames)
 
     def files(self, value: Any, where: str, *, nested: bool) -> dict[str, FileRecord]:
         obj = self.obj(value, where)
@@ -335,12 +417,13 @@ def _manifest_from_dict(data: Any, source: str) -> Manifest:
     r = _Reader(source)
     top = r.obj(data, "manifest")
     version = r.get(top, "format", int, "manifest")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMATS:
         raise r.fail(
             "format",
-            f"is {version}; this deltakit reads format {FORMAT_VERSION}"
-            + (" (upgrade deltakit)" if version > FORMAT_VERSION else ""),
+            f"is {version}; this deltakit reads formats {', '.join(map(str, READABLE_FORMATS))}"
+            + (" (upgrade deltakit)" if version > max(READABLE_FORMATS) else ""),
         )
+    r.version = version
     hash_name = r.get(top, "hash", str, "manifest")
     if hash_name != "blake3":
         raise r.fail("hash", f"is {hash_name!r}; only 'blake3' is known")

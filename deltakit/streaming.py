@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -45,6 +46,9 @@ __all__ = [
     "write_model",
 ]
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 CHUNK_BYTES = 8 << 20
 PREFETCH_DEPTH = 3
 OUTPUT_METADATA = {"format": "pt"}
@@ -66,6 +70,7 @@ class Chunk:
     first: int  # element range [first, last) within the segment's tensor
     last: int
     reads: tuple[Read, ...]
+    frame: int = -1  # format 2: the index of the frame this chunk decodes, in the tensor's frame table
 
 
 def element_ranges(first: int, last: int, widest_item: int, *, at_least_one: bool = True) -> Iterator[tuple[int, int]]:
@@ -115,14 +120,34 @@ class Prefetcher:
 
     def _fill(self, chunk: Chunk, slot: list[bytearray]) -> list[memoryview]:
         views = []
-        for read, buffer in zip(chunk.reads, slot, strict=False):
-            view = memoryview(buffer)[: read.length]
+        for k, read in enumerate(chunk.reads):
+            if read.length > len(slot[k]):  # a format 2 frame cut larger than today's chunks (bounded on reading)
+                slot[k] = bytearray(read.length)
+            view = memoryview(slot[k])[: read.length]
             self._reader.read_into(read.path, read.offset, view)
             views.append(view)
         return views
 
+    def map(
+        self, chunks: Iterable[Chunk], work: Callable[[Chunk, list[memoryview]], T]
+    ) -> Iterator[tuple[Chunk, list[memoryview], T]]:
+        """Like :meth:`run`, with ``work(chunk, views)`` done on the reading thread right after the
+        read: CPU-heavy steps (coding, decoding) then run on both reading threads, in parallel."""
+
+        def fill_and_work(chunk: Chunk, slot: list[bytearray]) -> tuple[list[memoryview], T]:
+            views = self._fill(chunk, slot)
+            return views, work(chunk, views)
+
+        for chunk, (views, result) in self._pipeline(chunks, fill_and_work):
+            yield chunk, views, result
+
     def run(self, chunks: Iterable[Chunk]) -> Iterator[tuple[Chunk, list[memoryview]]]:
-        pending: list[tuple[Chunk, Future[list[memoryview]]]] = []
+        yield from self._pipeline(chunks, self._fill)
+
+    def _pipeline(
+        self, chunks: Iterable[Chunk], fill: Callable[[Chunk, list[bytearray]], R]
+    ) -> Iterator[tuple[Chunk, R]]:
+        pending: list[tuple[Chunk, Future[R]]] = []
         source = iter(chunks)
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="deltakit-read") as pool:
             index = 0
@@ -132,7 +157,7 @@ class Prefetcher:
                 chunk = next(source, None)
                 if chunk is not None:
                     slot = self._slots[index % len(self._slots)]
-                    pending.append((chunk, pool.submit(self._fill, chunk, slot)))
+                    pending.append((chunk, pool.submit(fill, chunk, slot)))
                     index += 1
 
             for _ in range(self._depth):

@@ -1,7 +1,11 @@
-"""make -> apply rebuilds the target byte for byte, whatever the dtypes, shapes and sharding."""
+"""make -> apply rebuilds the target byte for byte, whatever the dtypes, shapes and sharding.
+
+Every test here runs on both package formats: 1 (raw payload) and 2 (framed and coded payload).
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -27,6 +31,14 @@ from deltakit import apply_delta, make_delta, verify_delta, verify_model
 from deltakit.formats import read_header
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LOSSLESS = {1: ("xor",), 2: ("xor", "sub")}  # the encodings the lossless codec gives a changed tensor
+
+
+@pytest.fixture(params=[1, 2], ids=["format1", "format2"], autouse=True)
+def fmt(request, monkeypatch):
+    """make_delta in this module writes the package format under test."""
+    monkeypatch.setitem(globals(), "make_delta", functools.partial(deltakit.make_delta, format=request.param))
+    return request.param
 
 
 def roundtrip(tmp_path: Path, base_dir: Path, target_dir: Path, **make_kwargs) -> deltakit.MakeReport:
@@ -36,7 +48,7 @@ def roundtrip(tmp_path: Path, base_dir: Path, target_dir: Path, **make_kwargs) -
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_xor_roundtrip_with_vocab_growth_is_byte_exact(tmp_path, make_pair, dtype):
+def test_xor_roundtrip_with_vocab_growth_is_byte_exact(tmp_path, make_pair, dtype, fmt):
     base = llama_like(dtype)
     target = finetune_of(base, extra_vocab=17)
     base_dir, target_dir = make_pair(base, target)
@@ -49,7 +61,9 @@ def test_xor_roundtrip_with_vocab_growth_is_byte_exact(tmp_path, make_pair, dtyp
     assert encodings["model.embed_tokens.weight"].base_rows == 64
     assert encodings["lm_head.weight"].encoding == "rows"
     assert encodings["model.norm.weight"].encoding == "copy"
-    assert encodings["model.layers.0.self_attn.q_proj.weight"].encoding == "xor"
+    assert encodings["model.layers.0.self_attn.q_proj.weight"].encoding in LOSSLESS[fmt]
+    assert encodings["lm_head.weight"].codec in LOSSLESS[fmt]
+    assert report.manifest.format == fmt
     assert report.raw_tensors == {}
     assert (tmp_path / "out" / "config.json").read_bytes() == (target_dir / "config.json").read_bytes()
     assert verify_model(tmp_path / "out", tmp_path / "delta").ok
@@ -234,7 +248,7 @@ def test_nan_payloads_survive_bit_for_bit(tmp_path, make_pair):
     assert math.isnan(out[0].item()) and struct.pack("<f", -0.0) == tensor_bytes(out)[12:]
 
 
-def test_payload_is_spec_valid_safetensors_readable_by_the_reference_library(tmp_path, make_pair):
+def test_payload_is_spec_valid_safetensors_readable_by_the_reference_library(tmp_path, make_pair, fmt):
     from safetensors import safe_open
 
     base = llama_like(torch.float16)
@@ -242,9 +256,11 @@ def test_payload_is_spec_valid_safetensors_readable_by_the_reference_library(tmp
     report = make_delta(base_dir, target_dir, tmp_path / "delta")
     for file in report.manifest.payload:
         with safe_open(str(tmp_path / "delta" / file), framework="pt") as f:
-            assert f.metadata() == {"format": "pt", "deltakit": "delta/1"}
+            assert f.metadata() == {"format": "pt", "deltakit": f"delta/{fmt}"}
             for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                assert f.get_tensor(name).shape == torch.Size(report.manifest.target.tensors[name].shape)
+                record = report.manifest.target.tensors[name]
+                shape = record.shape if fmt == 1 else (record.coded_bytes,)  # format 2: the coded bytes, U8
+                assert f.get_tensor(name).shape == torch.Size(shape)
     assert not (tmp_path / "delta" / "config.json").exists(), "no top-level config.json in a delta"
     assert (tmp_path / "delta" / "files" / "config.json").exists()
 

@@ -110,6 +110,24 @@ def _xor_decode(base: Bytes, payload: Bytes, dtype: str) -> Bytes:
 
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_INT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
+def _sub_encode(target: Bytes, base: Bytes, dtype: str) -> Bytes:
+    """Bit patterns as unsigned integers, ``target - base`` modulo 2^bits, zigzag-mapped so that
+    small differences of either sign become small numbers (0, -1, 1, -2 -> 0, 1, 2, 3)."""
+    size = itemsize(dtype)
+    diff = (target.view(_UINT[size]) - base.view(_UINT[size])).view(_INT[size])
+    zigzag = (diff << 1) ^ (diff >> (8 * size - 1))
+    return zigzag.view(np.uint8)
+
+
+def _sub_decode(base: Bytes, payload: Bytes, dtype: str) -> Bytes:
+    word = _UINT[itemsize(dtype)]
+    zigzag = payload.view(word)
+    diff = (zigzag >> word(1)) ^ (word(0) - (zigzag & word(1)))
+    rebuilt: Bytes = (base.view(word) + diff).view(np.uint8)
+    return rebuilt
 
 
 def count_differences(a: Bytes, b: Bytes, dtype: str) -> int:
@@ -138,6 +156,7 @@ class Codec:
 
 CODECS: dict[str, Codec] = {
     "xor": Codec("xor", _xor_encode, _xor_decode, exact=True, accepts=lambda dtype: True),
+    "sub": Codec("sub", _sub_encode, _sub_decode, exact=True, accepts=lambda dtype: True),
     "add": Codec("add", add_encode, add_decode, exact=False, accepts=is_float),
 }
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..codecs import CODECS, Bytes, cast_bits
+from ..codecs.frames import CorruptFrame, decode_frame
 from ..dtypes import itemsize
-from ..errors import BaseMismatchError, IntegrityError, UnsupportedInputError
+from ..errors import BaseMismatchError, CorruptFrameError, IntegrityError, UnsupportedInputError
 from ..formats.checkpoint import Checkpoint, RangeReader, open_checkpoint
 from ..formats.delta import FILES_DIR, DeltaPackage, open_delta
 from ..formats.safetensors import TensorInfo, TensorSpec
@@ -33,6 +34,7 @@ from ..streaming import (
     OutputShard,
     OutputWriter,
     Prefetcher,
+    Read,
     as_bytes,
     element_ranges,
     open_output_shards,
@@ -220,8 +222,28 @@ def _check_sample(plan: ApplyPlan, reader: RangeReader) -> None:
         log.debug("base tensor %s matches", name)
 
 
+def _decode_frame(step: ApplyStep, chunk: Chunk, coded: memoryview) -> Bytes:
+    t = step.target
+    assert t.frames is not None and t.split is not None and step.payload is not None
+    frame = t.frames[chunk.frame]
+    try:
+        return decode_frame(coded, frame, itemsize(t.dtype), t.split)
+    except CorruptFrame as e:
+        offset = chunk.reads[-1].offset
+        raise CorruptFrameError(
+            f"{step.payload.path}: tensor {step.name!r}, frame {chunk.frame} (elements {chunk.first} to "
+            f"{chunk.last}, bytes {offset} to {offset + len(coded)} of the file) is corrupt: {e}",
+            path=step.payload.path,
+            tensor=step.name,
+            actual=offset,
+        ) from e
+
+
 def _apply_chunks(steps: Sequence[ApplyStep]) -> Iterator[Chunk]:
     for i, step in enumerate(steps):
+        if step.target.frames is not None:
+            yield from _framed_chunks(i, step)
+            continue
         t = step.target
         t_item = itemsize(t.dtype)
         numel = math.prod(t.shape)
@@ -242,10 +264,33 @@ def _apply_chunks(steps: Sequence[ApplyStep]) -> Iterator[Chunk]:
                 yield Chunk(i, 1, a, b, (read_range(step.payload, t_item, a, b),))
 
 
-def _decode_chunk(step: ApplyStep, segment: int, views: list[memoryview]) -> Bytes:
-    """The output bytes of one chunk; may be a view of the read buffers (raw and copy chunks)."""
+def _framed_chunks(i: int, step: ApplyStep) -> Iterator[Chunk]:
+    """Format 2: one chunk per frame, reading the frame's coded bytes beside its base elements."""
     t = step.target
-    if step.base is None or segment == 1:
+    assert step.payload is not None and t.frames is not None
+    t_item = itemsize(t.dtype)
+    shared = math.prod(step.base.shape) if step.base is not None else 0
+    if not t.frames:  # a zero-size tensor: one empty chunk, so it passes through the loop
+        yield Chunk(i, 1, 0, 0, (Read(step.payload.path, step.payload.start, 0),))
+        return
+    first, offset = 0, step.payload.start
+    for k, frame in enumerate(t.frames):
+        last, coded = first + frame.elements, frame.coded_size(t_item)
+        reads = [Read(step.payload.path, offset, coded)]
+        if first < shared:
+            assert step.base is not None
+            reads.insert(0, read_range(step.base, itemsize(step.base.dtype), first, last))
+        yield Chunk(i, 0 if first < shared else 1, first, last, tuple(reads), frame=k)
+        first, offset = last, offset + coded
+
+
+def _decode_chunk(step: ApplyStep, chunk: Chunk, views: list[memoryview]) -> Bytes:
+    """The output bytes of one chunk; may be a view of the read buffers (raw, copy and stored chunks)."""
+    t = step.target
+    if chunk.frame >= 0:
+        payload = _decode_frame(step, chunk, views[-1])
+        views = [*views[:-1], payload.data]
+    if step.base is None or chunk.segment == 1:
         return as_bytes(views[-1])
     base_bits = as_bytes(views[0])
     if t.cast_from is not None:
@@ -364,14 +409,17 @@ def _stream_apply(
             )
 
     try:
-        for chunk, views in Prefetcher(reader).run(_apply_chunks(steps)):
+
+        def work(chunk: Chunk, views: list[memoryview]) -> Bytes:  # on a reading thread: decoding runs on both
+            return _decode_chunk(steps[chunk.owner], chunk, views)
+
+        for chunk, views, rebuilt in Prefetcher(reader).map(_apply_chunks(steps), work):
             if chunk.owner != current:
                 if current >= 0:
                     finish(current)
                 current = chunk.owner
                 base_hash, out_hash = TensorHasher(), TensorHasher()
             step = steps[chunk.owner]
-            rebuilt = _decode_chunk(step, chunk.segment, views)
             writer.submit(step.shard, rebuilt, out_hash)
             if step.base is not None and chunk.segment == 0 and step.name not in verified:
                 base_hash.update(views[0])

@@ -6,15 +6,17 @@ Tensors identical to the base become ``copy``; the rest are encoded by the chose
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from .. import __version__
 from ..codecs import CODECS, Bytes, Codec, cast_bits, count_differences
+from ..codecs.frames import Frame, encode_frame
 from ..dtypes import is_float, itemsize
 from ..errors import UnsupportedInputError
 from ..formats.checkpoint import Checkpoint, RangeReader, open_checkpoint
@@ -22,8 +24,10 @@ from ..formats.delta import FILES_DIR, payload_file_name
 from ..formats.safetensors import SafetensorsWriter, TensorInfo, TensorSpec
 from ..hashing import TensorHasher, file_sha256
 from ..manifest import (
+    FORMAT_VERSION,
     MANIFEST_NAME,
-    PAYLOAD_TAG,
+    PAYLOAD_TAGS,
+    READABLE_FORMATS,
     FileRecord,
     Manifest,
     ModelRecord,
@@ -46,7 +50,11 @@ from .digests import carry_files, default_name, fingerprint_of, hash_tensor
 
 log = logging.getLogger(__name__)
 
-_PAYLOAD_METADATA = {"format": "pt", "deltakit": PAYLOAD_TAG}
+MAKE_CODECS = ("xor", "add")
+DEFAULT_LEVEL = 1  # measured: on fine-tune low bytes, zstd 1 codes smaller and faster than 3 (BENCHMARKS.md)
+SMALLEST_LEVEL = 19
+MIN_SAVING = 1 / 16  # a frame that codes less than this much smaller is stored: decoding it would cost more
+_SAMPLE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -113,13 +121,19 @@ def _classify(name: str, target: TensorInfo, base: TensorInfo | None, codec: Cod
 
 
 class _PayloadShards:
-    """Payload shards written in one pass; tensors found identical to the base are left out."""
+    """Payload shards written in one pass; tensors found identical to the base are left out.
 
-    def __init__(self, folder: Path, specs: Sequence[TensorSpec], shard_size: int) -> None:
+    In format 2 a tensor's payload is its coded frames, a ``U8`` tensor whose size is known only
+    once written; the header, written last into reserved room, records it.
+    """
+
+    def __init__(self, folder: Path, specs: Sequence[TensorSpec], shard_size: int, version: int) -> None:
         self.folder = folder
+        self.version = version
+        metadata = {"format": "pt", "deltakit": PAYLOAD_TAGS[version]}
         groups = plan_shards(specs, shard_size)
         self._writers = [
-            SafetensorsWriter(folder / f"payload-{i}.tmp", group, _PAYLOAD_METADATA) for i, group in enumerate(groups)
+            SafetensorsWriter(folder / f"payload-{i}.tmp", group, metadata) for i, group in enumerate(groups)
         ]
         self._shard_of = {spec.name: i for i, group in enumerate(groups) for spec in group}
         self._current: SafetensorsWriter | None = None
@@ -128,17 +142,26 @@ class _PayloadShards:
         self._current = self._writers[self._shard_of[name]]
         self._current.begin(name)
 
-    def write(self, data: memoryview) -> None:
+    def write(self, data: Bytes | bytes) -> None:
         assert self._current is not None
-        self._current.write(data)
+        if isinstance(data, np.ndarray):
+            if not data.size:
+                return
+            self._current.write(data.data.cast("B"))
+        else:
+            self._current.write(data)
 
     def end(self) -> None:
         assert self._current is not None
-        self._current.end()
+        self._current.end(as_bytes=self.version >= 2)
         self._current = None
 
     def finish(self) -> dict[str, FileRecord]:
-        """Close every shard, drop empty ones, give the rest their final names; hash them."""
+        """Close every shard, drop empty ones, give the rest their final names; hash them.
+
+        Each shard is read back once for its SHA-256: its header, written last, depends on what
+        was kept (and in format 2 on the coded sizes), and a file's hash must start with it.
+        """
         kept = []
         for writer in self._writers:
             writer.finish()
@@ -168,6 +191,79 @@ class _MakeState:
     rebuild_hash: TensorHasher | None = None
     started: bool = False  # payload for this tensor has begun
     inexact: int = 0
+    frames: list[Frame] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """One chunk, encoded on a reading thread: what the ordered loop hashes and writes."""
+
+    identical: bool  # target and (cast) base bits are equal: no payload needed so far
+    pieces: list[Bytes | bytes]  # the payload bytes to write, in order
+    frame: Frame | None  # format 2: the frame record of ``pieces``
+    rebuilt: Bytes | None  # for inexact codecs: what apply will rebuild from this chunk
+    inexact: int  # elements of ``rebuilt`` that differ from the target
+
+
+@dataclass(frozen=True)
+class _Coding:
+    """How make codes payload bytes: the package format, and for format 2 the zstd settings."""
+
+    version: int
+    level: int
+    min_saving: float
+
+    def encode(self, step: _MakeStep, segment: int, views: list[memoryview]) -> _Encoded:
+        target_bits, base_bits, payload = _encode_chunk(step, segment, views)
+        identical = step.base is not None and segment == 0 and bool(np.array_equal(target_bits, base_bits))
+        rebuilt, inexact = None, 0
+        if step.codec is not None and not step.codec.exact:
+            if segment == 0:
+                rebuilt = step.codec.decode(base_bits, payload, step.target.dtype)
+                inexact = count_differences(rebuilt, target_bits, step.target.dtype)
+            else:
+                rebuilt = target_bits
+        if self.version == 1:
+            return _Encoded(identical, [payload], None, rebuilt, inexact)
+        frame, pieces = encode_frame(
+            payload, itemsize(step.target.dtype), split=_split_of(step), level=self.level, min_saving=self.min_saving
+        )
+        return _Encoded(identical, pieces, frame, rebuilt, inexact)
+
+
+def _split_of(step: _MakeStep) -> str:
+    return "bytes" if itemsize(step.target.dtype) > 1 else "none"
+
+
+def _choose_transform(step: _MakeStep, reader: RangeReader, coding: _Coding, *, samples: int) -> _MakeStep:
+    """For the lossless codec, ``xor`` or ``sub``: whichever codes smaller on samples of the tensor.
+
+    Samples of up to 1 MiB, spread evenly over the elements the base shares, cost a few
+    milliseconds a tensor; a fine-tune's tensor is alike all through, so they choose well.
+    """
+    if step.base is None or step.codec is None or step.codec.name != "xor":
+        return step
+    t_item, b_item = itemsize(step.target.dtype), itemsize(step.base.dtype)
+    shared = math.prod(step.base.shape)
+    count = min(shared, max(8, _SAMPLE_BYTES // max(t_item, b_item)))
+    if count == 0:
+        return step
+    sizes = dict.fromkeys(("xor", "sub"), 0)
+    for k in range(samples):
+        first = (shared - count) * k // max(1, samples - 1) if samples > 1 else (shared - count) // 2
+        views = []
+        for info, item in ((step.target, t_item), (step.base, b_item)):
+            view = memoryview(bytearray(count * item))
+            reader.read_into(info.path, info.start + first * item, view)
+            views.append(view)
+        target_bits, base_bits, _ = _encode_chunk(step, 0, views)
+        for name in sizes:
+            payload = CODECS[name].encode(target_bits, base_bits, step.target.dtype)
+            frame, _ = encode_frame(payload, t_item, split=_split_of(step), level=coding.level, min_saving=0.0)
+            sizes[name] += frame.coded_size(t_item)
+    best = CODECS["sub"] if sizes["sub"] < sizes["xor"] else CODECS["xor"]
+    encoding = step.encoding if step.encoding == "rows" else best.name
+    return replace(step, encoding=encoding, codec=best)
 
 
 def _make_chunks(steps: Sequence[_MakeStep]) -> Iterator[Chunk]:
@@ -184,18 +280,30 @@ def make_delta(
     name: str | None = None,
     base_name: str | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
+    format: int = FORMAT_VERSION,
+    level: int = DEFAULT_LEVEL,
+    smallest: bool = False,
     progress: ProgressFactory = no_progress,
 ) -> MakeReport:
-    """Write a format-1 delta package that rebuilds ``target`` from ``base``.
+    """Write a delta package that rebuilds ``target`` from ``base``.
+
+    Format 2 (the default) codes the payload losslessly: per tensor, the transform against the
+    base that codes smallest (``xor`` or ``sub`` for the lossless codec), the elements split into
+    byte streams, each frame zstd-coded or stored as it is where coding does not pay.
 
     Args:
         base: the base checkpoint (file or folder).
         target: the fine-tuned checkpoint.
         out: the package folder to create; it must not exist or be empty.
-        codec: ``xor`` (lossless, default) or ``add`` (task vector, rebuilt in fp32).
+        codec: ``xor`` (lossless, default; in format 2 each tensor gets ``xor`` or ``sub``, whichever
+            codes smaller) or ``add`` (task vector, rebuilt in fp32).
         name: the target's name in the manifest (default: the target folder's name).
         base_name: the base's name in the manifest (default: the base folder's name).
-        shard_size: the most payload bytes per payload file.
+        shard_size: the most payload bytes per payload file (format 2: counted before coding).
+        format: the package format, 2 (compressed) or 1 (raw payload, for older readers).
+        level: the zstd level for format 2; low levels decode fastest.
+        smallest: format 2: spend time for the smallest payload (zstd level 19, every frame coded
+            that gets any smaller, the transform tried on more of each tensor).
         progress: a progress bar factory; bytes of the target are reported.
 
     Returns:
@@ -206,8 +314,10 @@ def make_delta(
         >>> report.encodings
         {'xor': 289, 'rows': 2, 'copy': 1}
     """
-    if codec not in CODECS:
-        raise UnsupportedInputError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
+    if codec not in MAKE_CODECS:
+        raise UnsupportedInputError(f"unknown codec {codec!r}; choose one of {', '.join(MAKE_CODECS)}")
+    if format not in READABLE_FORMATS:
+        raise UnsupportedInputError(f"unknown package format {format}; choose one of {READABLE_FORMATS}")
     out = Path(out)
     check_output_free(out)
     base_ckpt = open_checkpoint(base)
@@ -217,11 +327,16 @@ def make_delta(
     for step in steps:
         if step.encoding == "raw":
             log.info("tensor %r is stored raw (%s)", step.name, step.raw_reason)
+    coding = _Coding(format, SMALLEST_LEVEL if smallest else level, 0.0 if smallest else MIN_SAVING)
+    if format >= 2 and codec == "xor":
+        with RangeReader() as reader:
+            steps = [_choose_transform(step, reader, coding, samples=8 if smallest else 1) for step in steps]
+    specs = [s.spec if format == 1 else TensorSpec(s.name, "U8", (s.target.nbytes,)) for s in steps]
 
     with StagedFolder(out) as staged:
-        shards = _PayloadShards(staged.path, [s.spec for s in steps], shard_size)
+        shards = _PayloadShards(staged.path, specs, shard_size, format)
         try:
-            target_records, base_digests, inexact = _stream_make(steps, base_ckpt, shards, progress)
+            target_records, base_digests, inexact = _stream_make(steps, base_ckpt, shards, coding, progress)
         except BaseException:
             shards.abort()
             raise
@@ -245,6 +360,7 @@ def make_delta(
             ),
             payload=payload,
             dropped=tuple(n for n in base_ckpt.tensors if n not in target_ckpt.tensors),
+            format=format,
         )
         (staged.path / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         staged.commit()
@@ -282,6 +398,7 @@ def _stream_make(
     steps: Sequence[_MakeStep],
     base_ckpt: Checkpoint,
     shards: _PayloadShards,
+    coding: _Coding,
     progress: ProgressFactory,
 ) -> tuple[dict[str, TargetTensor], dict[str, str], dict[str, int]]:
     records: dict[str, TargetTensor] = {}
@@ -297,7 +414,7 @@ def _stream_make(
         if step.base is not None:
             base_digests[step.name] = state.base_hash.hexdigest()
         encoding = step.encoding
-        if encoding in ("xor", "add") and not state.started:
+        if encoding not in ("raw", "rows") and not state.started:
             encoding = "copy"
         elif not state.started:  # raw or rows: always written (zero-size tensors included)
             shards.begin(step.name)
@@ -307,6 +424,7 @@ def _stream_make(
         if state.rebuild_hash is not None and encoding != "copy":
             digest = state.rebuild_hash.hexdigest()
         t = step.target
+        framed = coding.version >= 2 and encoding != "copy"
         records[step.name] = TargetTensor(
             dtype=t.dtype,
             shape=t.shape,
@@ -317,20 +435,20 @@ def _stream_make(
             base_rows=step.base.shape[0] if encoding == "rows" and step.base else None,
             source_digest=source if digest != source else None,
             inexact=state.inexact if state.rebuild_hash is not None and encoding != "copy" else None,
+            split=_split_of(step) if framed else None,
+            frames=tuple(state.frames) if framed else None,
         )
         if state.rebuild_hash is not None and encoding != "copy":
             inexact[step.name] = state.inexact
 
-    def emit(state: _MakeState, segment: int, target_bits: Bytes, base_bits: Bytes, payload: Bytes) -> None:
-        shards.write(payload.data.cast("B") if payload.size else memoryview(b""))
-        if state.rebuild_hash is not None:
-            if segment == 0:
-                assert state.step.codec is not None
-                rebuilt = state.step.codec.decode(base_bits, payload, state.step.target.dtype)
-                state.inexact += count_differences(rebuilt, target_bits, state.step.target.dtype)
-            else:
-                rebuilt = target_bits
-            state.rebuild_hash.update(rebuilt.data)
+    def emit(state: _MakeState, encoded: _Encoded) -> None:
+        for piece in encoded.pieces:
+            shards.write(piece)
+        if encoded.frame is not None and encoded.frame.elements:
+            state.frames.append(encoded.frame)
+        if state.rebuild_hash is not None and encoded.rebuilt is not None:
+            state.inexact += encoded.inexact
+            state.rebuild_hash.update(encoded.rebuilt.data)
 
     def catch_up(state: _MakeState, upto: int, reader: RangeReader) -> None:
         """The tensor was identical to the base up to element ``upto``: encode that prefix now."""
@@ -343,10 +461,13 @@ def _stream_make(
                 view = memoryview(bytearray((b - a) * item))
                 reader.read_into(info.path, info.start + a * item, view)
                 views.append(view)
-            emit(state, 0, *_encode_chunk(step, 0, views))
+            emit(state, coding.encode(step, 0, views))
+
+    def work(chunk: Chunk, views: list[memoryview]) -> _Encoded:
+        return coding.encode(steps[chunk.owner], chunk.segment, views)
 
     with RangeReader() as reader:
-        for chunk, views in Prefetcher(reader).run(_make_chunks(steps)):
+        for chunk, views, encoded in Prefetcher(reader).map(_make_chunks(steps), work):
             step = steps[chunk.owner]
             if state is None or state.step is not step:
                 if state is not None:
@@ -360,15 +481,14 @@ def _stream_make(
             state.target_hash.update(views[0])
             if len(views) > 1:
                 state.base_hash.update(views[1])
-            target_bits, base_bits, payload = _encode_chunk(step, chunk.segment, views)
             if not state.started:
-                if np.array_equal(target_bits, base_bits):
+                if encoded.identical:
                     bar.update(len(views[0]))
                     continue
                 shards.begin(step.name)
                 state.started = True
                 catch_up(state, chunk.first, reader)
-            emit(state, chunk.segment, target_bits, base_bits, payload)
+            emit(state, encoded)
             bar.update(len(views[0]))
         if state is not None:
             finish(state)

@@ -1,4 +1,4 @@
-"""Delta packages on disk (format 1): the manifest, the payload shards, the target's other files.
+"""Delta packages on disk (formats 1 and 2): the manifest, the payload shards, the target's other files.
 
 Opening a package checks everything that costs no more than a header read: payload files present
 at their recorded sizes, headers valid, and each payload tensor of the dtype and shape the manifest
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FormatError, InputNotFoundError, IntegrityError
-from ..manifest import PAYLOAD_TAG, Manifest, load_manifest
+from ..manifest import PAYLOAD_TAGS, Manifest, TargetTensor, load_manifest
 from .safetensors import TensorInfo, read_header
 
 __all__ = ["FILES_DIR", "DeltaPackage", "open_delta", "payload_file_name"]
@@ -33,8 +33,19 @@ class DeltaPackage:
     payload: dict[str, TensorInfo]
 
     @property
+    def format(self) -> int:
+        return self.manifest.format
+
+    @property
     def payload_bytes(self) -> int:
         return sum(f.size for f in self.manifest.payload.values())
+
+
+def _payload_shape(version: int, target: TargetTensor) -> tuple[str, tuple[int, ...]]:
+    """A format 1 payload tensor has the target's dtype and shape; a format 2 one is the coded bytes."""
+    if version == 1:
+        return target.dtype, target.shape
+    return "U8", (target.coded_bytes,)
 
 
 def open_delta(path: str | Path) -> DeltaPackage:
@@ -64,8 +75,12 @@ def open_delta(path: str | Path) -> DeltaPackage:
                 actual=size,
             )
         header = read_header(file)
-        if header.metadata.get("deltakit") != PAYLOAD_TAG:
-            raise FormatError(f"{file}: not a deltakit payload (metadata 'deltakit' is not {PAYLOAD_TAG!r})", path=file)
+        tag = PAYLOAD_TAGS[manifest.format]
+        if header.metadata.get("deltakit") != tag:
+            raise FormatError(
+                f"{file}: not a deltakit format {manifest.format} payload (metadata 'deltakit' is not {tag!r})",
+                path=file,
+            )
         for tensor_name, info in header.tensors.items():
             if tensor_name in payload:
                 raise FormatError(
@@ -86,10 +101,11 @@ def open_delta(path: str | Path) -> DeltaPackage:
             continue
         if found is None:
             raise FormatError(f"{root}: the payload lacks tensor {name!r}", path=root, tensor=name)
-        if (found.dtype, found.shape) != (target.dtype, target.shape):
+        want = _payload_shape(manifest.format, target)
+        if (found.dtype, found.shape) != want:
             raise FormatError(
                 f"{found.path}: tensor {name!r} is {found.dtype} {list(found.shape)}, "
-                f"the manifest says {target.dtype} {list(target.shape)}",
+                f"the manifest says {want[0]} {list(want[1])}",
                 path=found.path,
                 tensor=name,
             )

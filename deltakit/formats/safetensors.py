@@ -298,10 +298,14 @@ class SafetensorsWriter:
         self._file.write(data)
         self._open_bytes += len(data)
 
-    def end(self) -> None:
+    def end(self, *, as_bytes: bool = False) -> None:
+        """Close the open tensor; with ``as_bytes``, record it as the ``U8`` bytes written (at most
+        its candidate's size), for coded payloads whose size is known only once written."""
         spec = self._open
         if spec is None:
             raise RuntimeError("no tensor is open")
+        if as_bytes and self._open_bytes <= spec.nbytes:
+            spec = TensorSpec(spec.name, "U8", (self._open_bytes,))
         if self._open_bytes != spec.nbytes:
             raise FormatError(
                 f"{self.path}: tensor {spec.name!r} got {self._open_bytes} bytes, expected {spec.nbytes}",

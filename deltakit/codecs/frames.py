@@ -1,0 +1,156 @@
+"""Format 2 payload framing: a tensor's payload words, split into byte streams, coded frame by frame.
+
+Pure functions over byte arrays: :func:`encode_frame` turns one frame's payload words into coded
+bytes and a :class:`Frame` record; :func:`decode_frame` turns them back, refusing any frame whose
+sizes disagree with its record before allocating or decoding anything. docs/FORMAT.md is the spec.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import zstandard
+
+from . import Bytes
+
+__all__ = [
+    "CODERS",
+    "MAX_FRAME_BYTES",
+    "SPLITS",
+    "CorruptFrame",
+    "Frame",
+    "decode_frame",
+    "encode_frame",
+    "stream_count",
+]
+
+# A frame decodes to at most this many bytes: the size of one read-ahead buffer, so a frame (and the
+# base elements beside it) always fits the buffers apply already holds.
+MAX_FRAME_BYTES = 8 << 20
+CODERS = ("zstd", "stored")
+SPLITS = ("bytes", "none")
+
+
+class CorruptFrame(ValueError):
+    """A frame cannot be decoded to the size its record gives; the caller names the tensor and offset."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One independently decodable frame of a tensor's payload.
+
+    Attributes:
+        elements: how many payload elements the frame decodes to.
+        coder: ``zstd`` (one zstd frame per byte stream) or ``stored`` (the payload bytes as they are).
+        streams: for ``zstd``, the coded size of each stream in order; empty for ``stored``.
+    """
+
+    elements: int
+    coder: str
+    streams: tuple[int, ...] = ()
+
+    def coded_size(self, itemsize: int) -> int:
+        return self.elements * itemsize if self.coder == "stored" else sum(self.streams)
+
+
+def stream_count(split: str, itemsize: int) -> int:
+    """Byte streams per frame: one per byte of the element for ``bytes``, else one."""
+    return itemsize if split == "bytes" else 1
+
+
+def _planes(words: Bytes, itemsize: int, split: str) -> list[Bytes]:
+    """The byte streams of a frame: byte k of every element in stream k, least significant first."""
+    if stream_count(split, itemsize) == 1:
+        return [words]
+    return list(np.ascontiguousarray(words.reshape(-1, itemsize).T))
+
+
+def encode_frame(
+    payload: Bytes, itemsize: int, *, split: str, level: int, min_saving: float
+) -> tuple[Frame, list[Bytes | bytes]]:
+    """Code one frame of payload bytes (a whole number of elements).
+
+    Args:
+        payload: the frame's payload bytes, little-endian elements of ``itemsize`` bytes.
+        split: ``bytes`` (one stream per byte of the element) or ``none``.
+        level: the zstd level.
+        min_saving: the fraction of the raw size that coding must save, else the frame is stored.
+
+    Returns:
+        The frame record and the pieces to write, in order.
+    """
+    elements = payload.size // itemsize
+    if payload.size == 0:
+        return Frame(0, "stored"), []
+    compressor = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    coded = [compressor.compress(plane.data) for plane in _planes(payload, itemsize, split)]
+    total = sum(len(c) for c in coded)
+    if total > payload.size * (1.0 - min_saving):
+        return Frame(elements, "stored"), [payload]
+    return Frame(elements, "zstd", tuple(len(c) for c in coded)), list(coded)
+
+
+def decode_frame(coded: memoryview, frame: Frame, itemsize: int, split: str) -> Bytes:
+    """Decode one frame to its ``frame.elements * itemsize`` payload bytes.
+
+    A stored frame comes back as a view of ``coded``, with no copy.
+
+    Raises:
+        CorruptFrame: the coded bytes are not what the record says, or do not decode to exactly
+            the recorded size (truncated, padded, or a decompression bomb).
+    """
+    raw = frame.elements * itemsize
+    if len(coded) != frame.coded_size(itemsize):
+        raise CorruptFrame(f"{len(coded)} coded bytes, but the frame record says {frame.coded_size(itemsize)}")
+    if frame.coder == "stored":
+        return np.frombuffer(coded, dtype=np.uint8)
+    count = stream_count(split, itemsize)
+    if len(frame.streams) != count:
+        raise CorruptFrame(f"{len(frame.streams)} streams; split {split!r} of {itemsize}-byte elements has {count}")
+    planes = np.empty(raw, dtype=np.uint8)
+    offset = 0
+    for k, size in enumerate(frame.streams):
+        _decompress_into(coded[offset : offset + size], planes[k * frame.elements : (k + 1) * frame.elements], k)
+        offset += size
+    if count == 1:
+        return planes
+    out = np.empty(raw, dtype=np.uint8)
+    out.reshape(-1, itemsize)[:] = planes.reshape(itemsize, -1).T
+    return out
+
+
+_LOCAL = threading.local()  # zstandard's (de)compressors are not safe to share between threads
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    if not hasattr(_LOCAL, "decompressor"):
+        _LOCAL.decompressor = zstandard.ZstdDecompressor()
+    decompressor: zstandard.ZstdDecompressor = _LOCAL.decompressor
+    return decompressor
+
+
+def _decompress_into(source: memoryview, out: Bytes, stream: int) -> None:
+    """One zstd frame that must decode to exactly ``out.size`` bytes, written straight into ``out``."""
+    try:
+        params = zstandard.get_frame_parameters(source)
+    except zstandard.ZstdError as e:
+        raise CorruptFrame(f"stream {stream}: not a zstd frame ({e})") from e
+    if params.content_size != out.size:
+        declared = "no size" if params.content_size == zstandard.CONTENTSIZE_UNKNOWN else f"{params.content_size} bytes"
+        raise CorruptFrame(f"stream {stream}: declares {declared}, the frame needs {out.size}")
+    try:
+        reader = _decompressor().stream_reader(source, read_size=max(1, len(source)), read_across_frames=True)
+        view = out.data
+        got = 0
+        while got < out.size:
+            n = reader.readinto(view[got:])
+            if n == 0:
+                break
+            got += n
+        extra = reader.read(1)
+    except zstandard.ZstdError as e:
+        raise CorruptFrame(f"stream {stream}: cannot be decoded ({e})") from e
+    if got != out.size or extra:
+        raise CorruptFrame(f"stream {stream}: decodes to {'more than' if extra else got} bytes, not {out.size}")
