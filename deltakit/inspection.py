@@ -7,12 +7,13 @@ milliseconds; a checkpoint's fingerprint, which needs every byte hashed, is comp
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .dtypes import is_float
+from .dtypes import is_float, itemsize
 from .engine import checkpoint_digests
 from .formats.checkpoint import Checkpoint, RangeReader, open_checkpoint
 from .formats.delta import open_delta
@@ -27,7 +28,7 @@ from .progress import ProgressFactory, no_progress
 __all__ = ["KINDS", "Inspection", "TensorSummary", "inspect_path"]
 
 KINDS = {
-    "delta": "deltakit delta package (format 1)",
+    "delta": "deltakit delta package",
     "lora-adapter": "PEFT LoRA adapter",
     "hf-checkpoint": "Hugging Face model checkpoint",
     "meta-checkpoint": "Meta (original LLaMA) checkpoint",
@@ -72,11 +73,15 @@ class Inspection:
     target_fingerprint: str | None = None
     encodings: dict[str, int] | None = None
     payload_bytes: int | None = None
+    target_bytes: int | None = None
     dropped: tuple[str, ...] = ()
     legacy_kind: str | None = None
+    format: int | None = None
 
     @property
     def description(self) -> str:
+        if self.format is not None:
+            return f"{KINDS[self.kind]} (format {self.format}{', compressed' if self.format >= 2 else ''})"
         return KINDS[self.kind]
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,7 +122,9 @@ def _inspect_delta(path: Path) -> Inspection:
         target_fingerprint=m.target.fingerprint,
         encodings=dict(sorted(Counter(t.encoding for t in m.target.tensors.values()).items())),
         payload_bytes=package.payload_bytes,
+        target_bytes=sum(math.prod(t.shape) * itemsize(t.dtype) for t in m.target.tensors.values()),
         dropped=m.dropped,
+        format=m.format,
     )
 
 

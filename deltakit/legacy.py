@@ -13,7 +13,7 @@
   only from byte-identical base files, so each rebuilt checkpoint file is validated before use.
 
 Legacy deltas record no digests, so the result is checked only for shape and the report gives its
-fingerprint; ``deltakit make --from-legacy`` turns such a release into a format-1 package.
+fingerprint; ``deltakit make --from-legacy`` turns such a release into a deltakit package.
 """
 
 from __future__ import annotations
@@ -31,10 +31,12 @@ import numpy as np
 from .codecs import Bytes, add_decode, cast_bits
 from .dtypes import itemsize
 from .engine import MakeReport, checkpoint_digests, make_delta
+from .engine.make import DEFAULT_LEVEL
 from .errors import BaseMismatchError, DeltakitError, InputNotFoundError, UnsupportedInputError
 from .formats.checkpoint import Checkpoint, RangeReader, is_weight_file, open_checkpoint
 from .formats.safetensors import TensorInfo, TensorSpec
 from .hashing import algorithm_of, file_hexdigest, file_sha256, fingerprint, read_checksum_file
+from .manifest import FORMAT_VERSION
 from .progress import ProgressBar, ProgressFactory, no_progress
 from .staging import StagedFolder, check_output_free
 from .streaming import DEFAULT_SHARD_SIZE, Chunk, as_bytes, element_ranges, paired_chunks, write_model
@@ -346,9 +348,12 @@ def make_delta_from_legacy(
     name: str | None = None,
     base_name: str | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
+    format: int = FORMAT_VERSION,
+    level: int = DEFAULT_LEVEL,
+    smallest: bool = False,
     progress: ProgressFactory = no_progress,
 ) -> tuple[LegacyReport, MakeReport]:
-    """Re-package a legacy release as a format-1 delta, so it gains per-tensor digests.
+    """Re-package a legacy release as a deltakit delta, so it gains per-tensor digests.
 
     The fine-tune is rebuilt the legacy way into a temporary folder beside ``out`` (so that much disk
     is needed for a while), then diffed against ``base`` with the lossless ``xor`` codec.
@@ -373,6 +378,9 @@ def make_delta_from_legacy(
             name=name or Path(legacy).resolve().name,
             base_name=base_name,
             shard_size=shard_size,
+            format=format,
+            level=level,
+            smallest=smallest,
             progress=progress,
         )
     finally:

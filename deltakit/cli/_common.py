@@ -24,6 +24,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _zstd_level(text: str) -> int:
+    value = int(text) if text.isdigit() else 0
+    if not 1 <= value <= 22:
+        raise argparse.ArgumentTypeError(f"must be a zstd level from 1 to 22: {text!r}")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text) if text.isdigit() else -1
     if not 0 <= value <= 65535:

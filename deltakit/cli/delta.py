@@ -24,15 +24,16 @@ from ..engine import (
     verify_delta,
     verify_model,
 )
+from ..engine.make import DEFAULT_LEVEL
 from ..errors import DeltakitError
 from ..formats.peft import is_adapter
 from ..inspection import Inspection, inspect_path
 from ..legacy import LEGACY_KINDS, LegacyReport, apply_legacy_delta, make_delta_from_legacy
-from ..manifest import MANIFEST_NAME, load_manifest
+from ..manifest import FORMAT_VERSION, MANIFEST_NAME, READABLE_FORMATS, load_manifest
 from ..registry import Registry
 from ..staging import check_output_free
 from ..units import human_bytes, parse_size
-from ._common import _progress, _say, _UsageError
+from ._common import _progress, _say, _UsageError, _zstd_level
 
 if TYPE_CHECKING:
     from ._common import _Subparsers
@@ -100,7 +101,8 @@ def _print_inspect(info: Inspection, *, all_tensors: bool) -> None:
         _say(f"  base        {info.base_name}  fingerprint {info.base_fingerprint}")
         _say(f"  target      {info.target_name}  fingerprint {info.target_fingerprint}")
         _say("  encodings   " + ", ".join(f"{n} {e}" for e, n in (info.encodings or {}).items()))
-        _say(f"  payload     {human_bytes(info.payload_bytes or 0)}")
+        ratio = f" ({(info.payload_bytes or 0) / info.target_bytes:.1%} of the target)" if info.target_bytes else ""
+        _say(f"  payload     {human_bytes(info.payload_bytes or 0)}{ratio}")
         if info.dropped:
             _say(f"  dropped     {', '.join(info.dropped)}")
     elif info.fingerprint:
@@ -158,9 +160,12 @@ def _cmd_make(args: argparse.Namespace) -> int:
             name=args.name,
             base_name=args.base_name,
             shard_size=args.shard_size,
+            format=args.format,
+            level=args.level,
+            smallest=args.max,
             progress=_progress(args),
         )
-        _say(f"read {args.from_legacy} as a delta of kind {rebuilt.kind}; re-packaged as format 1:")
+        _say(f"read {args.from_legacy} as a delta of kind {rebuilt.kind}; re-packaged as format {args.format}:")
         _print_make(made, time.perf_counter() - start)
         return 0
     report = make_delta(
@@ -171,6 +176,9 @@ def _cmd_make(args: argparse.Namespace) -> int:
         name=args.name,
         base_name=args.base_name,
         shard_size=args.shard_size,
+        format=args.format,
+        level=args.level,
+        smallest=args.max,
         progress=_progress(args),
     )
     _print_make(report, time.perf_counter() - start)
@@ -325,7 +333,7 @@ def add_make_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--target", help="fine-tuned checkpoint")
     source.add_argument(
-        "--from-legacy", metavar="DELTA", help="re-package a FastChat/Panda or Alpaca delta release as format 1"
+        "--from-legacy", metavar="DELTA", help="re-package a FastChat/Panda or Alpaca delta release as a deltakit delta"
     )
     p.add_argument(
         "--legacy-kind", choices=["auto", *LEGACY_KINDS], default="auto", help="what --from-legacy holds (auto)"
@@ -335,7 +343,23 @@ def add_make_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--codec", choices=["xor", "add"], default="xor", help="xor: lossless (default); add: task vector")
     p.add_argument("--name", help="the target's name in the manifest (default: its folder name)")
     p.add_argument("--base-name", help="the base's name in the manifest (default: its folder name)")
-    p.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE, help="payload file size (5GB)")
+    p.add_argument(
+        "--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE, help="payload file size before coding (5GB)"
+    )
+    p.add_argument(
+        "--format",
+        type=int,
+        choices=READABLE_FORMATS,
+        default=FORMAT_VERSION,
+        help=f"package format: 2 compresses the payload losslessly, 1 is raw for older readers ({FORMAT_VERSION})",
+    )
+    level = p.add_mutually_exclusive_group()
+    level.add_argument(
+        "--level", type=_zstd_level, default=DEFAULT_LEVEL, help=f"zstd level, 1-22 (format 2; {DEFAULT_LEVEL}: fast)"
+    )
+    level.add_argument(
+        "--max", action="store_true", help="the smallest payload, whatever make takes (format 2: zstd 19, more tried)"
+    )
     p.set_defaults(run=_cmd_make)
 
 

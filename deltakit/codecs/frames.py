@@ -110,9 +110,10 @@ def decode_frame(coded: memoryview, frame: Frame, itemsize: int, split: str) -> 
     if len(frame.streams) != count:
         raise CorruptFrame(f"{len(frame.streams)} streams; split {split!r} of {itemsize}-byte elements has {count}")
     planes = np.empty(raw, dtype=np.uint8)
+    plane = raw // count
     offset = 0
     for k, size in enumerate(frame.streams):
-        _decompress_into(coded[offset : offset + size], planes[k * frame.elements : (k + 1) * frame.elements], k)
+        _decompress_into(coded[offset : offset + size], planes[k * plane : (k + 1) * plane], k)
         offset += size
     if count == 1:
         return planes

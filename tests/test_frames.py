@@ -1,0 +1,199 @@
+"""Format 2 frames: byte-exact round trips, and hostile frames refused with named errors in bounded memory."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+from conftest import finetune_of, llama_like
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deltakit import CorruptFrameError, ManifestError, apply_delta, make_delta, verify_delta
+from deltakit.codecs import CODECS
+from deltakit.codecs.frames import MAX_FRAME_BYTES, CorruptFrame, Frame, decode_frame, encode_frame
+from deltakit.formats import read_header
+
+
+def coded_bytes(pieces: list) -> memoryview:
+    return memoryview(b"".join(bytes(piece) for piece in pieces))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    itemsize=st.sampled_from([1, 2, 4, 8]),
+    split=st.sampled_from(["bytes", "none"]),
+    data=st.data(),
+)
+def test_any_bytes_round_trip_through_a_frame(itemsize, split, data):
+    elements = data.draw(st.integers(min_value=0, max_value=300))
+    raw = data.draw(st.binary(min_size=elements * itemsize, max_size=elements * itemsize))
+    payload = np.frombuffer(raw, dtype=np.uint8)
+    for min_saving in (0.0, 0.5):  # coded, and (mostly) stored
+        frame, pieces = encode_frame(payload, itemsize, split=split, level=1, min_saving=min_saving)
+        assert frame.elements == elements
+        if elements:
+            decoded = decode_frame(coded_bytes(pieces), frame, itemsize, split)
+            assert decoded.tobytes() == raw
+
+
+@pytest.mark.parametrize("dtype", ["F16", "BF16", "F32", "F64", "I8", "U8", "I32"])
+@pytest.mark.parametrize("codec", ["xor", "sub"])
+def test_lossless_transforms_invert_exactly(dtype, codec):
+    rng = np.random.default_rng(7)
+    size = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I32": 4}[dtype]
+    target = rng.integers(0, 256, 1000 * size, dtype=np.uint8)
+    base = rng.integers(0, 256, 1000 * size, dtype=np.uint8)
+    payload = CODECS[codec].encode(target, base, dtype)
+    assert CODECS[codec].decode(base, payload, dtype).tobytes() == target.tobytes()
+
+
+def test_sub_maps_small_differences_of_either_sign_to_small_numbers():
+    base = np.array([1000, 1000, 1000, 1000, 0], dtype=np.uint16).view(np.uint8)
+    target = np.array([1000, 999, 1001, 998, 0xFFFF], dtype=np.uint16).view(np.uint8)
+    payload = CODECS["sub"].encode(target, base, "F16").view(np.uint16)
+    assert payload.tolist() == [0, 1, 2, 3, 1]  # 0, -1, +1, -2, and -1 across the wrap
+
+
+def test_a_frame_that_does_not_pay_is_stored_and_decodes_without_a_copy():
+    noise = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)
+    frame, pieces = encode_frame(noise, 2, split="bytes", level=1, min_saving=1 / 16)
+    assert frame == Frame(2048, "stored")
+    coded = coded_bytes(pieces)
+    decoded = decode_frame(coded, frame, 2, "bytes")
+    assert decoded.tobytes() == noise.tobytes()
+    assert np.shares_memory(decoded, np.frombuffer(coded, dtype=np.uint8))
+
+
+def zstd_frame(data: bytes, *, content_size: bool = True) -> bytes:
+    return zstandard.ZstdCompressor(level=1, write_content_size=content_size).compress(data)
+
+
+def test_hostile_frames_are_refused_by_name():
+    good = zstd_frame(bytes(128))  # one stream of 128 two-byte elements
+    big = zstd_frame(bytes(256))
+    cases = [
+        (Frame(128, "zstd", (len(good), 5)), good + bytes(5), "stream 1: not a zstd frame"),
+        (Frame(128, "zstd", (len(good) + 1, len(good))), good + good, "coded bytes"),  # record and data disagree
+        (Frame(128, "zstd", (len(good),)), good, "streams"),  # one stream for two-byte elements
+        (Frame(128, "zstd", (len(big), len(big))), big + big, "declares 256 bytes, the frame needs 128"),
+        (Frame(128, "zstd", (len(good) - 3, len(good))), good[:-3] + good, "cannot be decoded|decodes to"),
+        (Frame(128, "stored"), bytes(10), "coded bytes"),  # truncated stored frame
+    ]
+    for frame, data, message in cases:
+        with pytest.raises(CorruptFrame, match=message):
+            decode_frame(memoryview(data), frame, 2, "bytes")
+
+
+def test_a_stream_without_its_size_or_with_data_after_it_is_refused():
+    unsized = zstd_frame(bytes(128), content_size=False)
+    with pytest.raises(CorruptFrame, match="declares no size"):
+        decode_frame(memoryview(unsized), Frame(128, "zstd", (len(unsized),)), 1, "none")
+    padded = zstd_frame(bytes(128)) + zstd_frame(bytes(64))
+    with pytest.raises(CorruptFrame, match="more than"):
+        decode_frame(memoryview(padded), Frame(128, "zstd", (len(padded),)), 1, "none")
+
+
+def test_a_decompression_bomb_is_refused_before_anything_is_allocated():
+    bomb = zstd_frame(bytes(1 << 30))  # 1 GiB of zeros in a few tens of KiB
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptFrame, match="declares 1073741824 bytes"):
+            decode_frame(memoryview(bomb), Frame(1024, "zstd", (len(bomb),)), 1, "none")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20
+
+
+def test_a_bomb_that_hides_its_size_cannot_decode_past_its_frame():
+    # the header says 1 KiB but the data holds far more: decoding stops at the frame's size and refuses
+    bomb = bytearray(zstd_frame(bytes(4 << 20), content_size=False))
+    honest = zstd_frame(bytes(1024))
+    assert zstandard.get_frame_parameters(honest).content_size == 1024
+    # forge the header: the honest frame's header (with its size) before the bomb's blocks
+    header_size = zstandard.frame_header_size(honest)
+    forged = honest[:header_size] + bytes(bomb[zstandard.frame_header_size(bytes(bomb)) :])
+    with pytest.raises(CorruptFrame):
+        decode_frame(memoryview(forged), Frame(1024, "zstd", (len(forged),)), 1, "none")
+
+
+@pytest.fixture
+def package(tmp_path, make_pair):
+    base = llama_like(torch.float16, layers=2)
+    base_dir, target_dir = make_pair(base, finetune_of(base, extra_vocab=4))
+    make_delta(base_dir, target_dir, tmp_path / "delta")
+    return base_dir, tmp_path / "delta"
+
+
+def edit_manifest(delta: Path, edit) -> None:
+    path = delta / "deltakit.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest["target"]["tensors"])
+    path.write_text(json.dumps(manifest))
+
+
+def first_coded(tensors: dict) -> dict:
+    return next(t for t in tensors.values() if t.get("frames") and t["encoding"] != "rows")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda ts: first_coded(ts)["frames"][0].__setitem__(0, MAX_FRAME_BYTES), "is not between 1 and"),
+        (lambda ts: first_coded(ts)["frames"].append([8, "stored"]), "cover"),
+        (lambda ts: first_coded(ts)["frames"][0].__setitem__(1, "brotli"), "unknown coder"),
+        (lambda ts: first_coded(ts).__setitem__("split", "planes"), "unknown split"),
+        (lambda ts: first_coded(ts)["frames"].__setitem__(0, [first_coded(ts)["frames"][0][0], "zstd", 1]), "needs 2"),
+        (lambda ts: first_coded(ts).pop("frames"), "missing field 'frames'"),
+        (lambda ts: ts["model.norm.weight"].update(split="bytes", frames=[]), "belong to format 2 tensors"),
+        (
+            lambda ts: first_coded(ts)["frames"].__setitem__(0, [first_coded(ts)["frames"][0][0], "zstd", 1 << 40, 1]),
+            "larger than the frame",
+        ),
+    ],
+)
+def test_hostile_frame_tables_are_refused_with_the_field_named(package, edit, message):
+    base_dir, delta = package
+    edit_manifest(delta, edit)
+    with pytest.raises(ManifestError, match=message):
+        apply_delta(base_dir, delta, delta.parent / "out")
+    assert not (delta.parent / "out").exists()
+
+
+def test_frames_may_not_cross_the_base_rows_of_a_grown_tensor(package):
+    base_dir, delta = package
+
+    def cross(tensors: dict) -> None:
+        rows = tensors["lm_head.weight"]
+        frames = rows["frames"]
+        # merge the shared-rows frame and the new-rows frame into one stored frame
+        rows["frames"] = [[sum(f[0] for f in frames), "stored"]]
+
+    edit_manifest(delta, cross)
+    with pytest.raises(ManifestError, match="crosses the base's last row"):
+        apply_delta(base_dir, delta, delta.parent / "out")
+
+
+def test_a_corrupt_frame_is_named_with_its_tensor_and_offset_and_leaves_nothing(package):
+    base_dir, delta = package
+    tensors = json.loads((delta / "deltakit.json").read_text())["target"]["tensors"]
+    name = next(n for n, t in tensors.items() if t.get("frames") and t["frames"][0][1] == "zstd")
+    payload = next(delta.glob("delta-*.safetensors"))
+    info = read_header(payload).tensors[name]
+    with open(payload, "r+b") as f:  # cut the first stream's zstd magic number
+        f.seek(info.start)
+        f.write(b"\x00\x00\x00\x00")
+    with pytest.raises(CorruptFrameError) as err:
+        apply_delta(base_dir, delta, delta.parent / "out")
+    assert err.value.tensor == name
+    assert err.value.actual == info.start
+    assert f"bytes {info.start} to" in str(err.value) and name in str(err.value)
+    assert not (delta.parent / "out").exists()
+    assert not [p for p in delta.parent.iterdir() if ".deltakit-" in p.name]
+    assert not verify_delta(delta).ok, "the payload's SHA-256 no longer matches"
