@@ -29,6 +29,7 @@ __all__ = [
     "CHUNK_BYTES",
     "DEFAULT_SHARD_SIZE",
     "OUTPUT_METADATA",
+    "Arena",
     "Chunk",
     "OutputShard",
     "OutputWriter",
@@ -105,6 +106,19 @@ def paired_chunks(owner: int, primary: TensorInfo, secondary: TensorInfo | None)
         yield Chunk(owner, 1, a, b, (read_range(primary, p_item, a, b),))
 
 
+class Arena:
+    """Scratch buffers kept from chunk to chunk, by name; each grows to the largest size asked of it."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Bytes] = {}
+
+    def take(self, key: str, size: int) -> Bytes:
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.size < size:
+            buffer = self._buffers[key] = np.empty(size, dtype=np.uint8)
+        return buffer[:size]
+
+
 class Prefetcher:
     """Reads chunks ahead on worker threads into a ring of reusable buffers, yielding them in order.
 
@@ -117,8 +131,10 @@ class Prefetcher:
         self._reader = reader
         self._depth = depth
         self._slots = [[bytearray(CHUNK_BYTES), bytearray(CHUNK_BYTES)] for _ in range(depth + 1)]
+        self._arenas = [Arena() for _ in range(depth + 1)]
 
-    def _fill(self, chunk: Chunk, slot: list[bytearray]) -> list[memoryview]:
+    def _fill(self, chunk: Chunk, index: int) -> list[memoryview]:
+        slot = self._slots[index]
         views = []
         for k, read in enumerate(chunk.reads):
             if read.length > len(slot[k]):  # a format 2 frame cut larger than today's chunks (bounded on reading)
@@ -129,14 +145,18 @@ class Prefetcher:
         return views
 
     def map(
-        self, chunks: Iterable[Chunk], work: Callable[[Chunk, list[memoryview]], T]
+        self, chunks: Iterable[Chunk], work: Callable[[Chunk, list[memoryview], Arena], T]
     ) -> Iterator[tuple[Chunk, list[memoryview], T]]:
-        """Like :meth:`run`, with ``work(chunk, views)`` done on the reading thread right after the
-        read: CPU-heavy steps (coding, decoding) then run on both reading threads, in parallel."""
+        """Like :meth:`run`, with ``work(chunk, views, arena)`` done on the reading thread right after
+        the read: CPU-heavy steps (coding, decoding) then run on both reading threads, in parallel.
 
-        def fill_and_work(chunk: Chunk, slot: list[bytearray]) -> tuple[list[memoryview], T]:
-            views = self._fill(chunk, slot)
-            return views, work(chunk, views)
+        ``arena`` is the slot's own scratch memory: what ``work`` returns from it stays valid as long
+        as the slot's read buffers do. Reusing it spares a page fault per 4 KiB of every chunk.
+        """
+
+        def fill_and_work(chunk: Chunk, index: int) -> tuple[list[memoryview], T]:
+            views = self._fill(chunk, index)
+            return views, work(chunk, views, self._arenas[index])
 
         for chunk, (views, result) in self._pipeline(chunks, fill_and_work):
             yield chunk, views, result
@@ -144,9 +164,7 @@ class Prefetcher:
     def run(self, chunks: Iterable[Chunk]) -> Iterator[tuple[Chunk, list[memoryview]]]:
         yield from self._pipeline(chunks, self._fill)
 
-    def _pipeline(
-        self, chunks: Iterable[Chunk], fill: Callable[[Chunk, list[bytearray]], R]
-    ) -> Iterator[tuple[Chunk, R]]:
+    def _pipeline(self, chunks: Iterable[Chunk], fill: Callable[[Chunk, int], R]) -> Iterator[tuple[Chunk, R]]:
         pending: list[tuple[Chunk, Future[R]]] = []
         source = iter(chunks)
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="deltakit-read") as pool:
@@ -156,8 +174,7 @@ class Prefetcher:
                 nonlocal index
                 chunk = next(source, None)
                 if chunk is not None:
-                    slot = self._slots[index % len(self._slots)]
-                    pending.append((chunk, pool.submit(fill, chunk, slot)))
+                    pending.append((chunk, pool.submit(fill, chunk, index % len(self._slots))))
                     index += 1
 
             for _ in range(self._depth):
@@ -165,8 +182,8 @@ class Prefetcher:
             try:
                 while pending:
                     chunk, future = pending.pop(0)
-                    views = future.result()
-                    yield chunk, views
+                    result = future.result()
+                    yield chunk, result
                     submit()  # reuses the slot just consumed
             finally:
                 for _, future in pending:

@@ -95,7 +95,7 @@ def test_a_stream_without_its_size_or_with_data_after_it_is_refused():
     with pytest.raises(CorruptFrame, match="declares no size"):
         decode_frame(memoryview(unsized), Frame(128, "zstd", (len(unsized),)), 1, "none")
     padded = zstd_frame(bytes(128)) + zstd_frame(bytes(64))
-    with pytest.raises(CorruptFrame, match="more than"):
+    with pytest.raises(CorruptFrame, match="data after its frame"):
         decode_frame(memoryview(padded), Frame(128, "zstd", (len(padded),)), 1, "none")
 
 

@@ -94,7 +94,7 @@ def add_encode(target: Bytes, base: Bytes, dtype: str) -> Bytes:
     return _bits(diff, nan_source=diff)
 
 
-def add_decode(base: Bytes, payload: Bytes, dtype: str) -> Bytes:
+def add_decode(base: Bytes, payload: Bytes, dtype: str, out: Bytes | None = None) -> Bytes:
     """``base + payload`` in fp32 (fp64 for F64), rounded to ``dtype``."""
     wide = _compute_dtype(dtype)
     total = (_values(base, dtype).to(wide) + _values(payload, dtype).to(wide)).to(to_torch(dtype))
@@ -105,8 +105,8 @@ def _xor_encode(target: Bytes, base: Bytes, dtype: str) -> Bytes:
     return xor_bits(target, base)
 
 
-def _xor_decode(base: Bytes, payload: Bytes, dtype: str) -> Bytes:
-    return xor_bits(base, payload)
+def _xor_decode(base: Bytes, payload: Bytes, dtype: str, out: Bytes | None = None) -> Bytes:
+    return xor_bits(base, payload, out)
 
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -117,17 +117,25 @@ def _sub_encode(target: Bytes, base: Bytes, dtype: str) -> Bytes:
     """Bit patterns as unsigned integers, ``target - base`` modulo 2^bits, zigzag-mapped so that
     small differences of either sign become small numbers (0, -1, 1, -2 -> 0, 1, 2, 3)."""
     size = itemsize(dtype)
-    diff = (target.view(_UINT[size]) - base.view(_UINT[size])).view(_INT[size])
-    zigzag = (diff << 1) ^ (diff >> (8 * size - 1))
-    return zigzag.view(np.uint8)
+    diff = np.subtract(target.view(_UINT[size]), base.view(_UINT[size])).view(_INT[size])
+    sign = np.right_shift(diff, 8 * size - 1)  # arithmetic: all ones where negative
+    np.left_shift(diff, 1, out=diff)
+    np.bitwise_xor(diff, sign, out=diff)
+    return diff.view(np.uint8)
 
 
-def _sub_decode(base: Bytes, payload: Bytes, dtype: str) -> Bytes:
+def _sub_decode(base: Bytes, payload: Bytes, dtype: str, out: Bytes | None = None) -> Bytes:
+    # every step in place: a fresh array per step would cost a page fault per 4 KiB, twice the work
     word = _UINT[itemsize(dtype)]
-    zigzag = payload.view(word)
-    diff = (zigzag >> word(1)) ^ (word(0) - (zigzag & word(1)))
-    rebuilt: Bytes = (base.view(word) + diff).view(np.uint8)
-    return rebuilt
+    if out is None:
+        payload, out = payload.copy(), np.empty_like(payload)
+    zigzag, result = payload.view(word), out.view(word)
+    np.bitwise_and(zigzag, word(1), out=result)
+    np.negative(result, out=result)  # all ones where the difference is negative
+    np.right_shift(zigzag, word(1), out=zigzag)
+    np.bitwise_xor(result, zigzag, out=result)
+    np.add(result, base.view(word), out=result)
+    return out
 
 
 def count_differences(a: Bytes, b: Bytes, dtype: str) -> int:
@@ -142,14 +150,15 @@ class Codec:
 
     Attributes:
         encode: ``(target, base, dtype) -> payload``.
-        decode: ``(base, payload, dtype) -> target``.
+        decode: ``(base, payload, dtype, out=None) -> target``; given ``out``, the target may be
+            written there and ``payload`` overwritten (scratch memory): use the array it returns.
         exact: whether ``decode(base, encode(t, base)) == t`` bit for bit, always.
         accepts: whether the codec can encode tensors of a dtype.
     """
 
     name: str
     encode: Callable[[Bytes, Bytes, str], Bytes]
-    decode: Callable[[Bytes, Bytes, str], Bytes]
+    decode: Callable[[Bytes, Bytes, str, Bytes | None], Bytes]
     exact: bool
     accepts: Callable[[str], bool]
 

@@ -8,6 +8,7 @@ sizes disagree with its record before allocating or decoding anything. docs/FORM
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,7 +65,8 @@ def _planes(words: Bytes, itemsize: int, split: str) -> list[Bytes]:
     """The byte streams of a frame: byte k of every element in stream k, least significant first."""
     if stream_count(split, itemsize) == 1:
         return [words]
-    return list(np.ascontiguousarray(words.reshape(-1, itemsize).T))
+    columns = words.reshape(-1, itemsize)
+    return [np.ascontiguousarray(columns[:, k]) for k in range(itemsize)]  # 5x faster than one .T copy
 
 
 def encode_frame(
@@ -92,10 +94,20 @@ def encode_frame(
     return Frame(elements, "zstd", tuple(len(c) for c in coded)), list(coded)
 
 
-def decode_frame(coded: memoryview, frame: Frame, itemsize: int, split: str) -> Bytes:
+def _fresh(key: str, size: int) -> Bytes:
+    return np.empty(size, dtype=np.uint8)
+
+
+def decode_frame(
+    coded: memoryview, frame: Frame, itemsize: int, split: str, *, buffer: Callable[[str, int], Bytes] = _fresh
+) -> Bytes:
     """Decode one frame to its ``frame.elements * itemsize`` payload bytes.
 
     A stored frame comes back as a view of ``coded``, with no copy.
+
+    Args:
+        buffer: where to decode: ``buffer(name, size)`` gives scratch memory (by default a new array;
+            apply passes memory it reuses from frame to frame).
 
     Raises:
         CorruptFrame: the coded bytes are not what the record says, or do not decode to exactly
@@ -109,16 +121,18 @@ def decode_frame(coded: memoryview, frame: Frame, itemsize: int, split: str) -> 
     count = stream_count(split, itemsize)
     if len(frame.streams) != count:
         raise CorruptFrame(f"{len(frame.streams)} streams; split {split!r} of {itemsize}-byte elements has {count}")
-    planes = np.empty(raw, dtype=np.uint8)
     plane = raw // count
+    planes = buffer("planes", raw)
     offset = 0
     for k, size in enumerate(frame.streams):
         _decompress_into(coded[offset : offset + size], planes[k * plane : (k + 1) * plane], k)
         offset += size
     if count == 1:
         return planes
-    out = np.empty(raw, dtype=np.uint8)
-    out.reshape(-1, itemsize)[:] = planes.reshape(itemsize, -1).T
+    out = buffer("frame", raw)
+    columns = out.reshape(-1, itemsize)
+    for k in range(count):  # column by column: 5x faster than assigning one transposed view
+        columns[:, k] = planes[k * plane : (k + 1) * plane]
     return out
 
 
@@ -133,7 +147,11 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 
 
 def _decompress_into(source: memoryview, out: Bytes, stream: int) -> None:
-    """One zstd frame that must decode to exactly ``out.size`` bytes, written straight into ``out``."""
+    """One zstd frame that must decode to exactly ``out.size`` bytes, written straight into ``out``.
+
+    The frame's declared size is checked before anything is decoded; decoding stops at ``out``'s
+    end, and anything after the frame (more data, or another frame) is refused.
+    """
     try:
         params = zstandard.get_frame_parameters(source)
     except zstandard.ZstdError as e:
@@ -143,8 +161,7 @@ def _decompress_into(source: memoryview, out: Bytes, stream: int) -> None:
         raise CorruptFrame(f"stream {stream}: declares {declared}, the frame needs {out.size}")
     try:
         reader = _decompressor().stream_reader(source, read_size=max(1, len(source)), read_across_frames=True)
-        view = out.data
-        got = 0
+        view, got = out.data, 0
         while got < out.size:
             n = reader.readinto(view[got:])
             if n == 0:
@@ -153,5 +170,7 @@ def _decompress_into(source: memoryview, out: Bytes, stream: int) -> None:
         extra = reader.read(1)
     except zstandard.ZstdError as e:
         raise CorruptFrame(f"stream {stream}: cannot be decoded ({e})") from e
-    if got != out.size or extra:
-        raise CorruptFrame(f"stream {stream}: decodes to {'more than' if extra else got} bytes, not {out.size}")
+    if got != out.size:
+        raise CorruptFrame(f"stream {stream}: decodes to {got} bytes, not {out.size}")
+    if extra:
+        raise CorruptFrame(f"stream {stream}: holds data after its frame")

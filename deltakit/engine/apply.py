@@ -30,6 +30,7 @@ from ..progress import ProgressBar, ProgressFactory, no_progress
 from ..staging import StagedFolder, check_output_free
 from ..streaming import (
     DEFAULT_SHARD_SIZE,
+    Arena,
     Chunk,
     OutputShard,
     OutputWriter,
@@ -222,12 +223,12 @@ def _check_sample(plan: ApplyPlan, reader: RangeReader) -> None:
         log.debug("base tensor %s matches", name)
 
 
-def _decode_frame(step: ApplyStep, chunk: Chunk, coded: memoryview) -> Bytes:
+def _decode_frame(step: ApplyStep, chunk: Chunk, coded: memoryview, arena: Arena) -> Bytes:
     t = step.target
     assert t.frames is not None and t.split is not None and step.payload is not None
     frame = t.frames[chunk.frame]
     try:
-        return decode_frame(coded, frame, itemsize(t.dtype), t.split)
+        return decode_frame(coded, frame, itemsize(t.dtype), t.split, buffer=arena.take)
     except CorruptFrame as e:
         offset = chunk.reads[-1].offset
         raise CorruptFrameError(
@@ -284,11 +285,12 @@ def _framed_chunks(i: int, step: ApplyStep) -> Iterator[Chunk]:
         first, offset = last, offset + coded
 
 
-def _decode_chunk(step: ApplyStep, chunk: Chunk, views: list[memoryview]) -> Bytes:
-    """The output bytes of one chunk; may be a view of the read buffers (raw, copy and stored chunks)."""
+def _decode_chunk(step: ApplyStep, chunk: Chunk, views: list[memoryview], arena: Arena) -> Bytes:
+    """The output bytes of one chunk, in the chunk's arena or a view of its read buffers (raw, copy
+    and stored chunks); both stay valid until the chunk's slot is read into again."""
     t = step.target
     if chunk.frame >= 0:
-        payload = _decode_frame(step, chunk, views[-1])
+        payload = _decode_frame(step, chunk, views[-1], arena)
         views = [*views[:-1], payload.data]
     if step.base is None or chunk.segment == 1:
         return as_bytes(views[-1])
@@ -297,7 +299,10 @@ def _decode_chunk(step: ApplyStep, chunk: Chunk, views: list[memoryview]) -> Byt
         base_bits = cast_bits(base_bits, t.cast_from, t.dtype)
     if step.payload is None:  # copy
         return base_bits
-    return CODECS[t.codec or t.encoding].decode(base_bits, as_bytes(views[1]), t.dtype)
+    # the payload is not needed after this: the codec may use it as scratch memory
+    return CODECS[t.codec or t.encoding].decode(
+        base_bits, as_bytes(views[1]), t.dtype, arena.take("out", base_bits.size)
+    )
 
 
 def apply_delta(
@@ -410,8 +415,8 @@ def _stream_apply(
 
     try:
 
-        def work(chunk: Chunk, views: list[memoryview]) -> Bytes:  # on a reading thread: decoding runs on both
-            return _decode_chunk(steps[chunk.owner], chunk, views)
+        def work(chunk: Chunk, views: list[memoryview], arena: Arena) -> Bytes:  # on a reading thread
+            return _decode_chunk(steps[chunk.owner], chunk, views, arena)
 
         for chunk, views, rebuilt in Prefetcher(reader).map(_apply_chunks(steps), work):
             if chunk.owner != current:

@@ -39,6 +39,7 @@ from ..progress import ProgressFactory, no_progress
 from ..staging import StagedFolder, check_output_free
 from ..streaming import (
     DEFAULT_SHARD_SIZE,
+    Arena,
     Chunk,
     Prefetcher,
     as_bytes,
@@ -219,7 +220,7 @@ class _Coding:
         rebuilt, inexact = None, 0
         if step.codec is not None and not step.codec.exact:
             if segment == 0:
-                rebuilt = step.codec.decode(base_bits, payload, step.target.dtype)
+                rebuilt = step.codec.decode(base_bits, payload, step.target.dtype, None)  # payload kept: it is written
                 inexact = count_differences(rebuilt, target_bits, step.target.dtype)
             else:
                 rebuilt = target_bits
@@ -463,7 +464,7 @@ def _stream_make(
                 views.append(view)
             emit(state, coding.encode(step, 0, views))
 
-    def work(chunk: Chunk, views: list[memoryview]) -> _Encoded:
+    def work(chunk: Chunk, views: list[memoryview], arena: Arena) -> _Encoded:
         return coding.encode(steps[chunk.owner], chunk.segment, views)
 
     with RangeReader() as reader:
