@@ -1,15 +1,18 @@
-"""Benchmark ``deltakit make`` and ``deltakit apply`` on a LLaMA-shaped fp16 checkpoint (about 1.9 GB by default).
+"""Benchmark ``deltakit make`` and ``deltakit apply`` on a LLaMA-shaped fp16 checkpoint (about 1.9 GB by default),
+with the raw (format 1) and the compressed (format 2) payload side by side.
 
-Measures each command's wall time and peak RSS, and apply's ratio to an I/O floor timed in the same run.
+Measures each command's wall time and peak RSS, and their ratios to I/O floors timed in the same run.
 
-Each command runs as its own process through the real CLI. The I/O floor is a plain one-thread copy: read
-every base and payload safetensors file once and write as many bytes as apply writes, fsynced. Every timed
-step starts after ``sync`` and a read of its inputs (warm cache); floor and apply alternate ``--repeat`` times.
+Each command runs as its own process through the real CLI. An I/O floor is a plain one-thread copy: read
+every input safetensors file once and write as many bytes as the step writes, fsynced. Every timed step
+starts after ``sync`` and a read of its inputs (warm cache); the steps of a group alternate, round by round.
 
 Usage::
 
     .venv/bin/python benchmarks/apply.py                      # full size; writes BENCHMARKS.md and JSON
     .venv/bin/python benchmarks/apply.py --layers 2 --hidden 256 --intermediate 688 --vocab 4000 --no-record
+    .venv/bin/python benchmarks/apply.py --hidden 4096 --layers 32 --intermediate 11008 --repeat 1 --make-repeat 0 \\
+        --no-record                                           # 7B-shaped: 13.5 GB a side
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,6 +40,7 @@ CHUNK = 8 << 20
 MIB = 1 << 20
 GIB = 1 << 30
 FLOOR_TARGET = 1.25
+MAKE_FLOOR_TARGET = 1.5
 RSS_TARGET_BYTES = GIB
 SECTION_BEGIN = "<!-- benchmarks/apply.py: begin -->"
 SECTION_END = "<!-- benchmarks/apply.py: end -->"
@@ -184,7 +188,7 @@ class Results:
     extra_vocab: int
     base_bytes: int
     base_files: int
-    payload_bytes: int
+    payload_bytes: dict[str, int]  # by format
     output_bytes: int
     generate_s: float
     repeat: int
@@ -192,22 +196,28 @@ class Results:
     steps: list[Step]
     dtype: str = "float16"
     floor_target: float = FLOOR_TARGET
+    make_floor_target: float = MAKE_FLOOR_TARGET
     rss_target_bytes: int = RSS_TARGET_BYTES
 
     def step(self, name: str) -> Step:
         return next(s for s in self.steps if s.name == name)
 
-    @property
-    def ratio(self) -> float:
-        return self.step("apply").wall_s / self.step("I/O floor").wall_s
-
-    @property
-    def ratio_without_startup(self) -> float:
-        return (self.step("apply").wall_s - self.steps[0].wall_s) / self.step("I/O floor").wall_s
+    def ratio(self, step: str, floor: str = "apply I/O floor") -> float:
+        return self.step(step).wall_s / self.step(floor).wall_s
 
     def to_json(self) -> str:
-        raw = asdict(self) | {"ratio": self.ratio, "ratio_without_startup": self.ratio_without_startup}
-        return json.dumps(raw, indent=2) + "\n"
+        ratios = {
+            "apply_format2_to_floor": self.ratio(APPLY[2]),
+            "apply_format1_to_floor": self.ratio(APPLY[1]),
+            "apply_format2_to_format1": self.ratio(APPLY[2], APPLY[1]),
+            "make_format2_to_floor": self.ratio(MAKE[2], "make I/O floor"),
+            "make_format1_to_floor": self.ratio(MAKE[1], "make I/O floor"),
+        }
+        return json.dumps(asdict(self) | {"ratios": ratios}, indent=2) + "\n"
+
+
+APPLY = {1: "apply (format 1, raw payload)", 2: "apply (format 2, compressed payload)"}
+MAKE = {1: "make (format 1)", 2: "make (format 2)"}
 
 
 def settle(warm: Sequence[Path] = ()) -> None:
@@ -216,38 +226,48 @@ def settle(warm: Sequence[Path] = ()) -> None:
     read_all(warm)
 
 
-def measure_apply(
-    base: Path, delta: Path, out: Path, floor_sources: Sequence[Path], write_bytes: int, repeat: int, logs: Path
-) -> tuple[Step, Step]:
-    """Time the I/O floor and apply, interleaved ``repeat`` times, each from a settled, warm page cache.
+Run = tuple[float, int | None, int | None]  # (seconds, peak RSS, bytes read)
+Job = Callable[[int], Run]  # round -> Run
 
-    One untimed floor run comes first. Writes into the page cache of the VM this was written on are now and
-    then several times slower, at random; interleaving and taking the best of each keeps that out of the ratio.
+
+def interleaved(jobs: dict[str, tuple[Sequence[Path], Job]], repeat: int) -> dict[str, list[Run]]:
+    """Run every job once per round, ``repeat`` rounds, each from a settled page cache holding its inputs.
+
+    Writes into the page cache of the VM this was written on are now and then several times slower, at
+    random; interleaving the jobs and taking the best of each keeps that out of their ratios.
     """
-    floor_file = out.parent / "floor.bin"
-    settle(floor_sources)
-    io_floor(floor_sources, write_bytes, floor_file)
-    floor_file.unlink()
-    floor_runs: list[float] = []
-    apply_runs: list[float] = []
-    apply_rss = floor_read = 0
+    runs: dict[str, list[Run]] = {name: [] for name in jobs}
     for index in range(repeat):
-        settle(floor_sources)
-        seconds, floor_read = io_floor(floor_sources, write_bytes, floor_file)
-        floor_runs.append(seconds)
-        floor_file.unlink()
+        for name, (inputs, job) in jobs.items():
+            settle(inputs)
+            runs[name].append(job(index))
+    return runs
+
+
+def best(name: str, runs: list[tuple[float, int | None, int | None]], written: int | None) -> Step:
+    rss = [r for _, r, _ in runs if r is not None]
+    return Step(
+        name, min(t for t, _, _ in runs), max(rss) if rss else None, runs[0][2], written, [t for t, _, _ in runs]
+    )
+
+
+def floor_job(sources: Sequence[Path], write_bytes: int, dest: Path) -> Job:
+    def run(index: int) -> Run:
+        seconds, read = io_floor(sources, write_bytes, dest)
+        dest.unlink()
+        return seconds, None, read
+
+    return run
+
+
+def cli_job(args: list[str], out: Path, logs: Path, tag: str) -> Job:
+    def run(index: int) -> Run:
         if out.exists():
             shutil.rmtree(out)
-        settle(floor_sources)
-        seconds, rss = run_cli(
-            ["apply", "--base", str(base), "--delta", str(delta), "--out", str(out), "--quiet"],
-            logs / f"apply-{index}.log",
-        )
-        apply_runs.append(seconds)
-        apply_rss = max(apply_rss, rss)
-    floor = Step("I/O floor", min(floor_runs), None, floor_read, write_bytes, floor_runs)
-    apply = Step("apply", min(apply_runs), apply_rss, None, total_size(safetensors_files(out)), apply_runs)
-    return floor, apply
+        seconds, rss = run_cli([*args, "--out", str(out), "--quiet"], logs / f"{tag}-{index}.log")
+        return seconds, rss, None
+
+    return run
 
 
 def benchmark(args: argparse.Namespace, work: Path) -> Results:
@@ -268,27 +288,60 @@ def benchmark(args: argparse.Namespace, work: Path) -> Results:
     )
     generate_s = time.perf_counter() - start
     base_files, tuned_files = safetensors_files(base), safetensors_files(tuned)
+    inputs = [*base_files, *tuned_files]
 
     settle()
     wall, rss = run_cli(["--version"], logs / "version.log")
     startup = Step("start-up (`deltakit --version`)", wall, rss)
 
-    delta = work / "delta"
-    settle([*base_files, *tuned_files])
-    wall, rss = run_cli(
-        ["make", "--base", str(base), "--target", str(tuned), "--out", str(delta), "--quiet"], logs / "make.log"
+    # make: both formats, the format 2 delta kept for apply; the floor writes as much as format 2's payload
+    deltas = {f: work / f"delta-{f}" for f in (1, 2)}
+    make_args = {f: ["make", "--base", str(base), "--target", str(tuned), "--format", str(f)] for f in (1, 2)}
+    first = {f: cli_job(make_args[f], deltas[f], logs, f"make-{f}")(0) for f in (1, 2)}  # untimed: the outputs
+    payload = {f: total_size(safetensors_files(deltas[f])) for f in (1, 2)}
+    make_runs = interleaved(
+        {
+            "make I/O floor": (inputs, floor_job(inputs, payload[2], work / "floor.bin")),
+            **{MAKE[f]: (inputs, cli_job(make_args[f], work / f"made-{f}", logs, f"make-{f}")) for f in (1, 2)},
+        },
+        args.make_repeat,
     )
-    payload_files = safetensors_files(delta)
-    make = Step("make", wall, rss, total_size(base_files) + total_size(tuned_files), total_size(payload_files))
+    for f in (1, 2):
+        make_runs[MAKE[f]].append(first[f])
+        shutil.rmtree(work / f"made-{f}", ignore_errors=True)
+    read = total_size(inputs)
+    make_steps = [best("make I/O floor", make_runs["make I/O floor"], payload[2])] + [
+        best(MAKE[f], make_runs[MAKE[f]], payload[f]) for f in (1, 2)
+    ]
+    for step in make_steps:
+        step.read_bytes = read
 
-    plan = plan_apply(base, delta)
+    # apply: the floor reads the base and the raw (format 1) payload, as the apply it is the floor of
+    plan = {f: plan_apply(base, deltas[f]) for f in (1, 2)}
     out = work / "rebuilt"
-    floor, apply = measure_apply(base, delta, out, [*base_files, *payload_files], plan.write_bytes, args.repeat, logs)
-    apply.read_bytes = plan.read_bytes + sum(plan.base.tensors[name].nbytes for name in plan.sample)
+    floor_sources = [*base_files, *safetensors_files(deltas[1])]
+    apply_runs = interleaved(
+        {
+            "apply I/O floor": (floor_sources, floor_job(floor_sources, plan[1].write_bytes, work / "floor.bin")),
+            **{
+                APPLY[f]: (
+                    [*base_files, *safetensors_files(deltas[f])],
+                    cli_job(["apply", "--base", str(base), "--delta", str(deltas[f])], out, logs, f"apply-{f}"),
+                )
+                for f in (1, 2)
+            },
+        },
+        args.repeat,
+    )
+    apply_steps = [best("apply I/O floor", apply_runs["apply I/O floor"], plan[1].write_bytes)]
+    for f in (1, 2):
+        step = best(APPLY[f], apply_runs[APPLY[f]], plan[f].write_bytes)
+        step.read_bytes = plan[f].read_bytes + sum(plan[f].base.tensors[n].nbytes for n in plan[f].sample)
+        apply_steps.append(step)
 
     settle(safetensors_files(out))
-    wall, rss = run_cli(["verify", str(out), "--delta", str(delta), "--quiet"], logs / "verify.log")
-    verify = Step("verify (rebuilt model)", wall, rss, apply.written_bytes, 0)
+    wall, rss = run_cli(["verify", str(out), "--delta", str(deltas[2]), "--quiet"], logs / "verify.log")
+    verify = Step("verify (rebuilt model)", wall, rss, plan[2].write_bytes, 0)
 
     return Results(
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -298,12 +351,12 @@ def benchmark(args: argparse.Namespace, work: Path) -> Results:
         extra_vocab=args.extra_vocab,
         base_bytes=total_size(base_files),
         base_files=len(base_files),
-        payload_bytes=total_size(payload_files),
-        output_bytes=apply.written_bytes or 0,
+        payload_bytes=payload,
+        output_bytes=plan[2].write_bytes,
         generate_s=generate_s,
         repeat=args.repeat,
         json_path=_display(args.json),
-        steps=[startup, make, floor, apply, verify],
+        steps=[startup, *make_steps, *apply_steps, verify],
     )
 
 
@@ -330,37 +383,38 @@ def table(results: Results) -> str:
     return "\n".join(rows)
 
 
+def _runs(step: Step) -> str:
+    return ", ".join(f"{t:.2f}" for t in step.runs_s)
+
+
 def verdicts(results: Results) -> list[str]:
-    ratio = results.ratio
-    rss = results.step("apply").peak_rss_bytes or 0
-    others = ", ".join(
-        f"{s.name.split(' ')[0]} {s.peak_rss_bytes / MIB:.0f} MiB"
-        for s in results.steps
-        if s.peak_rss_bytes and s.name != "apply"
-    )
+    a1, a2 = results.step(APPLY[1]), results.step(APPLY[2])
+    rss = max(results.step(APPLY[2]).peak_rss_bytes or 0, results.step(MAKE[2]).peak_rss_bytes or 0)
+    apply_ratio, make_ratio = results.ratio(APPLY[2]), results.ratio(MAKE[2], "make I/O floor")
+    versus = results.ratio(APPLY[2], APPLY[1])
     return [
-        f"- apply within {FLOOR_TARGET}x of the I/O floor: **{'met' if ratio <= FLOOR_TARGET else 'not met'}** "
-        f"({ratio:.2f}x; {results.ratio_without_startup:.2f}x leaving out the process start-up).",
-        f"- apply peak RSS under 1 GiB: **{'met' if rss < RSS_TARGET_BYTES else 'not met'}** "
-        f"({rss / MIB:.0f} MiB). The other commands: {others}.",
+        f"- apply on the compressed (format 2) payload at or below apply on the raw (format 1) payload: "
+        f"**{'met' if a2.wall_s <= a1.wall_s else 'not met'}** ({a2.wall_s:.2f} s against {a1.wall_s:.2f} s, "
+        f"{versus:.2f}x).",
+        f"- apply (format 2) within {FLOOR_TARGET}x of the apply I/O floor: "
+        f"**{'met' if apply_ratio <= FLOOR_TARGET else 'not met'}** ({apply_ratio:.2f}x).",
+        f"- make (format 2) within {MAKE_FLOOR_TARGET}x of its I/O floor: "
+        f"**{'met' if make_ratio <= MAKE_FLOOR_TARGET else 'not met'}** ({make_ratio:.2f}x).",
+        f"- make and apply (format 2) peak RSS under 1 GiB: **{'met' if rss < RSS_TARGET_BYTES else 'not met'}** "
+        f"(at most {rss / MIB:.0f} MiB).",
     ]
 
 
 def markdown(results: Results) -> str:
     m, s = results.machine, results.shape
-    floor, apply = results.step("I/O floor"), results.step("apply")
-    runs = (
-        f"best of {results.repeat} interleaved runs each; all runs: floor "
-        + ", ".join(f"{t:.2f}" for t in floor.runs_s)
-        + " s; apply "
-        + ", ".join(f"{t:.2f}" for t in apply.runs_s)
-        + " s"
-        if results.repeat > 1
-        else "one run each"
+    p1, p2 = (
+        results.payload_bytes["1"] if "1" in results.payload_bytes else results.payload_bytes[1],
+        (results.payload_bytes["2"] if "2" in results.payload_bytes else results.payload_bytes[2]),
     )
+    steps = "; ".join(f"{step.name} {_runs(step)}" for step in results.steps if len(step.runs_s) > 1)
     lines = [
         SECTION_BEGIN,
-        "## apply: LLaMA-shaped fp16 checkpoint",
+        "## make and apply: LLaMA-shaped fp16 checkpoint, raw and compressed payloads",
         "",
         f"Measured {results.date} with `{results.command}`.",
         "",
@@ -368,28 +422,37 @@ def markdown(results: Results) -> str:
         f"Python {m['python']}, torch {m['torch']}, deltakit {m['deltakit']} ({m['deltakit_source']}).",
         f"- Model: hidden {s['hidden']}, {s['layers']} layers, intermediate {s['intermediate']}, vocab "
         f"{s['vocab']} (+{results.extra_vocab} rows in the fine-tune), fp16. Base {results.base_bytes / 1e9:.2f} GB "
-        f"in {results.base_files} file(s), payload {results.payload_bytes / 1e9:.2f} GB, output "
-        f"{results.output_bytes / 1e9:.2f} GB.",
+        f"in {results.base_files} file(s), output {results.output_bytes / 1e9:.2f} GB. Payload: format 1 "
+        f"{p1 / 1e9:.2f} GB, format 2 {p2 / 1e9:.2f} GB ({p2 / p1:.1%} of format 1).",
         "",
         table(results),
         "",
-        f"**apply / I/O floor: {results.ratio:.2f}x** ({runs}). apply's time is the whole `deltakit apply` "
-        "process, start-up (Python and its imports) included.",
-        "",
         *verdicts(results),
         "",
-        "What the I/O floor measures: one thread reads every base and payload `.safetensors` file once, start to "
-        "end, in 8 MiB `readinto` chunks, and writes the bytes just read into one new file until it holds as many "
-        "bytes as apply's output, then `fsync`s the file and its folder: a plain file copy, reads and writes not "
-        "overlapped. apply does more: it checks the BLAKE3 digest of every base tensor it reads and every tensor "
-        "it writes, decodes the payload, and fsyncs its output before renaming it into place.",
+        "**This pair is synthetic: the fine-tune is the base plus Gaussian noise** (every weight moved by about 5% "
+        "of its spread, several fp16 ulps of random bits). Random low-order bits cannot be compressed by anyone: "
+        "format 2 removes only what is not noise (the sign, exponent and high mantissa bits that the noise "
+        "leaves as they were). The figure to read for the product is the real fine-tune in the compression "
+        "section (`benchmarks/compression.py`); this one shows speed and memory, and what a noise-like payload "
+        "costs.",
+        "",
+        "What the I/O floors measure: one thread reads every input `.safetensors` file once, start to end, in "
+        "8 MiB `readinto` chunks, and writes the bytes just read into one new file until it holds as many bytes "
+        "as the step's output, then `fsync`s the file and its folder: a plain file copy, reads and writes not "
+        "overlapped. The apply floor reads the base and the raw (format 1) payload and writes the model; the "
+        "make floor reads the base and the fine-tune and writes as much as the format 2 payload. apply does "
+        "more: it checks the BLAKE3 digest of every base tensor it reads and every tensor it writes, decodes the "
+        "payload, and fsyncs its output before renaming it into place; make hashes both inputs, codes the "
+        "payload, and reads each payload file back once for its SHA-256 (its header, written last, depends on "
+        "the coded sizes).",
         "",
         "Conditions: before each timed step, untimed, `sync` and one read of its inputs, so every step starts "
         "from a warm page cache with nothing left to write back (every file fits in RAM). On this VM, writing "
-        "into the page cache is now and then about 3x slower for reasons outside the benchmark (the same floor "
-        "takes 2 s or 6 s), so the floor and apply run interleaved, after one untimed floor run, and the best of "
-        "each counts. make, apply and verify each run as their own `python -m deltakit.cli` process, started "
-        "from a small launcher; peak RSS is that process's `ru_maxrss`. The machine was shared with other work; "
+        "into the page cache is now and then about 3x slower for reasons outside the benchmark, so the steps "
+        "of each group (make, apply) run interleaved and the best of each counts; make's first, untimed-order "
+        f"run counts too. All runs, in seconds: {steps}. make, apply and verify each run as their own "
+        "`python -m deltakit.cli` process, started from a small launcher; peak RSS is that process's "
+        "`ru_maxrss`, and each command's time includes its start-up. The machine was shared with other work; "
         f"every figure comes from this one run. Raw figures: `{results.json_path}`.",
         SECTION_END,
     ]
@@ -402,7 +465,9 @@ def markdown(results: Results) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work", help="scratch folder (must be empty)")
+    p.add_argument(
+        "--work", type=Path, default=ROOT / "benchmarks" / "work" / "apply", help="scratch folder (must be empty)"
+    )
     p.add_argument("--keep", action="store_true", help="keep the models, delta and output in --work")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--hidden", type=int, default=2048)
@@ -411,7 +476,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--extra-vocab", type=int, default=256, help="rows the fine-tune adds to the vocabulary")
     p.add_argument("--input-shard-size", type=int, default=1_000_000_000, help="bytes per input safetensors file")
-    p.add_argument("--repeat", type=int, default=5, help="timed floor/apply pairs, interleaved; best of each")
+    p.add_argument("--repeat", type=int, default=5, help="timed apply rounds (floor, format 1, format 2); best of each")
+    p.add_argument("--make-repeat", type=int, default=2, help="timed make rounds (floor, format 1, format 2)")
     p.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md", help="where to record the results")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "apply.json")
     p.add_argument("--no-record", action="store_true", help="print only; write neither BENCHMARKS.md nor JSON")
@@ -438,7 +504,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print(table(results))
     print()
-    print(f"apply / I/O floor: {results.ratio:.2f}x")
     print("\n".join(verdicts(results)).replace("**", ""))
     if not args.no_record:
         args.json.parent.mkdir(parents=True, exist_ok=True)
