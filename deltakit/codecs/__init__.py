@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -23,18 +23,42 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CODECS",
+    "Buffer",
     "Bytes",
     "Codec",
     "LoraTerm",
+    "Transform",
     "add_decode",
     "add_encode",
     "cast_bits",
     "count_differences",
+    "fresh",
     "lora_merge_rows",
     "xor_bits",
 ]
 
 Bytes = npt.NDArray[np.uint8]
+
+
+class Buffer(Protocol):
+    """Where a codec puts its result and temporaries: ``buffer(name, size)`` gives ``size`` bytes.
+
+    The default gives fresh arrays; streaming callers pass memory they reuse from chunk to chunk,
+    since a fresh array costs a page fault per 4 KiB when it is first written.
+    """
+
+    def __call__(self, name: str, size: int, /) -> Bytes: ...
+
+
+def fresh(name: str, size: int) -> Bytes:
+    """A :class:`Buffer` that allocates a new array each time."""
+    return np.empty(size, dtype=np.uint8)
+
+
+class Transform(Protocol):
+    """``(a, b, dtype, buffer=fresh) -> bytes``: a codec's encode or decode."""
+
+    def __call__(self, a: Bytes, b: Bytes, dtype: str, /, buffer: Buffer = fresh) -> Bytes: ...
 
 
 def _words(bits: Bytes) -> npt.NDArray[np.generic]:
@@ -87,53 +111,53 @@ def cast_bits(bits: Bytes, from_dtype: str, to_dtype: str) -> Bytes:
     return _bits(values.to(to_torch(to_dtype)), nan_source=values)
 
 
-def add_encode(target: Bytes, base: Bytes, dtype: str) -> Bytes:
+def add_encode(target: Bytes, base: Bytes, dtype: str, buffer: Buffer = fresh) -> Bytes:
     """Task vector: ``target - base`` computed in fp32 (fp64 for F64), stored in ``dtype``."""
     wide = _compute_dtype(dtype)
     diff = (_values(target, dtype).to(wide) - _values(base, dtype).to(wide)).to(to_torch(dtype))
     return _bits(diff, nan_source=diff)
 
 
-def add_decode(base: Bytes, payload: Bytes, dtype: str, out: Bytes | None = None) -> Bytes:
+def add_decode(base: Bytes, payload: Bytes, dtype: str, buffer: Buffer = fresh) -> Bytes:
     """``base + payload`` in fp32 (fp64 for F64), rounded to ``dtype``."""
     wide = _compute_dtype(dtype)
     total = (_values(base, dtype).to(wide) + _values(payload, dtype).to(wide)).to(to_torch(dtype))
     return _bits(total, nan_source=total)
 
 
-def _xor_encode(target: Bytes, base: Bytes, dtype: str) -> Bytes:
-    return xor_bits(target, base)
+def _xor_encode(target: Bytes, base: Bytes, dtype: str, buffer: Buffer = fresh) -> Bytes:
+    return xor_bits(target, base, buffer("out", target.size))
 
 
-def _xor_decode(base: Bytes, payload: Bytes, dtype: str, out: Bytes | None = None) -> Bytes:
-    return xor_bits(base, payload, out)
+def _xor_decode(base: Bytes, payload: Bytes, dtype: str, buffer: Buffer = fresh) -> Bytes:
+    return xor_bits(base, payload, buffer("out", base.size))
 
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _INT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 
-def _sub_encode(target: Bytes, base: Bytes, dtype: str) -> Bytes:
+def _sub_encode(target: Bytes, base: Bytes, dtype: str, buffer: Buffer = fresh) -> Bytes:
     """Bit patterns as unsigned integers, ``target - base`` modulo 2^bits, zigzag-mapped so that
     small differences of either sign become small numbers (0, -1, 1, -2 -> 0, 1, 2, 3)."""
     size = itemsize(dtype)
-    diff = np.subtract(target.view(_UINT[size]), base.view(_UINT[size])).view(_INT[size])
-    sign = np.right_shift(diff, 8 * size - 1)  # arithmetic: all ones where negative
+    out, sign = buffer("out", target.size), buffer("tmp", target.size)
+    diff, high = out.view(_INT[size]), sign.view(_INT[size])
+    np.subtract(target.view(_UINT[size]), base.view(_UINT[size]), out=out.view(_UINT[size]))
+    np.right_shift(diff, 8 * size - 1, out=high)  # arithmetic: all ones where negative
     np.left_shift(diff, 1, out=diff)
-    np.bitwise_xor(diff, sign, out=diff)
-    return diff.view(np.uint8)
+    np.bitwise_xor(diff, high, out=diff)
+    return out
 
 
-def _sub_decode(base: Bytes, payload: Bytes, dtype: str, out: Bytes | None = None) -> Bytes:
-    # every step in place: a fresh array per step would cost a page fault per 4 KiB, twice the work
+def _sub_decode(base: Bytes, payload: Bytes, dtype: str, buffer: Buffer = fresh) -> Bytes:
     word = _UINT[itemsize(dtype)]
-    if out is None:
-        payload, out = payload.copy(), np.empty_like(payload)
-    zigzag, result = payload.view(word), out.view(word)
+    out, tmp = buffer("out", base.size), buffer("tmp", base.size)
+    zigzag, result, half = payload.view(word), out.view(word), tmp.view(word)
     np.bitwise_and(zigzag, word(1), out=result)
     np.negative(result, out=result)  # all ones where the difference is negative
-    np.right_shift(zigzag, word(1), out=zigzag)
-    np.bitwise_xor(result, zigzag, out=result)
+    np.right_shift(zigzag, word(1), out=half)
+    np.bitwise_xor(result, half, out=result)
     np.add(result, base.view(word), out=result)
     return out
 
@@ -149,16 +173,18 @@ class Codec:
     """A named pair of pure functions over byte chunks.
 
     Attributes:
-        encode: ``(target, base, dtype) -> payload``.
-        decode: ``(base, payload, dtype, out=None) -> target``; given ``out``, the target may be
-            written there and ``payload`` overwritten (scratch memory): use the array it returns.
+        encode: ``(target, base, dtype, buffer=fresh) -> payload``.
+        decode: ``(base, payload, dtype, buffer=fresh) -> target``.
         exact: whether ``decode(base, encode(t, base)) == t`` bit for bit, always.
         accepts: whether the codec can encode tensors of a dtype.
+
+    Results and temporaries go where ``buffer`` says (names ``out`` and ``tmp``); the inputs are
+    never written to.
     """
 
     name: str
-    encode: Callable[[Bytes, Bytes, str], Bytes]
-    decode: Callable[[Bytes, Bytes, str, Bytes | None], Bytes]
+    encode: Transform
+    decode: Transform
     exact: bool
     accepts: Callable[[str], bool]
 

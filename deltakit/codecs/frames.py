@@ -8,13 +8,12 @@ sizes disagree with its record before allocating or decoding anything. docs/FORM
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import zstandard
 
-from . import Bytes
+from . import Buffer, Bytes, fresh
 
 __all__ = [
     "CODERS",
@@ -61,16 +60,20 @@ def stream_count(split: str, itemsize: int) -> int:
     return itemsize if split == "bytes" else 1
 
 
-def _planes(words: Bytes, itemsize: int, split: str) -> list[Bytes]:
+def _planes(words: Bytes, itemsize: int, split: str, buffer: Buffer) -> list[Bytes]:
     """The byte streams of a frame: byte k of every element in stream k, least significant first."""
-    if stream_count(split, itemsize) == 1:
+    count = stream_count(split, itemsize)
+    if count == 1:
         return [words]
+    planes = buffer("planes", words.size).reshape(count, -1)
     columns = words.reshape(-1, itemsize)
-    return [np.ascontiguousarray(columns[:, k]) for k in range(itemsize)]  # 5x faster than one .T copy
+    for k in range(count):  # column by column: 5x faster than one transposed copy
+        planes[k] = columns[:, k]
+    return list(planes)
 
 
 def encode_frame(
-    payload: Bytes, itemsize: int, *, split: str, level: int, min_saving: float
+    payload: Bytes, itemsize: int, *, split: str, level: int, min_saving: float, buffer: Buffer = fresh
 ) -> tuple[Frame, list[Bytes | bytes]]:
     """Code one frame of payload bytes (a whole number of elements).
 
@@ -87,20 +90,14 @@ def encode_frame(
     if payload.size == 0:
         return Frame(0, "stored"), []
     compressor = zstandard.ZstdCompressor(level=level, write_content_size=True)
-    coded = [compressor.compress(plane.data) for plane in _planes(payload, itemsize, split)]
+    coded = [compressor.compress(plane.data) for plane in _planes(payload, itemsize, split, buffer)]
     total = sum(len(c) for c in coded)
     if total > payload.size * (1.0 - min_saving):
         return Frame(elements, "stored"), [payload]
     return Frame(elements, "zstd", tuple(len(c) for c in coded)), list(coded)
 
 
-def _fresh(key: str, size: int) -> Bytes:
-    return np.empty(size, dtype=np.uint8)
-
-
-def decode_frame(
-    coded: memoryview, frame: Frame, itemsize: int, split: str, *, buffer: Callable[[str, int], Bytes] = _fresh
-) -> Bytes:
+def decode_frame(coded: memoryview, frame: Frame, itemsize: int, split: str, *, buffer: Buffer = fresh) -> Bytes:
     """Decode one frame to its ``frame.elements * itemsize`` payload bytes.
 
     A stored frame comes back as a view of ``coded``, with no copy.

@@ -299,10 +299,7 @@ def _decode_chunk(step: ApplyStep, chunk: Chunk, views: list[memoryview], arena:
         base_bits = cast_bits(base_bits, t.cast_from, t.dtype)
     if step.payload is None:  # copy
         return base_bits
-    # the payload is not needed after this: the codec may use it as scratch memory
-    return CODECS[t.codec or t.encoding].decode(
-        base_bits, as_bytes(views[1]), t.dtype, arena.take("out", base_bits.size)
-    )
+    return CODECS[t.codec or t.encoding].decode(base_bits, as_bytes(views[1]), t.dtype, arena.take)
 
 
 def apply_delta(

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..codecs import CODECS, Bytes, Codec, cast_bits, count_differences
+from ..codecs import CODECS, Buffer, Bytes, Codec, cast_bits, count_differences, fresh
 from ..codecs.frames import Frame, encode_frame
 from ..dtypes import is_float, itemsize
 from ..errors import UnsupportedInputError
@@ -214,20 +214,26 @@ class _Coding:
     level: int
     min_saving: float
 
-    def encode(self, step: _MakeStep, segment: int, views: list[memoryview]) -> _Encoded:
-        target_bits, base_bits, payload = _encode_chunk(step, segment, views)
+    def encode(self, step: _MakeStep, segment: int, views: list[memoryview], buffer: Buffer = fresh) -> _Encoded:
+        """Encode one chunk; the payload may lie in ``buffer``'s memory (valid until its next use)."""
+        target_bits, base_bits, payload = _encode_chunk(step, segment, views, buffer)
         identical = step.base is not None and segment == 0 and bool(np.array_equal(target_bits, base_bits))
         rebuilt, inexact = None, 0
         if step.codec is not None and not step.codec.exact:
             if segment == 0:
-                rebuilt = step.codec.decode(base_bits, payload, step.target.dtype, None)  # payload kept: it is written
+                rebuilt = step.codec.decode(base_bits, payload, step.target.dtype)  # fresh: the payload is kept
                 inexact = count_differences(rebuilt, target_bits, step.target.dtype)
             else:
                 rebuilt = target_bits
         if self.version == 1:
             return _Encoded(identical, [payload], None, rebuilt, inexact)
         frame, pieces = encode_frame(
-            payload, itemsize(step.target.dtype), split=_split_of(step), level=self.level, min_saving=self.min_saving
+            payload,
+            itemsize(step.target.dtype),
+            split=_split_of(step),
+            level=self.level,
+            min_saving=self.min_saving,
+            buffer=buffer,
         )
         return _Encoded(identical, pieces, frame, rebuilt, inexact)
 
@@ -383,7 +389,9 @@ def make_delta(
     )
 
 
-def _encode_chunk(step: _MakeStep, segment: int, views: list[memoryview]) -> tuple[Bytes, Bytes, Bytes]:
+def _encode_chunk(
+    step: _MakeStep, segment: int, views: list[memoryview], buffer: Buffer = fresh
+) -> tuple[Bytes, Bytes, Bytes]:
     """Returns (target bits, base bits cast to the target dtype, payload bits) for one chunk."""
     target_bits = as_bytes(views[0])
     if segment == 1 or step.base is None:
@@ -392,7 +400,7 @@ def _encode_chunk(step: _MakeStep, segment: int, views: list[memoryview]) -> tup
     if step.base.dtype != step.target.dtype:
         base_bits = cast_bits(base_bits, step.base.dtype, step.target.dtype)
     assert step.codec is not None
-    return target_bits, base_bits, step.codec.encode(target_bits, base_bits, step.target.dtype)
+    return target_bits, base_bits, step.codec.encode(target_bits, base_bits, step.target.dtype, buffer)
 
 
 def _stream_make(
@@ -464,8 +472,8 @@ def _stream_make(
                 views.append(view)
             emit(state, coding.encode(step, 0, views))
 
-    def work(chunk: Chunk, views: list[memoryview], arena: Arena) -> _Encoded:
-        return coding.encode(steps[chunk.owner], chunk.segment, views)
+    def work(chunk: Chunk, views: list[memoryview], arena: Arena) -> _Encoded:  # on a reading thread
+        return coding.encode(steps[chunk.owner], chunk.segment, views, arena.take)
 
     with RangeReader() as reader:
         for chunk, views, encoded in Prefetcher(reader).map(_make_chunks(steps), work):
