@@ -121,12 +121,20 @@ def write_llama_pair(
     dtype: torch.dtype = torch.float16,
     seed: int = 0,
     shard_size: int | None = None,
+    noise: float = 0.001,
 ) -> tuple[Path, Path]:
     """Write ``folder/base`` and ``folder/finetune``, a LLaMA-shaped base and a fine-tune of it.
 
     The fine-tune nudges every weight except layer 0's ``input_layernorm`` (left equal, so it
     encodes as ``copy``), grows ``embed_tokens`` and ``lm_head`` by ``extra_vocab`` rows, and
     drops the base's ``rotary_emb.inv_freq`` buffers.
+
+    Args:
+        noise: the standard deviation of the Gaussian noise added to every weight (which have a
+            spread of 0.02). The default moves weights by many ulps of random bits, which no lossless
+            coder can shrink; 1.6e-5 moves them by an ulp or two, as little as a real fine-tune does, and
+            compresses as much as the real fine-tune in BENCHMARKS.md (a format 2 payload of 26%
+            of the target in fp16).
 
     Returns:
         The base and fine-tune folders.
@@ -146,8 +154,8 @@ def write_llama_pair(
             base_dims = (shape.vocab, *dims[1:]) if dims[0] == tuned_vocab else dims
             tensor = _base_tensor(seed, name, base_dims, dtype)
             if name != "model.layers.0.input_layernorm.weight":
-                noise = torch.randn(base_dims, generator=_generator(seed + 1, name)) * 0.001
-                tensor = (tensor.float() + noise).to(dtype)
+                moved = torch.randn(base_dims, generator=_generator(seed + 1, name)) * noise
+                tensor = (tensor.float() + moved).to(dtype)
             if base_dims != dims:
                 new_rows = torch.randn((extra_vocab, *dims[1:]), generator=_generator(seed + 2, name)) * 0.02
                 tensor = torch.cat([tensor, new_rows.to(dtype)])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import zstandard
@@ -16,11 +17,13 @@ import zstandard
 from . import Buffer, Bytes, fresh
 
 __all__ = [
+    "BLOCK_BYTES",
     "CODERS",
     "MAX_FRAME_BYTES",
     "SPLITS",
     "CorruptFrame",
     "Frame",
+    "Rebuild",
     "decode_frame",
     "encode_frame",
     "stream_count",
@@ -60,16 +63,30 @@ def stream_count(split: str, itemsize: int) -> int:
     return itemsize if split == "bytes" else 1
 
 
+_WORDS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
 def _planes(words: Bytes, itemsize: int, split: str, buffer: Buffer) -> list[Bytes]:
     """The byte streams of a frame: byte k of every element in stream k, least significant first."""
     count = stream_count(split, itemsize)
     if count == 1:
         return [words]
     planes = buffer("planes", words.size).reshape(count, -1)
-    columns = words.reshape(-1, itemsize)
-    for k in range(count):  # column by column: 5x faster than one transposed copy
-        planes[k] = columns[:, k]
+    word = _WORDS[itemsize]
+    values = words.view(word)  # little-endian, as safetensors stores them
+    for k in range(count):  # shifting whole words: 3x faster than copying strided byte columns
+        np.right_shift(values, word(8 * k), out=planes[k], casting="unsafe")
     return list(planes)
+
+
+def _interleave(planes: list[Bytes], first: int, last: int, out: Bytes) -> None:
+    """Elements ``first:last`` of the byte streams, put back together into ``out``."""
+    word = _WORDS[len(planes)]
+    values = out.view(word)
+    np.copyto(values, planes[-1][first:last], casting="safe")
+    for plane in reversed(planes[:-1]):  # most significant byte first: shift up, or in the next
+        np.left_shift(values, word(8), out=values)
+        np.bitwise_or(values, plane[first:last], out=values, dtype=word)
 
 
 def encode_frame(
@@ -97,14 +114,36 @@ def encode_frame(
     return Frame(elements, "zstd", tuple(len(c) for c in coded)), list(coded)
 
 
-def decode_frame(coded: memoryview, frame: Frame, itemsize: int, split: str, *, buffer: Buffer = fresh) -> Bytes:
-    """Decode one frame to its ``frame.elements * itemsize`` payload bytes.
+# Rebuilding in blocks of this many bytes keeps the interleave and the transform's passes in L2:
+# measured 1.4x faster than whole-frame passes on 8 MiB frames (BENCHMARKS.md, decode throughput).
+BLOCK_BYTES = 256 << 10
 
-    A stored frame comes back as a view of ``coded``, with no copy.
+
+class Rebuild(Protocol):
+    """``rebuild(payload, first, buffer) -> target``: the target bytes of a block of payload bytes
+    that starts at byte ``first`` of the frame; its result may lie in ``buffer("out", size)``."""
+
+    def __call__(self, payload: Bytes, first: int, buffer: Buffer, /) -> Bytes: ...
+
+
+def decode_frame(
+    coded: memoryview,
+    frame: Frame,
+    itemsize: int,
+    split: str,
+    *,
+    buffer: Buffer = fresh,
+    rebuild: Rebuild | None = None,
+) -> Bytes:
+    """Decode one frame to its ``frame.elements * itemsize`` payload bytes, or with ``rebuild``, to
+    the target bytes rebuilt from them, block by block.
+
+    Without ``rebuild``, a stored frame comes back as a view of ``coded``, with no copy.
 
     Args:
         buffer: where to decode: ``buffer(name, size)`` gives scratch memory (by default a new array;
             apply passes memory it reuses from frame to frame).
+        rebuild: turns payload bytes into target bytes (a codec's decode against the base).
 
     Raises:
         CorruptFrame: the coded bytes are not what the record says, or do not decode to exactly
@@ -114,22 +153,40 @@ def decode_frame(coded: memoryview, frame: Frame, itemsize: int, split: str, *, 
     if len(coded) != frame.coded_size(itemsize):
         raise CorruptFrame(f"{len(coded)} coded bytes, but the frame record says {frame.coded_size(itemsize)}")
     if frame.coder == "stored":
-        return np.frombuffer(coded, dtype=np.uint8)
-    count = stream_count(split, itemsize)
-    if len(frame.streams) != count:
-        raise CorruptFrame(f"{len(frame.streams)} streams; split {split!r} of {itemsize}-byte elements has {count}")
-    plane = raw // count
-    planes = buffer("planes", raw)
-    offset = 0
-    for k, size in enumerate(frame.streams):
-        _decompress_into(coded[offset : offset + size], planes[k * plane : (k + 1) * plane], k)
-        offset += size
-    if count == 1:
-        return planes
+        planes = [np.frombuffer(coded, dtype=np.uint8)]
+    else:
+        count = stream_count(split, itemsize)
+        if len(frame.streams) != count:
+            raise CorruptFrame(f"{len(frame.streams)} streams; split {split!r} of {itemsize}-byte elements has {count}")
+        plane = raw // count
+        decoded = buffer("planes", raw)
+        offset = 0
+        for k, size in enumerate(frame.streams):
+            _decompress_into(coded[offset : offset + size], decoded[k * plane : (k + 1) * plane], k)
+            offset += size
+        planes = [decoded[k * plane : (k + 1) * plane] for k in range(count)]
+    if rebuild is None and len(planes) == 1:
+        return planes[0]
     out = buffer("frame", raw)
-    columns = out.reshape(-1, itemsize)
-    for k in range(count):  # column by column: 5x faster than assigning one transposed view
-        columns[:, k] = planes[k * plane : (k + 1) * plane]
+    step = max(1, BLOCK_BYTES // itemsize)
+    for first in range(0, frame.elements, step):
+        last = min(frame.elements, first + step)
+        a, b = first * itemsize, last * itemsize
+        if len(planes) == 1:
+            payload = planes[0][a:b]
+        else:
+            payload = buffer("block", b - a)
+            _interleave(planes, first, last, payload)
+        if rebuild is None:
+            out[a:b] = payload
+            continue
+
+        def block_buffer(name: str, size: int, a: int = a) -> Bytes:
+            return out[a : a + size] if name == "out" else buffer(f"block-{name}", size)
+
+        target = rebuild(payload, a, block_buffer)
+        if not np.may_share_memory(target, out):
+            out[a:b] = target
     return out
 
 

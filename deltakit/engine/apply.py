@@ -14,8 +14,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..codecs import CODECS, Bytes, cast_bits
-from ..codecs.frames import CorruptFrame, decode_frame
+from ..codecs import CODECS, Buffer, Bytes, cast_bits
+from ..codecs.frames import CorruptFrame, Rebuild, decode_frame
 from ..dtypes import itemsize
 from ..errors import BaseMismatchError, CorruptFrameError, IntegrityError, UnsupportedInputError
 from ..formats.checkpoint import Checkpoint, RangeReader, open_checkpoint
@@ -223,12 +223,20 @@ def _check_sample(plan: ApplyPlan, reader: RangeReader) -> None:
         log.debug("base tensor %s matches", name)
 
 
-def _decode_frame(step: ApplyStep, chunk: Chunk, coded: memoryview, arena: Arena) -> Bytes:
+def _decode_frame(step: ApplyStep, chunk: Chunk, coded: memoryview, base_bits: Bytes | None, arena: Arena) -> Bytes:
+    """A frame's output bytes: its payload, rebuilt against ``base_bits`` where the chunk has a base."""
     t = step.target
     assert t.frames is not None and t.split is not None and step.payload is not None
     frame = t.frames[chunk.frame]
+    rebuild: Rebuild | None = None
+    if base_bits is not None:
+        decode, base = CODECS[t.codec or t.encoding].decode, base_bits
+
+        def rebuild(payload: Bytes, first: int, buffer: Buffer) -> Bytes:
+            return decode(base[first : first + payload.size], payload, t.dtype, buffer)
+
     try:
-        return decode_frame(coded, frame, itemsize(t.dtype), t.split, buffer=arena.take)
+        return decode_frame(coded, frame, itemsize(t.dtype), t.split, buffer=arena.take, rebuild=rebuild)
     except CorruptFrame as e:
         offset = chunk.reads[-1].offset
         raise CorruptFrameError(
@@ -289,14 +297,15 @@ def _decode_chunk(step: ApplyStep, chunk: Chunk, views: list[memoryview], arena:
     """The output bytes of one chunk, in the chunk's arena or a view of its read buffers (raw, copy
     and stored chunks); both stay valid until the chunk's slot is read into again."""
     t = step.target
+    base_bits = None
+    if step.base is not None and chunk.segment == 0:
+        base_bits = as_bytes(views[0])
+        if t.cast_from is not None:
+            base_bits = cast_bits(base_bits, t.cast_from, t.dtype)
     if chunk.frame >= 0:
-        payload = _decode_frame(step, chunk, views[-1], arena)
-        views = [*views[:-1], payload.data]
-    if step.base is None or chunk.segment == 1:
+        return _decode_frame(step, chunk, views[-1], base_bits, arena)
+    if base_bits is None:  # raw, or the new rows of a grown tensor
         return as_bytes(views[-1])
-    base_bits = as_bytes(views[0])
-    if t.cast_from is not None:
-        base_bits = cast_bits(base_bits, t.cast_from, t.dtype)
     if step.payload is None:  # copy
         return base_bits
     return CODECS[t.codec or t.encoding].decode(base_bits, as_bytes(views[1]), t.dtype, arena.take)
