@@ -277,3 +277,38 @@ def test_transformers_loads_the_rebuilt_model(tmp_path):
     state = model.state_dict()
     for name, tensor in expected.items():
         assert tensor_bytes(state[name]) == tensor_bytes(tensor), name
+
+
+EVERY_DTYPE = [
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+]
+
+
+@pytest.mark.parametrize("dtype", EVERY_DTYPE, ids=str)
+def test_every_dtype_round_trips_with_growth_and_a_changed_tail(tmp_path, make_pair, dtype, fmt):
+    generator = torch.Generator().manual_seed(5)
+    bits = torch.randint(0, 256, (40 * 12 * dtype.itemsize,), dtype=torch.uint8, generator=generator)
+    base_rows = bits.view(dtype).reshape(40, 12)
+    grown = torch.cat([base_rows, base_rows[:3]])  # 3 new rows
+    nudged_bits = base_rows.clone().view(torch.uint8)
+    nudged_bits[::7] ^= 1  # a few elements one bit off: what a fine-tune looks like in bits
+    base = {"w": base_rows, "grown": base_rows.clone(), "same": base_rows.clone()}
+    target = {"w": nudged_bits.view(dtype), "grown": grown, "same": base_rows.clone()}
+    base_dir, target_dir = make_pair(base, target)
+    report = roundtrip(tmp_path, base_dir, target_dir)
+    out = load_checkpoint(tmp_path / "out")
+    for name, tensor in target.items():
+        assert tensor_bytes(out[name]) == tensor_bytes(tensor), name
+    tensors = report.manifest.target.tensors
+    assert tensors["w"].encoding in LOSSLESS[fmt]
+    assert (tensors["grown"].encoding, tensors["same"].encoding) == ("rows", "copy")
