@@ -11,8 +11,8 @@ Usage::
 
     .venv/bin/python benchmarks/apply.py                      # full size; writes BENCHMARKS.md and JSON
     .venv/bin/python benchmarks/apply.py --layers 2 --hidden 256 --intermediate 688 --vocab 4000 --no-record
-    .venv/bin/python benchmarks/apply.py --hidden 4096 --layers 32 --intermediate 11008 --repeat 1 --make-repeat 0 \\
-        --no-record                                           # 7B-shaped: 13.5 GB a side
+    .venv/bin/python benchmarks/apply.py --memory-only --hidden 4096 --layers 32 --intermediate 11008 --heads 32 \\
+        --noise 1.6e-5                                        # 7B-shaped, 13.5 GB a side: make and apply RSS
 """
 
 from __future__ import annotations
@@ -521,10 +521,79 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md", help="where to record the results")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "apply.json")
     p.add_argument("--no-record", action="store_true", help="print only; write neither BENCHMARKS.md nor JSON")
+    p.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="make and apply (format 2) once each, for wall time and peak RSS: for a 7B shape on a small disk",
+    )
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
     return args
+
+
+MEMORY_BEGIN = "<!-- benchmarks/apply.py --memory-only: begin -->"
+MEMORY_END = "<!-- benchmarks/apply.py --memory-only: end -->"
+
+
+def memory_run(args: argparse.Namespace, work: Path) -> str:
+    """make and apply (format 2) once each on a pair of the given shape: wall time and peak RSS, for models
+    too large to run every step of the full benchmark on this machine's disk. Returns the markdown section."""
+    shape = LlamaShape(
+        vocab=args.vocab, hidden=args.hidden, layers=args.layers, intermediate=args.intermediate, heads=args.heads
+    )
+    logs = work / "logs"
+    logs.mkdir(parents=True)
+    start = time.perf_counter()
+    base, tuned = write_llama_pair(
+        work / "models",
+        shape=shape,
+        extra_vocab=args.extra_vocab,
+        dtype=torch.float16,
+        shard_size=args.input_shard_size,
+        noise=args.noise[0],
+    )
+    generate_s = time.perf_counter() - start
+    base_files, tuned_files = safetensors_files(base), safetensors_files(tuned)
+    delta, out = work / "delta", work / "rebuilt"
+    settle([*base_files, *tuned_files])
+    make_s, make_rss = run_cli(
+        ["make", "--base", str(base), "--target", str(tuned), "--out", str(delta), "--quiet"], logs / "make.log"
+    )
+    payload = total_size(safetensors_files(delta))
+    settle([*base_files, *safetensors_files(delta)])
+    apply_s, apply_rss = run_cli(
+        ["apply", "--base", str(base), "--delta", str(delta), "--out", str(out), "--quiet"], logs / "apply.log"
+    )
+    model = total_size(base_files)
+    m = machine(("deltakit",))
+    worst = max(make_rss, apply_rss)
+    lines = [
+        MEMORY_BEGIN,
+        "## memory: a 7B-shaped pair, made and applied (format 2)",
+        "",
+        f"Measured {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} with "
+        f"`python benchmarks/apply.py {' '.join(sys.argv[1:])}`, on the machine above "
+        f"({m['cpus']} CPUs, {m['ram_gib']} GiB RAM; deltakit {m['deltakit_source']}).",
+        "",
+        f"- Model: hidden {shape.hidden}, {shape.layers} layers, intermediate {shape.intermediate}, vocab "
+        f"{shape.vocab} (+{args.extra_vocab} rows), fp16, noise {args.noise[0]:g}: base {model / 1e9:.2f} GB in "
+        f"{len(base_files)} files, fine-tune {total_size(tuned_files) / 1e9:.2f} GB; generated in {generate_s:.0f} s.",
+        "",
+        "| step | wall s | peak RSS MiB | GB/s of target |",
+        "|---|---:|---:|---:|",
+        f"| make (format 2) | {make_s:.1f} | {make_rss / MIB:.0f} | {total_size(tuned_files) / make_s / 1e9:.2f} |",
+        f"| apply (format 2) | {apply_s:.1f} | {apply_rss / MIB:.0f} | {total_size(tuned_files) / apply_s / 1e9:.2f} |",
+        "",
+        f"- Payload {payload / 1e9:.2f} GB ({payload / total_size(tuned_files):.1%} of the fine-tune).",
+        f"- make and apply under 1 GiB peak RSS: **{'met' if worst < RSS_TARGET_BYTES else 'not met'}** "
+        f"(at most {worst / MIB:.0f} MiB, for {model / 1e9:.1f} GB a side).",
+        "",
+        "One run each, from a page cache holding as much of the inputs as fits; each command is its own "
+        "process and its peak RSS is `ru_maxrss` (the page cache is not part of it).",
+        MEMORY_END,
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -533,6 +602,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if work.exists() and any(work.iterdir()):
         print(f"{work} is not empty; remove it or pass another --work", file=sys.stderr)
         return 2
+    if args.memory_only:
+        try:
+            section = memory_run(args, work)
+        except StepFailed as e:
+            print(f"benchmark failed: {e}", file=sys.stderr)
+            return 1
+        finally:
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
+        print(section)
+        if not args.no_record:
+            record(args.markdown, section, MEMORY_BEGIN, MEMORY_END)
+        return 0
     runs = []
     for index, noise in enumerate(args.noise):
         folder = work / f"pair-{index}"

@@ -4,7 +4,7 @@ The public surface is small: :func:`make_delta`, :func:`apply_delta`, :func:`ver
 :func:`verify_model` and :func:`inspect_path`, their reports, and the errors in :mod:`deltakit.errors`.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # 0.2: writes package format 2, which 0.1 cannot read
 
 from .engine import (
     ApplyPlan,

@@ -61,10 +61,12 @@ def model_card(manifest: Manifest, repo_id: str, *, license: str = "other", base
     counts: dict[str, tuple[int, int]] = {}
     for t in manifest.target.tensors.values():
         n, size = counts.get(t.encoding, (0, 0))
-        nbytes = 0 if t.encoding == "copy" else _nbytes(t.dtype, t.shape)
+        nbytes = 0 if t.encoding == "copy" else t.coded_bytes if t.frames is not None else _nbytes(t.dtype, t.shape)
         counts[t.encoding] = (n + 1, size + nbytes)
     rows = "\n".join(f"| `{e}` | {n} | {human_bytes(size)} |" for e, (n, size) in sorted(counts.items()))
     payload = sum(f.size for f in manifest.payload.values())
+    model = sum(_nbytes(t.dtype, t.shape) for t in manifest.target.tensors.values())
+    coding = "losslessly compressed" if manifest.format >= 2 else "raw"
     target, base = manifest.target.name, manifest.base.name
     body = f"""
 # {target} (delta against {base})
@@ -90,7 +92,8 @@ base without rebuilding; a wrong base is refused in seconds, naming the first te
 |---|---:|---:|
 {rows}
 
-Payload: {human_bytes(payload)} in {len(manifest.payload)} file(s). Target fingerprint:
+Payload: {human_bytes(payload)} in {len(manifest.payload)} file(s), {payload / max(1, model):.0%} of the
+model's {human_bytes(model)} (package format {manifest.format}, {coding}). Target fingerprint:
 `{manifest.target.fingerprint}`. Made by {manifest.created_by}; published by deltakit {__version__}.
 """
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
