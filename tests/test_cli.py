@@ -129,3 +129,24 @@ def test_a_name_that_is_also_a_folder_is_resolved_as_registered_and_says_so(tmp_
     shown = deltakit_cli("inspect", "llama", cwd=tmp_path)
     assert shown.returncode == 0
     assert "is both a registered name and a path here" in shown.stderr
+
+
+def test_make_formats_and_levels(pair):
+    tmp, base_dir, target_dir, target = pair
+    raw = deltakit_cli("make", "--base", base_dir, "--target", target_dir, "--out", tmp / "f1", "--format", "1", "-q")
+    assert raw.returncode == 0, raw.stderr
+    small = deltakit_cli("make", "--base", base_dir, "--target", target_dir, "--out", tmp / "max", "--max", "-q")
+    assert small.returncode == 0, small.stderr
+    shown = {name: json.loads(deltakit_cli("inspect", tmp / name, "--json").stdout) for name in ("f1", "max")}
+    assert shown["f1"]["format"] == 1 and shown["max"]["format"] == 2
+    assert "format 1" in deltakit_cli("inspect", tmp / "f1").stdout
+    assert "(format 2, compressed)" in deltakit_cli("inspect", tmp / "max").stdout
+    assert shown["max"]["payload_bytes"] < shown["f1"]["payload_bytes"]
+    for name in ("f1", "max"):
+        applied = deltakit_cli("apply", "--base", base_dir, "--delta", tmp / name, "--out", tmp / f"out-{name}", "-q")
+        assert applied.returncode == 0, applied.stderr
+        assert_same_tensors(load_checkpoint(tmp / f"out-{name}"), target)
+    for bad in (["--level", "0"], ["--level", "23"], ["--format", "3"], ["--level", "3", "--max"]):
+        refused = deltakit_cli("make", "--base", base_dir, "--target", target_dir, "--out", tmp / "no", *bad)
+        assert refused.returncode == 2, bad
+    assert not (tmp / "no").exists()
