@@ -82,25 +82,34 @@ def _base_tensor(seed: int, name: str, shape: tuple[int, ...], dtype: torch.dtyp
 
 
 def _write_shards(folder: Path, tensors: Iterator[tuple[str, torch.Tensor]], shard_size: int | None) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    """Write each shard as soon as it is full, so a 7B-shaped pair needs one shard in memory, not all."""
+    shard: dict[str, torch.Tensor] = {}
+    written: list[tuple[Path, list[str]]] = []  # temporary file, tensor names
+    size = total = 0
+
+    def flush() -> None:
+        path = folder / f"shard-{len(written)}.tmp"
+        save_file(shard, str(path), metadata={"format": "pt"})
+        written.append((path, list(shard)))
+        shard.clear()
+
     for name, tensor in tensors:
         nbytes = tensor.numel() * tensor.element_size()
-        if shard_size is not None and shards[-1] and size + nbytes > shard_size:
-            shards.append({})
+        if shard_size is not None and shard and size + nbytes > shard_size:
+            flush()
             size = 0
-        shards[-1][name] = tensor
+        shard[name] = tensor
         size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        total += nbytes
+    flush()
+    if len(written) == 1:
+        written[0][0].rename(folder / "model.safetensors")
         return
     weight_map = {}
-    total = 0
-    for k, shard in enumerate(shards, start=1):
-        file_name = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / file_name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file_name))
-        total += sum(t.numel() * t.element_size() for t in shard.values())
+    for k, (path, names) in enumerate(written, start=1):
+        file_name = f"model-{k:05d}-of-{len(written):05d}.safetensors"
+        path.rename(folder / file_name)
+        weight_map.update(dict.fromkeys(names, file_name))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
