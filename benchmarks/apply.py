@@ -272,24 +272,32 @@ def cli_job(args: list[str], out: Path, logs: Path, tag: str) -> Job:
     return run
 
 
-def benchmark(args: argparse.Namespace, work: Path, noise: float) -> Results:
-    shape = LlamaShape(
+def shape_of(args: argparse.Namespace) -> LlamaShape:
+    return LlamaShape(
         vocab=args.vocab, hidden=args.hidden, layers=args.layers, intermediate=args.intermediate, heads=args.heads
     )
-    check_disk(work, model_bytes(shape, args.extra_vocab, torch.float16))
-    logs = work / "logs"
-    logs.mkdir()
 
+
+def generate_pair(args: argparse.Namespace, work: Path, noise: float) -> tuple[Path, Path, float]:
+    """Write the base and fine-tune under ``work/models``; returns their folders and the seconds it took."""
     start = time.perf_counter()
     base, tuned = write_llama_pair(
         work / "models",
-        shape=shape,
+        shape=shape_of(args),
         extra_vocab=args.extra_vocab,
         dtype=torch.float16,
         shard_size=args.input_shard_size,
         noise=noise,
     )
-    generate_s = time.perf_counter() - start
+    return base, tuned, time.perf_counter() - start
+
+
+def benchmark(args: argparse.Namespace, work: Path, noise: float) -> Results:
+    shape = shape_of(args)
+    check_disk(work, model_bytes(shape, args.extra_vocab, torch.float16))
+    logs = work / "logs"
+    logs.mkdir()
+    base, tuned, generate_s = generate_pair(args, work, noise)
     base_files, tuned_files = safetensors_files(base), safetensors_files(tuned)
     inputs = [*base_files, *tuned_files]
 
@@ -539,21 +547,10 @@ MEMORY_END = "<!-- benchmarks/apply.py --memory-only: end -->"
 def memory_run(args: argparse.Namespace, work: Path) -> str:
     """make and apply (format 2) once each on a pair of the given shape: wall time and peak RSS, for models
     too large to run every step of the full benchmark on this machine's disk. Returns the markdown section."""
-    shape = LlamaShape(
-        vocab=args.vocab, hidden=args.hidden, layers=args.layers, intermediate=args.intermediate, heads=args.heads
-    )
+    shape = shape_of(args)
     logs = work / "logs"
     logs.mkdir(parents=True)
-    start = time.perf_counter()
-    base, tuned = write_llama_pair(
-        work / "models",
-        shape=shape,
-        extra_vocab=args.extra_vocab,
-        dtype=torch.float16,
-        shard_size=args.input_shard_size,
-        noise=args.noise[0],
-    )
-    generate_s = time.perf_counter() - start
+    base, tuned, generate_s = generate_pair(args, work, args.noise[0])
     base_files, tuned_files = safetensors_files(base), safetensors_files(tuned)
     delta, out = work / "delta", work / "rebuilt"
     settle([*base_files, *tuned_files])

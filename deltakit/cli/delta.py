@@ -10,7 +10,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..adapters import MergeReport, merge_adapters
 from ..engine import (
@@ -150,37 +150,24 @@ def _print_merge(report: MergeReport, seconds: float) -> None:
 
 def _cmd_make(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    options: dict[str, Any] = {  # what a legacy re-packaging and a plain make share
+        "name": args.name,
+        "base_name": args.base_name,
+        "shard_size": args.shard_size,
+        "format": args.format,
+        "level": args.level,
+        "smallest": args.max,
+        "progress": _progress(args),
+    }
     if args.from_legacy is not None:
+        kind = None if args.legacy_kind == "auto" else args.legacy_kind
         rebuilt, made = make_delta_from_legacy(
-            args.base,
-            args.from_legacy,
-            args.out,
-            kind=None if args.legacy_kind == "auto" else args.legacy_kind,
-            checksums=args.checksums,
-            name=args.name,
-            base_name=args.base_name,
-            shard_size=args.shard_size,
-            format=args.format,
-            level=args.level,
-            smallest=args.max,
-            progress=_progress(args),
+            args.base, args.from_legacy, args.out, kind=kind, checksums=args.checksums, **options
         )
         _say(f"read {args.from_legacy} as a delta of kind {rebuilt.kind}; re-packaged as format {args.format}:")
         _print_make(made, time.perf_counter() - start)
         return 0
-    report = make_delta(
-        args.base,
-        args.target,
-        args.out,
-        codec=args.codec,
-        name=args.name,
-        base_name=args.base_name,
-        shard_size=args.shard_size,
-        format=args.format,
-        level=args.level,
-        smallest=args.max,
-        progress=_progress(args),
-    )
+    report = make_delta(args.base, args.target, args.out, codec=args.codec, **options)
     _print_make(report, time.perf_counter() - start)
     return 0
 
