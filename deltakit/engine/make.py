@@ -255,6 +255,7 @@ def _choose_transform(step: _MakeStep, reader: RangeReader, coding: _Coding, *, 
     count = min(shared, max(8, _SAMPLE_BYTES // max(t_item, b_item)))
     if count == 0:
         return step
+    samples = max(1, min(samples, shared // count))  # samples that would overlap add nothing
     sizes = dict.fromkeys(("xor", "sub"), 0)
     for k in range(samples):
         first = (shared - count) * k // max(1, samples - 1) if samples > 1 else (shared - count) // 2
