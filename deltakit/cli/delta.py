@@ -286,7 +286,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise DeltakitError(f"{root} is not empty; give the demo a new or empty --dir")
     quiet = argparse.Namespace(quiet=True)
     _say(f"1. writing a tiny LLaMA-shaped base and a fine-tune with a grown vocabulary under {root}")
-    base, tuned = write_llama_pair(root)
+    base, tuned = write_llama_pair(root, noise=1.6e-5)  # weights moved as little as a real fine-tune moves them
     _say(f"   base      {base}")
     _say(f"   fine-tune {tuned}")
     _say("\n2. deltakit make --base base --target finetune --out delta")
