@@ -197,11 +197,13 @@ class Runner:
             base = self.resolve(p["base"], kind="model")
             target = self.resolve(p["target"], kind="model")
             out = self._output(self.settings.deltas_dir, p["output"])
-            made = make_delta(base.path, target.path, out, progress=progress)
+            coding = {key: p[key] for key in ("format", "level") if key in p}  # else the library's defaults
+            made = make_delta(base.path, target.path, out, progress=progress, **coding)
             self._register(out, lambda: self.registry.add(p["output"], out))
             return {
                 "output": p["output"],
                 "encodings": made.encodings,
+                "format": made.manifest.format,
                 "payload_bytes": made.payload_bytes,
                 "target_bytes": made.target_bytes,
                 "raw_tensors": list(made.raw_tensors),

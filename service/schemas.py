@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from .store import Job
 
@@ -15,7 +15,8 @@ _REQUIRED = {"apply": ("base", "delta", "output"), "make": ("base", "target", "o
 
 class JobRequest(BaseModel):
     """``apply`` needs base, delta, output; ``make`` base, target, output; ``verify`` a delta, and a base
-    or a model to check against it. Every value is a registered name, never a path."""
+    or a model to check against it. Every name is a registered name, never a path. A ``make`` may set
+    the package ``format`` (2, compressed, by default; 1 for older readers) and the zstd ``level``."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -25,6 +26,8 @@ class JobRequest(BaseModel):
     target: Name | None = None
     model: Name | None = None
     output: Name | None = None
+    format: Literal[1, 2] | None = None
+    level: Annotated[int, Field(ge=1, le=22)] | None = None
 
     @model_validator(mode="after")
     def _fields_for_kind(self) -> JobRequest:
@@ -33,9 +36,11 @@ class JobRequest(BaseModel):
             raise ValueError(f"a {self.kind} job needs {', '.join(missing)}")
         if self.kind == "verify" and self.base and self.model:
             raise ValueError("verify takes a base (to check the delta's base) or a model, not both")
+        if self.kind != "make" and (self.format is not None or self.level is not None):
+            raise ValueError("format and level belong to make jobs")
         return self
 
-    def params(self) -> dict[str, str]:
+    def params(self) -> dict[str, str | int]:
         return {k: v for k, v in self.model_dump(exclude={"kind"}).items() if v is not None}
 
 

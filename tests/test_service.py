@@ -353,3 +353,29 @@ def test_killing_the_service_mid_job_then_restarting_it(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_make_jobs_choose_the_package_format_and_level(home):
+    root, tokens, target = home
+    with LiveServer(Settings(home=root)) as url, client(url, tokens["write"]) as http:
+        jobs = {
+            name: http.post("/v1/jobs", json={"kind": "make", "base": "llama-7b", "target": "panda-7b-src", **extra})
+            for name, extra in (("raw", {"output": "d1", "format": 1}), ("coded", {"output": "d2", "level": 3}))
+        }
+        reports = {}
+        for name, created in jobs.items():
+            assert created.status_code == 202, created.text
+            job = wait(http, created.json()["id"])
+            assert job["state"] == "succeeded", job
+            reports[name] = job["report"]
+        assert (reports["raw"]["format"], reports["coded"]["format"]) == (1, 2)
+        assert reports["coded"]["payload_bytes"] < reports["raw"]["payload_bytes"]
+        applied = http.post("/v1/jobs", json={"kind": "apply", "base": "llama-7b", "delta": "d1", "output": "m1"})
+        assert wait(http, applied.json()["id"])["state"] == "succeeded"
+        assert_same_tensors(load_checkpoint(root / "models" / "m1"), target)
+        for bad in (
+            {"kind": "make", "base": "llama-7b", "target": "panda-7b-src", "output": "d3", "format": 3},
+            {"kind": "make", "base": "llama-7b", "target": "panda-7b-src", "output": "d3", "level": 0},
+            {"kind": "apply", "base": "llama-7b", "delta": "d1", "output": "m2", "level": 3},
+        ):
+            assert http.post("/v1/jobs", json=bad).status_code == 422, bad

@@ -54,9 +54,9 @@ def create_job(
         return JobOut.of(earlier)
     for field, kind in (("base", "model"), ("target", "model"), ("model", "model"), ("delta", "delta")):
         if field in params:
-            runner.resolve(params[field], kind=kind)  # 404 or 403 now, not a failed job later
-    if "output" in params and runner.registry.get(params["output"]) is not None:
-        raise OutputExistsError(f"{params['output']!r} is already a registered name; choose another output name")
+            runner.resolve(str(params[field]), kind=kind)  # 404 or 403 now, not a failed job later
+    if request.output is not None and runner.registry.get(request.output) is not None:
+        raise OutputExistsError(f"{request.output!r} is already a registered name; choose another output name")
     job, created = store.create_job(request.kind, params, idempotency_key)
     if created:
         runner.submit(job.id)
