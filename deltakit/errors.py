@@ -14,6 +14,7 @@ message needs (``path``, ``tensor``, ``expected``, ``actual``) as attributes::
     │   ├── BaseMismatchError                        the base is not the one the delta was made from
     │   └── CorruptFrameError                        a compressed payload frame does not decode
     ├── OutputExistsError       (FileExistsError)    refusing to touch an existing output
+    ├── NoSpaceError            (OSError)            the output would not fit on its disk
     └── HubError                (RuntimeError)       the Hub refused a request or cannot be reached
 """
 
@@ -30,6 +31,7 @@ __all__ = [
     "InputNotFoundError",
     "IntegrityError",
     "ManifestError",
+    "NoSpaceError",
     "OutputExistsError",
     "SafetensorsHeaderError",
     "UnsafePickleError",
@@ -107,6 +109,10 @@ class CorruptFrameError(IntegrityError):
 
 class OutputExistsError(DeltakitError, FileExistsError):
     """The output path exists and is not empty; deltakit never deletes or overwrites it."""
+
+
+class NoSpaceError(DeltakitError, OSError):
+    """The output needs more bytes (``expected``) than its disk has free (``actual``); nothing was written."""
 
 
 class HubError(DeltakitError, RuntimeError):

@@ -46,6 +46,9 @@ ENCODINGS = {
 ROW_CODECS = {1: frozenset({"xor", "add"}), 2: frozenset({"xor", "sub", "add"})}
 # A 70B model's manifest is about 1 MB; anything near this cap is not a manifest.
 MAX_MANIFEST_BYTES = 64 << 20
+# Frames in one manifest: 8 TB of model at 8 MiB a frame. The cap bounds what parsing a hostile
+# manifest of tiny frames costs (about 300 MB and a few seconds at the cap).
+MAX_FRAMES = 1 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -218,6 +221,7 @@ class _Reader:
     def __init__(self, source: str, version: int = FORMAT_VERSION) -> None:
         self.source = source
         self.version = version
+        self.frames = 0  # frames read so far, against MAX_FRAMES
 
     def fail(self, where: str, message: str) -> ManifestError:
         return ManifestError(f"{self.source}: {where}: {message}", path=self.source)
@@ -330,7 +334,11 @@ class _Reader:
         boundary = base_rows * math.prod(t.shape[1:]) if base_rows is not None else numel
         frames: list[Frame] = []
         position = 0
-        for i, value in enumerate(self.get(obj, "frames", list, where)):
+        table = self.get(obj, "frames", list, where)
+        self.frames += len(table)
+        if self.frames > MAX_FRAMES:
+            raise self.fail(f"{where}.frames", f"brings the manifest past {MAX_FRAMES} frames")
+        for i, value in enumerate(table):
             here = f"{where}.frames[{i}]"
             if not isinstance(value, list) or len(value) < 2:
                 raise self.fail(here, "must be [elements, coder, stream sizes...]")

@@ -12,9 +12,10 @@ import uuid
 from pathlib import Path
 from types import TracebackType
 
-from .errors import OutputExistsError
+from .errors import NoSpaceError, OutputExistsError
+from .units import human_bytes
 
-__all__ = ["StagedFolder", "check_output_free", "fsync_path", "remove_abandoned"]
+__all__ = ["StagedFolder", "check_free_space", "check_output_free", "fsync_path", "remove_abandoned"]
 
 
 def fsync_path(path: str | Path) -> None:
@@ -34,6 +35,20 @@ def check_output_free(out: Path) -> None:
         raise OutputExistsError(
             f"{out} exists and is not empty; deltakit never overwrites it: choose another --out or remove it yourself",
             path=out,
+        )
+
+
+def check_free_space(out: Path, need: int) -> None:
+    """Refuse to start an output of ``need`` bytes where the disk it goes to has less free."""
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        raise NoSpaceError(
+            f"{out} needs {human_bytes(need)} and {existing} has {human_bytes(free)} free: free some space or "
+            "choose another --out",
+            path=out,
+            expected=need,
+            actual=free,
         )
 
 

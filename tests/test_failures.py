@@ -285,3 +285,18 @@ def test_hostile_safetensors_base_is_refused(tmp_path, delta):
     with pytest.raises(SafetensorsHeaderError, match="byte cap"):
         apply_delta(bad, delta_dir, tmp_path / "out")
     assert leftovers(tmp_path) == []
+
+
+def test_an_output_that_cannot_fit_is_refused_before_anything_is_written(tmp_path, delta, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from deltakit import NoSpaceError
+
+    _, base_dir, delta_dir = delta
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(NoSpaceError, match="free: free some space") as err:
+        apply_delta(base_dir, delta_dir, tmp_path / "out")
+    assert err.value.actual == 1000 and err.value.expected > 1000
+    assert leftovers(tmp_path) == []

@@ -82,7 +82,7 @@ def test_hostile_frames_are_refused_by_name():
         (Frame(128, "zstd", (len(good) + 1, len(good))), good + good, "coded bytes"),  # record and data disagree
         (Frame(128, "zstd", (len(good),)), good, "streams"),  # one stream for two-byte elements
         (Frame(128, "zstd", (len(big), len(big))), big + big, "declares 256 bytes, the frame needs 128"),
-        (Frame(128, "zstd", (len(good) - 3, len(good))), good[:-3] + good, "cannot be decoded|decodes to"),
+        (Frame(128, "zstd", (len(good) - 3, len(good))), good[:-3] + good, "17 bytes of the 14|truncated"),
         (Frame(128, "stored"), bytes(10), "coded bytes"),  # truncated stored frame
     ]
     for frame, data, message in cases:
@@ -94,9 +94,16 @@ def test_a_stream_without_its_size_or_with_data_after_it_is_refused():
     unsized = zstd_frame(bytes(128), content_size=False)
     with pytest.raises(CorruptFrame, match="declares no size"):
         decode_frame(memoryview(unsized), Frame(128, "zstd", (len(unsized),)), 1, "none")
-    padded = zstd_frame(bytes(128)) + zstd_frame(bytes(64))
-    with pytest.raises(CorruptFrame, match="data after its frame"):
-        decode_frame(memoryview(padded), Frame(128, "zstd", (len(padded),)), 1, "none")
+    frame = zstd_frame(bytes(128))
+    skippable = b"\x50\x2a\x4d\x18" + len(frame).to_bytes(4, "little") + bytes(len(frame))
+    for stream, message in [
+        (frame + zstd_frame(bytes(64)), "of the 34 it is given"),  # another frame after it
+        (frame + zstd_frame(b""), "of the 26 it is given"),  # an empty frame after it
+        (frame + skippable[:12], "of the 29 it is given"),  # a skippable frame after it
+        (skippable[:8] + frame, "must start with the zstd magic"),  # a skippable frame before it
+    ]:
+        with pytest.raises(CorruptFrame, match=message):
+            decode_frame(memoryview(stream), Frame(128, "zstd", (len(stream),)), 1, "none")
 
 
 def test_a_decompression_bomb_is_refused_before_anything_is_allocated():
@@ -214,3 +221,10 @@ def test_codecs_write_only_where_their_buffer_says(codec):
     assert target.tobytes() == kept[0].tobytes() and base.tobytes() == kept[1].tobytes()
     if CODECS[codec].exact:
         assert rebuilt.tobytes() == target.tobytes()
+
+
+def test_a_manifest_of_too_many_frames_is_refused_before_they_are_read(package, monkeypatch):
+    base_dir, delta = package
+    monkeypatch.setattr("deltakit.manifest.MAX_FRAMES", 4)  # the real cap is a million; the rule is the same
+    with pytest.raises(ManifestError, match="past 4 frames"):
+        apply_delta(base_dir, delta, delta.parent / "out")

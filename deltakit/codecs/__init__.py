@@ -93,11 +93,26 @@ def _bits(values: torch.Tensor, *, nan_source: torch.Tensor) -> Bytes:
     """
     import torch
 
-    nan = torch.isnan(nan_source)
-    if bool(nan.any()):
-        values = values.masked_fill(nan, float("nan"))
     array: Bytes = values.contiguous().view(torch.uint8).numpy()
+    nan = torch.isnan(nan_source)
+    if bool(nan.any()):  # written as bits: torch has no masked_fill for the float8 types
+        if array.base is not None and not array.flags.writeable:
+            array = array.copy()
+        word = _UINT[values.element_size()]
+        array.view(word)[nan.reshape(-1).numpy()] = word(CANONICAL_NAN[str(values.dtype)])
     return array
+
+
+# The NaN every cast and float rebuild writes, by torch dtype: what torch's own scalar conversion
+# gives for float("nan") (docs/FORMAT.md lists them).
+CANONICAL_NAN = {
+    "torch.float64": 0x7FF8000000000000,
+    "torch.float32": 0x7FC00000,
+    "torch.float16": 0x7E00,
+    "torch.bfloat16": 0x7FC0,
+    "torch.float8_e4m3fn": 0x7F,
+    "torch.float8_e5m2": 0x7F,
+}
 
 
 def _compute_dtype(dtype: str) -> torch.dtype:

@@ -40,7 +40,7 @@ class CorruptFrame(ValueError):
     """A frame cannot be decoded to the size its record gives; the caller names the tensor and offset."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Frame:
     """One independently decodable frame of a tensor's payload.
 
@@ -200,21 +200,47 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return decompressor
 
 
-def _decompress_into(source: memoryview, out: Bytes, stream: int) -> None:
-    """One zstd frame that must decode to exactly ``out.size`` bytes, written straight into ``out``.
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
-    The frame's declared size is checked before anything is decoded; decoding stops at ``out``'s
-    end, and anything after the frame (more data, or another frame) is refused.
-    """
+
+def _frame_length(source: memoryview, stream: int) -> int:
+    """The bytes one zstd frame takes (RFC 8878 section 3.1.1), walked block header by block header:
+    python-zstandard tells a frame's decoded size but not where it ends."""
     try:
         params = zstandard.get_frame_parameters(source)
+        position = zstandard.frame_header_size(source)
     except zstandard.ZstdError as e:
         raise CorruptFrame(f"stream {stream}: not a zstd frame ({e})") from e
+    while True:
+        if position + 3 > len(source):
+            raise CorruptFrame(f"stream {stream}: truncated within its zstd frame")
+        header = int.from_bytes(source[position : position + 3], "little")
+        last, kind, size = header & 1, (header >> 1) & 3, header >> 3
+        if kind == 3:
+            raise CorruptFrame(f"stream {stream}: a zstd block of the reserved type")
+        position += 3 + (1 if kind == 1 else size)  # an RLE block holds one byte
+        if last:
+            return position + (4 if params.has_checksum else 0)
+
+
+def _decompress_into(source: memoryview, out: Bytes, stream: int) -> None:
+    """One zstd frame, exactly ``len(source)`` bytes long, that must decode to exactly ``out.size``
+    bytes, written straight into ``out``.
+
+    The frame's declared size and its length are checked before anything is decoded (no skippable
+    frame, nothing after it); decoding stops at ``out``'s end and refuses data past it.
+    """
+    if bytes(source[:4]) != _ZSTD_MAGIC:
+        raise CorruptFrame(f"stream {stream}: not a zstd frame (it must start with the zstd magic number)")
+    params = zstandard.get_frame_parameters(source)
     if params.content_size != out.size:
         declared = "no size" if params.content_size == zstandard.CONTENTSIZE_UNKNOWN else f"{params.content_size} bytes"
         raise CorruptFrame(f"stream {stream}: declares {declared}, the frame needs {out.size}")
+    length = _frame_length(source, stream)
+    if length != len(source):
+        raise CorruptFrame(f"stream {stream}: its zstd frame is {length} bytes of the {len(source)} it is given")
     try:
-        reader = _decompressor().stream_reader(source, read_size=max(1, len(source)), read_across_frames=True)
+        reader = _decompressor().stream_reader(source, read_size=max(1, len(source)))
         view, got = out.data, 0
         while got < out.size:
             n = reader.readinto(view[got:])
@@ -224,7 +250,5 @@ def _decompress_into(source: memoryview, out: Bytes, stream: int) -> None:
         extra = reader.read(1)
     except zstandard.ZstdError as e:
         raise CorruptFrame(f"stream {stream}: cannot be decoded ({e})") from e
-    if got != out.size:
-        raise CorruptFrame(f"stream {stream}: decodes to {got} bytes, not {out.size}")
-    if extra:
-        raise CorruptFrame(f"stream {stream}: holds data after its frame")
+    if got != out.size or extra:
+        raise CorruptFrame(f"stream {stream}: decodes to {'more than ' if extra else ''}{got} bytes, not {out.size}")

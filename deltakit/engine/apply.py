@@ -27,7 +27,7 @@ from ..manifest import (
     TargetTensor,
 )
 from ..progress import ProgressBar, ProgressFactory, no_progress
-from ..staging import StagedFolder, check_output_free
+from ..staging import StagedFolder, check_free_space, check_output_free
 from ..streaming import (
     DEFAULT_SHARD_SIZE,
     Arena,
@@ -343,6 +343,7 @@ def apply_delta(
     check_output_free(out)
     plan = plan_apply(base, delta, shard_size=shard_size)
     m = plan.manifest
+    check_free_space(out, plan.write_bytes + sum(f.size for f in m.target.files.values()))
     with RangeReader() as reader:
         _check_sample(plan, reader)  # before anything is created on disk
     verified = set(plan.sample)
