@@ -80,11 +80,17 @@ print(os.waitstatus_to_exitcode(status), usage.ru_maxrss, time.perf_counter() - 
 """
 
 
-def run_cli(args: Sequence[str], log: Path) -> tuple[float, int]:
-    """Run ``python -m deltakit.cli ARGS`` and return (wall seconds, peak RSS in bytes) of that process alone."""
+def run_cli(args: Sequence[str], log: Path, cgroup: Path | None = None) -> tuple[float, int]:
+    """Run ``python -m deltakit.cli ARGS`` and return (wall seconds, peak RSS in bytes) of that process alone;
+    with ``cgroup``, in that (blkio) cgroup."""
     command = [sys.executable, "-m", "deltakit.cli", *args]
     launcher = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(log), *command]
-    done = subprocess.run(launcher, capture_output=True, text=True, check=True)
+
+    def enter() -> None:
+        if cgroup is not None:
+            (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+    done = subprocess.run(launcher, capture_output=True, text=True, check=True, preexec_fn=enter)
     code, maxrss_kib, wall = done.stdout.split()
     if int(code) != 0:
         raise StepFailed(f"{' '.join(command)} exited {code}:\n{log.read_text(errors='replace')}")
@@ -196,6 +202,7 @@ class Results:
     steps: list[Step]
     noise: float = 0.0
     decode_gbps: dict[str, float] = field(default_factory=dict)  # "format N, T threads" -> output GB/s
+    cold_apply_s: dict[str, list[float]] = field(default_factory=dict)  # "read limit, format" -> runs
     dtype: str = "float16"
     floor_target: float = FLOOR_TARGET
     make_floor_target: float = MAKE_FLOOR_TARGET
@@ -270,6 +277,50 @@ def cli_job(args: list[str], out: Path, logs: Path, tag: str) -> Job:
         return seconds, rss, None
 
     return run
+
+
+BLKIO = Path("/sys/fs/cgroup/blkio")
+
+
+def drop_caches() -> bool:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def cold_applies(
+    base: Path, deltas: dict[int, Path], out: Path, limits: Sequence[int], repeat: int, logs: Path
+) -> dict[str, list[float]]:
+    """apply from a cold page cache, its reads from disk throttled to each of ``limits`` bytes/s (a cgroup v1
+    blkio limit on the disk holding ``base``), formats interleaved: where reading, not the CPU, bounds apply.
+
+    Needs root, cgroup v1 blkio and a writable /proc/sys/vm/drop_caches; returns nothing where they are not.
+    """
+    if not limits or not BLKIO.is_dir() or not drop_caches():
+        return {}
+    device = os.stat(base).st_dev
+    group = BLKIO / f"deltakit-bench-{os.getpid()}"
+    group.mkdir(exist_ok=True)
+    runs: dict[str, list[float]] = {}
+    try:
+        for limit in limits:
+            (group / "blkio.throttle.read_bps_device").write_text(f"{os.major(device)}:{os.minor(device)} {limit}\n")
+            for index in range(repeat):
+                for f, delta in deltas.items():
+                    if out.exists():
+                        shutil.rmtree(out)
+                    drop_caches()
+                    args = ["apply", "--base", str(base), "--delta", str(delta), "--out", str(out), "--quiet"]
+                    seconds, _ = run_cli(args, logs / f"cold-{limit}-{f}-{index}.log", group)
+                    runs.setdefault(f"{limit / 1e6:.0f} MB/s, format {f}", []).append(seconds)
+    finally:
+        if out.exists():
+            shutil.rmtree(out)
+        group.rmdir()
+    return runs
 
 
 def shape_of(args: argparse.Namespace) -> LlamaShape:
@@ -358,7 +409,7 @@ def benchmark(args: argparse.Namespace, work: Path, noise: float) -> Results:
         for f in (1, 2)
         for n in (1, 2)
     }
-    shutil.rmtree(out)
+    cold = cold_applies(base, deltas, out, args.read_limit, args.repeat, logs)
 
     return Results(
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -376,6 +427,7 @@ def benchmark(args: argparse.Namespace, work: Path, noise: float) -> Results:
         steps=[startup, *make_steps, *apply_steps, verify],
         noise=noise,
         decode_gbps=decode,
+        cold_apply_s=cold,
     )
 
 
@@ -439,6 +491,24 @@ def describe_pair(results: Results) -> str:
     )
 
 
+def cold_lines(results: Results) -> list[str]:
+    """apply from a cold cache with throttled reads: best of each, and format 2's ratio to format 1."""
+    if not results.cold_apply_s:
+        return ["- apply from a cold cache with throttled reads: not measured (needs root and cgroup v1 blkio)."]
+    best = {name: min(runs) for name, runs in results.cold_apply_s.items()}
+    lines = []
+    for name in best:
+        if name.endswith("format 2"):
+            limit = name.rsplit(",", 1)[0]
+            raw = best[f"{limit}, format 1"]
+            verdict = "met" if best[name] <= raw else "not met"
+            lines.append(
+                f"- apply from a cold page cache, reads from disk limited to {limit}: format 2 {best[name]:.2f} s, "
+                f"format 1 {raw:.2f} s ({best[name] / raw:.2f}x): compressed at or below raw **{verdict}**."
+            )
+    return lines
+
+
 def pair_markdown(results: Results) -> list[str]:
     s = results.shape
     p1, p2 = results.payload_bytes[1], results.payload_bytes[2]
@@ -458,6 +528,7 @@ def pair_markdown(results: Results) -> list[str]:
         "",
         *verdicts(results),
         f"- Decode throughput (in process, inputs in memory, output GB/s; the work apply adds per byte): {decode}.",
+        *cold_lines(results),
         "",
         f"All timed runs, in seconds: {steps}.",
         "",
@@ -526,6 +597,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input-shard-size", type=int, default=1_000_000_000, help="bytes per input safetensors file")
     p.add_argument("--repeat", type=int, default=5, help="timed apply rounds (floor, format 1, format 2); best of each")
     p.add_argument("--make-repeat", type=int, default=2, help="timed make rounds (floor, format 1, format 2)")
+    p.add_argument(
+        "--read-limit",
+        type=int,
+        nargs="*",
+        default=[500_000_000, 1_000_000_000],
+        help="bytes/s: also apply from a cold cache with disk reads limited to each (root, cgroup v1 blkio)",
+    )
     p.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md", help="where to record the results")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "apply.json")
     p.add_argument("--no-record", action="store_true", help="print only; write neither BENCHMARKS.md nor JSON")
