@@ -409,7 +409,7 @@ def benchmark(args: argparse.Namespace, work: Path, noise: float) -> Results:
         for f in (1, 2)
         for n in (1, 2)
     }
-    cold = cold_applies(base, deltas, out, args.read_limit, args.repeat, logs)
+    cold = cold_applies(base, deltas, out, args.read_limit, min(args.repeat, 2), logs)
 
     return Results(
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -564,7 +564,10 @@ def markdown(runs: Sequence[Results]) -> str:
         "cache is now and then about 3x slower for reasons outside the benchmark, so the steps of each group "
         "(make, apply) run interleaved and the best of each counts; make's first run counts too. make, apply "
         "and verify each run as their own `python -m deltakit.cli` process, started from a small launcher; "
-        "peak RSS is that process's `ru_maxrss`, and each command's time includes its start-up. The machine "
+        "peak RSS is that process's `ru_maxrss`, and each command's time includes its start-up. The cold runs "
+        "differ: before each, `sync` and `drop_caches` empty the page cache, and the command runs in a cgroup "
+        "v1 blkio group that limits its reads from the disk to the given rate (what a SATA SSD or a network "
+        "share delivers), formats alternating, best of 2; there reading bounds apply. The machine "
         f"was shared with other work; every figure comes from this one run. Raw figures: `{first.json_path}`.",
         SECTION_END,
     ]
@@ -705,6 +708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"noise {noise:g}")
         print(table(runs[-1]))
         print("\n".join(verdicts(runs[-1])).replace("**", ""))
+        print("\n".join(cold_lines(runs[-1])).replace("**", ""))
         print(runs[-1].decode_gbps, end="\n\n")
     if not args.no_record:
         args.json.parent.mkdir(parents=True, exist_ok=True)
