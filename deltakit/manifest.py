@@ -16,6 +16,7 @@ from typing import Any
 from .codecs.frames import CODERS, MAX_FRAME_BYTES, SPLITS, Frame, stream_count
 from .dtypes import ITEMSIZE, is_float, itemsize
 from .errors import InputNotFoundError, ManifestError
+from .hashing import fingerprint
 
 __all__ = [
     "ENCODINGS",
@@ -247,6 +248,15 @@ class _Reader:
             raise self.fail(where, "must be 64 lowercase hex digits")
         return value
 
+    def fingerprint(self, value: Any, tensors: dict[str, TensorRecord] | dict[str, TargetTensor], where: str) -> str:
+        """A fingerprint must be the one its tensor records give: it names the model to users, the
+        registry and the service, so a manifest cannot claim another model's."""
+        claimed = self.digest(value, where)
+        actual = fingerprint((n, t.dtype, t.shape, t.digest) for n, t in tensors.items())
+        if claimed != actual:
+            raise self.fail(where, f"is {claimed[:16]}..., but its tensor records give {actual[:16]}...")
+        return claimed
+
     def count(self, value: Any, where: str) -> int:
         if type(value) is not int or value < 0:
             raise self.fail(where, "must be a non-negative integer")
@@ -452,12 +462,14 @@ def _manifest_from_dict(data: Any, source: str) -> Manifest:
         hash=hash_name,
         base=ModelRecord(
             name=r.get(base, "name", str, "base"),
-            fingerprint=r.digest(r.get(base, "fingerprint", str, "base"), "base.fingerprint"),
+            fingerprint=r.fingerprint(r.get(base, "fingerprint", str, "base"), base_tensors, "base.fingerprint"),
             tensors=base_tensors,
         ),
         target=TargetRecord(
             name=r.get(target, "name", str, "target"),
-            fingerprint=r.digest(r.get(target, "fingerprint", str, "target"), "target.fingerprint"),
+            fingerprint=r.fingerprint(
+                r.get(target, "fingerprint", str, "target"), target_tensors, "target.fingerprint"
+            ),
             tensors=target_tensors,
             files=r.files(r.get(target, "files", dict, "target"), "target.files", nested=True),
         ),

@@ -194,6 +194,11 @@ def edit_manifest(delta_dir: Path, edit) -> None:
         (lambda m: m["target"]["files"].update({"/etc/passwd": {"sha256": "0" * 64, "size": 1}}), "safe relative"),
         (lambda m: m["payload"].update({"sub/x.safetensors": {"sha256": "0" * 64, "size": 1}}), "safe relative"),
         (lambda m: m.update(format=3), "upgrade deltakit"),
+        (
+            lambda m: m["target"].update(fingerprint=m["base"]["fingerprint"]),
+            r"target\.fingerprint: is .*tensor records",
+        ),
+        (lambda m: m["base"].update(fingerprint="ab" * 32), r"base\.fingerprint: is abababab"),
         (lambda m: m["target"]["tensors"]["lm_head.weight"].update(encoding="zip"), "unknown encoding"),
         (lambda m: m["base"]["tensors"]["lm_head.weight"].update(digest="xyz"), "64 lowercase hex"),
         (lambda m: m["base"]["tensors"]["lm_head.weight"].update(shape=[-1]), "non-negative"),
