@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -228,3 +229,17 @@ def test_random_corruption_never_escapes_as_anything_but_a_deltakit_error(tmp_pa
         (tmp_path / "fz.bin").write_bytes(bytes(data))
         with contextlib.suppress(DeltakitError):
             read_torch_zip(tmp_path / "fz.bin")
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        ({"__metadata__": torch.ones(2)}, "named '__metadata__'"),  # safetensors keeps the name for its metadata
+        ({1: torch.ones(2), "1": torch.zeros(2)}, "not a string"),  # would collapse into one tensor "1"
+        (collections.OrderedDict([(1, torch.ones(2)), ("1", torch.zeros(2))]), "not a string"),
+    ],
+)
+def test_tensor_names_safetensors_cannot_hold_are_refused(tmp_path, state, message):
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(FormatError, match=message):
+        read_torch_zip(tmp_path / "pytorch_model.bin")

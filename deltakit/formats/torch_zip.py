@@ -259,6 +259,13 @@ def _read_torch_zip(path: Path) -> dict[str, TensorInfo]:
                 raise FormatError(f"{path}: the pickle holds a {type(state).__name__}, not a state dict", path=path)
             tensors: dict[str, TensorInfo] = {}
             for name, ref in state.items():
+                if name == "__metadata__":
+                    raise FormatError(
+                        f"{path}: holds a tensor named '__metadata__', the name safetensors keeps for its metadata: "
+                        "rename it",
+                        path=path,
+                        tensor=name,
+                    )
                 if not isinstance(ref, _TensorRef):
                     raise UnsupportedInputError(
                         f"{path}: entry {name!r} is a {type(ref).__name__}, not a tensor", path=path, tensor=str(name)
