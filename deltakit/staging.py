@@ -67,17 +67,25 @@ class StagedFolder:
     def __init__(self, final: Path) -> None:
         self.final = Path(final)
         check_output_free(self.final)
-        self._created_parents = [p for p in reversed(self.final.parents) if not p.exists()]
-        self.final.parent.mkdir(parents=True, exist_ok=True)
         self.path = self.final.parent / f".{self.final.name}.deltakit-{uuid.uuid4().hex[:12]}.tmp"
-        self.path.mkdir()
-        # Held while this process builds the folder; the kernel drops it if the process dies, which is
-        # how remove_abandoned() tells a crashed build from a live one.
-        self._lock_fd = os.open(self.path, os.O_RDONLY)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        self._created_parents: list[Path] = []
+        self._lock_fd = -1
         self._committed = False
 
     def __enter__(self) -> StagedFolder:
+        # Created here, not in __init__: a signal between the two (SIGTERM, Ctrl-C) must not leave a
+        # folder that no __exit__ will remove.
+        try:
+            self._created_parents = [p for p in reversed(self.final.parents) if not p.exists()]
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            self.path.mkdir()
+            # Held while this process builds the folder; the kernel drops it if the process dies, which
+            # is how remove_abandoned() tells a crashed build from a live one.
+            self._lock_fd = os.open(self.path, os.O_RDONLY)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(

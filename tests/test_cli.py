@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -150,3 +152,49 @@ def test_make_formats_and_levels(pair):
         refused = deltakit_cli("make", "--base", base_dir, "--target", target_dir, "--out", tmp / "no", *bad)
         assert refused.returncode == 2, bad
     assert not (tmp / "no").exists()
+
+
+def run_patched(patch: str, *args: str | Path) -> subprocess.Popen[str]:
+    """The CLI in a subprocess, after ``patch`` (Python code) has run in it."""
+    code = f"import sys, deltakit.cli; {patch}; sys.exit(deltakit.cli.main(sys.argv[1:]))"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_verbose_shows_the_traceback_of_an_internal_error(pair):
+    _, base_dir, _, _ = pair
+    patch = "import deltakit.cli.delta as d; d._cmd_inspect = lambda args: 1 // 0"
+    quiet = run_patched(patch, "inspect", base_dir)
+    _, err = quiet.communicate(timeout=120)
+    assert quiet.returncode == 1 and "ZeroDivisionError" in err and "run with --verbose" in err
+    assert "Traceback" not in err
+    loud = run_patched(patch, "inspect", base_dir, "--verbose")
+    _, err = loud.communicate(timeout=120)
+    assert loud.returncode == 1 and "Traceback (most recent call last)" in err and "in <lambda>" in err
+
+
+def test_sigterm_during_apply_exits_143_and_leaves_nothing(pair):
+    tmp, base_dir, target_dir, _ = pair
+    deltakit.make_delta(base_dir, target_dir, tmp / "sig-delta", format=1)
+    out = tmp / "sig-out"
+    # tiny chunks: an apply that takes long enough to be signalled while it streams
+    apply = run_patched(
+        "import deltakit.streaming as s; s.CHUNK_BYTES = 16",
+        "apply",
+        "--base",
+        base_dir,
+        "--delta",
+        tmp / "sig-delta",
+        "--out",
+        out,
+        "-q",
+    )
+    deadline = time.monotonic() + 60
+    while not list(tmp.glob(".sig-out.deltakit-*")) and apply.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    apply.send_signal(signal.SIGTERM)
+    _, err = apply.communicate(timeout=120)
+    assert apply.returncode == 143, err
+    assert "terminated (SIGTERM); nothing was left half-written" in err
+    assert not out.exists() and not list(tmp.glob(".sig-out.deltakit-*"))

@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
+from types import FrameType
 
 from .. import __version__
 from ..errors import DeltakitError
@@ -49,6 +52,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(BaseException):
+    """SIGTERM (``kill``, systemd, ``docker stop``), raised in the main thread so that every ``with``
+    block unwinds, staging folders included, as it does for Ctrl-C."""
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     parser = _parser()
@@ -61,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "quiet", False):  # huggingface_hub's own bars too; it reads this when first imported
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     run: Callable[[argparse.Namespace], int] = args.run
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         _resolve_names(args)
         return run(args)
@@ -79,8 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("deltakit: interrupted; nothing was left half-written", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("deltakit: terminated (SIGTERM); nothing was left half-written", file=sys.stderr)
+        return 143
     except Exception as e:  # a bug: one line, and the traceback with --verbose
-        log.debug("traceback", exc_info=True)
+        if args.verbose:
+            log.error("the traceback of this bug:", exc_info=True)
         print(
             f"deltakit: internal error (a bug, please report it): {type(e).__name__}: {e}"
             + ("" if args.verbose else "; run with --verbose for the traceback"),
