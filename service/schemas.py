@@ -33,7 +33,8 @@ class JobRequest(BaseModel):
     def _fields_for_kind(self) -> JobRequest:
         missing = [f for f in _REQUIRED[self.kind] if getattr(self, f) is None]
         if missing:
-            raise ValueError(f"a {self.kind} job needs {', '.join(missing)}")
+            article = "an" if self.kind[0] in "aeiou" else "a"
+            raise ValueError(f"{article} {self.kind} job needs {', '.join(missing)}")
         if self.kind == "verify" and self.base and self.model:
             raise ValueError("verify takes a base (to check the delta's base) or a model, not both")
         if self.kind != "make" and (self.format is not None or self.level is not None):

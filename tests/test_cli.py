@@ -43,7 +43,7 @@ def test_make_apply_verify_inspect(pair):
 
     dry = deltakit_cli("apply", "--base", base_dir, "--delta", tmp / "d", "--out", tmp / "o", "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert "digests first: model.embed_tokens.weight" in dry.stdout
+    assert "digests of model.embed_tokens.weight" in dry.stdout and ": ok" in dry.stdout
     assert not (tmp / "o").exists()
 
     applied = deltakit_cli("apply", "--base", base_dir, "--delta", tmp / "d", "--out", tmp / "o")
@@ -80,6 +80,9 @@ def test_failures_exit_1_with_one_line_and_usage_exits_2(pair):
     lines = failed.stderr.strip().splitlines()
     assert len(lines) == 1, failed.stderr
     assert lines[0].startswith("deltakit: error: base tensor 'model.embed_tokens.weight'")
+    dry = deltakit_cli("apply", "--base", wrong, "--delta", tmp / "d2", "--out", tmp / "o2", "--dry-run", "-q")
+    assert dry.returncode == 1 and "base tensor 'model.embed_tokens.weight'" in dry.stderr, "a dry run checks too"
+    assert not (tmp / "o2").exists()
     assert "Traceback" not in failed.stderr
     assert not (tmp / "o2").exists()
     assert not list(tmp.glob(".o2.deltakit-*"))
@@ -198,3 +201,8 @@ def test_sigterm_during_apply_exits_143_and_leaves_nothing(pair):
     assert apply.returncode == 143, err
     assert "terminated (SIGTERM); nothing was left half-written" in err
     assert not out.exists() and not list(tmp.glob(".sig-out.deltakit-*"))
+
+
+def test_short_version_flag():
+    shown = deltakit_cli("-V")
+    assert shown.returncode == 0 and shown.stdout.strip() == f"deltakit {deltakit.__version__}"

@@ -379,3 +379,5 @@ def test_make_jobs_choose_the_package_format_and_level(home):
             {"kind": "apply", "base": "llama-7b", "delta": "d1", "output": "m2", "level": 3},
         ):
             assert http.post("/v1/jobs", json=bad).status_code == 422, bad
+        missing = http.post("/v1/jobs", json={"kind": "apply", "base": "llama-7b"})
+        assert missing.status_code == 422 and "an apply job needs delta, output" in missing.text

@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="deltakit",
         description="Release fine-tuned models as deltas against licensed base weights; rebuild them bit for bit.",
     )
-    parser.add_argument("--version", action="version", version=f"deltakit {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"deltakit {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     common.add_argument("-v", "--verbose", action="store_true", help="log what happens, on stderr")

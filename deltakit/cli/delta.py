@@ -229,6 +229,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     if args.dry_run:
         check_output_free(Path(args.out))
         plan = plan_apply(args.base, args.delta, shard_size=args.shard_size)
+        plan.check_sample()  # the cheap checks a real apply starts with: a wrong base fails here too
         _say(plan.describe())
         _say(f"dry run: nothing written; would write {args.out}")
         return 0

@@ -94,15 +94,40 @@ class ApplyPlan:
     def write_bytes(self) -> int:
         return sum(shard.layout.size for shard in self.shards)
 
+    def check_sample(self) -> None:
+        """Check the digests of the sampled base tensors (embedding, first layer): where a wrong or
+        differently converted base shows first, in seconds.
+
+        Raises:
+            BaseMismatchError: a sampled tensor differs from the one the delta was made from.
+        """
+        m = self.manifest
+        with RangeReader() as reader:
+            for name in self.sample:
+                info = self.base.tensors[name]
+                want = m.base.tensors[name].digest
+                got = hash_tensor(reader, info)
+                if got != want:
+                    raise BaseMismatchError(
+                        f"base tensor {name!r} differs from the one the delta was made from: it is not "
+                        f"{m.base.name!r} (expected blake3 {want[:16]}..., got {got[:16]}...); another model "
+                        "or another conversion of it",
+                        path=info.path,
+                        tensor=name,
+                        expected=want,
+                        actual=got,
+                    )
+                log.debug("base tensor %s matches", name)
+
     def describe(self) -> str:
-        """A human-readable account of the plan, for ``--dry-run``."""
+        """A human-readable account of the plan, for ``--dry-run`` (after :meth:`check_sample`)."""
         m = self.manifest
         counts = Counter(s.target.encoding for s in self.steps)
         lines = [
             f"delta    {self.delta.root}  ({m.target.name} from {m.base.name})",
             f"base     {self.base.root}  fingerprint {m.base.fingerprint[:16]}... (expected)",
             f"checks   names, dtypes and shapes of {len(self.steps)} tensors: ok; "
-            f"digests first: {', '.join(self.sample) or 'none'}",
+            f"digests of {', '.join(self.sample) or 'none'}: ok",
             f"tensors  {len(self.steps)}: " + ", ".join(f"{n} {e}" for e, n in sorted(counts.items())),
             f"reads    {human_bytes(self.read_bytes)} (base and payload)",
             f"writes   {human_bytes(self.write_bytes)} in {len(self.shards)} file(s)"
@@ -202,25 +227,6 @@ def plan_apply(
             f"{package.root}: carried file {clash[0]!r} would overwrite a rebuilt weight file", path=package.root
         )
     return ApplyPlan(ckpt, package, tuple(steps), tuple(shards), _choose_sample(steps))
-
-
-def _check_sample(plan: ApplyPlan, reader: RangeReader) -> None:
-    m = plan.manifest
-    for name in plan.sample:
-        info = plan.base.tensors[name]
-        want = m.base.tensors[name].digest
-        got = hash_tensor(reader, info)
-        if got != want:
-            raise BaseMismatchError(
-                f"base tensor {name!r} differs from the one the delta was made from: it is not "
-                f"{m.base.name!r} (expected blake3 {want[:16]}..., got {got[:16]}...); another model "
-                "or another conversion of it",
-                path=info.path,
-                tensor=name,
-                expected=want,
-                actual=got,
-            )
-        log.debug("base tensor %s matches", name)
 
 
 def _decode_frame(step: ApplyStep, chunk: Chunk, coded: memoryview, base_bits: Bytes | None, arena: Arena) -> Bytes:
@@ -344,8 +350,7 @@ def apply_delta(
     plan = plan_apply(base, delta, shard_size=shard_size)
     m = plan.manifest
     check_free_space(out, plan.write_bytes + sum(f.size for f in m.target.files.values()))
-    with RangeReader() as reader:
-        _check_sample(plan, reader)  # before anything is created on disk
+    plan.check_sample()  # before anything is created on disk
     verified = set(plan.sample)
     with RangeReader() as reader, StagedFolder(out) as staged:
         fds = open_output_shards(staged.path, plan.shards)
