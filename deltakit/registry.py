@@ -98,8 +98,15 @@ class Registry:
     def get(self, name: str) -> Entry | None:
         return self._read().get(name)
 
-    def add(self, name: str, path: str | Path, *, progress: ProgressFactory = no_progress) -> Entry:
-        """Register a checkpoint or delta package under ``name``; a checkpoint is fingerprinted now."""
+    def add(
+        self, name: str, path: str | Path, *, force: bool = False, progress: ProgressFactory = no_progress
+    ) -> Entry:
+        """Register a checkpoint or delta package under ``name``; a checkpoint is fingerprinted now.
+
+        Raises:
+            OutputExistsError: ``name`` is registered to something with another fingerprint, and
+                ``force`` is not set.
+        """
         from .engine import checkpoint_digests  # the engine is heavy; the registry is often used without it
         from .hashing import fingerprint
 
@@ -120,6 +127,15 @@ class Registry:
             model_fingerprint = fingerprint((n, t.dtype, t.shape, digests[n]) for n, t in ckpt.tensors.items())
             entry = Entry(name, str(path), "model", model_fingerprint, None, ckpt.nbytes, time.time())
         with self._locked() as entries:
+            earlier = entries.get(name)
+            if earlier is not None and earlier.fingerprint != entry.fingerprint and not force:
+                raise OutputExistsError(
+                    f"{name!r} is already registered to another {earlier.kind}: {earlier.path}, fingerprint "
+                    f"{earlier.fingerprint[:16]}...; pass --force to replace it",
+                    path=earlier.path,
+                    expected=earlier.fingerprint,
+                    actual=entry.fingerprint,
+                )
             entries[name] = entry
         return entry
 

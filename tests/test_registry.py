@@ -74,3 +74,17 @@ def test_home_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("DELTAKIT_HOME")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     assert deltakit_home() == tmp_path / "xdg" / "deltakit"
+
+
+def test_a_name_is_not_silently_given_to_another_model(tmp_path, released):
+    base_dir, delta_dir, _ = released
+    assert deltakit_cli("registry", "add", "llama-7b", base_dir, "-q").returncode == 0
+    assert deltakit_cli("registry", "add", "llama-7b", base_dir, "-q").returncode == 0, "the same model again"
+    other = deltakit_cli("registry", "add", "llama-7b", delta_dir, "-q")
+    assert other.returncode == 1
+    assert "already registered to another model" in other.stderr and "--force" in other.stderr
+    listed = json.loads(deltakit_cli("registry", "list", "--json").stdout)
+    assert [e["kind"] for e in listed if e["name"] == "llama-7b"] == ["model"], "left as it was"
+    assert deltakit_cli("registry", "add", "llama-7b", delta_dir, "--force", "-q").returncode == 0
+    listed = json.loads(deltakit_cli("registry", "list", "--json").stdout)
+    assert [e["kind"] for e in listed if e["name"] == "llama-7b"] == ["delta"]

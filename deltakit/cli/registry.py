@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 def _cmd_registry_add(args: argparse.Namespace) -> int:
-    entry = Registry().add(args.name, args.path, progress=_progress(args))
+    entry = Registry().add(args.name, args.path, force=args.force, progress=_progress(args))
     _say(f"registered {entry.name!r}: {entry.kind} at {entry.path}, fingerprint {entry.fingerprint}")
     return 0
 
@@ -76,8 +76,9 @@ def add_registry_parsers(sub: _Subparsers, common: argparse.ArgumentParser) -> N
     p = sub.add_parser("registry", parents=[common], help="name local models and deltas")
     registry = p.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
     r = registry.add_parser("add", parents=[common], help="register a checkpoint (fingerprinted now) or a delta")
-    r.add_argument("name")
-    r.add_argument("path")
+    r.add_argument("name", help="the name to give it: letters, digits, '.', '_' and '-'")
+    r.add_argument("path", help="a checkpoint (file or folder) or a delta package folder")
+    r.add_argument("--force", action="store_true", help="replace a name registered to another fingerprint")
     r.set_defaults(run=_cmd_registry_add)
     r = registry.add_parser("list", parents=[common], help="list the registered names")
     r.add_argument("--json", action="store_true", help="print as JSON")
