@@ -20,7 +20,7 @@ from .deps import Read
 from .jobs import NameOutsideRoots, Runner
 from .routes import health, jobs, metrics, models
 from .routes.jobs import JobFinished
-from .settings import Settings
+from .settings import Settings, load_settings
 from .store import Store
 
 _STATUS: list[tuple[type[Exception], int]] = [
@@ -93,7 +93,7 @@ class BodyLimit:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The service app; its job store, registry and workers live as long as it does."""
-    settings = settings or Settings()
+    settings = settings or load_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
+from deltakit.errors import UnsupportedInputError
 from deltakit.registry import deltakit_home
 
 
@@ -42,3 +44,30 @@ class Settings(BaseSettings):
     @property
     def database(self) -> Path:
         return self.home / "jobs.sqlite3"
+
+
+# What each setting takes, in the words a mistaken one is answered with.
+_EXPECTED = {
+    "home": "a folder",
+    "roots": 'a JSON list of folders, for example DELTAKIT_ROOTS=\'["/models", "/deltas"]\'',
+    "workers": "a whole number from 1 to 64",
+    "max_body_bytes": "a whole number of bytes, 1024 or more",
+}
+
+
+def load_settings() -> Settings:
+    """The settings from the environment; a mistaken one is named, with what it should be.
+
+    Raises:
+        UnsupportedInputError: a ``DELTAKIT_*`` variable (or ``.env`` entry) has a value of the wrong form.
+    """
+    try:
+        return Settings()
+    except SettingsError as e:  # a value that is not even JSON, where JSON is expected
+        found = re.search(r'field "(\w+)"', str(e))
+        field = found.group(1) if found else "?"
+    except ValidationError as e:
+        field = str(e.errors()[0]["loc"][0]) if e.errors() else "?"
+    raise UnsupportedInputError(
+        f"the setting DELTAKIT_{field.upper()} is not {_EXPECTED.get(field, 'of the right form')}"
+    )

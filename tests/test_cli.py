@@ -206,3 +206,20 @@ def test_sigterm_during_apply_exits_143_and_leaves_nothing(pair):
 def test_short_version_flag():
     shown = deltakit_cli("-V")
     assert shown.returncode == 0 and shown.stdout.strip() == f"deltakit {deltakit.__version__}"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("DELTAKIT_ROOTS", "/x", "DELTAKIT_ROOTS is not a JSON list of folders"),
+        ("DELTAKIT_WORKERS", "abc", "DELTAKIT_WORKERS is not a whole number from 1 to 64"),
+        ("DELTAKIT_WORKERS", "0", "DELTAKIT_WORKERS is not a whole number from 1 to 64"),
+    ],
+)
+def test_a_mistaken_setting_is_named_with_its_form(tmp_path, monkeypatch, variable, value, expected):
+    monkeypatch.setenv(variable, value)
+    for command in (["serve", "--port", "0"], ["token", "create", "--scope", "read"]):
+        result = deltakit_cli(*command, cwd=tmp_path)
+        assert result.returncode == 1, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"deltakit: error: the setting {expected}"), lines

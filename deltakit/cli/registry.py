@@ -60,10 +60,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_token_create(args: argparse.Namespace) -> int:
-    from service.settings import Settings
+    from service.settings import load_settings
     from service.store import Store
 
-    store = Store(Settings().database)
+    store = Store(load_settings().database)
     try:
         print(store.create_token(args.scope))  # alone on stdout, shown once: only its hash is kept
     finally:
