@@ -47,4 +47,4 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/apply.py
 
 clean:
-	rm -rf $(VENV) demo-output benchmarks/work .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) demo-output benchmarks/work build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
