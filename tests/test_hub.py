@@ -155,9 +155,12 @@ def test_contract_with_the_real_hub(tmp_path, delta):
     assert fetched.commit == report.commit
 
 
-def test_release_makes_verifies_and_publishes_in_one_step(tmp_path, hub):
+def test_release_makes_verifies_and_publishes_in_one_step(tmp_path, hub, monkeypatch):
     from test_cli import deltakit_cli
 
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))  # where release builds a package it is not told to keep
     base = llama_like(torch.float16)
     base_dir = write_checkpoint(tmp_path / "llama-7b", base)
     target_dir = write_checkpoint(tmp_path / "panda-7b", finetune_of(base, extra_vocab=2))
@@ -165,6 +168,7 @@ def test_release_makes_verifies_and_publishes_in_one_step(tmp_path, hub):
     assert dry.returncode == 0, dry.stderr
     assert "would upload" in dry.stdout and "OK:" in dry.stdout
     assert ("POST", "/api/repos/create") not in hub.requests, "a dry run sends nothing"
+    assert list(scratch.iterdir()) == [], "and leaves nothing behind"
     done = deltakit_cli(
         "release", "--base", base_dir, "--target", target_dir, "--repo", "org/panda", "--out", tmp_path / "d", "-q"
     )

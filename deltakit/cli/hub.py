@@ -6,6 +6,7 @@ Downloads have no command of their own: a Hub repo id given as a delta or model 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,25 +47,32 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
 
 def _cmd_release(args: argparse.Namespace) -> int:
-    """The maintainer's one step: make, verify, publish."""
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="deltakit-release-")) / "delta"
-    made = make_delta(args.base, args.target, out, name=args.name, base_name=args.base_name, progress=_progress(args))
-    _print_make(made, 0.0)
-    report = verify_delta(out, base=args.base, progress=_progress(args))
-    _print_verify(report)
-    if not report.ok:
-        return 1
-    _print_publish(
-        publish_delta(
-            out,
-            args.repo,
-            private=args.private,
-            revision=args.revision,
-            license=args.license,
-            base_model=args.base_model,
-            dry_run=args.dry_run,
+    """The maintainer's one step: make, verify, publish. Without --out the package is built in a
+    temporary folder that is removed once published (or once the dry run has shown what it would send)."""
+    with contextlib.ExitStack() as stack:
+        if args.out:
+            out = Path(args.out)
+        else:
+            out = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="deltakit-release-"))) / "delta"
+        made = make_delta(
+            args.base, args.target, out, name=args.name, base_name=args.base_name, progress=_progress(args)
         )
-    )
+        _print_make(made, 0.0)
+        report = verify_delta(out, base=args.base, progress=_progress(args))
+        _print_verify(report)
+        if not report.ok:
+            return 1
+        _print_publish(
+            publish_delta(
+                out,
+                args.repo,
+                private=args.private,
+                revision=args.revision,
+                license=args.license,
+                base_model=args.base_model,
+                dry_run=args.dry_run,
+            )
+        )
     return 0
 
 
