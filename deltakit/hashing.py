@@ -76,15 +76,39 @@ def _hash_file(
     return size
 
 
+def _copy_source_allowed(path: Path) -> bool:
+    """A file deltakit may copy into an output: a regular file that resolves inside its own folder, or,
+    for a Hugging Face cache snapshot (whose files link to ``../../blobs``), inside its cache repo."""
+    real, folder = path.resolve(), path.absolute().parent
+    for ancestor in (folder, *folder.parents):
+        if ancestor.parent.name == "snapshots":  # .../models--org--name/snapshots/<revision>/...
+            folder = ancestor.parent.parent
+            break
+    return real.is_file() and real.is_relative_to(folder.resolve())
+
+
 def file_sha256(
     path: str | Path, *, copy_to: str | Path | None = None, on_bytes: Callable[[int], object] | None = None
 ) -> tuple[str, int]:
     """SHA-256 hex digest and size of a whole file, read in bounded chunks.
 
     Args:
-        copy_to: also write the bytes read to this new file, so a copy costs one read.
+        copy_to: also write the bytes read to this new file, so a copy costs one read. Only a regular
+            file that resolves inside its own folder is copied: a side file linked to ``/etc/passwd``
+            must not end up in a model folder.
         on_bytes: called with the size of each chunk read (progress, and where a job can be stopped).
+
+    Raises:
+        UnsupportedInputError: with ``copy_to``, ``path`` links outside its folder or is not a file.
     """
+    if copy_to is not None and not _copy_source_allowed(Path(path)):
+        from .errors import UnsupportedInputError
+
+        raise UnsupportedInputError(
+            f"{path}: links to {Path(path).resolve()}, outside its folder (or is not a file); deltakit copies "
+            "only files that lie in the model's own folder",
+            path=path,
+        )
     digest = hashlib.sha256()
     size = _hash_file(path, digest, copy_to, on_bytes)
     return digest.hexdigest(), size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -304,4 +305,35 @@ def test_an_output_that_cannot_fit_is_refused_before_anything_is_written(tmp_pat
     with pytest.raises(NoSpaceError, match="free: free some space") as err:
         apply_delta(base_dir, delta_dir, tmp_path / "out")
     assert err.value.actual == 1000 and err.value.expected > 1000
+    assert leftovers(tmp_path) == []
+
+
+def test_side_files_linking_outside_their_folder_are_not_copied(tmp_path, make_pair):
+    from deltakit import UnsupportedInputError
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the output")
+    base = llama_like(torch.float16)
+    base_dir, target_dir = make_pair(base, finetune_of(base))
+    (target_dir / "tokenizer.model").symlink_to(secret)
+    with pytest.raises(UnsupportedInputError, match=r"tokenizer\.model: links to .*secret\.txt, outside its folder"):
+        make_delta(base_dir, target_dir, tmp_path / "d")
+    assert not (tmp_path / "d").exists()
+
+    (target_dir / "tokenizer.model").unlink()
+    (target_dir / "tokenizer.model").write_text("spm")
+    (target_dir / "inside.json").symlink_to(target_dir / "tokenizer.model")  # inside its folder: fine
+    make_delta(base_dir, target_dir, tmp_path / "d")
+    # a hostile package: a carried file swapped for a link out of it, its size and hash recorded to match
+    carried = tmp_path / "d" / "files" / "tokenizer.model"
+    carried.unlink()
+    carried.symlink_to(secret)
+    manifest = json.loads((tmp_path / "d" / "deltakit.json").read_text())
+    manifest["target"]["files"]["tokenizer.model"] = {
+        "sha256": hashlib.sha256(secret.read_bytes()).hexdigest(),
+        "size": secret.stat().st_size,
+    }
+    (tmp_path / "d" / "deltakit.json").write_text(json.dumps(manifest))
+    with pytest.raises(UnsupportedInputError, match="outside its folder"):
+        apply_delta(base_dir, tmp_path / "d", tmp_path / "out")
     assert leftovers(tmp_path) == []
