@@ -212,6 +212,19 @@ def _fetch_errors(spec: str) -> Iterator[None]:
         raise HubError(f"could not fetch {spec}: {_http_reason(e)}") from e
     except OSError as e:
         raise HubError(f"could not fetch {spec}: {e}") from e
+    except Exception as e:
+        if not _is_transport_error(e):
+            raise
+        raise HubError(f"could not fetch {spec}: the Hub cannot be reached ({type(e).__name__}: {e})") from e
+
+
+def _is_transport_error(error: BaseException) -> bool:
+    """No connection, a timeout: huggingface_hub's HTTP client (httpx, or the httpx2 fork it ships with
+    since 2.x) raises its own TransportError, which is neither an OSError nor a Hub error."""
+    return any(
+        cls.__name__ == "TransportError" and cls.__module__.split(".")[0] in ("httpx", "httpx2")
+        for cls in type(error).__mro__
+    )
 
 
 @dataclass(frozen=True)

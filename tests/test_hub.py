@@ -219,3 +219,24 @@ def test_a_base_can_come_from_the_hub_too(tmp_path, delta, hub):
     assert verify_model(tmp_path / "out", delta_dir).ok
     snapshots = list((tmp_path / "hf-home").rglob("pytorch_model.bin"))
     assert snapshots == [], "the .bin copy beside the safetensors is not downloaded"
+
+
+def test_no_connection_is_one_hub_error_and_a_mistyped_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    import importlib
+
+    from test_cli import deltakit_cli
+
+    from deltakit.hub import _fetch_errors
+
+    client = importlib.import_module("httpx2" if importlib.util.find_spec("httpx2") else "httpx")
+    with pytest.raises(HubError, match="org/name: the Hub cannot be reached"), _fetch_errors("org/name"):
+        raise client.ConnectError("[Errno 111] Connection refused")
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # were it looked up, it would not be found there
+    (tmp_path / "pair").mkdir()
+    typo = deltakit_cli("apply", "--base", "pair/bsae", "--delta", "pair/delta", "--out", "o", "-q", cwd=tmp_path)
+    assert typo.returncode == 1
+    assert typo.stderr.strip() == (
+        "deltakit: error: pair/bsae: no such file or folder (a folder pair/ is here, so it is not looked up as a "
+        "Hub repo id)"
+    )

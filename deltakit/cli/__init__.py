@@ -70,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="deltakit: %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("huggingface_hub").propagate = False  # it prints its warnings itself: once is enough
     if getattr(args, "quiet", False):  # huggingface_hub's own bars too; it reads this when first imported
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     run: Callable[[argparse.Namespace], int] = args.run

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import InputNotFoundError
 from ..hub import fetch_delta, fetch_model, is_repo_spec
 from ..registry import Registry
 from ._common import _say
@@ -17,10 +18,22 @@ from .registry import _cmd_registry_add, _cmd_registry_remove, _cmd_serve, _cmd_
 _PATH_ARGUMENTS = ("base", "target", "path", "source", "from_legacy")
 
 
+def _not_a_local_typo(name: str) -> None:
+    """``pair/bsae`` where ``pair/`` is a folder here is a mistyped path, not a Hub repo id: say so at
+    once, rather than after the Hub's retries."""
+    first = Path(name).parts[0]
+    if Path(first).is_dir():
+        raise InputNotFoundError(
+            f"{name}: no such file or folder (a folder {first}/ is here, so it is not looked up as a Hub repo id)",
+            path=name,
+        )
+
+
 def _resolve_delta(registry: Registry, name: str) -> str:
     """A delta resolves as a registered name, then a path, then a Hub repo id (fetched and checked)."""
     if registry.get(name) is not None or Path(name).exists() or not is_repo_spec(name):
         return str(registry.resolve(name))
+    _not_a_local_typo(name)
     fetched = fetch_delta(name)
     _say(f"fetched {fetched.repo_id} at {fetched.revision} (commit {fetched.commit[:12]}), every file checked")
     return str(fetched.path)
@@ -30,6 +43,7 @@ def _resolve_model(registry: Registry, name: str) -> str:
     """A model resolves as a registered name, then a path, then a Hub repo id (fetched into the cache)."""
     if registry.get(name) is not None or Path(name).exists() or not is_repo_spec(name):
         return str(registry.resolve(name))
+    _not_a_local_typo(name)
     fetched = fetch_model(name)
     _say(f"fetched {fetched.repo_id} at {fetched.revision} (commit {fetched.commit[:12]})")
     return str(fetched.path)
