@@ -93,7 +93,10 @@ def test_failures_exit_1_with_one_line_and_usage_exits_2(pair):
     assert missing.returncode == 1 and "no such file or folder" in missing.stderr
 
     bad = deltakit_cli("verify", tmp / "d2", "--base", wrong, "-q")
-    assert bad.returncode == 1 and "FAILED" in bad.stdout and "mismatched" in bad.stdout
+    assert bad.returncode == 1 and bad.stdout.startswith("FAILED: delta ") and " differ of " in bad.stdout
+    assert "mismatched" not in bad.stdout and len(bad.stdout.splitlines()) == 2, "a summary, the details on request"
+    detailed = deltakit_cli("verify", tmp / "d2", "--base", wrong, "-q", "--verbose")
+    assert detailed.returncode == 1 and "mismatched  model.embed_tokens.weight" in detailed.stdout
 
 
 def test_demo_runs_end_to_end(tmp_path):

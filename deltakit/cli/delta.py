@@ -77,11 +77,18 @@ def _print_apply(report: ApplyReport, seconds: float) -> None:
     _say(f"  target    fingerprint {report.fingerprint}")
 
 
-def _print_verify(report: VerifyReport) -> None:
+def _print_verify(report: VerifyReport, *, details: bool = True) -> None:
+    """One summary line; then, with ``details``, what is missing, differs or is extra (50 of each)."""
     if report.ok:
         _say(f"OK: {report.subject}: {report.checked} tensors and files match")
     else:
-        _say(f"FAILED: {report.subject}")
+        counts = {"missing": len(report.missing), "differ": len(report.mismatched)}
+        found = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
+        _say(f"FAILED: {report.subject}: {found} of {report.checked} tensors and files")
+    if not details:
+        if not report.ok:
+            _say("  (--verbose or --json lists them)")
+        return
     for name in report.missing[:50]:
         _say(f"  missing     {name}")
     for item in report.mismatched[:50]:
@@ -255,7 +262,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         _say(json.dumps(_report_dict(report), indent=2))
     else:
-        _print_verify(report)
+        _print_verify(report, details=args.verbose)
     return 0 if report.ok else 1
 
 
