@@ -6,10 +6,11 @@ Runs after parsing and before the command; a Hub repo id is fetched (and a delta
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import InputNotFoundError
-from ..hub import fetch_delta, fetch_model, is_repo_spec
+from ..hub import FetchedDelta, fetch_delta, fetch_model, is_repo_spec
 from ..registry import Registry
 from ._common import _say
 from .delta import _cmd_verify
@@ -29,24 +30,24 @@ def _not_a_local_typo(name: str) -> None:
         )
 
 
-def _resolve_delta(registry: Registry, name: str) -> str:
-    """A delta resolves as a registered name, then a path, then a Hub repo id (fetched and checked)."""
+def _resolve(registry: Registry, name: str, fetch: Callable[[str], FetchedDelta], checked: str = "") -> str:
+    """A registered name, then a path, then a Hub repo id (fetched into the cache with ``fetch``)."""
     if registry.get(name) is not None or Path(name).exists() or not is_repo_spec(name):
         return str(registry.resolve(name))
     _not_a_local_typo(name)
-    fetched = fetch_delta(name)
-    _say(f"fetched {fetched.repo_id} at {fetched.revision} (commit {fetched.commit[:12]}), every file checked")
+    fetched = fetch(name)
+    _say(f"fetched {fetched.repo_id} at {fetched.revision} (commit {fetched.commit[:12]}){checked}")
     return str(fetched.path)
+
+
+def _resolve_delta(registry: Registry, name: str) -> str:
+    """A delta: a Hub one is fetched with every file checked against its manifest."""
+    return _resolve(registry, name, fetch_delta, ", every file checked")
 
 
 def _resolve_model(registry: Registry, name: str) -> str:
-    """A model resolves as a registered name, then a path, then a Hub repo id (fetched into the cache)."""
-    if registry.get(name) is not None or Path(name).exists() or not is_repo_spec(name):
-        return str(registry.resolve(name))
-    _not_a_local_typo(name)
-    fetched = fetch_model(name)
-    _say(f"fetched {fetched.repo_id} at {fetched.revision} (commit {fetched.commit[:12]})")
-    return str(fetched.path)
+    """A model: a Hub one is checked later, tensor by tensor, where it is used."""
+    return _resolve(registry, name, fetch_model)
 
 
 def _resolve_names(args: argparse.Namespace) -> None:
