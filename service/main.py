@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -91,6 +94,26 @@ class BodyLimit:
         await self.app(scope, buffered, send)
 
 
+def _own_home(home: Path) -> int:
+    """One service per ``DELTAKIT_HOME``: an exclusive lock on ``home/service.lock``, held while it runs
+    (the kernel drops it if the process dies). Returns the lock's file descriptor.
+
+    Raises:
+        OutputExistsError: another service holds it.
+    """
+    fd = os.open(home / "service.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        os.close(fd)
+        raise OutputExistsError(
+            f"another deltakit serve is running on {home}; one service per DELTAKIT_HOME (stop it, or set "
+            "another DELTAKIT_HOME)",
+            path=home,
+        ) from e
+    return fd
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The service app; its job store, registry and workers live as long as it does."""
     settings = settings or load_settings()
@@ -98,16 +121,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.home.mkdir(parents=True, exist_ok=True)
-        store = Store(settings.database)
-        registry = Registry(settings.home)
-        runner = Runner(settings, store, registry)
-        app.state.settings, app.state.store, app.state.registry, app.state.runner = settings, store, registry, runner
-        runner.recover()
+        owner = _own_home(settings.home)  # before recovery: it would fail a live server's running jobs
         try:
-            yield
+            store = Store(settings.database)
+            registry = Registry(settings.home)
+            runner = Runner(settings, store, registry)
+            app.state.settings, app.state.store, app.state.registry = settings, store, registry
+            app.state.runner = runner
+            runner.recover()
+            try:
+                yield
+            finally:
+                runner.shutdown()
+                store.close()
         finally:
-            runner.shutdown()
-            store.close()
+            os.close(owner)
 
     app = FastAPI(
         title="deltakit", version=__version__, lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None

@@ -381,3 +381,22 @@ def test_make_jobs_choose_the_package_format_and_level(home):
             assert http.post("/v1/jobs", json=bad).status_code == 422, bad
         missing = http.post("/v1/jobs", json={"kind": "apply", "base": "llama-7b"})
         assert missing.status_code == 422 and "an apply job needs delta, output" in missing.text
+
+
+def test_one_service_per_home(home):
+    import asyncio
+
+    from deltakit import OutputExistsError
+
+    root, tokens, _ = home
+
+    async def start_and_stop(app) -> None:
+        async with app.router.lifespan_context(app):
+            pass
+
+    with LiveServer(Settings(home=root)) as url, client(url, tokens["read"]) as http:
+        second = create_app(Settings(home=root))
+        with pytest.raises(OutputExistsError, match="another deltakit serve is running on"):
+            asyncio.run(start_and_stop(second))  # refused before its recovery could fail the first one's jobs
+        assert http.get("/readyz").status_code == 200, "the first one serves on"
+    asyncio.run(start_and_stop(create_app(Settings(home=root))))  # free again once the first has stopped
