@@ -7,13 +7,21 @@ VENV ?= .venv
 TORCH ?= torch>=2.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# One stamp per TORCH requirement: asking for another one installs it, even into an existing .venv.
+TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s' '$(TORCH)' | cksum | cut -d' ' -f1)
 
 .PHONY: demo test test-all lint typecheck check bench clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(TORCH_STAMP): | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	rm -f $(VENV)/.torch-*
+	touch $(TORCH_STAMP)
+
+$(STAMP): pyproject.toml $(TORCH_STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
