@@ -226,3 +226,12 @@ def test_a_mistaken_setting_is_named_with_its_form(tmp_path, monkeypatch, variab
         assert result.returncode == 1, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"deltakit: error: the setting {expected}"), lines
+
+
+def test_quiet_and_verbose_also_go_before_the_command(pair):
+    tmp, base_dir, target_dir, _ = pair
+    made = deltakit_cli("-q", "make", "--base", base_dir, "--target", target_dir, "--out", tmp / "first-q")
+    assert made.returncode == 0 and made.stderr == "", made.stderr
+    shown = deltakit_cli("-v", "inspect", tmp / "first-q")
+    assert shown.returncode == 0
+    assert "a checkpoint, delta package, adapter or legacy delta" in deltakit_cli("inspect", "-h").stdout

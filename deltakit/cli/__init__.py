@@ -35,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Release fine-tuned models as deltas against licensed base weights; rebuild them bit for bit.",
     )
     parser.add_argument("-V", "--version", action="version", version=f"deltakit {__version__}")
+    # also before the command (deltakit -q apply ...); under their own names, since a subcommand's
+    # defaults would overwrite the same names (see main)
+    parser.add_argument("-q", "--quiet", dest="quiet_first", action="store_true", help="no progress bars")
+    parser.add_argument("-v", "--verbose", dest="verbose_first", action="store_true", help="log what happens")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     common.add_argument("-v", "--verbose", action="store_true", help="log what happens, on stderr")
@@ -65,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    args.quiet = getattr(args, "quiet", False) or args.quiet_first
+    args.verbose = getattr(args, "verbose", False) or args.verbose_first
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="deltakit: %(levelname)s: %(message)s",

@@ -400,7 +400,7 @@ def add_verify_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None
 def add_inspect_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     """``deltakit inspect``."""
     p = sub.add_parser("inspect", parents=[common], help="say what a checkpoint or delta package holds")
-    p.add_argument("path")
+    p.add_argument("path", help="a checkpoint, delta package, adapter or legacy delta: path, name or Hub repo id")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.add_argument("--all", action="store_true", help="list every tensor")
     p.add_argument("--fingerprint", action="store_true", help="hash a checkpoint's tensors to fingerprint it")

@@ -84,7 +84,7 @@ def add_registry_parsers(sub: _Subparsers, common: argparse.ArgumentParser) -> N
     r.add_argument("--json", action="store_true", help="print as JSON")
     r.set_defaults(run=_cmd_registry_list)
     r = registry.add_parser("remove", parents=[common], help="forget a name (its files are left alone)")
-    r.add_argument("name")
+    r.add_argument("name", help="the registered name to forget")
     r.set_defaults(run=_cmd_registry_remove)
 
     p = sub.add_parser("serve", parents=[common], help="run the HTTP service for a model registry")
