@@ -131,6 +131,12 @@ def test_make_from_legacy_gains_digests_and_rebuilds_the_same_bytes(tmp_path):
     assert_same_tensors(load_checkpoint(tmp_path / "via-format-1"), load_checkpoint(tmp_path / "via-legacy"))
     assert verify_model(tmp_path / "via-legacy", tmp_path / "packaged").ok
 
+    for spelling in ("--legacy", "--legacy-kind"):  # apply's spelling, and 0.1's for make
+        out = tmp_path / spelling.strip("-")
+        args = ["--base", base_dir, "--from-legacy", delta_dir, spelling, "fastchat", "--out", out, "-q"]
+        named = deltakit_cli("make", *args)
+        assert named.returncode == 0 and "as a delta of kind fastchat" in named.stdout, named.stderr
+
     _, made = make_delta_from_legacy(base_dir, delta_dir, tmp_path / "lib", name="vicuna-7b")
     assert made.manifest.target.name == "vicuna-7b"
     assert made.encodings["rows"] == 2

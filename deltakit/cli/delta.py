@@ -331,7 +331,12 @@ def add_make_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
         "--from-legacy", metavar="DELTA", help="re-package a FastChat/Panda or Alpaca delta release as a deltakit delta"
     )
     p.add_argument(
-        "--legacy-kind", choices=["auto", *LEGACY_KINDS], default="auto", help="what --from-legacy holds (auto)"
+        "--legacy",
+        "--legacy-kind",  # the spelling of 0.1, still accepted
+        dest="legacy_kind",
+        choices=["auto", *LEGACY_KINDS],
+        default="auto",
+        help="what --from-legacy holds (auto), as apply's --legacy",
     )
     p.add_argument("--checksums", help="for an XOR release: md5/sha256 sums of the rebuilt files (required)")
     p.add_argument("--out", required=True, help="delta package folder to create")
