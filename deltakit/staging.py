@@ -6,6 +6,7 @@ Whatever fails, the final path is either absent or holds the complete result: ne
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import shutil
 import uuid
@@ -16,6 +17,8 @@ from .errors import NoSpaceError, OutputExistsError
 from .units import human_bytes
 
 __all__ = ["StagedFolder", "check_free_space", "check_output_free", "fsync_path", "remove_abandoned"]
+
+log = logging.getLogger(__name__)
 
 
 def fsync_path(path: str | Path) -> None:
@@ -78,11 +81,16 @@ class StagedFolder:
         try:
             self._created_parents = [p for p in reversed(self.final.parents) if not p.exists()]
             self.final.parent.mkdir(parents=True, exist_ok=True)
-            self.path.mkdir()
-            # Held while this process builds the folder; the kernel drops it if the process dies, which
-            # is how remove_abandoned() tells a crashed build from a live one.
-            self._lock_fd = os.open(self.path, os.O_RDONLY)
+            for gone in remove_abandoned(self.final.parent):
+                log.warning("removed %s, the temporary folder of an earlier run that was killed", gone)
+            # Locked while this process builds the folder; the kernel drops the lock if the process dies,
+            # which is how remove_abandoned() tells a crashed build from a live one. The folder is locked
+            # under a name remove_abandoned() does not match, then renamed: no moment is it unlocked.
+            pending = self.path.with_suffix(".init")
+            pending.mkdir()
+            self._lock_fd = os.open(pending, os.O_RDONLY)
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            os.rename(pending, self.path)
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -96,6 +104,7 @@ class StagedFolder:
     ) -> None:
         if not self._committed:
             shutil.rmtree(self.path, ignore_errors=True)
+            shutil.rmtree(self.path.with_suffix(".init"), ignore_errors=True)  # interrupted before its rename
             for parent in reversed(self._created_parents):  # deepest first; only if still empty
                 try:
                     parent.rmdir()

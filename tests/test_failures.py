@@ -337,3 +337,25 @@ def test_side_files_linking_outside_their_folder_are_not_copied(tmp_path, make_p
     with pytest.raises(UnsupportedInputError, match="outside its folder"):
         apply_delta(base_dir, tmp_path / "d", tmp_path / "out")
     assert leftovers(tmp_path) == []
+
+
+def test_a_later_run_reclaims_what_a_killed_one_left_and_says_so(tmp_path, delta, caplog):
+    import fcntl
+    import logging
+
+    _, base_dir, delta_dir = delta
+    killed = tmp_path / ".out.deltakit-0123456789ab.tmp"  # what kill -9 leaves: a staging folder nobody locks
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"half")
+    live = tmp_path / ".other.deltakit-ba9876543210.tmp"  # another run's, still building: locked
+    live.mkdir()
+    lock = os.open(live, os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        with caplog.at_level(logging.WARNING, logger="deltakit"):
+            apply_delta(base_dir, delta_dir, tmp_path / "out")
+    finally:
+        os.close(lock)
+    assert not killed.exists() and live.exists()
+    assert f"removed {killed}, the temporary folder of an earlier run that was killed" in caplog.text
+    assert (tmp_path / "out" / "model.safetensors").exists()
