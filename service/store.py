@@ -73,6 +73,10 @@ def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+class KeyReused(Exception):
+    """An Idempotency-Key that already names a job made from another request."""
+
+
 def request_hash(kind: str, params: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps([kind, params], sort_keys=True).encode()).hexdigest()
 
@@ -115,7 +119,12 @@ class Store:
     # jobs ------------------------------------------------------------------------------------------
 
     def create_job(self, kind: str, params: dict[str, Any], idempotency_key: str | None) -> tuple[Job, bool]:
-        """Queue a job, or return the one this request already made: ``(job, created)``."""
+        """Queue a job, or return the one this request already made: ``(job, created)``.
+
+        Raises:
+            KeyReused: ``idempotency_key`` names a job of another request (compared in the same
+                transaction as the insert, so concurrent requests cannot both pass).
+        """
         digest = request_hash(kind, params)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -130,21 +139,22 @@ class Store:
                         "ORDER BY created LIMIT 1",
                         (digest,),
                     ).fetchone()
-                if row is not None:
-                    self._db.execute("COMMIT")
-                    return _job(row), False
-                job_id = uuid.uuid4().hex
-                self._db.execute(
-                    "INSERT INTO jobs (id, kind, params, request_hash, idempotency_key, state, created) "
-                    "VALUES (?, ?, ?, ?, ?, 'queued', ?)",
-                    (job_id, kind, json.dumps(params), digest, idempotency_key, time.time()),
-                )
-                row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                created = row is None
+                if created:
+                    job_id = uuid.uuid4().hex
+                    self._db.execute(
+                        "INSERT INTO jobs (id, kind, params, request_hash, idempotency_key, state, created) "
+                        "VALUES (?, ?, ?, ?, ?, 'queued', ?)",
+                        (job_id, kind, json.dumps(params), digest, idempotency_key, time.time()),
+                    )
+                    row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
                 self._db.execute("COMMIT")
-                return _job(row), True
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+        if row["request_hash"] != digest:  # only a key can name another request's job
+            raise KeyReused(f"{idempotency_key!r} names job {row['id']}, made from another request")
+        return _job(row), created
 
     def by_key(self, idempotency_key: str) -> Job | None:
         rows = self._run("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,))

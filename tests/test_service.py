@@ -400,3 +400,37 @@ def test_one_service_per_home(home):
             asyncio.run(start_and_stop(second))  # refused before its recovery could fail the first one's jobs
         assert http.get("/readyz").status_code == 200, "the first one serves on"
     asyncio.run(start_and_stop(create_app(Settings(home=root))))  # free again once the first has stopped
+
+
+def test_a_key_reused_with_another_body_is_refused_even_when_requests_race(home, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.store import KeyReused
+
+    store = Store(tmp_path / "jobs.sqlite3")
+    try:
+        first, created = store.create_job("verify", {"delta": "a"}, "k1")
+        assert created and store.create_job("verify", {"delta": "a"}, "k1") == (first, False)
+        with pytest.raises(KeyReused, match="made from another request"):  # the check the route's pre-check missed
+            store.create_job("verify", {"delta": "b"}, "k1")
+    finally:
+        store.close()
+
+    root, tokens, _ = home
+    bodies = [{"kind": "verify", "delta": "panda-7b"}, {"kind": "verify", "delta": "panda-7b", "base": "llama-7b"}]
+    with LiveServer(Settings(home=root)) as url, client(url, tokens["write"]) as http:
+
+        def post(i: int) -> tuple[dict, httpx.Response]:
+            body = bodies[i % 2]
+            return body, http.post("/v1/jobs", json=body, headers={"Idempotency-Key": "race"})
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(post, range(20)))
+        ids = set()
+        for body, response in answers:
+            assert response.status_code in (202, 422), response.text
+            if response.status_code == 202:
+                job = response.json()
+                assert job["params"] == {k: v for k, v in body.items() if k != "kind"}, "never the other body's job"
+                ids.add(job["id"])
+        assert len(ids) == 1

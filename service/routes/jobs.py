@@ -14,7 +14,7 @@ from deltakit.errors import DeltakitError, InputNotFoundError, OutputExistsError
 
 from ..deps import Read, RunnerDep, StoreDep, Write
 from ..schemas import JobOut, JobRequest, Problem
-from ..store import ACTIVE, Store
+from ..store import ACTIVE, KeyReused, Store
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -57,7 +57,10 @@ def create_job(
             runner.resolve(str(params[field]), kind=kind)  # 404 or 403 now, not a failed job later
     if request.output is not None and runner.registry.get(request.output) is not None:
         raise OutputExistsError(f"{request.output!r} is already a registered name; choose another output name")
-    job, created = store.create_job(request.kind, params, idempotency_key)
+    try:
+        job, created = store.create_job(request.kind, params, idempotency_key)
+    except KeyReused as e:  # a concurrent request with this key and another body got there first
+        raise IdempotencyKeyReused(f"Idempotency-Key {idempotency_key!r} was used for another request") from e
     if created:
         runner.submit(job.id)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
