@@ -235,3 +235,18 @@ def test_quiet_and_verbose_also_go_before_the_command(pair):
     shown = deltakit_cli("-v", "inspect", tmp / "first-q")
     assert shown.returncode == 0
     assert "a checkpoint, delta package, adapter or legacy delta" in deltakit_cli("inspect", "-h").stdout
+
+
+def test_serve_stops_cleanly_on_sigterm_as_on_ctrl_c(tmp_path, monkeypatch):
+    monkeypatch.setenv("DELTAKIT_HOME", str(tmp_path / "home"))
+    exe = shutil.which("deltakit", path=str(Path(sys.executable).parent))
+    command = [exe] if exe else [sys.executable, "-m", "deltakit"]
+    serve = subprocess.Popen([*command, "serve", "--port", "0"], stderr=subprocess.PIPE, text=True)
+    assert serve.stderr is not None
+    for line in serve.stderr:  # uvicorn logs its start-up on stderr
+        if "Application startup complete" in line:
+            break
+    serve.send_signal(signal.SIGTERM)  # what docker stop and systemd send
+    _, err = serve.communicate(timeout=60)
+    assert serve.returncode == 0, err
+    assert "terminated" not in err and "Application shutdown complete" in err

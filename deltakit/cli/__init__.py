@@ -13,11 +13,10 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from types import FrameType
 
 from .. import __version__
 from ..errors import DeltakitError
-from ._common import _UsageError
+from ._common import _terminate, _Terminated, _UsageError
 from ._names import _resolve_names
 from .convert import add_convert_parser
 from .delta import add_apply_parser, add_demo_parser, add_inspect_parser, add_make_parser, add_verify_parser
@@ -54,15 +53,6 @@ def _parser() -> argparse.ArgumentParser:
     add_registry_parsers(sub, common)
     add_demo_parser(sub, common)
     return parser
-
-
-class _Terminated(BaseException):
-    """SIGTERM (``kill``, systemd, ``docker stop``), raised in the main thread so that every ``with``
-    block unwinds, staging folders included, as it does for Ctrl-C."""
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise _Terminated
 
 
 def main(argv: Sequence[str] | None = None) -> int:

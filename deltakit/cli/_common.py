@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from types import FrameType
 from typing import TYPE_CHECKING
 
 from ..progress import ProgressFactory, tqdm_progress
@@ -48,3 +49,12 @@ def _progress(args: argparse.Namespace) -> ProgressFactory:
 
 class _UsageError(Exception):
     pass
+
+
+class _Terminated(BaseException):
+    """SIGTERM (``kill``, systemd, ``docker stop``), raised in the main thread so that every ``with``
+    block unwinds, staging folders included, as it does for Ctrl-C."""
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated

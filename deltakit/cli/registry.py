@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ..errors import DeltakitError
 from ..registry import Registry
 from ..units import human_bytes
-from ._common import _port, _progress, _say
+from ._common import _port, _progress, _say, _Terminated
 
 if TYPE_CHECKING:
     from ._common import _Subparsers
@@ -53,6 +53,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # Streams (server-sent events) end by themselves within minutes; do not wait that long to stop.
     try:
         uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)
+    except _Terminated:  # uvicorn stopped gracefully on SIGTERM, then raised it again: a clean stop, as Ctrl-C
+        return 0
     except SystemExit as e:  # uvicorn exits 3 when it cannot bind; its own log line says why
         if e.code not in (0, None):
             raise DeltakitError(f"the service could not start on {args.host}:{args.port} (see the line above)") from e
