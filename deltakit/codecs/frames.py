@@ -172,14 +172,14 @@ def decode_frame(
     for first in range(0, frame.elements, step):
         last = min(frame.elements, first + step)
         a, b = first * itemsize, last * itemsize
+        if rebuild is None:  # then there are several streams (one was returned above): join them in place
+            _interleave(planes, first, last, out[a:b])
+            continue
         if len(planes) == 1:
             payload = planes[0][a:b]
         else:
             payload = buffer("block", b - a)
             _interleave(planes, first, last, payload)
-        if rebuild is None:
-            out[a:b] = payload
-            continue
 
         def block_buffer(name: str, size: int, a: int = a) -> Bytes:
             return out[a : a + size] if name == "out" else buffer(f"block-{name}", size)
