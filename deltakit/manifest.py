@@ -22,7 +22,6 @@ __all__ = [
     "ENCODINGS",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
-    "PAYLOAD_TAG",
     "PAYLOAD_TAGS",
     "READABLE_FORMATS",
     "FileRecord",
@@ -38,7 +37,6 @@ FORMAT_VERSION = 2  # the format make writes; every format in READABLE_FORMATS s
 READABLE_FORMATS = (1, 2)
 MANIFEST_NAME = "deltakit.json"
 PAYLOAD_TAGS = {1: "delta/1", 2: "delta/2"}
-PAYLOAD_TAG = PAYLOAD_TAGS[1]
 # Format 2 adds ``sub`` (bit patterns subtracted modulo 2^bits, zigzag-mapped) beside ``xor``.
 ENCODINGS = {
     1: frozenset({"xor", "add", "rows", "raw", "copy"}),
