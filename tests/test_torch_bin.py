@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 
@@ -188,7 +189,22 @@ def _global(module: str, name: str) -> bytes:
     ("pickle_bytes", "message"),
     [
         # a 3-million-deep tuple as a dict key: hashing it would crash the interpreter
-        (b"\x80\x02}" + b"K\x00" + b"\x85" * 3_000_000 + b"K\x01s.", "dict key is not a string"),
+        (b"\x80\x02}" + b"K\x00" + b"\x85" * 3_000_000 + b"K\x01s.", "nests containers more than 32"),
+        # an OrderedDict built from a pair whose key is a deep tuple: OrderedDict would hash it (exit 139)
+        (
+            b"\x80\x02"
+            + _global("collections", "OrderedDict")
+            + b"K\x00"
+            + b"\x85" * 1_000_000
+            + b"K\x01\x86\x85\x85R.",
+            "nests containers more than 32",
+        ),
+        (
+            b"\x80\x02" + _global("collections", "OrderedDict") + b"X\x01\x00\x00\x00aK\x01\x86\x85\x85R.",
+            "OrderedDict from arguments",
+        ),
+        # a list grown after it was placed in another: its depth would escape the bound
+        (b"\x80\x02]q\x00]h\x00a0K\x00a.", "changes a container after placing it"),
         # a 16 MB bytes object: BINBYTES is no opcode torch writes
         (b"\x80\x03}X\x01\x00\x00\x00aB" + (1 << 24).to_bytes(4, "little") + b"\0" * (1 << 24) + b"s.", "opcode"),
         # torch.Size of something that is not a shape
@@ -205,11 +221,68 @@ def _global(module: str, name: str) -> bytes:
             "sets the state of something",
         ),
     ],
-    ids=["deep-key", "bytes-opcode", "bad-size", "build"],
+    ids=[
+        "deep-key",
+        "ordered-dict-deep-key",
+        "ordered-dict-args",
+        "grown-after-nesting",
+        "bytes-opcode",
+        "bad-size",
+        "build",
+    ],
 )
 def test_hostile_pickles_are_refused_quickly(tmp_path, pickle_bytes, message):
-    with pytest.raises(UnsafePickleError, match=message):
+    with pytest.raises(UnsafePickleError, match=message) as caught:
         read_torch_zip(raw_archive(tmp_path / "x.bin", pickle_bytes))
+    assert str(caught.value).startswith(f"{tmp_path / 'x.bin'}: ")  # the file is named
+
+
+def _nested(kind: str, depth: int) -> bytes:
+    """``depth`` containers of one kind around the int 0, as pickle opcodes."""
+    if kind == "tuple":
+        return b"K\x00" + b"\x85" * depth
+    if kind == "list":
+        return b"]" * depth + b"K\x00" + b"a" * depth
+    return b"}X\x01\x00\x00\x00k" * depth + b"K\x00" + b"s" * depth  # dicts
+
+
+@pytest.mark.parametrize("kind", ["tuple", "list", "dict"])
+@pytest.mark.parametrize("where", ["key", "value", "ordered-dict-item", "tensor-argument", "top"])
+@pytest.mark.parametrize("depth", [30, 33, 200_000])
+def test_structural_cases_end_in_a_named_error_never_a_crash(tmp_path, kind, where, depth):
+    """Depth in every place a pickle can put a container: within the bound it loads (and is refused
+    only for not being a tensor), past it it is refused by the bound, and nothing ever crashes."""
+    from deltakit import DeltakitError
+
+    inner = _nested(kind, depth)
+    rebuild = _global("torch._utils", "_rebuild_tensor_v2")
+    body = {
+        "key": b"}" + inner + b"K\x01s",
+        "value": b"}X\x01\x00\x00\x00a" + inner + b"s",
+        "ordered-dict-item": _global("collections", "OrderedDict") + b")R" + b"X\x01\x00\x00\x00a" + inner + b"s",
+        "tensor-argument": b"}X\x01\x00\x00\x00a" + rebuild + b"(" + inner + b"K\x00)})tRs",
+        "top": inner,
+    }[where]
+    with pytest.raises(DeltakitError) as caught:
+        read_torch_zip(raw_archive(tmp_path / "x.bin", b"\x80\x02" + body + b"."))
+    if depth > 32 and where != "key":
+        assert "nests containers more than 32" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"}X\x01\x00\x00\x00a](" + b"N" * 1_000_000 + b"es",  # a million-wide list
+        b"}" + b"(" + b"".join(b"X\x08\x00\x00\x00" + b"k%07d" % i + b"N" for i in range(200_000)) + b"u",
+        b"]" + b"".join(b"r" + i.to_bytes(4, "little") for i in range(0, 1 << 32, 1 << 12)),  # a sparse 2**32 memo
+    ],
+    ids=["wide-list", "wide-dict", "memo"],
+)
+def test_wide_pickles_and_large_memos_are_refused_in_bounded_time(tmp_path, body):
+    from deltakit import DeltakitError
+
+    with pytest.raises(DeltakitError):
+        read_torch_zip(raw_archive(tmp_path / "x.bin", b"\x80\x02" + body + b"."))
 
 
 def test_random_corruption_never_escapes_as_anything_but_a_deltakit_error(tmp_path):
@@ -243,3 +316,58 @@ def test_tensor_names_safetensors_cannot_hold_are_refused(tmp_path, state, messa
     torch.save(state, tmp_path / "pytorch_model.bin")
     with pytest.raises(FormatError, match=message):
         read_torch_zip(tmp_path / "pytorch_model.bin")
+
+
+def _patch_sizes(data: bytearray, name: bytes, size: int) -> None:
+    """Set the uncompressed size that the central directory and local header give for ``name``."""
+    central = data.index(b"PK\x01\x02")  # the first central directory entry
+    while (at := data.find(b"PK\x01\x02", central)) != -1:
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", data, at + 28)
+        if data[at + 46 : at + 46 + name_len] == name:
+            struct.pack_into("<I", data, at + 24, size)
+            local = struct.unpack_from("<I", data, at + 42)[0]
+            struct.pack_into("<I", data, local + 22, size)
+            return
+        central = at + 46 + name_len + extra_len + comment_len
+    raise AssertionError(f"{name!r} not in the central directory")
+
+
+def test_a_deflated_pickle_whose_size_lies_is_never_inflated_past_the_cap(tmp_path, monkeypatch):
+    """A 200 MB DEFLATE bomb declared as 1 KB: reading it must not allocate the 200 MB."""
+    import tracemalloc
+
+    path = tmp_path / "bomb.bin"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", b"\x80\x02}." + bytes(200 << 20))
+        z.writestr("archive/byteorder", "little")
+    data = bytearray(path.read_bytes())
+    _patch_sizes(data, b"archive/data.pkl", 1000)
+    path.write_bytes(bytes(data))
+    monkeypatch.setattr("deltakit.formats.torch_zip.MAX_PICKLE_BYTES", 10 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(FormatError):
+            read_torch_zip(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 << 20, f"reading a lying 1 KB entry allocated {peak >> 20} MB"
+
+
+@pytest.mark.parametrize("shift", [4, -4, 64])
+def test_a_local_header_extra_length_that_shifts_the_data_is_refused(tmp_path, shift):
+    torch.save({"a": torch.arange(64, dtype=torch.float16), "b": torch.ones(64).half()}, tmp_path / "ok.bin")
+    data = bytearray((tmp_path / "ok.bin").read_bytes())
+    info = zipfile.ZipFile(tmp_path / "ok.bin").getinfo("ok/data/0")
+    at = info.header_offset + 28
+    struct.pack_into("<H", data, at, struct.unpack_from("<H", data, at)[0] + shift)
+    (tmp_path / "bad.bin").write_bytes(bytes(data))
+    with pytest.raises(FormatError, match="does not end where the archive says"):
+        read_torch_zip(tmp_path / "bad.bin")
+
+
+def test_a_tensor_name_with_a_lone_surrogate_is_refused_by_file(tmp_path):
+    torch.save({"ok": torch.ones(2), "bad\ud800": torch.ones(2)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(FormatError, match="lone surrogate") as caught:
+        read_torch_zip(tmp_path / "pytorch_model.bin")
+    assert caught.value.path == tmp_path / "pytorch_model.bin"

@@ -96,7 +96,7 @@ class _StorageType:
 
 
 _ALLOWED: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("collections", "OrderedDict"): collections.OrderedDict,  # called with no arguments only (load_reduce)
     ("torch", "Size"): _size,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
@@ -119,34 +119,135 @@ _OPCODES = {
 }  # fmt: skip
 
 
+# A state dict is a few levels deep (a checkpoint dict, the state dict, a tensor's arguments); a
+# pickle nesting deeper is built to exhaust the C stack of whatever walks it later.
+MAX_NESTING = 32
+
+
 class _StateDictUnpickler(pickle._Unpickler):  # the pure-Python one: its dispatch table can be narrowed
     """Knows tensors, storages and ``OrderedDict``; every other global, and any opcode torch does not
     emit, is refused by name. Dict keys must be strings, so nothing crafted is ever hashed, and
-    errors name types, never the crafted objects themselves."""
+    errors name types, never the crafted objects themselves.
+
+    Containers may nest at most ``MAX_NESTING`` deep. The depth of each container is known when it is
+    built, because a container that has been placed inside another is sealed: torch.save fills every
+    list and dict before it places it, so a pickle that grows a sealed one is refused.
+    """
 
     # the pure-Python unpickler's internals, which these overrides use
     stack: list[Any]
+    append: Callable[[Any], None]
     pop_mark: Callable[[], list[Any]]
     dispatch: ClassVar[dict[int, Callable[[Any], None]]] = {
         code: fn for code, fn in pickle._Unpickler.dispatch.items() if code in _OPCODES
     }
 
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file)
+        self._depth: dict[int, int] = {}  # id of each container built so far -> its nesting depth
+        self._sealed: set[int] = set()
+        self._alive: list[Any] = []  # holds every container, so that no id is reused while loading
+
+    def _nest(self, container: Any, children: Iterable[Any] = ()) -> Any:
+        """Record that ``container`` now holds ``children``, sealing them; refuse too deep a nest."""
+        key = id(container)
+        if key in self._sealed:
+            raise UnsafePickleError("the pickle changes a container after placing it in another; torch.save never does")
+        depth = self._depth.get(key)
+        if depth is None:
+            self._alive.append(container)
+            depth = 1
+        for child in children:
+            inner = self._depth.get(id(child))
+            if inner is not None:
+                if type(child) is not tuple:  # tuples cannot grow (and the empty one is shared)
+                    self._sealed.add(id(child))
+                depth = max(depth, inner + 1)
+        if depth > MAX_NESTING:
+            raise UnsafePickleError(
+                f"the pickle nests containers more than {MAX_NESTING} deep; a state dict needs a few levels"
+            )
+        self._depth[key] = depth
+        return container
+
     def _check_keys(self, keys: Iterable[Any]) -> None:
         if not all(type(k) is str for k in keys):
             raise UnsafePickleError("a dict key is not a string; a state dict maps names to tensors")
 
+    def load_empty_tuple(self) -> None:
+        self.append(self._nest(()))
+
+    def load_tuple(self) -> None:
+        items = self.pop_mark()
+        self.append(self._nest(tuple(items), items))
+
+    def load_tuple1(self) -> None:
+        self.stack[-1] = self._nest((self.stack[-1],), self.stack[-1:])
+
+    def load_tuple2(self) -> None:
+        items = self.stack[-2:]
+        self.stack[-2:] = [self._nest(tuple(items), items)]
+
+    def load_tuple3(self) -> None:
+        items = self.stack[-3:]
+        self.stack[-3:] = [self._nest(tuple(items), items)]
+
+    def load_empty_list(self) -> None:
+        self.append(self._nest([]))
+
+    def load_list(self) -> None:
+        items = self.pop_mark()
+        self.append(self._nest(list(items), items))
+
+    def load_append(self) -> None:
+        value = self.stack.pop()
+        target = self.stack[-1]
+        if type(target) is not list:
+            raise UnsafePickleError(f"the pickle appends to a {type(target).__name__}, not a list")
+        self._nest(target, [value]).append(value)
+
+    def load_appends(self) -> None:
+        items = self.pop_mark()
+        target = self.stack[-1]
+        if type(target) is not list:
+            raise UnsafePickleError(f"the pickle appends to a {type(target).__name__}, not a list")
+        self._nest(target, items).extend(items)
+
+    def load_empty_dictionary(self) -> None:
+        self.append(self._nest({}))
+
+    def _set_items(self, items: list[Any]) -> None:
+        target = self.stack[-1]
+        if not isinstance(target, dict):
+            raise UnsafePickleError(f"the pickle sets items of a {type(target).__name__}, not a dict")
+        keys, values = items[0::2], items[1::2]
+        self._check_keys(keys)
+        self._nest(target, values)
+        for key, value in zip(keys, values, strict=True):
+            target[key] = value
+
     def load_setitem(self) -> None:
         value = self.stack.pop()
         key = self.stack.pop()
-        self._check_keys([key])
-        self.stack[-1][key] = value
+        self._set_items([key, value])
 
     def load_setitems(self) -> None:
         items = self.pop_mark()
-        self._check_keys(items[0::2])
-        target = self.stack[-1]
-        for k in range(0, len(items), 2):
-            target[items[k]] = items[k + 1]
+        if len(items) % 2:
+            raise UnsafePickleError("the pickle sets a dict item without a value")
+        self._set_items(items)
+
+    def load_reduce(self) -> None:
+        args = self.stack.pop()
+        function = self.stack[-1]
+        if type(args) is not tuple:
+            raise UnsafePickleError(f"the pickle calls {getattr(function, '__name__', 'a function')} on a non-tuple")
+        if function is collections.OrderedDict:
+            if args:  # torch.save writes OrderedDict() and then sets its items, which are checked there
+                raise UnsafePickleError("the pickle builds an OrderedDict from arguments; torch.save never does")
+            self.stack[-1] = self._nest(collections.OrderedDict())
+            return
+        self.stack[-1] = function(*args)
 
     def load_build(self) -> None:
         state = self.stack.pop()
@@ -154,8 +255,19 @@ class _StateDictUnpickler(pickle._Unpickler):  # the pure-Python one: its dispat
             raise UnsafePickleError("the pickle sets the state of something other than a state dict")
         self._check_keys(state)  # _metadata and its kin: nothing deltakit needs, so dropped
 
+    dispatch[pickle.EMPTY_TUPLE[0]] = load_empty_tuple
+    dispatch[pickle.TUPLE[0]] = load_tuple
+    dispatch[pickle.TUPLE1[0]] = load_tuple1
+    dispatch[pickle.TUPLE2[0]] = load_tuple2
+    dispatch[pickle.TUPLE3[0]] = load_tuple3
+    dispatch[pickle.EMPTY_LIST[0]] = load_empty_list
+    dispatch[pickle.LIST[0]] = load_list
+    dispatch[pickle.APPEND[0]] = load_append
+    dispatch[pickle.APPENDS[0]] = load_appends
+    dispatch[pickle.EMPTY_DICT[0]] = load_empty_dictionary
     dispatch[pickle.SETITEM[0]] = load_setitem
     dispatch[pickle.SETITEMS[0]] = load_setitems
+    dispatch[pickle.REDUCE[0]] = load_reduce
     dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module: str, name: str) -> Any:
@@ -182,19 +294,64 @@ class _StateDictUnpickler(pickle._Unpickler):  # the pure-Python one: its dispat
 
 
 def _read_small(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int = 16) -> bytes:
+    """At most ``limit`` bytes of an entry: a compressed entry is never inflated past what is asked
+    (``ZipFile.read`` would inflate a whole chunk at once, whatever its header promises)."""
     with archive.open(info) as entry:
         return entry.read(limit)
 
 
-def _data_offset(archive: Path, raw: io.BufferedReader, info: zipfile.ZipInfo) -> int:
-    """Where an entry's bytes start: after its local header, whose extra field may differ from the
-    central directory's (torch pads it to align storages)."""
+_DESCRIPTOR = b"PK\x07\x08"
+
+
+def _descriptor_agrees(tail: bytes, info: zipfile.ZipInfo) -> bool:
+    """Whether ``tail`` starts with a data descriptor that repeats the central directory's CRC and sizes.
+
+    The descriptor's signature is optional in the zip specification, but every writer of checkpoints
+    (torch's miniz, Python's zipfile) writes it, and without it a data range shifted by four bytes
+    would read the descriptor's own fields as one.
+    """
+    expected = (info.CRC, info.compress_size, info.file_size)
+    return tail.startswith(_DESCRIPTOR) and any(
+        len(tail) >= 4 + struct.calcsize(layout) and struct.unpack_from(layout, tail, 4) == expected
+        for layout in ("<III", "<IQQ")  # zip64 descriptors carry 8-byte sizes
+    )
+
+
+def _data_range(archive: Path, raw: io.BufferedReader, info: zipfile.ZipInfo, limit: int) -> tuple[int, int]:
+    """Where an entry's bytes lie, from its local header, checked against the central directory.
+
+    The local header's extra field may differ from the central directory's (torch pads it to align
+    storages), so the data's start comes from the local header alone; a wrong extra length there
+    would shift every byte silently. So the data must end where the entry's data descriptor (which
+    repeats the CRC and sizes) or, without one, the next entry begins: ``limit``.
+    """
     raw.seek(info.header_offset)
     local = raw.read(30)
+    where = f"{archive}: zip entry {info.filename}"
     if len(local) != 30 or local[:4] != b"PK\x03\x04":
-        raise FormatError(f"{archive}: zip entry {info.filename} has no local header", path=archive)
-    name_len, extra_len = struct.unpack("<HH", local[26:30])
-    return int(info.header_offset) + 30 + int(name_len) + int(extra_len)
+        raise FormatError(f"{where} has no local header", path=archive)
+    flags, method, crc, compressed, size, name_len, extra_len = struct.unpack("<2xHH4xIIIHH", local[4:30])
+    if raw.read(name_len) != info.orig_filename.encode("utf-8" if flags & 0x800 else "cp437", "replace"):
+        raise FormatError(f"{where}: the local header names another file than the central directory", path=archive)
+    start = int(info.header_offset) + 30 + name_len + extra_len
+    end = start + int(info.compress_size)
+    if method != info.compress_type:
+        raise FormatError(f"{where}: the local header and central directory disagree on compression", path=archive)
+    if flags & 0x08:  # sizes follow the data, in a descriptor
+        raw.seek(end)
+        tail = raw.read(min(24, max(limit - end, 0)))
+        agrees = _descriptor_agrees(tail, info) and end + 16 <= limit
+    else:
+        sizes_agree = (crc, compressed, size) == (info.CRC, info.compress_size, info.file_size)
+        zip64 = compressed == size == 0xFFFFFFFF
+        agrees = (sizes_agree or zip64) and end == limit
+    if not agrees:
+        raise FormatError(
+            f"{where}: its data does not end where the archive says (a wrong extra-field length in its local "
+            "header would shift every byte): the file is damaged",
+            path=archive,
+        )
+    return start, end
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -219,6 +376,10 @@ def read_torch_zip(path: str | Path) -> dict[str, TensorInfo]:
         raise InputNotFoundError(f"{path}: no such file", path=path)
     try:
         return _read_torch_zip(path)
+    except UnsafePickleError as e:
+        if e.path is not None:
+            raise
+        raise UnsafePickleError(f"{path}: {e}", path=path, actual=e.actual) from e
     except DeltakitError:
         raise
     except Exception as e:  # a damaged archive fails in many ways inside zipfile, zlib and struct
@@ -242,10 +403,11 @@ def _read_torch_zip(path: Path) -> dict[str, TensorInfo]:
             byteorder = entries.get(prefix + "byteorder")
             if byteorder is not None and _read_small(archive, byteorder).strip() != b"little":
                 raise UnsupportedInputError(f"{path}: a big-endian checkpoint; only little-endian is read", path=path)
-            if entries[pickles[0]].file_size > MAX_PICKLE_BYTES:
+            pickled = _read_small(archive, entries[pickles[0]], MAX_PICKLE_BYTES + 1)
+            if len(pickled) > MAX_PICKLE_BYTES:
                 raise FormatError(f"{path}: data.pkl is larger than the {MAX_PICKLE_BYTES} byte cap", path=path)
             try:
-                state = _StateDictUnpickler(io.BytesIO(archive.read(pickles[0]))).load()
+                state = _StateDictUnpickler(io.BytesIO(pickled)).load()
             except (UnsafePickleError, FormatError):
                 raise
             except KeyError as e:  # the narrowed dispatch table has no entry for this opcode
@@ -257,8 +419,15 @@ def _read_torch_zip(path: Path) -> dict[str, TensorInfo]:
             state = state.get("state_dict", state) if isinstance(state, dict) else state
             if not isinstance(state, dict):
                 raise FormatError(f"{path}: the pickle holds a {type(state).__name__}, not a state dict", path=path)
+            limits = _entry_limits(archive)
             tensors: dict[str, TensorInfo] = {}
             for name, ref in state.items():
+                if not name.isascii() and not _encodable(name):
+                    raise FormatError(
+                        f"{path}: a tensor name is not valid Unicode (a lone surrogate): "
+                        f"{name.encode('utf-8', 'replace').decode()!r}",
+                        path=path,
+                    )
                 if name == "__metadata__":
                     raise FormatError(
                         f"{path}: holds a tensor named '__metadata__', the name safetensors keeps for its metadata: "
@@ -270,14 +439,35 @@ def _read_torch_zip(path: Path) -> dict[str, TensorInfo]:
                     raise UnsupportedInputError(
                         f"{path}: entry {name!r} is a {type(ref).__name__}, not a tensor", path=path, tensor=str(name)
                     )
-                tensors[str(name)] = _locate(path, raw, entries, prefix, str(name), ref)
+                tensors[name] = _locate(path, raw, entries, limits, prefix, name, ref)
             return tensors
     except zipfile.BadZipFile as e:
         raise FormatError(f"{path}: damaged zip archive: {e}", path=path) from e
 
 
+def _encodable(name: str) -> bool:
+    try:  # pickles decode with surrogatepass, so a name can hold a lone surrogate that no file can
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _entry_limits(archive: zipfile.ZipFile) -> dict[str, int]:
+    """For each entry, where the next one (or the central directory) begins: no entry's data may pass it."""
+    ordered = sorted(archive.infolist(), key=lambda info: info.header_offset)
+    ends = [info.header_offset for info in ordered[1:]] + [archive.start_dir]
+    return {info.filename: int(end) for info, end in zip(ordered, ends, strict=True)}
+
+
 def _locate(
-    path: Path, raw: io.BufferedReader, entries: dict[str, zipfile.ZipInfo], prefix: str, name: str, ref: _TensorRef
+    path: Path,
+    raw: io.BufferedReader,
+    entries: dict[str, zipfile.ZipInfo],
+    limits: dict[str, int],
+    prefix: str,
+    name: str,
+    ref: _TensorRef,
 ) -> TensorInfo:
     item = ITEMSIZE[ref.storage.dtype]
     info = entries.get(f"{prefix}data/{ref.storage.key}")
@@ -301,7 +491,7 @@ def _locate(
         )
     if ref.offset < 0 or ref.offset + numel > ref.storage.numel:
         raise FormatError(f"{path}: tensor {name!r} reaches past its storage", path=path, tensor=name)
-    start = _data_offset(path, raw, info) + ref.offset * item
+    start = _data_range(path, raw, info, limits[info.filename])[0] + ref.offset * item
     return TensorInfo(name, ref.storage.dtype, ref.shape, path, start, start + numel * item)
 
 
