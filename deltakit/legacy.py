@@ -22,6 +22,7 @@ import gzip
 import math
 import shutil
 import uuid
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +33,15 @@ from .codecs import Bytes, add_decode, cast_bits
 from .dtypes import itemsize
 from .engine import MakeReport, checkpoint_digests, make_delta
 from .engine.make import DEFAULT_LEVEL
-from .errors import BaseMismatchError, DeltakitError, InputNotFoundError, UnsupportedInputError
+from .errors import BaseMismatchError, DeltakitError, FormatError, InputNotFoundError, UnsupportedInputError
 from .formats.checkpoint import Checkpoint, RangeReader, is_weight_file, open_checkpoint
 from .formats.safetensors import TensorInfo, TensorSpec
 from .hashing import algorithm_of, file_hexdigest, file_sha256, fingerprint, read_checksum_file
 from .manifest import FORMAT_VERSION
 from .progress import ProgressBar, ProgressFactory, no_progress
-from .staging import StagedFolder, check_output_free
+from .staging import StagedFolder, check_free_space, check_output_free
 from .streaming import DEFAULT_SHARD_SIZE, Chunk, as_bytes, element_ranges, paired_chunks, write_model
+from .units import human_bytes
 
 __all__ = [
     "LEGACY_KINDS",
@@ -265,16 +267,67 @@ def is_xor_release(path: str | Path) -> bool:
     return folder.is_dir() and any(p.is_file() and is_weight_file(p.name) and _is_gzip(p) for p in folder.iterdir())
 
 
-def _xor_file(payload: Path, base: Path, dest: Path, bar: ProgressBar) -> None:
-    """``gunzip(payload) XOR base``, the base zero-padded or cut to the payload's length, streamed."""
-    with gzip.open(payload, "rb") as fin, open(base, "rb") as fbase, open(dest, "xb") as fout:
-        while block := fin.read(_XOR_BLOCK):
-            mask = fbase.read(len(block))
-            data = np.frombuffer(block, dtype=np.uint8)
-            key = np.zeros(len(block), dtype=np.uint8)
-            key[: len(mask)] = np.frombuffer(mask, dtype=np.uint8)
-            fout.write(np.bitwise_xor(data, key).tobytes())
-            bar.update(len(block))
+# A rebuilt file is the base's file of the same name, changed: a little larger at most (a grown
+# vocabulary, a longer config). A payload that promises more is a decompression bomb or a mismatch.
+_XOR_GROWTH_SLACK = 64 << 20
+
+
+def _promised_size(payload: Path, base: Path) -> int:
+    """The size ``payload`` inflates to, as its gzip trailer gives it, refused if out of proportion.
+
+    The trailer holds the size modulo 2**32, so of the sizes it allows, the one nearest the base
+    file's is taken; inflating then stops one byte past it, and gzip's own check of the trailer
+    catches any other.
+    """
+    with open(payload, "rb") as f:
+        f.seek(0, 2)
+        if f.tell() < 18:  # a gzip header and trailer alone take 18 bytes
+            raise FormatError(f"{payload}: too short to be a gzip stream: the file is damaged", path=payload)
+        f.seek(-4, 2)
+        trailer = int.from_bytes(f.read(4), "little")
+    base_size = base.stat().st_size
+    wraps = max(0, round((base_size - trailer) / (1 << 32)))
+    promised = trailer + wraps * (1 << 32)
+    if promised > 2 * base_size + _XOR_GROWTH_SLACK:
+        raise FormatError(
+            f"{payload}: inflates to {human_bytes(promised)} by its gzip trailer, out of proportion to the base's "
+            f"{base.name} ({human_bytes(base_size)}): a damaged file or a decompression bomb",
+            path=payload,
+            expected=2 * base_size + _XOR_GROWTH_SLACK,
+            actual=promised,
+        )
+    return promised
+
+
+def _xor_file(payload: Path, base: Path, dest: Path, promised: int, bar: ProgressBar) -> None:
+    """``gunzip(payload) XOR base``, the base zero-padded or cut to the payload's length, streamed,
+    never inflating more than one byte past ``promised``."""
+    written = 0
+    try:
+        with gzip.open(payload, "rb") as fin, open(base, "rb") as fbase, open(dest, "xb") as fout:
+            while block := fin.read(min(_XOR_BLOCK, promised + 1 - written)):
+                written += len(block)
+                if written > promised:
+                    raise FormatError(
+                        f"{payload}: inflates past the {promised} bytes its gzip trailer gives: "
+                        "a damaged file or a decompression bomb",
+                        path=payload,
+                        expected=promised,
+                    )
+                mask = fbase.read(len(block))
+                data = np.frombuffer(block, dtype=np.uint8)
+                key = np.zeros(len(block), dtype=np.uint8)
+                key[: len(mask)] = np.frombuffer(mask, dtype=np.uint8)
+                fout.write(np.bitwise_xor(data, key).tobytes())
+                bar.update(len(block))
+            if fin.read(1):  # the whole stream, so that gzip checks its CRC and length
+                raise FormatError(f"{payload}: inflates past the {promised} bytes its gzip trailer gives", path=payload)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise FormatError(f"{payload}: damaged gzip stream ({e}): download the release file again", path=payload) from e
+    if written != promised:
+        raise FormatError(
+            f"{payload}: inflates to {written} bytes, not the {promised} its gzip trailer gives", path=payload
+        )
 
 
 def _rebuild_xor_release(
@@ -294,10 +347,12 @@ def _rebuild_xor_release(
                 "a base laid out differently",
                 path=base / payload.name,
             )
-    bar = progress(sum((base / p.name).stat().st_size for p in encoded), "apply (oasst-xor)")
+    promised = {p: _promised_size(p, base / p.name) for p in encoded}
+    check_free_space(out, sum(promised.values()) + sum(p.stat().st_size for p in files if p not in promised))
+    bar = progress(sum(promised.values()), "apply (oasst-xor)")
     with StagedFolder(out) as staged:
         for payload in encoded:
-            _xor_file(payload, base / payload.name, staged.path / payload.name, bar)
+            _xor_file(payload, base / payload.name, staged.path / payload.name, promised[payload], bar)
         for plain in files:
             if plain not in encoded:  # added_tokens.json travels as it is
                 file_sha256(plain, copy_to=staged.path / plain.name)

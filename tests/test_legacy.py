@@ -11,7 +11,7 @@ from conftest import assert_same_tensors, llama_like, load_checkpoint, nudged, r
 from conftest import write_checkpoint as write
 from test_cli import deltakit_cli
 
-from deltakit import BaseMismatchError, UnsupportedInputError, apply_delta, verify_model
+from deltakit import BaseMismatchError, FormatError, UnsupportedInputError, apply_delta, verify_model
 from deltakit.legacy import apply_legacy_delta, make_delta_from_legacy
 
 
@@ -244,3 +244,67 @@ def test_inv_freq_buffers_in_an_old_delta_are_ignored(tmp_path):
     delta["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.arange(4, dtype=torch.float32)
     report = apply_legacy_delta(write(tmp_path / "llama", base), write(tmp_path / "d", delta), tmp_path / "out")
     assert report.tensors == len(base)
+
+
+def _gzip_with_trailer(path: Path, data_size: int, trailer: int | None = None) -> None:
+    import gzip
+
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        for _ in range(data_size >> 20):
+            f.write(bytes(1 << 20))
+    if trailer is not None:
+        raw = bytearray(path.read_bytes())
+        raw[-4:] = trailer.to_bytes(4, "little")
+        path.write_bytes(bytes(raw))
+
+
+class _Counted:
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def __call__(self, total: int, label: str) -> _Counted:
+        return self
+
+    def update(self, n: int) -> None:
+        self.seen += n
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_xor_file_promising_far_more_than_its_base_is_refused_before_anything_is_written(tmp_path):
+    oasst_setup(tmp_path)
+    _gzip_with_trailer(tmp_path / "release" / "pytorch_model.bin", 200 << 20)  # 200 MB of zeros, 200 KB on disk
+    counted = _Counted()
+    with pytest.raises(FormatError, match="out of proportion to the base") as caught:
+        apply_legacy_delta(tmp_path / "llama", tmp_path / "release", tmp_path / "out", progress=counted)
+    assert caught.value.path == tmp_path / "release" / "pytorch_model.bin"
+    assert counted.seen == 0 and not (tmp_path / "out").exists()
+
+
+def test_an_xor_file_whose_trailer_understates_it_stops_one_byte_past_the_promise(tmp_path):
+    oasst_setup(tmp_path)
+    promised = (tmp_path / "llama" / "pytorch_model.bin").stat().st_size
+    _gzip_with_trailer(tmp_path / "release" / "pytorch_model.bin", 200 << 20, trailer=promised)
+    counted = _Counted()
+    with pytest.raises(FormatError, match="inflates past the"):
+        apply_legacy_delta(tmp_path / "llama", tmp_path / "release", tmp_path / "out", progress=counted)
+    assert counted.seen <= promised and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit-flip", "tiny"])
+def test_a_damaged_xor_file_is_a_named_error(tmp_path, damage):
+    oasst_setup(tmp_path)
+    payload = tmp_path / "release" / "pytorch_model.bin"
+    raw = bytearray(payload.read_bytes())
+    if damage == "truncated":
+        raw = raw[: len(raw) // 2] + raw[-8:]  # the trailer kept: the stream just ends early
+    elif damage == "bit-flip":
+        raw[len(raw) // 2] ^= 0x10
+    else:
+        raw = raw[:12]
+    payload.write_bytes(bytes(raw))
+    with pytest.raises(FormatError) as caught:
+        apply_legacy_delta(tmp_path / "llama", tmp_path / "release", tmp_path / "out")
+    assert caught.value.path == payload and str(payload) in str(caught.value)
+    assert not (tmp_path / "out").exists()
