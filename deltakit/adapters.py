@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .codecs import Bytes, LoraTerm, lora_merge_rows
 from .dtypes import is_float, itemsize, to_torch
-from .errors import UnsupportedInputError
+from .errors import FormatError, UnsupportedInputError
 from .formats.checkpoint import RangeReader, is_weight_file, open_checkpoint
 from .formats.peft import Adapter, LoraPair, open_adapter
 from .formats.safetensors import TensorInfo, TensorSpec
@@ -185,7 +185,16 @@ def _producer(steps: Sequence[_MergeStep], reader: RangeReader) -> Callable[[Chu
         data = as_bytes(views[0])
         if step.pairs:
             first_row = chunk.first // step.source.shape[1]
-            data = lora_merge_rows(data, step.source.dtype, step.source.shape, first_row, loaded[chunk.owner])
+            try:
+                data = lora_merge_rows(data, step.source.dtype, step.source.shape, first_row, loaded[chunk.owner])
+            except OverflowError as e:
+                adapters = ", ".join(str(pair.a.path) for pair in step.pairs)
+                raise FormatError(
+                    f"merging {adapters} into {step.name!r} gives infinite or NaN weights ({step.source.dtype} "
+                    f"overflows, or the LoRA weights are not finite): check lora_alpha and the adapter's tensors",
+                    path=step.pairs[-1].a.path,
+                    tensor=step.name,
+                ) from e
         return data
 
     return produce

@@ -153,3 +153,67 @@ def test_an_adapter_for_another_vocabulary_is_refused(tmp_path):
         merge_adapters(base_dir, [tmp_path / "adapter"], tmp_path / "out")
     result = deltakit_cli("apply", "--base", base_dir, "--delta", tmp_path / "adapter", "--out", tmp_path / "o")
     assert result.returncode == 1 and "another architecture or vocabulary" in result.stderr
+
+
+def _adapter_with(tmp_path: Path, **edits: object) -> tuple[Path, Path]:
+    base_dir = save(tiny_llama(), tmp_path / "base")
+    lora(tiny_llama(), 1, r=2, lora_alpha=4, target_modules=["q_proj"]).save_pretrained(tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(edits)
+    config_path.write_text(json.dumps(config))
+    return base_dir, tmp_path / "adapter"
+
+
+@pytest.mark.parametrize(
+    ("edits", "message"),
+    [
+        ({"r": 0}, "r must be a positive integer"),
+        ({"r": 2.5}, "r must be a positive integer"),
+        ({"lora_alpha": float("nan")}, "lora_alpha must be a finite number"),
+        ({"lora_alpha": float("inf")}, "lora_alpha must be a finite number"),
+        ({"lora_alpha": 1e300}, "lora_alpha must be a finite number"),
+        ({"lora_alpha": "4"}, "lora_alpha must be a finite number"),
+        ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\] must be a positive integer"),
+        ({"alpha_pattern": {"q_proj": float("-inf")}}, r"alpha_pattern\['q_proj'\] must be a finite number"),
+        ({"rank_pattern": {"q_proj(": 2}}, r"rank_pattern key 'q_proj\(' is not a regular expression .*missing \)"),
+        ({"rank_pattern": [1]}, "rank_pattern must be an object"),
+    ],
+)
+def test_adapter_configs_peft_would_refuse_are_named_errors(tmp_path, edits, message):
+    from deltakit import FormatError
+
+    base_dir, adapter = _adapter_with(tmp_path, **edits)
+    with pytest.raises(FormatError, match=message) as caught:
+        merge_adapters(base_dir, [adapter], tmp_path / "out")
+    assert caught.value.path == adapter / "adapter_config.json"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_backtracking_rank_pattern_is_matched_in_linear_time(tmp_path):
+    """``(q+)+x`` against a long run of q takes Python's re some 2**5000 steps; RE2 does not backtrack.
+    The match runs in a child process, so that a regression hangs only until the timeout."""
+    import subprocess
+    import sys
+
+    base_dir, adapter = _adapter_with(tmp_path, rank_pattern={"(q+)+x": 8, "q_proj": 2})
+    code = (
+        "import json, sys; from pathlib import Path; from deltakit.formats.peft import _Ranks\n"
+        "path = Path(sys.argv[1]); ranks = _Ranks.from_config(json.loads(path.read_text()), path)\n"
+        "print(ranks.of('model.layers.0.' + 'q' * 5000 + 'y'), ranks.of('model.layers.0.qqqx'))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(adapter / "adapter_config.json")], capture_output=True, text=True, timeout=120
+    )
+    assert result.stdout.split() == ["(2,", "4.0)", "(8,", "4.0)"], result.stderr
+    merge_adapters(base_dir, [adapter], tmp_path / "out")  # the real adapter still merges, q_proj at rank 2
+
+
+def test_lora_weights_that_overflow_the_model_dtype_are_a_named_error(tmp_path):
+    base_dir, adapter = _adapter_with(tmp_path, lora_alpha=1e6)  # fp16 holds at most 65504
+    from deltakit import FormatError
+
+    with pytest.raises(FormatError, match="gives infinite or NaN weights") as caught:
+        merge_adapters(base_dir, [adapter], tmp_path / "out")
+    assert caught.value.tensor and "q_proj" in caught.value.tensor
+    assert not (tmp_path / "out").exists()

@@ -225,6 +225,10 @@ class LoraTerm:
 def lora_merge_rows(rows: Bytes, dtype: str, shape: tuple[int, ...], first: int, terms: list[LoraTerm]) -> Bytes:
     """Rows ``first:first + n`` of ``W + sum(scale * B @ A)``, computed in fp32, rounded to ``dtype``.
 
+    Raises:
+        OverflowError: the result holds an infinity or NaN where ``W`` holds a finite value (a LoRA
+            with non-finite weights, or an update too large for ``dtype``).
+
     Args:
         rows: the bytes of whole rows of the weight ``W`` (shape ``(out, in)``, or ``(in, out)``
             when a term is transposed).
@@ -236,10 +240,13 @@ def lora_merge_rows(rows: Bytes, dtype: str, shape: tuple[int, ...], first: int,
     width = shape[1]
     count = rows.size // itemsize(dtype) // width
     w = _values(rows, dtype).to(torch.float32).reshape(count, width)
+    finite = torch.isfinite(w)
     for term in terms:
         if term.transposed:
             w += term.scale * (term.b @ term.a[:, first : first + count]).T
         else:
             w += term.scale * (term.b[first : first + count] @ term.a)
     merged = w.to(to_torch(dtype)).reshape(-1)
+    if not bool((torch.isfinite(merged) | ~finite.reshape(-1)).all()):
+        raise OverflowError("the merge makes infinite or NaN values where the weight has finite ones")
     return _bits(merged, nan_source=merged)

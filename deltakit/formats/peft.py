@@ -62,18 +62,87 @@ def is_adapter(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def _pattern_value(patterns: Any, module: str, default: Any, where: Path) -> Any:
-    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: a key matches a module name's tail."""
-    if not isinstance(patterns, dict):
-        raise FormatError(f"{where}: rank_pattern and alpha_pattern must be objects", path=where)
-    for key, value in patterns.items():
-        try:
-            matched = re.match(rf"(.*\.)?({key})$", module)
-        except (re.error, TypeError) as e:
-            raise FormatError(f"{where}: pattern {key!r} is not a valid regular expression: {e}", path=where) from e
-        if matched:
-            return value
-    return default
+# A module name is matched against a rank_pattern or alpha_pattern key as peft does
+# (``re.match(rf"(.*\.)?({key})$", name)``), but with RE2, which runs in time linear in the name:
+# the keys come from the adapter's author, and Python's backtracking engine takes exponential
+# time on keys such as ``(a+)+``. RE2 lacks backreferences and lookaround, which such a key never needs.
+_MAX_PATTERN = 1000
+# Far beyond any alpha in use (8 to 512); larger ones only overflow the merged weights.
+_MAX_ALPHA = 1e6
+
+
+def _compile_pattern(key: object, where: Path, field: str) -> Any:
+    import re2
+
+    if not isinstance(key, str) or not 0 < len(key) <= _MAX_PATTERN:
+        raise FormatError(
+            f"{where}: {field} keys must be regular expressions of 1 to {_MAX_PATTERN} characters", path=where
+        )
+    options = re2.Options()
+    options.log_errors = False
+    try:
+        return re2.compile(rf"(.*\.)?({key})$", options)
+    except re2.error as e:
+        reason = e.args[0].decode("utf-8", "replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+        raise FormatError(
+            f"{where}: {field} key {key[:100]!r} is not a regular expression deltakit can match ({reason}); "
+            "backreferences and lookaround are not supported",
+            path=where,
+        ) from e
+
+
+def _positive_int(value: object, where: Path, field: str) -> int:
+    if type(value) is not int or value <= 0:
+        raise FormatError(f"{where}: {field} must be a positive integer, not {value!r:.40}", path=where)
+    return value
+
+
+def _finite(value: object, where: Path, field: str) -> float:
+    if type(value) not in (int, float) or not math.isfinite(value) or abs(value) > _MAX_ALPHA:  # type: ignore[arg-type]
+        raise FormatError(
+            f"{where}: {field} must be a finite number of magnitude at most {_MAX_ALPHA:g}, not {value!r:.40}",
+            path=where,
+        )
+    return float(value)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class _Ranks:
+    """An adapter's ``r`` and ``lora_alpha``, and their per-module overrides, validated as peft does."""
+
+    r: int
+    alpha: float
+    rank_pattern: tuple[tuple[Any, int], ...]
+    alpha_pattern: tuple[tuple[Any, float], ...]
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], where: Path) -> _Ranks:
+        if "r" not in config or "lora_alpha" not in config:
+            raise FormatError(f"{where}: 'r' and 'lora_alpha' are required", path=where)
+        patterns = {}
+        for field in ("rank_pattern", "alpha_pattern"):
+            value = config.get(field) or {}
+            if not isinstance(value, dict):
+                raise FormatError(f"{where}: {field} must be an object", path=where)
+            patterns[field] = value
+        return cls(
+            _positive_int(config["r"], where, "r"),
+            _finite(config["lora_alpha"], where, "lora_alpha"),
+            tuple(
+                (_compile_pattern(k, where, "rank_pattern"), _positive_int(v, where, f"rank_pattern[{k!r:.60}]"))
+                for k, v in patterns["rank_pattern"].items()
+            ),
+            tuple(
+                (_compile_pattern(k, where, "alpha_pattern"), _finite(v, where, f"alpha_pattern[{k!r:.60}]"))
+                for k, v in patterns["alpha_pattern"].items()
+            ),
+        )
+
+    def of(self, module: str) -> tuple[int, float]:
+        """The rank and alpha of ``module``: the first pattern key that matches its name, as in peft."""
+        r = next((value for pattern, value in self.rank_pattern if pattern.match(module)), self.r)
+        alpha = next((value for pattern, value in self.alpha_pattern if pattern.match(module)), self.alpha)
+        return r, alpha
 
 
 def _weights_file(root: Path) -> tuple[Path, dict[str, TensorInfo]]:
@@ -105,12 +174,7 @@ def open_adapter(path: str | Path) -> Adapter:
     for flag in ("use_dora", "lora_bias", "use_qalora"):
         if config.get(flag):
             raise UnsupportedInputError(f"{config_path}: {flag} adapters are not merged by deltakit yet", path=root)
-    try:
-        r_default, alpha_default = int(config["r"]), float(config["lora_alpha"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise FormatError(f"{config_path}: 'r' and 'lora_alpha' must be numbers", path=config_path) from e
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
+    ranks = _Ranks.from_config(config, config_path)
     rslora = bool(config.get("use_rslora"))
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
 
@@ -136,11 +200,7 @@ def open_adapter(path: str | Path) -> Adapter:
             missing = "B" if "A" in half else "A"
             raise FormatError(f"{weights_path}: module {module!r} has no lora_{missing}", path=weights_path)
         a, b = half["A"], half["B"]
-        try:
-            r = int(_pattern_value(rank_pattern, module, r_default, config_path))
-            alpha = float(_pattern_value(alpha_pattern, module, alpha_default, config_path))
-        except (TypeError, ValueError) as e:
-            raise FormatError(f"{config_path}: the rank or alpha for {module!r} is not a number", path=root) from e
+        r, alpha = ranks.of(module)
         if len(a.shape) != 2 or len(b.shape) != 2:
             raise UnsupportedInputError(
                 f"{weights_path}: module {module!r} has {len(a.shape)}-D LoRA weights (a convolution?); "
