@@ -222,6 +222,31 @@ class _LlamaShape:
     def head_dim(self) -> int:
         return self.dim // self.heads
 
+    @classmethod
+    def checked(cls, where: Path, fields: dict[str, Any], names: tuple[str, str, str, str]) -> _LlamaShape:
+        """A shape from a config's ``names`` (dim, heads, KV heads, layers), each a positive integer in
+        range, the heads dividing the width and the KV heads dividing the heads; refused by field."""
+        values = []
+        for name, cap in zip(names, (1 << 20, 1 << 14, 1 << 14, _MAX_LAYERS), strict=True):
+            value = fields.get(name)
+            if name == names[2] and value is None:
+                value = fields.get(names[1])  # no KV heads given: as many as query heads
+            if type(value) is not int or not 0 < value <= cap:
+                raise FormatError(f"{where}: {name} must be an integer from 1 to {cap}, not {value!r:.40}", path=where)
+            values.append(value)
+        dim, heads, kv_heads, layers = values
+        if dim % heads or heads % kv_heads:
+            raise FormatError(
+                f"{where}: {names[1]} {heads} must divide {names[0]} {dim}, and {names[2]} {kv_heads} must divide "
+                f"{names[1]}",
+                path=where,
+            )
+        return cls(dim, heads, kv_heads, layers)
+
+
+# LLaMA 3.1 405B has 126 layers; a config asking for more than this describes no checkpoint.
+_MAX_LAYERS = 4096
+
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
@@ -238,11 +263,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _shape_from_params(path: Path) -> _LlamaShape:
     params = _read_json(path)
     params = params.get("model", params)
-    try:
-        heads = int(params["n_heads"])
-        return _LlamaShape(int(params["dim"]), heads, int(params.get("n_kv_heads") or heads), int(params["n_layers"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise FormatError(f"{path}: needs dim, n_heads and n_layers: {e}", path=path) from e
+    if not isinstance(params, dict):
+        raise FormatError(f"{path}: 'model' is not an object", path=path)
+    return _LlamaShape.checked(path, params, ("dim", "n_heads", "n_kv_heads", "n_layers"))
 
 
 def _check_checklist(folder: Path) -> None:
@@ -327,16 +350,8 @@ def _refuse_unmapped(tensors: dict[str, TensorInfo], mapped: set[str], ignored: 
 
 
 def _hf_shape(config: dict[str, Any], folder: Path) -> _LlamaShape:
-    try:
-        heads = int(config["num_attention_heads"])
-        return _LlamaShape(
-            int(config["hidden_size"]),
-            heads,
-            int(config.get("num_key_value_heads") or heads),
-            int(config["num_hidden_layers"]),
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise FormatError(f"{folder / 'config.json'}: not a LLaMA config: {e}", path=folder) from e
+    names = ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
+    return _LlamaShape.checked(folder / "config.json", config, names)
 
 
 def _hf_to_meta(

@@ -180,3 +180,27 @@ def test_conversions_that_would_lose_or_garble_tensors_are_refused(tmp_path):
     with pytest.raises(UnsupportedInputError, match="do not split into 3"):
         convert(tmp_path / "hf", tmp_path / "meta3", to="meta", meta_shards=3)
     assert not (tmp_path / "meta3").exists()
+
+
+@pytest.mark.parametrize(
+    ("edits", "message"),
+    [
+        ({"n_heads": 0}, "n_heads must be an integer from 1 to"),
+        ({"n_layers": 100_000_000}, "n_layers must be an integer from 1 to 4096"),
+        ({"n_layers": 2.0}, "n_layers must be an integer"),
+        ({"dim": "32"}, "dim must be an integer"),
+        ({"n_heads": 5}, "n_heads 5 must divide dim 32"),
+        ({"n_kv_heads": 3}, "n_kv_heads 3 must divide n_heads"),
+        ({"n_layers": None}, "n_layers must be an integer"),
+    ],
+)
+def test_params_json_out_of_bounds_is_a_named_error(tmp_path, edits, message):
+    meta_checkpoint(tmp_path / "meta", 1)
+    params_path = tmp_path / "meta" / "params.json"
+    params = json.loads(params_path.read_text())
+    params.update(edits)
+    params_path.write_text(json.dumps(params))
+    with pytest.raises(FormatError, match=message) as caught:
+        convert(tmp_path / "meta", tmp_path / "hf")
+    assert caught.value.path == params_path
+    assert not (tmp_path / "hf").exists()
