@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,6 +176,26 @@ def test_release_makes_verifies_and_publishes_in_one_step(tmp_path, hub, monkeyp
     assert done.returncode == 0, done.stderr
     assert "uploaded" in done.stdout and "commit " in done.stdout
     assert hub.read("org/panda", "deltakit.json") == (tmp_path / "d" / "deltakit.json").read_bytes()
+
+
+def test_release_whose_reader_goes_away_still_finishes_and_says_so_by_its_status(tmp_path, hub):
+    """``deltakit release ... | head -1``: stdout closes early; the release must still be made (exit 0),
+    never abandoned half-way with exit 0."""
+    import shutil
+    import subprocess
+    import sys
+
+    base = llama_like(torch.float16)
+    base_dir = write_checkpoint(tmp_path / "llama-7b", base)
+    target_dir = write_checkpoint(tmp_path / "panda-7b", finetune_of(base, extra_vocab=2))
+    exe = shutil.which("deltakit", path=str(Path(sys.executable).parent)) or "deltakit"
+    command = [exe, "release", "--base", base_dir, "--target", target_dir, "--repo", "org/piped", "-q"]
+    child = subprocess.Popen(list(map(str, command)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert child.stdout is not None and child.stderr is not None
+    child.stdout.close()  # the reader is gone before the first line
+    stderr = child.stderr.read().decode()
+    assert child.wait(timeout=300) == 0, stderr
+    assert hub.read("org/piped", "deltakit.json")  # the release was made
 
 
 def test_a_bad_cached_copy_is_downloaded_again_and_private_is_not_silently_public(tmp_path, delta, hub):

@@ -80,9 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DeltakitError as e:
         print(f"deltakit: error: {e}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # stdout closed early (`deltakit inspect ... | head`): not a failure
-        sys.stderr.close()
-        return 0
+    except BrokenPipeError:  # output that must be read (a token) met a closed stdout: the command failed
+        print("deltakit: error: standard output was closed before the command could write its result", file=sys.stderr)
+        return 1
     except OSError as e:  # disk full, permissions: no traceback, the OS's own words and the path
         where = f"{e.filename}: " if e.filename else ""
         print(f"deltakit: error: {where}{e.strerror or e}", file=sys.stderr)

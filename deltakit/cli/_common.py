@@ -6,6 +6,7 @@ The names keep their leading underscore: they are the CLI's own, never part of d
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -40,7 +41,14 @@ def _port(text: str) -> int:
 
 
 def _say(text: str = "") -> None:
-    print(text, file=sys.stdout, flush=True)
+    """A line on stdout. When its reader has gone (``deltakit release ... | head -1``), the rest of the
+    output is dropped and the command carries on: the job finishes, and its exit status says how."""
+    try:
+        print(text, file=sys.stdout, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # what is still buffered, and all later output, goes nowhere
+        os.close(devnull)
 
 
 def _progress(args: argparse.Namespace) -> ProgressFactory:
