@@ -5,6 +5,7 @@ Whatever fails, the final path is either absent or holds the complete result: ne
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -111,6 +112,13 @@ class StagedFolder:
                 except OSError:
                     break
         self._unlock()
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(exc, NoSpaceError):
+            # a write's own error names no file: say which output filled the disk, now that it is removed
+            raise NoSpaceError(
+                f"{self.final}: the disk filled up while writing it ({exc.strerror or exc}); what was written is "
+                "removed: free some space or choose another --out",
+                path=self.final,
+            ) from exc
 
     def _unlock(self) -> None:
         if self._lock_fd >= 0:

@@ -308,6 +308,24 @@ def test_an_output_that_cannot_fit_is_refused_before_anything_is_written(tmp_pat
     assert leftovers(tmp_path) == []
 
 
+def test_a_disk_that_fills_up_mid_write_is_named(tmp_path, delta, monkeypatch):
+    """ENOSPC from write(2) names no file; the error must name the output, and leave nothing."""
+    import errno
+
+    from deltakit import NoSpaceError
+
+    _, base_dir, delta_dir = delta
+
+    def full(fd, view):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("deltakit.streaming.write_all", full)
+    with pytest.raises(NoSpaceError, match="the disk filled up while writing it") as err:
+        apply_delta(base_dir, delta_dir, tmp_path / "out")
+    assert err.value.path == tmp_path / "out" and str(tmp_path / "out") in str(err.value)
+    assert leftovers(tmp_path) == []
+
+
 def test_side_files_linking_outside_their_folder_are_not_copied(tmp_path, make_pair):
     from deltakit import UnsupportedInputError
 
