@@ -8,6 +8,7 @@ and the job ends ``cancelled``.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import threading
 import time
@@ -29,6 +30,22 @@ from .store import Job, Store
 log = logging.getLogger(__name__)
 
 _FLUSH_SECONDS = 0.25
+# an absolute path inside a message: a slash after a space, quote or bracket, up to the next one
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/[^\s'\"()\[\]:,]+")
+
+
+def _replace_prefix(text: str, prefix: str, name: str) -> str:
+    """``prefix`` (a whole path, or the start of one) replaced by ``name``, or removed when ``name`` is
+    empty, so that what follows it reads relative."""
+
+    def replacement(match: re.Match[str]) -> str:
+        if name:
+            return name + match[1]
+        return "" if match[1] == "/" else "."
+
+    return re.sub(re.escape(prefix) + r"(/|(?![\w.-]))", replacement, text)
+
+
 _INTERRUPTED = {"type": "Interrupted", "detail": "the service stopped while this job ran; run it again"}
 
 
@@ -137,12 +154,26 @@ class Runner:
         except JobInterrupted:
             self.store.finish(job_id, "failed", error=_INTERRUPTED)
         except DeltakitError as e:
-            self.store.finish(job_id, "failed", error={"type": type(e).__name__, "detail": str(e)})
+            log.warning("job %s failed: %s", job_id, e)  # the operator's log keeps the server's paths
+            self.store.finish(job_id, "failed", error={"type": type(e).__name__, "detail": self.public(str(e))})
         except Exception as e:  # a bug: recorded on the job, never a crashed worker
             log.exception("job %s failed unexpectedly", job_id)
-            self.store.finish(job_id, "failed", error={"type": "InternalError", "detail": str(e)})
+            self.store.finish(job_id, "failed", error={"type": "InternalError", "detail": self.public(str(e))})
         else:
             self.store.finish(job_id, "succeeded", report=report)
+
+    def public(self, detail: str) -> str:
+        """An error message as any token holder may read it: the server's paths become registered
+        names, or paths relative to the service's roots, and any other absolute path its last part."""
+        prefixes = {}
+        for root in (*self.settings.allowed_roots, *self.settings.roots, self.settings.home):
+            prefixes[str(root)] = ""
+        for name, entry in self.registry.entries().items():
+            prefixes[str(Path(entry.path))] = prefixes[str(Path(entry.path).resolve())] = name
+        for prefix in sorted(prefixes, key=len, reverse=True):  # the most specific first
+            if prefix != "/":
+                detail = _replace_prefix(detail, prefix, prefixes[prefix])
+        return _ABSOLUTE_PATH.sub(lambda m: ".../" + m[0].rstrip("/").rsplit("/", 1)[-1], detail)
 
     # name resolution -------------------------------------------------------------------------------
 

@@ -434,3 +434,18 @@ def test_a_key_reused_with_another_body_is_refused_even_when_requests_race(home,
                 assert job["params"] == {k: v for k, v in body.items() if k != "kind"}, "never the other body's job"
                 ids.add(job["id"])
         assert len(ids) == 1
+
+
+def test_job_errors_name_registered_models_never_server_paths(home):
+    root, tokens, _ = home
+    (root / "data" / "llama-7b" / "model.safetensors").write_bytes(b"\x08" + bytes(7) + b"{}")  # a broken base
+    with LiveServer(Settings(home=root)) as url:
+        with client(url, tokens["write"]) as writer:
+            job_id = writer.post(
+                "/v1/jobs", json={"kind": "apply", "base": "llama-7b", "delta": "panda-7b", "output": "p"}
+            ).json()["id"]
+        with client(url, tokens["read"]) as reader:
+            error = wait(reader, job_id)["error"]
+    assert error["type"] == "SafetensorsHeaderError", error
+    assert str(root) not in error["detail"] and str(root.resolve()) not in error["detail"], error
+    assert "llama-7b/model.safetensors" in error["detail"], error
