@@ -1,10 +1,11 @@
 # deltakit in a slim image: the CLI as entrypoint, `deltakit serve` by default, as a non-root user.
-# CPU PyTorch from the PyTorch index keeps the image small.
+# CPU PyTorch from PyTorch's own index (as the Makefile takes it on Linux) keeps the image small: PyPI's
+# Linux wheels bundle CUDA. For a CUDA image, drop --index-url or point it at a CUDA index.
 FROM python:3.11-slim
 
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 DELTAKIT_HOME=/data/deltakit
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY deltakit ./deltakit
 COPY service ./service
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch>=2.1" \

@@ -1,14 +1,19 @@
 # deltakit: the two commands a newcomer needs are `make demo` and `make test`.
-# Both create the virtual environment first. TORCH picks the PyTorch requirement: users get a normal
-# range; CI on a machine with a local CPU wheel pins it (see .ci/run).
+# Both create the virtual environment first. TORCH picks the PyTorch requirement and TORCH_INDEX where
+# it comes from: users get a normal range of CPU builds; CI on a machine with a local CPU wheel pins it
+# and uses only its configured index (see .ci/run).
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch>=2.1
+# On Linux, PyPI's torch wheels bundle CUDA (gigabytes); PyTorch's CPU index serves CPU-only builds,
+# which is all deltakit needs. For CUDA: TORCH_INDEX= (PyPI's default build) or, for one CUDA
+# version, TORCH_INDEX=https://download.pytorch.org/whl/cu128. Elsewhere PyPI's wheels are CPU-only.
+TORCH_INDEX ?= $(if $(filter Linux,$(shell uname -s)),https://download.pytorch.org/whl/cpu,)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# One stamp per TORCH requirement: asking for another one installs it, even into an existing .venv.
-TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s' '$(TORCH)' | cksum | cut -d' ' -f1)
+# One stamp per torch requirement and index: asking for another one installs it, even into an existing .venv.
+TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s' '$(TORCH) $(TORCH_INDEX)' | cksum | cut -d' ' -f1)
 
 .PHONY: demo test test-all lint typecheck check bench clean
 
@@ -17,7 +22,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(TORCH_STAMP): | $(BIN)/python
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH)"
 	rm -f $(VENV)/.torch-*
 	touch $(TORCH_STAMP)
 

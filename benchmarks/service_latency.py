@@ -37,7 +37,7 @@ from common import machine, record
 from deltakit import make_delta
 from deltakit.examples import LlamaShape, write_llama_pair
 from deltakit.registry import Registry
-from service.store import Store
+from deltakit_service.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 1 << 30

@@ -16,9 +16,9 @@ from conftest import assert_same_tensors, finetune_of, llama_like, load_checkpoi
 
 from deltakit import make_delta
 from deltakit.registry import Registry
-from service.main import create_app
-from service.settings import Settings
-from service.store import Store
+from deltakit_service.main import create_app
+from deltakit_service.settings import Settings
+from deltakit_service.store import Store
 
 
 class LiveServer:
@@ -405,7 +405,7 @@ def test_one_service_per_home(home):
 def test_a_key_reused_with_another_body_is_refused_even_when_requests_race(home, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from service.store import KeyReused
+    from deltakit_service.store import KeyReused
 
     store = Store(tmp_path / "jobs.sqlite3")
     try:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from test_service import LiveServer, home  # noqa: F401 - the fixture is used by name
 
-from service.settings import Settings
+from deltakit_service.settings import Settings
 
 schemathesis = pytest.importorskip("schemathesis")
 

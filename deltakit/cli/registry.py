@@ -48,7 +48,7 @@ def _cmd_registry_remove(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn  # the service's own dependencies load only here: the library never imports them
 
-    from service.main import create_app
+    from deltakit_service.main import create_app
 
     # Streams (server-sent events) end by themselves within minutes; do not wait that long to stop.
     try:
@@ -62,8 +62,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_token_create(args: argparse.Namespace) -> int:
-    from service.settings import load_settings
-    from service.store import Store
+    from deltakit_service.settings import load_settings
+    from deltakit_service.store import Store
 
     store = Store(load_settings().database)
     try:
