@@ -449,3 +449,25 @@ def test_job_errors_name_registered_models_never_server_paths(home):
     assert error["type"] == "SafetensorsHeaderError", error
     assert str(root) not in error["detail"] and str(root.resolve()) not in error["detail"], error
     assert "llama-7b/model.safetensors" in error["detail"], error
+
+
+def test_a_hostile_checkpoint_fails_its_job_and_the_service_lives_on(home):
+    """A .bin whose pickle nests a million deep once crashed the interpreter, and with it the service."""
+    import zipfile
+
+    root, tokens, _ = home
+    folder = root / "data" / "hostile"
+    torch.save(
+        {"model.embed_tokens.weight": torch.ones(2, 2).half()},
+        folder.mkdir(parents=True) or folder / "pytorch_model.bin",
+    )
+    Registry(root).add("hostile", folder)
+    deep_key = b"\x80\x02ccollections\nOrderedDict\nK\x00" + b"\x85" * 1_000_000 + b"K\x01\x86\x85\x85R."
+    with zipfile.ZipFile(folder / "pytorch_model.bin", "w") as z:
+        z.writestr("archive/data.pkl", deep_key)
+    with LiveServer(Settings(home=root)) as url, client(url, tokens["write"]) as http:
+        job_id = http.post("/v1/jobs", json={"kind": "verify", "delta": "panda-7b", "model": "hostile"}).json()["id"]
+        ended = wait(http, job_id)
+        assert ended["state"] == "failed" and ended["error"]["type"] == "UnsafePickleError", ended
+        assert "hostile/pytorch_model.bin" in ended["error"]["detail"]
+        assert http.get("/readyz").status_code == 200  # still serving
