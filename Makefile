@@ -41,8 +41,8 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 -m "" tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check deltakit tests benchmarks
-	$(BIN)/ruff format --check deltakit tests benchmarks
+	$(BIN)/ruff check deltakit service tests benchmarks
+	$(BIN)/ruff format --check deltakit service tests benchmarks
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
