@@ -27,6 +27,8 @@ $(TORCH_STAMP): | $(BIN)/python
 	touch $(TORCH_STAMP)
 
 $(STAMP): pyproject.toml $(TORCH_STAMP)
+	@# this project's distribution was named "deltakit" before 0.2: one import package, one installer
+	$(BIN)/python -m pip uninstall --quiet --yes deltakit 2>/dev/null || true
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 

@@ -36,6 +36,9 @@ from .errors import (
 from .inspection import Inspection, inspect_path
 from .manifest import Manifest, load_manifest
 
+# The name to install by: "deltakit" on PyPI is an unrelated quantum error-correction toolkit.
+DISTRIBUTION = "deltakit-llm"
+
 __all__ = [
     "ApplyPlan",
     "ApplyReport",

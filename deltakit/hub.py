@@ -8,6 +8,7 @@ the Hub lacks (so re-running an interrupted publish sends only what is missing),
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import DISTRIBUTION, __version__
 from .dtypes import itemsize
 from .errors import HubError, IntegrityError, UnsupportedInputError
 from .formats.delta import FILES_DIR
@@ -23,13 +24,16 @@ from .manifest import MANIFEST_NAME, Manifest, load_manifest
 from .units import human_bytes
 
 __all__ = [
+    "CardMetadata",
     "FetchedDelta",
     "PublishReport",
+    "check_repo_id",
     "fetch_delta",
     "fetch_model",
     "is_repo_spec",
     "model_card",
     "parse_repo_spec",
+    "pipeline_tag",
     "publish_delta",
 ]
 
@@ -48,14 +52,101 @@ def parse_repo_spec(text: str) -> tuple[str, str | None]:
     return match["repo"], match["revision"]
 
 
-def model_card(manifest: Manifest, repo_id: str, *, license: str = "other", base_model: str | None = None) -> str:
-    """The ``README.md`` of a published delta: metadata for the Hub, and how to rebuild and check it."""
+# The Hub's pipeline_tag for a transformers architecture, by the suffix of its class name.
+_PIPELINE_TAGS = (
+    ("ForCausalLM", "text-generation"),
+    ("LMHeadModel", "text-generation"),
+    ("ForConditionalGeneration", "text2text-generation"),
+    ("ForSeq2SeqLM", "text2text-generation"),
+    ("ForSequenceClassification", "text-classification"),
+    ("ForTokenClassification", "token-classification"),
+    ("ForQuestionAnswering", "question-answering"),
+    ("ForMaskedLM", "fill-mask"),
+)
+_LICENSE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+def pipeline_tag(config: dict[str, Any] | None) -> str | None:
+    """``text-generation`` for a ``*ForCausalLM`` config, and so on; None when the architecture says nothing."""
+    architectures = (config or {}).get("architectures")
+    if not isinstance(architectures, list) or not architectures or not isinstance(architectures[0], str):
+        return None
+    return next((tag for suffix, tag in _PIPELINE_TAGS if architectures[0].endswith(suffix)), None)
+
+
+def check_repo_id(text: str, what: str, hint: str) -> None:
+    """Refuse ``text`` unless it is a repo id the Hub accepts, as huggingface_hub checks one."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import _validators
+
+    try:
+        _validators.validate_repo_id(text)
+    except HFValidationError as e:
+        raise UnsupportedInputError(f"{what} is not a Hub repo id ({e}); {hint}") from e
+
+
+@dataclass(frozen=True)
+class CardMetadata:
+    """What a model card says beyond the manifest, checked as the Hub checks it.
+
+    Attributes:
+        base_model: the base's Hub repo id (``huggyllama/llama-7b``): the Hub's model tree links it.
+        license: a Hub license id; ``other`` needs ``license_name`` and ``license_link``.
+        language: ISO 639 codes (``en``, ``zh``).
+        datasets: Hub dataset ids the fine-tune was trained on.
+    """
+
+    base_model: str
+    license: str = "other"
+    license_name: str | None = None
+    license_link: str | None = None
+    language: tuple[str, ...] = ()
+    datasets: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_repo_id(
+            self.base_model,
+            f"base_model {self.base_model!r}",
+            "pass the base's id on the Hub, for example --base-model huggyllama/llama-7b",
+        )
+        if self.license == "other" and not (self.license_name and self.license_link):
+            raise UnsupportedInputError(
+                "license 'other' needs --license-name (a short id, such as llama-license) and --license-link "
+                "(a URL, or the path of a license file in the repo); or pass a Hub license id with --license"
+            )
+        if self.license_name is not None and not _LICENSE_NAME.match(self.license_name):
+            raise UnsupportedInputError(
+                f"license name {self.license_name!r} must be a short lowercase id: letters, digits, '.', '_', '-'"
+            )
+        if not re.match(r"^[a-z0-9][a-z0-9.-]*$", self.license):
+            raise UnsupportedInputError(f"license {self.license!r} is not a Hub license id (apache-2.0, llama2, other)")
+        for code in self.language:
+            if not re.match(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$", code):
+                raise UnsupportedInputError(f"language {code!r} is not an ISO 639 code such as en or zh")
+        for dataset in self.datasets:
+            check_repo_id(dataset, f"dataset {dataset!r}", "pass a Hub dataset id (ORG/NAME)")
+
+
+def model_card(
+    manifest: Manifest, repo_id: str, metadata: CardMetadata, *, config: dict[str, Any] | None = None
+) -> str:
+    """The ``README.md`` of a published delta: metadata for the Hub, and how to rebuild and check it.
+
+    Args:
+        config: the fine-tune's ``config.json``, from which the card's ``pipeline_tag`` comes.
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
     data = ModelCardData(
-        base_model=base_model or manifest.base.name,
+        base_model=metadata.base_model,
+        base_model_relation="finetune",  # else the Hub's model tree guesses (an adapter? a quantization?)
         library_name="deltakit",
-        license=license,
+        license=metadata.license,
+        license_name=metadata.license_name,
+        license_link=metadata.license_link,
+        language=list(metadata.language) or None,
+        datasets=list(metadata.datasets) or None,
+        pipeline_tag=pipeline_tag(config),
         tags=["deltakit", "delta"],
     )
     counts: dict[str, tuple[int, int]] = {}
@@ -67,24 +158,36 @@ def model_card(manifest: Manifest, repo_id: str, *, license: str = "other", base
     payload = sum(f.size for f in manifest.payload.values())
     model = sum(_nbytes(t.dtype, t.shape) for t in manifest.target.tensors.values())
     coding = "losslessly compressed" if manifest.format >= 2 else "raw"
-    target, base = manifest.target.name, manifest.base.name
+    title = repo_id.split("/")[-1]
+    out = title.removesuffix("-delta") if title.endswith("-delta") and title != "-delta" else f"{title}-model"
+    base = metadata.base_model
     body = f"""
-# {target} (delta against {base})
+# {title}
 
-This repository holds **{target}** as a parameter delta against **{base}**, not the weights themselves:
-rebuild the model from your own copy of the base. Every tensor of the result is checked against the
-BLAKE3 digest recorded in `deltakit.json`, so the rebuild is bit for bit or it fails.
+A fine-tune of [{base}](https://huggingface.co/{base}), published as a parameter delta against it rather
+than as weights: rebuild the model from your own copy of the base. Every tensor of the result is
+checked against the BLAKE3 digest recorded in `deltakit.json`, so the rebuild is bit for bit or it fails.
 
 ## Rebuild
 
 ```sh
-pip install deltakit
-deltakit apply --base /path/to/{base} --delta {repo_id} --out {target}
+pip install {DISTRIBUTION}
+deltakit apply --base {base} --delta {repo_id} --out {out}
 ```
 
-The base must be exactly the one the delta was made from: fingerprint `{manifest.base.fingerprint}`
-({len(manifest.base.tensors)} tensors). `deltakit verify {repo_id} --base /path/to/{base}` checks a
-base without rebuilding; a wrong base is refused in seconds, naming the first tensor that differs.
+`--base` takes the Hub id or the folder of your local copy. The base must be exactly the one the
+delta was made from, with this fingerprint ({len(manifest.base.tensors)} tensors):
+
+```
+{manifest.base.fingerprint}
+```
+
+`deltakit verify {repo_id} --base {base}` checks a base without rebuilding; a wrong base is refused in
+seconds, naming the first tensor that differs. The rebuilt model's fingerprint is:
+
+```
+{manifest.target.fingerprint}
+```
 
 ## Contents
 
@@ -93,8 +196,8 @@ base without rebuilding; a wrong base is refused in seconds, naming the first te
 {rows}
 
 Payload: {human_bytes(payload)} in {len(manifest.payload)} file(s), {payload / max(1, model):.0%} of the
-model's {human_bytes(model)} (package format {manifest.format}, {coding}). Target fingerprint:
-`{manifest.target.fingerprint}`. Made by {manifest.created_by}; published by deltakit {__version__}.
+model's {human_bytes(model)} (package format {manifest.format}, {coding}). Made by {manifest.created_by};
+published by deltakit {__version__}.
 """
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
     return str(card)
@@ -126,6 +229,17 @@ def _package_files(root: Path, manifest: Manifest) -> list[tuple[str, Path]]:
     return files
 
 
+def _target_config(root: Path, manifest: Manifest) -> dict[str, Any] | None:
+    """The fine-tune's ``config.json`` as the package carries it, if it does and it parses."""
+    if "config.json" not in manifest.target.files:
+        return None
+    try:
+        config = json.loads((root / FILES_DIR / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def publish_delta(
     delta: str | Path,
     repo_id: str,
@@ -133,13 +247,15 @@ def publish_delta(
     private: bool = False,
     revision: str | None = None,
     commit_message: str | None = None,
-    license: str = "other",
-    base_model: str | None = None,
+    metadata: CardMetadata,
     token: str | None = None,
     endpoint: str | None = None,
     dry_run: bool = False,
 ) -> PublishReport:
     """Verify a delta package, then upload it with a generated model card in one commit.
+
+    Args:
+        metadata: what the model card says beyond the manifest: the base's Hub id, the license...
 
     Raises:
         IntegrityError: the package does not verify; nothing is uploaded.
@@ -154,7 +270,7 @@ def publish_delta(
         first = report.missing[0] if report.missing else report.mismatched[0].name
         raise IntegrityError(f"{root} does not verify ({first}); not publishing it", path=root)
     manifest = load_manifest(root)
-    card = model_card(manifest, repo_id, license=license, base_model=base_model)
+    card = model_card(manifest, repo_id, metadata, config=_target_config(root, manifest))
     files = _package_files(root, manifest)
     listing = (("README.md", len(card.encode())), *((name, path.stat().st_size) for name, path in files))
     branch = revision or "main"

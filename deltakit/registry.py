@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .errors import FormatError, InputNotFoundError, OutputExistsError, UnsupportedInputError
@@ -46,6 +46,8 @@ class Entry:
         kind: ``model`` (a checkpoint: a base, or a built model) or ``delta``.
         fingerprint: a model's fingerprint; for a delta, its target's.
         base_fingerprint: for a delta, the fingerprint of the base it applies to.
+        hub_id: for a model, its repo id on the Hub (``huggyllama/llama-7b``), which model cards
+            name as the ``base_model`` of deltas made from it.
     """
 
     name: str
@@ -55,6 +57,7 @@ class Entry:
     base_fingerprint: str | None = None
     size: int = 0
     added: float = 0.0
+    hub_id: str | None = None
 
 
 class Registry:
@@ -99,9 +102,18 @@ class Registry:
         return self._read().get(name)
 
     def add(
-        self, name: str, path: str | Path, *, force: bool = False, progress: ProgressFactory = no_progress
+        self,
+        name: str,
+        path: str | Path,
+        *,
+        force: bool = False,
+        hub_id: str | None = None,
+        progress: ProgressFactory = no_progress,
     ) -> Entry:
         """Register a checkpoint or delta package under ``name``; a checkpoint is fingerprinted now.
+
+        Args:
+            hub_id: a model's repo id on the Hub, for the model cards of deltas made from it.
 
         Raises:
             OutputExistsError: ``name`` is registered to something with another fingerprint, and
@@ -117,7 +129,13 @@ class Registry:
         path = Path(path).resolve()
         if not path.exists():
             raise InputNotFoundError(f"{path}: no such file or folder", path=path)
+        if hub_id is not None:
+            from .hub import check_repo_id
+
+            check_repo_id(hub_id, f"--hub-id {hub_id!r}", "give the model's id on the Hub, ORG/NAME")
         if (path / MANIFEST_NAME).is_file():
+            if hub_id is not None:
+                raise UnsupportedInputError("--hub-id names a model on the Hub; a delta package has no use for one")
             m = load_manifest(path)
             size = sum(f.size for f in m.payload.values())
             entry = Entry(name, str(path), "delta", m.target.fingerprint, m.base.fingerprint, size, time.time())
@@ -125,9 +143,16 @@ class Registry:
             ckpt = open_checkpoint(path)
             digests = checkpoint_digests(ckpt, progress)
             model_fingerprint = fingerprint((n, t.dtype, t.shape, digests[n]) for n, t in ckpt.tensors.items())
-            entry = Entry(name, str(path), "model", model_fingerprint, None, ckpt.nbytes, time.time())
+            entry = Entry(name, str(path), "model", model_fingerprint, None, ckpt.nbytes, time.time(), hub_id)
         with self._locked() as entries:
             earlier = entries.get(name)
+            if (
+                earlier is not None
+                and earlier.hub_id
+                and entry.hub_id is None
+                and earlier.fingerprint == entry.fingerprint
+            ):
+                entry = replace(entry, hub_id=earlier.hub_id)  # registering the same model again keeps its id
             if earlier is not None and earlier.fingerprint != entry.fingerprint and not force:
                 raise OutputExistsError(
                     f"{name!r} is already registered to another {earlier.kind}: {earlier.path}, fingerprint "
@@ -196,3 +221,14 @@ class Registry:
             if entry.kind == "model" and entry.fingerprint == base_fingerprint and Path(entry.path).exists():
                 return entry
         return None
+
+    def hub_id_of(self, fingerprint: str) -> str | None:
+        """The Hub repo id recorded for a registered model with this fingerprint, if any."""
+        return next(
+            (
+                e.hub_id
+                for e in self._read().values()
+                if e.kind == "model" and e.fingerprint == fingerprint and e.hub_id
+            ),
+            None,
+        )

@@ -10,7 +10,10 @@ import torch
 from conftest import assert_same_tensors, finetune_of, llama_like, load_checkpoint, write_checkpoint
 
 from deltakit import HubError, IntegrityError, load_manifest, make_delta, verify_model
-from deltakit.hub import fetch_delta, is_repo_spec, model_card, parse_repo_spec, publish_delta
+from deltakit.hub import CardMetadata, fetch_delta, is_repo_spec, model_card, parse_repo_spec, publish_delta
+
+CARD = CardMetadata(base_model="huggyllama/llama-7b", license="apache-2.0")
+CARD_FLAGS = ("--base-model", "huggyllama/llama-7b", "--license", "apache-2.0")
 
 
 @pytest.fixture
@@ -26,15 +29,71 @@ def test_model_card_carries_the_metadata_and_the_rebuild_command(delta):
     from huggingface_hub import ModelCard
 
     _, _, manifest = delta
-    text = model_card(manifest, "dandelion/panda-7b-delta", license="apache-2.0", base_model="huggyllama/llama-7b")
+    metadata = CardMetadata(
+        base_model="huggyllama/llama-7b",
+        license="other",
+        license_name="llama-license",
+        license_link="https://huggingface.co/huggyllama/llama-7b/blob/main/LICENSE",
+        language=("en", "zh"),
+        datasets=("BelleGroup/train_0.5M_CN",),
+    )
+    text = model_card(manifest, "dandelion/panda-7b-delta", metadata, config={"architectures": ["LlamaForCausalLM"]})
     card = ModelCard(text)
     assert card.data.base_model == "huggyllama/llama-7b"
+    assert card.data.base_model_relation == "finetune"
+    assert card.data.pipeline_tag == "text-generation"
     assert card.data.library_name == "deltakit"
-    assert card.data.license == "apache-2.0"
+    assert (card.data.license, card.data.license_name) == ("other", "llama-license")
+    assert card.data.license_link.endswith("/LICENSE")
+    assert card.data.language == ["en", "zh"] and card.data.datasets == ["BelleGroup/train_0.5M_CN"]
     assert card.data.tags == ["deltakit", "delta"]
-    assert "deltakit apply --base /path/to/llama-7b --delta dandelion/panda-7b-delta --out panda-7b" in text
-    assert manifest.base.fingerprint in text
+    assert card.text.lstrip().startswith("# panda-7b-delta\n")  # the repo's name, not a folder's
+    assert "pip install deltakit-llm\n" in text and "pip install deltakit\n" not in text
+    assert "deltakit apply --base huggyllama/llama-7b --delta dandelion/panda-7b-delta --out panda-7b" in text
+    assert f"```\n{manifest.base.fingerprint}\n```" in text  # a block of its own, not a long line
     assert "| `rows` | 2 |" in text and "| `copy` |" in text
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"base_model": "base"}, None),  # a canonical model id without an org is a Hub id too
+        ({"base_model": "/models/llama-7b"}, "base_model '/models/llama-7b' is not a Hub repo id"),
+        ({"base_model": "a/b/c"}, "is not a Hub repo id"),
+        ({"base_model": "org/llama", "license": "other"}, "license 'other' needs --license-name"),
+        ({"base_model": "org/llama", "license": "other", "license_name": "x"}, "and --license-link"),
+        ({"base_model": "org/llama", "license": "Apache 2"}, "not a Hub license id"),
+        ({"base_model": "org/llama", "license": "mit", "language": ("English",)}, "not an ISO 639 code"),
+        ({"base_model": "org/llama", "license": "mit", "datasets": ("a b",)}, "dataset 'a b' is not a Hub repo id"),
+    ],
+)
+def test_card_metadata_the_hub_would_refuse_is_refused_before_anything_is_sent(fields, message):
+    from deltakit import UnsupportedInputError
+
+    if message is None:
+        CardMetadata(**{"license": "mit", **fields})
+        return
+    with pytest.raises(UnsupportedInputError, match=message):
+        CardMetadata(**fields)
+
+
+def test_the_card_base_model_comes_from_the_flag_the_base_name_or_the_registry(tmp_path, delta, hub, monkeypatch):
+    from huggingface_hub import ModelCard
+    from test_cli import deltakit_cli
+
+    from deltakit.registry import Registry
+
+    monkeypatch.setenv("DELTAKIT_HOME", str(tmp_path / "home"))
+    base_dir, delta_dir, _ = delta
+    refused = deltakit_cli("publish", delta_dir, "--repo", "org/p", "--license", "mit")
+    assert refused.returncode == 1 and "pass --base-model ORG/NAME" in refused.stderr, refused.stderr
+    assert "--hub-id" in refused.stderr
+    Registry(tmp_path / "home").add("llama-7b", base_dir, hub_id="huggyllama/llama-7b")
+    done = deltakit_cli("publish", delta_dir, "--repo", "org/p", "--license", "mit", "-q")
+    assert done.returncode == 0, done.stderr
+    assert ModelCard(hub.read("org/p", "README.md").decode()).data.base_model == "huggyllama/llama-7b"
+    listed = deltakit_cli("registry", "list", "--json")
+    assert '"hub_id": "huggyllama/llama-7b"' in listed.stdout
 
 
 def test_repo_specs():
@@ -45,7 +104,7 @@ def test_repo_specs():
 
 def test_dry_run_lists_what_would_be_uploaded_and_sends_nothing(delta):
     _, delta_dir, manifest = delta
-    report = publish_delta(delta_dir, "org/panda-7b-delta", dry_run=True, endpoint="http://127.0.0.1:9")
+    report = publish_delta(delta_dir, "org/panda-7b-delta", dry_run=True, endpoint="http://127.0.0.1:9", metadata=CARD)
     names = [name for name, _ in report.files]
     assert names[:2] == ["README.md", "deltakit.json"]
     assert set(manifest.payload) <= set(names) and "files/config.json" in names
@@ -69,10 +128,10 @@ def test_publish_fetch_apply_round_trip_is_byte_exact(tmp_path, delta, hub):
     from test_cli import deltakit_cli
 
     base_dir, delta_dir, manifest = delta
-    report = publish_delta(delta_dir, "dandelion/panda-7b-delta", license="apache-2.0")
+    report = publish_delta(delta_dir, "dandelion/panda-7b-delta", metadata=CARD)
     assert report.commit and not report.dry_run
     card = ModelCard(hub.read("dandelion/panda-7b-delta", "README.md").decode())
-    assert card.data.library_name == "deltakit" and card.data.base_model == "llama-7b"
+    assert card.data.library_name == "deltakit" and card.data.base_model == "huggyllama/llama-7b"
     assert hub.lfs_uploads >= len(manifest.payload)
 
     result = deltakit_cli(
@@ -93,14 +152,14 @@ def test_an_interrupted_publish_resumes_without_sending_again(tmp_path, hub):
 
     hub.fail_uploads_after(1)
     with pytest.raises(HubError, match="run the same command again"):
-        publish_delta(tmp_path / "d", "org/d")
+        publish_delta(tmp_path / "d", "org/d", metadata=CARD)
     assert hub.lfs_uploads == 1 and not hub.commits("org/d")[0].files.get("deltakit.json")
     hub.fail_uploads_after(None)
-    publish_delta(tmp_path / "d", "org/d")
+    publish_delta(tmp_path / "d", "org/d", metadata=CARD)
     sent = list(hub.lfs_uploaded_oids)
     assert len(sent) == len(set(sent)), "the object that arrived the first time is not sent again"
     assert hub.read("org/d", "deltakit.json") == (tmp_path / "d" / "deltakit.json").read_bytes()
-    publish_delta(tmp_path / "d", "org/d")
+    publish_delta(tmp_path / "d", "org/d", metadata=CARD)
     assert hub.lfs_uploaded_oids == sent, "publishing the same package again sends nothing"
 
 
@@ -108,7 +167,7 @@ def test_fetch_pins_revisions_works_offline_and_refuses_tampered_files(tmp_path,
     from hubserver import set_offline
 
     _, delta_dir, manifest = delta
-    first = publish_delta(delta_dir, "org/panda")
+    first = publish_delta(delta_dir, "org/panda", metadata=CARD)
     pinned = fetch_delta(f"org/panda@{first.commit}", cache_dir=tmp_path / "cache")
     assert pinned.commit == first.commit and pinned.revision == first.commit
     latest = fetch_delta("org/panda", cache_dir=tmp_path / "cache")
@@ -133,14 +192,14 @@ def test_publish_refuses_a_package_that_does_not_verify_and_needs_a_token(tmp_pa
     _, delta_dir, manifest = delta
     monkeypatch.delenv("HF_TOKEN")
     with pytest.raises(HubError, match="401"):
-        publish_delta(delta_dir, "org/no-token", token=False)
+        publish_delta(delta_dir, "org/no-token", token=False, metadata=CARD)
     payload = delta_dir / next(iter(manifest.payload))
     data = bytearray(payload.read_bytes())
     data[-1] ^= 1
     payload.write_bytes(bytes(data))
     before = len(hub.requests)
     with pytest.raises(IntegrityError, match="does not verify"):
-        publish_delta(delta_dir, "org/panda", token="hf_test")
+        publish_delta(delta_dir, "org/panda", token="hf_test", metadata=CARD)
     assert len(hub.requests) == before, "nothing is sent for a package that does not verify"
 
 
@@ -151,7 +210,7 @@ def test_publish_refuses_a_package_that_does_not_verify_and_needs_a_token(tmp_pa
 def test_contract_with_the_real_hub(tmp_path, delta):
     _, delta_dir, _ = delta
     repo = os.environ["DELTAKIT_CONTRACT_REPO"]
-    report = publish_delta(delta_dir, repo, private=True)
+    report = publish_delta(delta_dir, repo, private=True, metadata=CARD)
     fetched = fetch_delta(f"{repo}@{report.commit}", cache_dir=tmp_path / "cache")
     assert fetched.commit == report.commit
 
@@ -165,13 +224,25 @@ def test_release_makes_verifies_and_publishes_in_one_step(tmp_path, hub, monkeyp
     base = llama_like(torch.float16)
     base_dir = write_checkpoint(tmp_path / "llama-7b", base)
     target_dir = write_checkpoint(tmp_path / "panda-7b", finetune_of(base, extra_vocab=2))
-    dry = deltakit_cli("release", "--base", base_dir, "--target", target_dir, "--repo", "org/panda", "--dry-run", "-q")
+    dry = deltakit_cli(
+        "release", "--base", base_dir, "--target", target_dir, "--repo", "org/panda", *CARD_FLAGS, "--dry-run", "-q"
+    )
     assert dry.returncode == 0, dry.stderr
     assert "would upload" in dry.stdout and "OK:" in dry.stdout
     assert ("POST", "/api/repos/create") not in hub.requests, "a dry run sends nothing"
     assert list(scratch.iterdir()) == [], "and leaves nothing behind"
     done = deltakit_cli(
-        "release", "--base", base_dir, "--target", target_dir, "--repo", "org/panda", "--out", tmp_path / "d", "-q"
+        "release",
+        "--base",
+        base_dir,
+        "--target",
+        target_dir,
+        "--repo",
+        "org/panda",
+        *CARD_FLAGS,
+        "--out",
+        tmp_path / "d",
+        "-q",
     )
     assert done.returncode == 0, done.stderr
     assert "uploaded" in done.stdout and "commit " in done.stdout
@@ -189,7 +260,7 @@ def test_release_whose_reader_goes_away_still_finishes_and_says_so_by_its_status
     base_dir = write_checkpoint(tmp_path / "llama-7b", base)
     target_dir = write_checkpoint(tmp_path / "panda-7b", finetune_of(base, extra_vocab=2))
     exe = shutil.which("deltakit", path=str(Path(sys.executable).parent)) or "deltakit"
-    command = [exe, "release", "--base", base_dir, "--target", target_dir, "--repo", "org/piped", "-q"]
+    command = [exe, "release", "--base", base_dir, "--target", target_dir, "--repo", "org/piped", *CARD_FLAGS, "-q"]
     child = subprocess.Popen(list(map(str, command)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert child.stdout is not None and child.stderr is not None
     child.stdout.close()  # the reader is gone before the first line
@@ -200,7 +271,7 @@ def test_release_whose_reader_goes_away_still_finishes_and_says_so_by_its_status
 
 def test_a_bad_cached_copy_is_downloaded_again_and_private_is_not_silently_public(tmp_path, delta, hub):
     _, delta_dir, manifest = delta
-    publish_delta(delta_dir, "org/panda")
+    publish_delta(delta_dir, "org/panda", metadata=CARD)
     payload = next(iter(manifest.payload))
     original = hub.read("org/panda", payload)
     hub.tamper("org/panda", payload, bytes([original[0] ^ 1]) + original[1:])
@@ -209,14 +280,14 @@ def test_a_bad_cached_copy_is_downloaded_again_and_private_is_not_silently_publi
     hub.tamper("org/panda", payload, original)  # the Hub serves the right bytes again
     assert fetch_delta("org/panda", cache_dir=tmp_path / "cache").commit
     with pytest.raises(HubError, match="exists and is public"):
-        publish_delta(delta_dir, "org/panda", private=True)
+        publish_delta(delta_dir, "org/panda", private=True, metadata=CARD)
 
 
 def test_fetch_downloads_only_what_the_manifest_lists(tmp_path, delta, hub):
     from huggingface_hub import HfApi
 
     _, delta_dir, _ = delta
-    publish_delta(delta_dir, "org/panda")
+    publish_delta(delta_dir, "org/panda", metadata=CARD)
     HfApi().upload_file(path_or_fileobj=b"x" * 5000, path_in_repo="extra/unrelated.bin", repo_id="org/panda")
     fetched = fetch_delta("org/panda", cache_dir=tmp_path / "cache")
     assert (fetched.path / "deltakit.json").is_file()

@@ -81,3 +81,16 @@ def test_the_docker_context_carries_the_sources_and_no_environment():
             copied.update(part.rstrip("/") for part in line.split()[1:-1])
     assert copied <= kept, f"the Dockerfile copies {copied - kept}, which the context leaves out"
     assert ".venv" not in kept
+
+
+def test_the_distribution_has_a_name_of_its_own_on_pypi(wheel):
+    """ "deltakit" on PyPI is a quantum error-correction toolkit: this one installs as deltakit-llm."""
+    from deltakit import DISTRIBUTION
+
+    (metadata,) = (n for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))
+    fields = dict(line.split(": ", 1) for line in wheel.read(metadata).decode().splitlines() if ": " in line)
+    assert fields["Name"] == DISTRIBUTION == "deltakit-llm"
+    (entry_points,) = (n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt"))
+    assert "deltakit = deltakit.cli:entry_point" in wheel.read(entry_points).decode()
+    readme = (ROOT / "README.md").read_text()
+    assert "pip install deltakit-llm" in readme and "pip install deltakit\n" not in readme

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import InputNotFoundError
-from ..hub import FetchedDelta, fetch_delta, fetch_model, is_repo_spec
+from ..hub import FetchedDelta, fetch_delta, fetch_model, is_repo_spec, parse_repo_spec
 from ..registry import Registry
 from ._common import _say
 from .delta import _cmd_verify
@@ -55,6 +55,11 @@ def _resolve_names(args: argparse.Namespace) -> None:
     if args.run in (_cmd_registry_add, _cmd_registry_remove, _cmd_serve, _cmd_token_create):
         return
     registry = Registry()
+    base = getattr(args, "base", None)
+    if base is not None:  # the base's Hub id, for a model card: registered with it, or named by it
+        entry = registry.get(base) if registry.get(base) is not None else None
+        spec = is_repo_spec(base) and not Path(base).exists()
+        args.base_hub_id = entry.hub_id if entry is not None else parse_repo_spec(base)[0] if spec else None
     for attribute in _PATH_ARGUMENTS:
         value = getattr(args, attribute, None)
         if value is not None:

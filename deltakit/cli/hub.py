@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..engine import make_delta, verify_delta
-from ..hub import PublishReport, publish_delta
+from ..errors import UnsupportedInputError
+from ..hub import CardMetadata, PublishReport, publish_delta
+from ..manifest import load_manifest
+from ..registry import Registry
 from ..units import human_bytes
 from ._common import _progress, _say
 from .delta import _print_make, _print_verify
@@ -31,6 +34,27 @@ def _print_publish(report: PublishReport) -> None:
         _say(f"commit {report.commit}: {report.commit_url}")
 
 
+def _card_metadata(args: argparse.Namespace, delta: Path) -> CardMetadata:
+    """The model card's metadata from the flags; the base's Hub id from --base-model, else from how the
+    base was named (a Hub id, or a registered name with one), else from the registry by fingerprint."""
+    base_model = args.base_model or getattr(args, "base_hub_id", None)
+    if base_model is None:
+        base_model = Registry().hub_id_of(load_manifest(delta).base.fingerprint)
+    if base_model is None:
+        raise UnsupportedInputError(
+            "the model card needs the base's Hub repo id as base_model: pass --base-model ORG/NAME, or register "
+            "the base with `deltakit registry add NAME PATH --hub-id ORG/NAME`"
+        )
+    return CardMetadata(
+        base_model=base_model,
+        license=args.license,
+        license_name=args.license_name,
+        license_link=args.license_link,
+        language=tuple(args.language or ()),
+        datasets=tuple(args.dataset or ()),
+    )
+
+
 def _cmd_publish(args: argparse.Namespace) -> int:
     report = publish_delta(
         args.path,
@@ -38,8 +62,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         private=args.private,
         revision=args.revision,
         commit_message=args.commit_message,
-        license=args.license,
-        base_model=args.base_model,
+        metadata=_card_metadata(args, Path(args.path)),
         dry_run=args.dry_run,
     )
     _print_publish(report)
@@ -68,8 +91,8 @@ def _cmd_release(args: argparse.Namespace) -> int:
                 args.repo,
                 private=args.private,
                 revision=args.revision,
-                license=args.license,
-                base_model=args.base_model,
+                commit_message=args.commit_message,
+                metadata=_card_metadata(args, out),
                 dry_run=args.dry_run,
             )
         )
@@ -82,13 +105,21 @@ def add_hub_parsers(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     hub.add_argument("--repo", required=True, help="Hub repo id, ORG/NAME")
     hub.add_argument("--private", action="store_true", help="create the repo private")
     hub.add_argument("--revision", help="branch to commit to (main)")
-    hub.add_argument("--license", default="other", help="license in the model card (other)")
-    hub.add_argument("--base-model", help="base_model in the model card (default: the base's name)")
+    hub.add_argument("--license", default="other", help="the model card's Hub license id (other)")
+    hub.add_argument("--license-name", help="with --license other: a short id for the license (llama-license)")
+    hub.add_argument("--license-link", help="with --license other: its URL, or a license file's path in the repo")
+    hub.add_argument(
+        "--base-model",
+        help="the base's Hub repo id, the card's base_model (default: the base's Hub id, or the one registered "
+        "for it with registry add --hub-id)",
+    )
+    hub.add_argument("--language", action="append", help="a language of the fine-tune (en, zh); may repeat")
+    hub.add_argument("--dataset", action="append", help="a Hub dataset id it was trained on; may repeat")
+    hub.add_argument("--commit-message", help="commit message")
     hub.add_argument("--dry-run", action="store_true", help="show what would be uploaded; upload nothing")
 
     p = sub.add_parser("publish", parents=[common, hub], help="verify a delta and upload it with a model card")
     p.add_argument("path", help="the delta package")
-    p.add_argument("--commit-message", help="commit message")
     p.set_defaults(run=_cmd_publish)
 
     p = sub.add_parser("release", parents=[common, hub], help="make, verify and publish in one step")

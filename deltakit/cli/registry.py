@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 
 
 def _cmd_registry_add(args: argparse.Namespace) -> int:
-    entry = Registry().add(args.name, args.path, force=args.force, progress=_progress(args))
-    _say(f"registered {entry.name!r}: {entry.kind} at {entry.path}, fingerprint {entry.fingerprint}")
+    entry = Registry().add(args.name, args.path, force=args.force, hub_id=args.hub_id, progress=_progress(args))
+    on_hub = f", on the Hub as {entry.hub_id}" if entry.hub_id else ""
+    _say(f"registered {entry.name!r}: {entry.kind} at {entry.path}{on_hub}, fingerprint {entry.fingerprint}")
     return 0
 
 
@@ -81,6 +82,9 @@ def add_registry_parsers(sub: _Subparsers, common: argparse.ArgumentParser) -> N
     r.add_argument("name", help="the name to give it: letters, digits, '.', '_' and '-'")
     r.add_argument("path", help="a checkpoint (file or folder) or a delta package folder")
     r.add_argument("--force", action="store_true", help="replace a name registered to another fingerprint")
+    r.add_argument(
+        "--hub-id", help="the model's repo id on the Hub (ORG/NAME): model cards of deltas made from it name it"
+    )
     r.set_defaults(run=_cmd_registry_add)
     r = registry.add_parser("list", parents=[common], help="list the registered names")
     r.add_argument("--json", action="store_true", help="print as JSON")
