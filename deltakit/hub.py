@@ -8,6 +8,7 @@ the Hub lacks (so re-running an interrupted publish sends only what is missing),
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from . import DISTRIBUTION, __version__
 from .dtypes import itemsize
 from .errors import HubError, IntegrityError, UnsupportedInputError
 from .formats.delta import FILES_DIR
+from .hashing import file_sha256
 from .manifest import MANIFEST_NAME, Manifest, load_manifest
 from .units import human_bytes
 
@@ -212,7 +214,17 @@ def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
 
 @dataclass(frozen=True)
 class PublishReport:
-    """What publish uploaded, or with ``dry_run`` would upload."""
+    """What publish uploaded, or with ``dry_run`` would upload.
+
+    Attributes:
+        files: every file of the package with its size (what a dry run would upload).
+        uploaded: the files the commit changed; ``unchanged``: those the repo already held as they are.
+        deleted: files of an earlier package the new one does not list (stale payload shards).
+        commit: the new commit, or when nothing changed (or a dry run) None; ``head`` is then the
+            revision's commit as it stands.
+        tag: the tag created on the published commit, if one was asked for.
+        pull_request: the pull request's URL when the commit was opened as one.
+    """
 
     repo_id: str
     revision: str
@@ -220,6 +232,16 @@ class PublishReport:
     commit_url: str | None
     files: tuple[tuple[str, int], ...]
     dry_run: bool
+    uploaded: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+    deleted: tuple[str, ...] = ()
+    head: str | None = None
+    tag: str | None = None
+    pull_request: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.uploaded or self.deleted)
 
 
 def _package_files(root: Path, manifest: Manifest) -> list[tuple[str, Path]]:
@@ -248,14 +270,22 @@ def publish_delta(
     revision: str | None = None,
     commit_message: str | None = None,
     metadata: CardMetadata,
+    tag: str | None = None,
+    create_pr: bool = False,
     token: str | None = None,
     endpoint: str | None = None,
     dry_run: bool = False,
 ) -> PublishReport:
     """Verify a delta package, then upload it with a generated model card in one commit.
 
+    Only what differs from the revision is sent, and the files of an earlier package that this one
+    does not list (payload shards, carried files) are deleted in the same commit; when nothing
+    differs, no commit is made.
+
     Args:
         metadata: what the model card says beyond the manifest: the base's Hub id, the license...
+        tag: a tag to create on the published commit (``v1.0``), so users can pin ``ORG/NAME@v1.0``.
+        create_pr: open the commit as a pull request instead of committing to the branch.
 
     Raises:
         IntegrityError: the package does not verify; nothing is uploaded.
@@ -277,33 +307,123 @@ def publish_delta(
     if dry_run:
         return PublishReport(repo_id, branch, None, None, listing, True)
 
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi(endpoint=endpoint, token=token, library_name="deltakit", library_version=__version__)
-    operations = [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode())]
-    operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files]
+    local = {"README.md": _Local(card.encode()), **{name: _Local(path) for name, path in files}}
+    recorded = {name: record.sha256 for name, record in manifest.payload.items()}
+    recorded.update({f"{FILES_DIR}/{rel}": record.sha256 for rel, record in manifest.target.files.items()})
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         if private and not api.repo_info(repo_id).private:
             raise HubError(f"{repo_id} exists and is public; refusing to publish what was asked to be private")
-        if revision is not None and revision != "main":
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.create_commit(
-            repo_id,
-            operations,
-            commit_message=commit_message or f"Upload {manifest.target.name} as a deltakit delta",
-            revision=branch,
+        if branch != "main" and not create_pr:
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+        remote = _remote_files(api, repo_id, branch)
+        unchanged = tuple(
+            n for n, f in local.items() if n in remote and remote[n] == f.oids(recorded.get(n), remote[n])
         )
+        uploaded = tuple(n for n in local if n not in unchanged)
+        deleted = tuple(sorted(n for n in remote if n not in local and _owned_by_a_package(n)))
+        head = api.repo_info(repo_id, revision=branch).sha
+        info = None
+        if uploaded or deleted:
+            operations: list[Any] = [
+                CommitOperationAdd(path_in_repo=n, path_or_fileobj=local[n].source) for n in uploaded
+            ]
+            operations += [CommitOperationDelete(path_in_repo=n) for n in deleted]
+            info = api.create_commit(
+                repo_id,
+                operations,
+                commit_message=commit_message or f"Upload {manifest.target.name} as a deltakit delta",
+                revision=branch,
+                create_pr=create_pr,
+            )
+        if tag is not None:
+            api.create_tag(repo_id, tag=tag, revision=info.oid if info is not None else head)
+    except HubError:
+        raise
     except HfHubHTTPError as e:
-        raise HubError(f"the Hub refused publishing to {repo_id}: {_http_reason(e)}") from e
+        raise HubError(_refusal(e, repo_id, branch)) from e
     except (OSError, RuntimeError) as e:  # huggingface_hub wraps failed LFS uploads in a RuntimeError
         cause = e.__cause__ if isinstance(e.__cause__, HfHubHTTPError) else e
         raise HubError(
             f"publishing to {repo_id} failed: {_http_reason(cause)}; run the same command again to send what "
             "did not arrive"
         ) from e
-    return PublishReport(repo_id, branch, info.oid, info.commit_url, listing, False)
+    except Exception as e:
+        if not _is_transport_error(e):
+            raise
+        raise HubError(f"could not publish to {repo_id}: the Hub cannot be reached ({type(e).__name__})") from e
+    return PublishReport(
+        repo_id,
+        branch,
+        info.oid if info is not None else None,
+        info.commit_url if info is not None else None,
+        listing,
+        False,
+        uploaded=uploaded,
+        unchanged=unchanged,
+        deleted=deleted,
+        head=info.oid if info is not None else head,
+        tag=tag,
+        pull_request=info.pr_url if info is not None else None,
+    )
+
+
+@dataclass(frozen=True)
+class _Local:
+    """A file to publish: bytes made here (the card), or a file of the package."""
+
+    content: bytes | Path
+
+    @property
+    def source(self) -> bytes | str:
+        return self.content if isinstance(self.content, bytes) else str(self.content)
+
+    def oids(self, sha256: str | None, remote: tuple[str, str]) -> tuple[str, str]:
+        """This file's id in the form the repo keeps it: ``("lfs", sha256)`` or ``("git", blob sha1)``;
+        ``sha256`` is the one the manifest records, when it records one."""
+        if remote[0] == "lfs":
+            if sha256 is None:
+                content = self.content
+                sha256 = hashlib.sha256(content).hexdigest() if isinstance(content, bytes) else file_sha256(content)[0]
+            return ("lfs", sha256)
+        data = self.content if isinstance(self.content, bytes) else self.content.read_bytes()
+        return ("git", hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest())
+
+
+def _remote_files(api: Any, repo_id: str, revision: str) -> dict[str, tuple[str, str]]:
+    """The files at ``revision``, each as ``("lfs", sha256)`` or ``("git", blob sha1)``."""
+    from huggingface_hub.hf_api import RepoFile
+
+    found = {}
+    for item in api.list_repo_tree(repo_id, revision=revision, recursive=True):
+        if isinstance(item, RepoFile):
+            found[item.path] = ("lfs", item.lfs.sha256) if item.lfs is not None else ("git", item.blob_id)
+    return found
+
+
+def _owned_by_a_package(name: str) -> bool:
+    """Files a deltakit package puts in a repo, which a newer package may drop; anything else is left."""
+    return name in (MANIFEST_NAME, "README.md") or name.startswith(f"{FILES_DIR}/") or bool(_PAYLOAD_NAME.match(name))
+
+
+_PAYLOAD_NAME = re.compile(r"^delta(-\d{5}-of-\d{5})?\.safetensors$")
+
+
+def _refusal(error: Exception, repo_id: str, revision: str) -> str:
+    """A refused publish, said so that the user knows what to do."""
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if status in (401, 403):
+        return (
+            f"the Hub refused publishing to {repo_id} (HTTP {status}): log in with `hf auth login` or set HF_TOKEN "
+            "to a token that may write to it"
+        )
+    if status == 404:
+        return f"the Hub has no {repo_id} at revision {revision} (HTTP 404): check the repo id and --revision"
+    return f"the Hub refused publishing to {repo_id}: {_http_reason(error)}"
 
 
 def _http_reason(error: Exception) -> str:

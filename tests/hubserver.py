@@ -42,7 +42,8 @@ and ``{prefix}`` is ``""``, ``datasets/`` or ``spaces/``):
   in Authorization header``. ``token=None`` turns auth off.
 
 Not implemented: Xet (the ``xet-*-token`` routes answer 501; the client MUST run with Xet disabled), multipart
-LFS, the LFS ``verify`` action, pull requests (``create_pr`` answers 400), gated repos, pagination,
+LFS, the LFS ``verify`` action, discussions (a ``create_pr`` commit lands on ``refs/pr/N``, nothing more),
+gated repos, pagination,
 ``.gitignore``/``.gitattributes`` semantics, cross-repo LFS duplication, CDN redirects, real git objects.
 
 Test hooks: ``hub.lfs_uploads`` / ``hub.lfs_uploaded_oids`` (LFS objects actually received and verified),
@@ -744,8 +745,8 @@ class FakeHub:
             case "POST", ["preupload"]:
                 return self._preupload(h, rt, repo_id, rev, _json_body(body))
             case "POST", ["commit"]:
-                if query.get("create_pr"):
-                    raise HubError(400, "FakeHub does not implement pull requests (create_pr)")
+                if query.get("create_pr") in ("1", "true", "True"):
+                    return self._open_pull_request(h, rt, repo_id, rev, body)
                 return self._commit(h, rt, repo_id, rev, body)
             case "GET", ["refs"]:
                 return self._refs(h, rt, repo_id)
@@ -885,11 +886,17 @@ class FakeHub:
         def refs(kind: str, table: dict[str, str]) -> list[dict[str, str]]:
             return [{"name": n, "ref": f"refs/{kind}/{n}", "targetCommit": c} for n, c in sorted(table.items())]
 
+        branches = {n: c for n, c in repo.branches.items() if not n.startswith("refs/pr/")}
+        pulls = [
+            {"name": n.removeprefix("refs/pr/"), "ref": n, "targetCommit": c}
+            for n, c in sorted(repo.branches.items())
+            if n.startswith("refs/pr/")
+        ]
         payload = {
-            "branches": refs("heads", repo.branches),
+            "branches": refs("heads", branches),
             "tags": refs("tags", repo.tags),
             "converts": [],
-            "pullRequests": [],
+            "pullRequests": pulls,
         }
         return 200, payload, {}
 
@@ -1040,6 +1047,20 @@ class FakeHub:
         commit = self._store.new_commit(repo, branch, tree, summary, header.get("description") or "")
         url = f"{self._url(rt, repo_id)}/commit/{commit.id}"
         return 200, {"success": True, "commitOid": commit.id, "commitUrl": url, "hookOutput": ""}, {}
+
+    def _open_pull_request(self, h: _Handler, rt: str, repo_id: str, rev: str, body: bytes) -> Reply:
+        """A commit opened as a pull request: the Hub keeps it on a ref ``refs/pr/N`` made from the
+        target branch, and answers with the discussion's URL."""
+        repo = self._writable(h, rt, repo_id)
+        target = rev.removeprefix("refs/heads/")
+        if target not in repo.branches:
+            raise HubError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+        number = 1 + sum(1 for name in repo.branches if name.startswith("refs/pr/"))
+        ref = f"refs/pr/{number}"
+        repo.branches[ref] = repo.branches[target]
+        status, payload, headers = self._commit(h, rt, repo_id, ref, body)
+        payload["pullRequestUrl"] = f"{self._url(rt, repo_id)}/discussions/{number}"
+        return status, payload, headers
 
     def _apply(self, repo: _Repo, tree: dict[str, FileEntry], key: str, value: dict[str, Any], head: str) -> None:
         path = str(value.get("path", "")).strip("/")

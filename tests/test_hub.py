@@ -332,3 +332,48 @@ def test_no_connection_is_one_hub_error_and_a_mistyped_path_is_not_sent_to_the_h
         "deltakit: error: pair/bsae: no such file or folder (a folder pair/ is here, so it is not looked up as a "
         "Hub repo id)"
     )
+
+
+def test_republishing_sends_only_what_changed_and_drops_stale_shards(tmp_path, make_pair, hub):
+    """An unchanged package makes no commit; one with fewer payload shards deletes the old ones in the
+    same commit; a tag pins the published commit."""
+    from test_cli import deltakit_cli
+
+    base = llama_like(torch.float16)
+    base_dir, target_dir = make_pair(base, finetune_of(base, extra_vocab=2))
+    make_delta(base_dir, target_dir, tmp_path / "two", shard_size=1 << 10)  # tiny shards: several files
+    make_delta(base_dir, target_dir, tmp_path / "one")
+    first = publish_delta(tmp_path / "two", "org/p", metadata=CARD, tag="v1.0")
+    shards = [n for n, _ in first.files if n.startswith("delta-")]
+    assert len(shards) > 1 and first.tag == "v1.0" and hub.read("org/p", "deltakit.json", revision="v1.0")
+    commits = len(hub.commits("org/p"))
+
+    again = publish_delta(tmp_path / "two", "org/p", metadata=CARD)
+    assert not again.changed and again.commit is None and again.head == first.commit
+    assert len(hub.commits("org/p")) == commits, "nothing changed, so no commit"
+    result = deltakit_cli("publish", tmp_path / "two", "--repo", "org/p", *CARD_FLAGS)
+    assert result.returncode == 0, result.stderr
+    assert "nothing changed: org/p@main already holds this package" in result.stdout
+    assert "No files have been modified" not in result.stderr
+
+    fewer = publish_delta(tmp_path / "one", "org/p", metadata=CARD)
+    assert set(fewer.deleted) == set(shards) and "delta-00001-of-00001.safetensors" in fewer.uploaded
+    assert len(hub.commits("org/p")) == commits + 1, "uploads and deletions in one commit"
+    from huggingface_hub import HfApi
+
+    remaining = HfApi(endpoint=hub.endpoint).list_repo_files("org/p")
+    assert [n for n in remaining if n.startswith("delta-")] == ["delta-00001-of-00001.safetensors"]
+    assert hub.read("org/p", shards[0], revision="v1.0")  # the tagged release still holds them
+
+
+def test_publish_can_open_a_pull_request_and_names_refusals(tmp_path, delta, hub):
+    _, delta_dir, _ = delta
+    publish_delta(delta_dir, "org/p", metadata=CARD)
+    other = CardMetadata(base_model="huggyllama/llama-7b", license="mit")
+    opened = publish_delta(delta_dir, "org/p", metadata=other, create_pr=True)
+    assert opened.pull_request and opened.pull_request.endswith("/discussions/1")
+    assert opened.uploaded == ("README.md",)
+    assert b"license: mit" not in hub.read("org/p", "README.md")  # main is untouched
+    assert b"license: mit" in hub.read("org/p", "README.md", revision="refs/pr/1")
+    with pytest.raises(HubError, match=r"log in with `hf auth login` or set HF_TOKEN"):
+        publish_delta(delta_dir, "org/q", metadata=CARD, token="hf_wrong")

@@ -25,13 +25,29 @@ if TYPE_CHECKING:
 
 
 def _print_publish(report: PublishReport) -> None:
-    verb = "would upload" if report.dry_run else "uploaded"
-    total = sum(size for _, size in report.files)
-    _say(f"{verb} {len(report.files)} files ({human_bytes(total)}) to {report.repo_id}@{report.revision}")
-    for name, size in report.files:
-        _say(f"  {name}  {human_bytes(size)}")
-    if report.commit:
-        _say(f"commit {report.commit}: {report.commit_url}")
+    where = f"{report.repo_id}@{report.revision}"
+    sizes = dict(report.files)
+    if report.dry_run:
+        _say(f"would upload {len(report.files)} files ({human_bytes(sum(sizes.values()))}) to {where}")
+        for name, size in report.files:
+            _say(f"  {name}  {human_bytes(size)}")
+        return
+    if not report.changed:
+        _say(f"nothing changed: {where} already holds this package (commit {report.head})")
+    else:
+        sent = sum(sizes.get(name, 0) for name in report.uploaded)
+        kept = f"; {len(report.unchanged)} already there" if report.unchanged else ""
+        _say(f"uploaded {len(report.uploaded)} files ({human_bytes(sent)}) to {where}{kept}")
+        for name in report.uploaded:
+            _say(f"  {name}  {human_bytes(sizes.get(name, 0))}")
+        for name in report.deleted:
+            _say(f"  deleted {name} (the new package does not list it)")
+        if report.pull_request:
+            _say(f"pull request {report.pull_request}")
+        elif report.commit:
+            _say(f"commit {report.commit}: {report.commit_url}")
+    if report.tag:
+        _say(f"tagged {report.head} as {report.tag}: users can pin {report.repo_id}@{report.tag}")
 
 
 def _card_metadata(args: argparse.Namespace, delta: Path) -> CardMetadata:
@@ -63,6 +79,8 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         revision=args.revision,
         commit_message=args.commit_message,
         metadata=_card_metadata(args, Path(args.path)),
+        tag=args.tag,
+        create_pr=args.create_pr,
         dry_run=args.dry_run,
     )
     _print_publish(report)
@@ -93,6 +111,8 @@ def _cmd_release(args: argparse.Namespace) -> int:
                 revision=args.revision,
                 commit_message=args.commit_message,
                 metadata=_card_metadata(args, out),
+                tag=args.tag,
+                create_pr=args.create_pr,
                 dry_run=args.dry_run,
             )
         )
@@ -116,6 +136,8 @@ def add_hub_parsers(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     hub.add_argument("--language", action="append", help="a language of the fine-tune (en, zh); may repeat")
     hub.add_argument("--dataset", action="append", help="a Hub dataset id it was trained on; may repeat")
     hub.add_argument("--commit-message", help="commit message")
+    hub.add_argument("--tag", help="tag the published commit (v1.0), so that users can pin ORG/NAME@v1.0")
+    hub.add_argument("--create-pr", action="store_true", help="open the commit as a pull request")
     hub.add_argument("--dry-run", action="store_true", help="show what would be uploaded; upload nothing")
 
     p = sub.add_parser("publish", parents=[common, hub], help="verify a delta and upload it with a model card")
