@@ -377,3 +377,46 @@ def test_publish_can_open_a_pull_request_and_names_refusals(tmp_path, delta, hub
     assert b"license: mit" in hub.read("org/p", "README.md", revision="refs/pr/1")
     with pytest.raises(HubError, match=r"log in with `hf auth login` or set HF_TOKEN"):
         publish_delta(delta_dir, "org/q", metadata=CARD, token="hf_wrong")
+
+
+def test_scripts_get_one_json_object_from_each_command(tmp_path, hub):
+    """make, apply, convert, release, publish and download with --json: stdout is one JSON object with
+    what a CI step needs; the human report and progress go to stderr."""
+    import json
+
+    from test_cli import deltakit_cli
+
+    base = llama_like(torch.float16)
+    base_dir = write_checkpoint(tmp_path / "llama-7b", base)
+    target_dir = write_checkpoint(tmp_path / "panda-7b", finetune_of(base, extra_vocab=2))
+
+    def run(*args):
+        result = deltakit_cli(*args, "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)  # the whole of stdout is one object
+
+    made = run("make", "--base", base_dir, "--target", target_dir, "--out", tmp_path / "d")
+    assert made["command"] == "make" and made["out"] == str(tmp_path / "d") and made["format"] == 2
+    assert len(made["base"]["fingerprint"]) == 64 and made["payload_files"]
+    released = run("release", "--base", base_dir, "--target", target_dir, "--repo", "org/p", *CARD_FLAGS, "--tag", "v1")
+    assert released["verify"]["ok"] and released["publish"]["commit"] and released["publish"]["tag"] == "v1"
+    assert released["make"]["target"]["fingerprint"] == made["target"]["fingerprint"]
+    again = run("publish", tmp_path / "d", "--repo", "org/p", *CARD_FLAGS)
+    assert again["changed"] is False and again["head"] == released["publish"]["commit"]
+    fetched = run("download", "org/p@v1", "--cache-dir", tmp_path / "cache")
+    assert fetched["commit"] == released["publish"]["commit"] and fetched["revision"] == "v1"
+    assert fetched["target"]["fingerprint"] == made["target"]["fingerprint"]
+    applied = run("apply", "--base", base_dir, "--delta", tmp_path / "d", "--out", tmp_path / "out")
+    assert applied["fingerprint"] == made["target"]["fingerprint"] and applied["verified"] is True
+    converted = run("convert", tmp_path / "out", "--out", tmp_path / "bf16", "--dtype", "bfloat16")
+    assert converted["command"] == "convert" and converted["out"] == str(tmp_path / "bf16")
+
+
+def test_inspect_takes_a_hub_id(tmp_path, delta, hub):
+    from test_cli import deltakit_cli
+
+    _, delta_dir, manifest = delta
+    publish_delta(delta_dir, "org/p", metadata=CARD)
+    result = deltakit_cli("inspect", "org/p")
+    assert result.returncode == 0, result.stderr
+    assert "fetched org/p" in result.stdout and manifest.target.fingerprint in result.stdout

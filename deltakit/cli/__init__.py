@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from .. import __version__
 from ..errors import DeltakitError
-from ._common import _terminate, _Terminated, _UsageError
+from ._common import _Output, _terminate, _Terminated, _UsageError
 from ._names import _resolve_names
 from .convert import add_convert_parser
 from .delta import add_apply_parser, add_demo_parser, add_inspect_parser, add_make_parser, add_verify_parser
@@ -61,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.quiet = getattr(args, "quiet", False) or args.quiet_first
     args.verbose = getattr(args, "verbose", False) or args.verbose_first
+    _Output.json = bool(getattr(args, "json", False))
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="deltakit: %(levelname)s: %(message)s",

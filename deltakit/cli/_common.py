@@ -6,10 +6,13 @@ The names keep their leading underscore: they are the CLI's own, never part of d
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
+from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ..progress import ProgressFactory, tqdm_progress
 
@@ -40,15 +43,44 @@ def _port(text: str) -> int:
     return value
 
 
-def _say(text: str = "") -> None:
-    """A line on stdout. When its reader has gone (``deltakit release ... | head -1``), the rest of the
-    output is dropped and the command carries on: the job finishes, and its exit status says how."""
+class _Output:
+    """Where report lines go: stdout, or stderr when ``--json`` keeps stdout for one JSON object."""
+
+    json = False
+
+
+def _write(stream: TextIO, text: str) -> None:
+    """A line on ``stream``. When its reader has gone (``deltakit release ... | head -1``), the rest of
+    the output is dropped and the command carries on: the job finishes, and its exit status says how."""
     try:
-        print(text, file=sys.stdout, flush=True)
+        print(text, file=stream, flush=True)
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # what is still buffered, and all later output, goes nowhere
+        os.dup2(devnull, stream.fileno())  # what is still buffered, and all later output, goes nowhere
         os.close(devnull)
+
+
+def _say(text: str = "") -> None:
+    """A line of the human report: on stdout, or on stderr under ``--json``."""
+    _write(sys.stderr if _Output.json else sys.stdout, text)
+
+
+def _emit(result: Any) -> None:
+    """The one JSON object a ``--json`` command prints on stdout, for scripts and CI steps."""
+    _write(sys.stdout, json.dumps(_jsonable(result), indent=2))
+
+
+def _jsonable(value: Any) -> Any:
+    """Reports as JSON values: dataclasses as objects (without whole manifests), paths as strings."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name != "manifest"}
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 def _progress(args: argparse.Namespace) -> ProgressFactory:

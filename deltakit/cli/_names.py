@@ -9,11 +9,11 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import InputNotFoundError
+from ..errors import HubError, InputNotFoundError
 from ..hub import FetchedDelta, fetch_delta, fetch_model, is_repo_spec, parse_repo_spec
 from ..registry import Registry
 from ._common import _say
-from .delta import _cmd_verify
+from .delta import _cmd_inspect, _cmd_verify
 from .registry import _cmd_registry_add, _cmd_registry_remove, _cmd_serve, _cmd_token_create
 
 _PATH_ARGUMENTS = ("base", "target", "path", "source", "from_legacy")
@@ -38,6 +38,18 @@ def _resolve(registry: Registry, name: str, fetch: Callable[[str], FetchedDelta]
     fetched = fetch(name)
     _say(f"fetched {fetched.repo_id} at {fetched.revision} (commit {fetched.commit[:12]}){checked}")
     return str(fetched.path)
+
+
+def _fetch_delta_or_model(spec: str) -> FetchedDelta:
+    """A Hub repo to inspect: a delta when it holds a ``deltakit.json`` (checked), else a model."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return fetch_delta(spec)
+    except HubError as e:
+        if not isinstance(e.__cause__, EntryNotFoundError):  # the repo has no deltakit.json
+            raise
+        return fetch_model(spec)
 
 
 def _resolve_delta(registry: Registry, name: str) -> str:
@@ -65,6 +77,8 @@ def _resolve_names(args: argparse.Namespace) -> None:
         if value is not None:
             if args.run is _cmd_verify and attribute == "path" and getattr(args, "delta", None) is None:
                 setattr(args, attribute, _resolve_delta(registry, value))
+            elif args.run is _cmd_inspect and attribute == "path":
+                setattr(args, attribute, _resolve(registry, value, _fetch_delta_or_model))
             elif attribute in ("base", "target") or (args.run is _cmd_verify and attribute == "path"):
                 setattr(args, attribute, _resolve_model(registry, value))
             else:

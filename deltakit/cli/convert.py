@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from ..convert import DTYPE_NAMES, convert
 from ..engine import DEFAULT_SHARD_SIZE
 from ..units import human_bytes, parse_size
-from ._common import _positive, _progress, _say
+from ._common import _emit, _jsonable, _positive, _progress, _say
 
 if TYPE_CHECKING:
     from ._common import _Subparsers
@@ -37,6 +37,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     _say(f"  files     {', '.join(report.files) or 'none'}")
     if report.fingerprint:
         _say(f"  result    fingerprint {report.fingerprint}")
+    if args.json:
+        _emit({"command": "convert", **_jsonable(report)})
     return 0
 
 
@@ -53,4 +55,5 @@ def add_convert_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> Non
     p.add_argument(
         "--meta-shards", type=_positive, help="model-parallel shards for --to meta (Meta's count by default)"
     )
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the report goes to stderr)")
     p.set_defaults(run=_cmd_convert)

@@ -6,7 +6,6 @@ Each handler calls one library function and prints its report; release (in hub.p
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from ..manifest import FORMAT_VERSION, MANIFEST_NAME, READABLE_FORMATS, load_man
 from ..registry import Registry
 from ..staging import check_output_free
 from ..units import human_bytes, parse_size
-from ._common import _progress, _say, _UsageError, _zstd_level
+from ._common import _emit, _jsonable, _progress, _say, _UsageError, _zstd_level
 
 if TYPE_CHECKING:
     from ._common import _Subparsers
@@ -173,10 +172,26 @@ def _cmd_make(args: argparse.Namespace) -> int:
         )
         _say(f"read {args.from_legacy} as a delta of kind {rebuilt.kind}; re-packaged as format {args.format}:")
         _print_make(made, time.perf_counter() - start)
+        if args.json:
+            _emit({"command": "make", **_make_dict(made), "legacy": rebuilt})
         return 0
     report = make_delta(args.base, args.target, args.out, codec=args.codec, **options)
     _print_make(report, time.perf_counter() - start)
+    if args.json:
+        _emit({"command": "make", **_make_dict(report)})
     return 0
+
+
+def _make_dict(report: MakeReport) -> dict[str, object]:
+    """What a CI step needs of a make: the package, its format, both fingerprints, sizes, encodings."""
+    m = report.manifest
+    return {
+        **_jsonable(report),
+        "format": m.format,
+        "base": {"name": m.base.name, "fingerprint": m.base.fingerprint},
+        "target": {"name": m.target.name, "fingerprint": m.target.fingerprint},
+        "payload_files": {name: {"sha256": f.sha256, "size": f.size} for name, f in m.payload.items()},
+    }
 
 
 def _choose_base(args: argparse.Namespace) -> None:
@@ -207,6 +222,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         merged = merge_adapters(args.base, adapters, args.out, shard_size=args.shard_size, progress=_progress(args))
         _print_merge(merged, time.perf_counter() - start)
+        if args.json:
+            _emit({"command": "apply", "kind": "lora", **_jsonable(merged)})
         return 0
     if len(args.delta) > 1:
         raise _UsageError("several --delta are for LoRA adapters only; deltakit deltas apply one at a time")
@@ -232,6 +249,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                 f"  note      {args.delta} has no deltakit.json: read as a {legacy.kind} delta "
                 f"(--legacy {other} if it is not)"
             )
+        if args.json:
+            _emit({"command": "apply", **_jsonable(legacy)})
         return 0
     if args.dry_run:
         check_output_free(Path(args.out))
@@ -239,6 +258,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         plan.check_sample()  # the cheap checks a real apply starts with: a wrong base fails here too
         _say(plan.describe())
         _say(f"dry run: nothing written; would write {args.out}")
+        if args.json:
+            _emit({"command": "apply", "kind": "deltakit", "dry_run": True, "out": args.out, "checks": "ok"})
         return 0
     start = time.perf_counter()
     report = apply_delta(
@@ -249,6 +270,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         progress=_progress(args),
     )
     _print_apply(report, time.perf_counter() - start)
+    if args.json:
+        _emit({"command": "apply", "kind": "deltakit", "dry_run": False, **_jsonable(report), "verified": True})
     return 0
 
 
@@ -260,7 +283,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     else:
         report = verify_delta(args.path, base=args.base, progress=_progress(args))
     if args.json:
-        _say(json.dumps(_report_dict(report), indent=2))
+        _emit(_report_dict(report))
     else:
         _print_verify(report, details=args.verbose)
     return 0 if report.ok else 1
@@ -280,7 +303,7 @@ def _report_dict(report: VerifyReport) -> dict[str, object]:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     info = inspect_path(args.path, with_fingerprint=args.fingerprint, progress=_progress(args))
     if args.json:
-        _say(json.dumps(info.to_dict(), indent=2))
+        _emit(info.to_dict())
     else:
         _print_inspect(info, all_tensors=args.all)
     return 0
@@ -360,6 +383,7 @@ def add_make_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     level.add_argument(
         "--max", action="store_true", help="the smallest payload, whatever make takes (format 2: zstd 19, more tried)"
     )
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the report goes to stderr)")
     p.set_defaults(run=_cmd_make)
 
 
@@ -385,6 +409,7 @@ def add_apply_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
         help="the delta is an older tool's release: a model folder of differences (auto: when it has no deltakit.json)",
     )
     p.add_argument("--checksums", help="for an XOR release: md5/sha256 sums of the rebuilt files, from its model card")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the report goes to stderr)")
     p.set_defaults(run=_cmd_apply)
 
 

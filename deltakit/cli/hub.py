@@ -1,6 +1,7 @@
-"""The Hub commands, publish and release: upload a verified delta with its model card.
+"""The Hub commands: publish and release upload a verified delta with its model card; download fetches one.
 
-Downloads have no command of their own: a Hub repo id given as a delta or model is fetched (see _names.py).
+`download` fetches a delta into the Hub cache ahead of an offline apply; a Hub repo id given as a delta or
+model anywhere else is fetched too (see _names.py).
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from typing import TYPE_CHECKING
 
 from ..engine import make_delta, verify_delta
 from ..errors import UnsupportedInputError
-from ..hub import CardMetadata, PublishReport, publish_delta
+from ..hub import CardMetadata, PublishReport, fetch_delta, publish_delta
 from ..manifest import load_manifest
 from ..registry import Registry
 from ..units import human_bytes
-from ._common import _progress, _say
-from .delta import _print_make, _print_verify
+from ._common import _emit, _jsonable, _progress, _say
+from .delta import _make_dict, _print_make, _print_verify, _report_dict
 
 if TYPE_CHECKING:
     from ._common import _Subparsers
@@ -84,6 +85,35 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
     )
     _print_publish(report)
+    if args.json:
+        _emit({"command": "publish", **_publish_dict(report)})
+    return 0
+
+
+def _publish_dict(report: PublishReport) -> dict[str, object]:
+    return {**_jsonable(report), "files": dict(report.files), "changed": report.changed}
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    fetched = fetch_delta(args.spec, cache_dir=args.cache_dir)
+    manifest = load_manifest(fetched.path)
+    _say(
+        f"downloaded {fetched.repo_id}@{fetched.revision} (commit {fetched.commit}) into {fetched.path}: "
+        f"{len(manifest.payload) + len(manifest.target.files) + 1} files, each checked against its manifest"
+    )
+    _say(f"  base      {manifest.base.name}  fingerprint {manifest.base.fingerprint}")
+    _say(f"  target    {manifest.target.name}  fingerprint {manifest.target.fingerprint}")
+    _say(f"  apply     deltakit apply --base BASE --delta {args.spec} --out OUT (works offline from the cache)")
+    if args.json:
+        _emit(
+            {
+                "command": "download",
+                **_jsonable(fetched),
+                "base": {"name": manifest.base.name, "fingerprint": manifest.base.fingerprint},
+                "target": {"name": manifest.target.name, "fingerprint": manifest.target.fingerprint},
+                "payload_bytes": sum(f.size for f in manifest.payload.values()),
+            }
+        )
     return 0
 
 
@@ -102,20 +132,30 @@ def _cmd_release(args: argparse.Namespace) -> int:
         report = verify_delta(out, base=args.base, progress=_progress(args))
         _print_verify(report)
         if not report.ok:
+            if args.json:
+                _emit({"command": "release", "make": _make_dict(made), "verify": _report_dict(report)})
             return 1
-        _print_publish(
-            publish_delta(
-                out,
-                args.repo,
-                private=args.private,
-                revision=args.revision,
-                commit_message=args.commit_message,
-                metadata=_card_metadata(args, out),
-                tag=args.tag,
-                create_pr=args.create_pr,
-                dry_run=args.dry_run,
-            )
+        published = publish_delta(
+            out,
+            args.repo,
+            private=args.private,
+            revision=args.revision,
+            commit_message=args.commit_message,
+            metadata=_card_metadata(args, out),
+            tag=args.tag,
+            create_pr=args.create_pr,
+            dry_run=args.dry_run,
         )
+        _print_publish(published)
+        if args.json:
+            _emit(
+                {
+                    "command": "release",
+                    "make": _make_dict(made),
+                    "verify": _report_dict(report),
+                    "publish": _publish_dict(published),
+                }
+            )
     return 0
 
 
@@ -139,6 +179,7 @@ def add_hub_parsers(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     hub.add_argument("--tag", help="tag the published commit (v1.0), so that users can pin ORG/NAME@v1.0")
     hub.add_argument("--create-pr", action="store_true", help="open the commit as a pull request")
     hub.add_argument("--dry-run", action="store_true", help="show what would be uploaded; upload nothing")
+    hub.add_argument("--json", action="store_true", help="print one JSON object on stdout (the report goes to stderr)")
 
     p = sub.add_parser("publish", parents=[common, hub], help="verify a delta and upload it with a model card")
     p.add_argument("path", help="the delta package")
@@ -151,3 +192,11 @@ def add_hub_parsers(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="the target's name in the manifest")
     p.add_argument("--base-name", help="the base's name in the manifest")
     p.set_defaults(run=_cmd_release)
+
+    p = sub.add_parser(
+        "download", parents=[common], help="fetch a delta from the Hub into the cache, every file checked"
+    )
+    p.add_argument("spec", metavar="ORG/NAME[@REV]", help="the delta's Hub repo id, pinned to a revision if you like")
+    p.add_argument("--cache-dir", help="the Hugging Face cache to download into (default: HF_HUB_CACHE)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the report goes to stderr)")
+    p.set_defaults(run=_cmd_download)

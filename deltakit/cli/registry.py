@@ -6,14 +6,13 @@ The service's own dependencies (uvicorn, FastAPI) load inside serve and token on
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from ..errors import DeltakitError
 from ..registry import Registry
 from ..units import human_bytes
-from ._common import _port, _progress, _say, _Terminated
+from ._common import _emit, _port, _progress, _say, _Terminated
 
 if TYPE_CHECKING:
     from ._common import _Subparsers
@@ -30,7 +29,7 @@ def _cmd_registry_list(args: argparse.Namespace) -> int:
     registry = Registry()
     entries = registry.entries()
     if args.json:
-        _say(json.dumps([asdict(e) for e in entries.values()], indent=2))
+        _emit([asdict(e) for e in entries.values()])
         return 0
     if not entries:
         _say(f"no names registered in {registry.path}")
