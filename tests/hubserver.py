@@ -41,8 +41,15 @@ and ``{prefix}`` is ``""``, ``datasets/`` or ``spaces/``):
   ``RepoNotFound``, like the Hub), and a wrong token is refused everywhere with the Hub's ``Invalid credentials
   in Authorization header``. ``token=None`` turns auth off.
 
-Not implemented: Xet (the ``xet-*-token`` routes answer 501; the client MUST run with Xet disabled), multipart
-LFS, the LFS ``verify`` action, discussions (a ``create_pr`` commit lands on ``refs/pr/N``, nothing more),
+- Multipart LFS: objects of at least ``multipart_threshold`` bytes get part URLs (``header``: ``chunk_size``
+  and ``00001``...) to ``PUT /_fakehub/part/{ticket}/{n}`` (ETag: the part's md5, as S3 answers) and a
+  completion ``href`` (``POST /_fakehub/complete/{ticket}``) that checks the parts' ETags, size and sha256.
+- ``GET /api/{type}s/{repo}`` derives ``cardData``, ``library_name``, ``pipeline_tag`` and ``tags`` (the card's,
+  the library, ``license:X``, ``base_model:ID`` and ``base_model:RELATION:ID``) from README.md's front matter.
+- ``hub.throttle(fragment)``: the next request whose path holds it answers 429 with ``Retry-After``.
+
+Not implemented: Xet (the ``xet-*-token`` routes answer 501; the client MUST run with Xet disabled),
+the LFS ``verify`` action, discussions (a ``create_pr`` commit lands on ``refs/pr/N``, nothing more),
 gated repos, pagination,
 ``.gitignore``/``.gitattributes`` semantics, cross-repo LFS duplication, CDN redirects, real git objects.
 
@@ -116,6 +123,9 @@ DEFAULT_LFS_SUFFIXES: tuple[str, ...] = (
     ".tar", ".tflite", ".tgz", ".wasm", ".xz", ".zip", ".zst",
 )  # fmt: skip
 DEFAULT_FAIL_STATUS = 507  # a 5xx that huggingface_hub's http_backoff does not retry
+# The Hub asks for multipart LFS uploads of large objects (S3 parts); tests lower both to see it.
+DEFAULT_MULTIPART_THRESHOLD = 5 * 1024**3
+DEFAULT_PART_SIZE = 64 * 1024**2
 USER = "fakehub-user"
 
 _TYPE_BY_PLURAL = {"models": "model", "datasets": "dataset", "spaces": "space"}
@@ -391,10 +401,19 @@ class _Handler(BaseHTTPRequestHandler):
         segments = [s for s in url.path.split("/") if s]  # still percent-encoded: revisions may hold "%2F"
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         try:
+            if (throttled := hub._throttled(url.path)) is not None:
+                b"".join(self.iter_body())  # read what was sent, so the connection stays usable
+                raise throttled
             if method == "PUT" and segments[:2] == ["_fakehub", "lfs"] and len(segments) == 3:
                 hub._lfs_put(self, segments[2])  # consumes the body itself, streaming it to disk
                 return
+            if method == "PUT" and segments[:2] == ["_fakehub", "part"] and len(segments) == 4:
+                hub._part_put(self, segments[2], int(segments[3]))
+                return
             body = b"".join(self.iter_body())
+            if method == "POST" and segments[:2] == ["_fakehub", "complete"] and len(segments) == 3:
+                self.send_json(*hub._complete_multipart(segments[2], _json_body(body)))
+                return
             reply = hub._route(self, method, segments, query, body)
             if reply is not None:  # None: the route wrote its own answer (file downloads)
                 self.send_json(*reply)
@@ -527,6 +546,8 @@ class FakeHub:
         lfs_suffixes: tuple[str, ...] = DEFAULT_LFS_SUFFIXES,
         lfs_binary: bool = True,
         gitattributes: bool = True,
+        multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
+        part_size: int = DEFAULT_PART_SIZE,
     ) -> None:
         self.root = Path(root)
         self.token = token
@@ -541,6 +562,11 @@ class FakeHub:
         self._tickets: dict[str, tuple[str, str, str, int]] = {}  # ticket -> (repo_type, repo_id, oid, size)
         self._upload_budget: int | None = None
         self._fail_status = DEFAULT_FAIL_STATUS
+        self.multipart_threshold = multipart_threshold
+        self.part_size = part_size
+        self.multipart_uploads = 0
+        self._parts: dict[str, dict[int, Path]] = {}  # multipart ticket -> part number -> received part
+        self._throttles: list[list[Any]] = []  # [path fragment, times left, Retry-After seconds]
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -592,6 +618,20 @@ class FakeHub:
         with self._store.lock:
             self._upload_budget = n
             self._fail_status = status
+
+    def throttle(self, fragment: str, *, times: int = 1, retry_after: int = 1) -> None:
+        """The next ``times`` requests whose path holds ``fragment`` get 429 with ``Retry-After``, as the
+        Hub answers a client over its rate limit."""
+        with self._store.lock:
+            self._throttles.append([fragment, times, retry_after])
+
+    def _throttled(self, path: str) -> HubError | None:
+        with self._store.lock:
+            for rule in self._throttles:
+                if rule[0] in path and rule[1] > 0:
+                    rule[1] -= 1
+                    return HubError(429, "Too Many Requests", headers={"Retry-After": str(rule[2])})
+        return None
 
     def tamper(self, repo_id: str, path: str, data: bytes, *, revision: str = "main", repo_type: str = "model") -> None:
         """Serve ``data`` for ``path`` at ``revision`` while headers keep the recorded ETag, size and hashes."""
@@ -826,11 +866,41 @@ class FakeHub:
             "disabled": False,
             "downloads": 0,
             "likes": 0,
-            "tags": [],
+            **self._card_fields(commit),
             "siblings": siblings,
             "usedStorage": sum(e.size for e in commit.files.values()),
         }
         return 200, info, {}
+
+    def _card_fields(self, commit: Commit) -> dict[str, Any]:
+        """What the Hub derives from a README's YAML front matter: ``cardData``, ``library_name``,
+        ``pipeline_tag``, and tags (the card's, the library, ``license:X``, ``base_model:...``)."""
+        entry = commit.files.get("README.md")
+        text = self._store.object_path(entry.sha256).read_text(errors="replace") if entry is not None else ""
+        match = re.match(r"^---\n(.*?)\n---\n", text, re.DOTALL)
+        if match is None:
+            return {"tags": []}
+        import yaml  # huggingface_hub's own dependency
+
+        card = yaml.safe_load(match[1]) or {}
+        if not isinstance(card, dict):
+            return {"tags": []}
+        tags = [t for t in (card.get("tags") or []) if isinstance(t, str)]
+        if isinstance(card.get("library_name"), str):
+            tags.append(card["library_name"])
+        if isinstance(card.get("license"), str):
+            tags.append(f"license:{card['license']}")
+        bases = card.get("base_model")
+        relation = card.get("base_model_relation")
+        for base in [bases] if isinstance(bases, str) else bases or []:
+            tags.append(f"base_model:{base}")
+            if isinstance(relation, str):
+                tags.append(f"base_model:{relation}:{base}")
+        fields: dict[str, Any] = {"cardData": card, "tags": tags}
+        for key in ("library_name", "pipeline_tag"):
+            if isinstance(card.get(key), str):
+                fields[key] = card[key]
+        return fields
 
     # listing
     def _tree_entry(self, path: str, entry: FileEntry) -> dict[str, Any]:
@@ -970,7 +1040,17 @@ class FakeHub:
                 continue
             ticket = secrets.token_urlsafe(16)
             self._tickets[ticket] = (rt, repo_id, oid, size)
-            upload = {"href": f"{self.endpoint}/_fakehub/lfs/{ticket}", "expires_at": "2999-01-01T00:00:00.000Z"}
+            upload: dict[str, Any] = {
+                "href": f"{self.endpoint}/_fakehub/lfs/{ticket}",
+                "expires_at": "2999-01-01T00:00:00.000Z",
+            }
+            if size >= self.multipart_threshold:  # as the Hub does: part URLs in the header, completion at href
+                count = -(-size // self.part_size)
+                upload["href"] = f"{self.endpoint}/_fakehub/complete/{ticket}"
+                upload["header"] = {"chunk_size": str(self.part_size)} | {
+                    f"{n:05d}": f"{self.endpoint}/_fakehub/part/{ticket}/{n}" for n in range(1, count + 1)
+                }
+                self._parts[ticket] = {}
             objects.append({"oid": oid, "size": size, "authenticated": True, "actions": {"upload": upload}})
         return 200, {"transfer": "basic", "objects": objects}, {"Content-Type": "application/vnd.git-lfs+json"}
 
@@ -1023,6 +1103,52 @@ class FakeHub:
             if allowed and not stored:
                 self._refund_upload()
             tmp.unlink(missing_ok=True)
+
+    def _part_put(self, h: _Handler, ticket: str, number: int) -> None:
+        """One part of a multipart upload, kept aside until the completion request; its ETag is its md5,
+        as S3 answers."""
+        data = b"".join(h.iter_body())
+        with self._store.lock:
+            if ticket not in self._parts:
+                raise HubError(403, "Unknown or expired upload URL")
+            part = self.root / "tmp" / f"{ticket}.{number}"
+            part.write_bytes(data)
+            self._parts[ticket][number] = part
+        h.send_json(200, None, {"ETag": f'"{hashlib.md5(data).hexdigest()}"'})
+
+    def _complete_multipart(self, ticket: str, payload: dict[str, Any]) -> Reply:
+        """Join the parts in the order and with the ETags the client lists; keep the object only if the
+        whole has the announced size and sha256."""
+        with self._store.lock:
+            target, parts = self._tickets.get(ticket), self._parts.get(ticket)
+            if target is None or parts is None:
+                raise HubError(403, "Unknown or expired upload URL")
+            rt, repo_id, oid, size = target
+            listed = payload.get("parts") or []
+            if payload.get("oid") != oid or [p.get("partNumber") for p in listed] != sorted(parts):
+                raise HubError(400, "The completion request does not list the uploaded parts")
+            digest, joined = hashlib.sha256(), self.root / "tmp" / f"{ticket}.joined"
+            with joined.open("wb") as out:
+                for item in listed:
+                    data = parts[item["partNumber"]].read_bytes()
+                    if item.get("etag", "").strip('"') != hashlib.md5(data).hexdigest():
+                        raise HubError(400, f"Part {item['partNumber']}: the ETag does not match what was received")
+                    digest.update(data)
+                    out.write(data)
+            if joined.stat().st_size != size or digest.hexdigest() != oid:
+                joined.unlink()
+                raise HubError(400, f"Uploaded content does not match: sha256 {digest.hexdigest()}")
+            self._store.adopt(joined, oid)
+            repo = self._store.get(rt, repo_id)
+            repo.lfs_oids.add(oid)
+            self._store.save(repo)
+            for part in parts.values():
+                part.unlink(missing_ok=True)
+            del self._parts[ticket], self._tickets[ticket]
+            self.lfs_uploads += 1
+            self.multipart_uploads += 1
+            self.lfs_uploaded_oids.append(oid)
+        return 200, {"success": True}, {}
 
     def _commit(self, h: _Handler, rt: str, repo_id: str, rev: str, body: bytes) -> Reply:
         repo = self._writable(h, rt, repo_id)

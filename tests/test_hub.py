@@ -118,7 +118,7 @@ def test_dry_run_lists_what_would_be_uploaded_and_sends_nothing(delta):
 def hub(tmp_path, monkeypatch):
     from hubserver import FakeHub, configure_client
 
-    with FakeHub(tmp_path / "hub-storage", token="hf_test", lfs_threshold=1024) as server:
+    with FakeHub(tmp_path / "hub-storage", token="hf_test") as server:  # the Hub's own LFS rules
         configure_client(monkeypatch, server.endpoint, tmp_path / "hf-home", token="hf_test")
         yield server
 
@@ -420,3 +420,38 @@ def test_inspect_takes_a_hub_id(tmp_path, delta, hub):
     result = deltakit_cli("inspect", "org/p")
     assert result.returncode == 0, result.stderr
     assert "fetched org/p" in result.stdout and manifest.target.fingerprint in result.stdout
+
+
+def test_the_hub_sees_an_ordinary_model_repo_with_the_card_metadata(tmp_path, delta, hub):
+    """Small text files stay regular files, as on the Hub; model_info reads the card as the Hub does."""
+    from huggingface_hub import HfApi
+
+    _, delta_dir, manifest = delta
+    metadata = CardMetadata(base_model="huggyllama/llama-7b", license="apache-2.0", language=("zh",))
+    publish_delta(delta_dir, "org/p", metadata=metadata)
+    api = HfApi(endpoint=hub.endpoint)
+    files = {f.path: f for f in api.list_repo_tree("org/p", recursive=True) if hasattr(f, "lfs")}
+    assert files["README.md"].lfs is None and files["deltakit.json"].lfs is None
+    assert all(files[name].lfs is not None for name in manifest.payload)
+    info = api.model_info("org/p")
+    assert info.library_name == "deltakit"
+    assert info.card_data is not None and info.card_data.base_model == "huggyllama/llama-7b"
+    assert info.card_data.base_model_relation == "finetune"
+    assert {"deltakit", "delta", "license:apache-2.0", "base_model:finetune:huggyllama/llama-7b"} <= set(info.tags)
+
+
+def test_large_payloads_go_up_in_parts_and_a_429_is_waited_out(tmp_path, make_pair, monkeypatch):
+    from hubserver import FakeHub, configure_client
+
+    base = llama_like(torch.float16)
+    base_dir, target_dir = make_pair(base, finetune_of(base, extra_vocab=2))
+    make_delta(base_dir, target_dir, tmp_path / "d", format=1)  # raw payload: 10 KB, three 4 KB parts
+    with FakeHub(tmp_path / "hub", token="hf_test", multipart_threshold=1 << 12, part_size=1 << 12) as hub:
+        configure_client(monkeypatch, hub.endpoint, tmp_path / "hf-home", token="hf_test")
+        hub.throttle("/preupload/", times=1, retry_after=1)
+        report = publish_delta(tmp_path / "d", "org/p", metadata=CARD)
+        assert report.commit and hub.multipart_uploads >= 1
+        assert [p for m, p in hub.requests if "/preupload/" in p].__len__() == 2  # refused once, then retried
+        fetched = fetch_delta("org/p", cache_dir=tmp_path / "cache")
+        for name in load_manifest(tmp_path / "d").payload:
+            assert (fetched.path / name).read_bytes() == (tmp_path / "d" / name).read_bytes()
