@@ -1,8 +1,8 @@
-"""A local, fake Hugging Face Hub for tests: the real ``huggingface_hub`` client talks to it over HTTP.
+"""A local, fake Hugging Face Hub for tests: the real huggingface_hub and hf_xet clients talk to it over HTTP.
 
-``FakeHub`` is a stdlib-only HTTP server (``ThreadingHTTPServer`` on 127.0.0.1, ephemeral port, background
-thread) that stores repos on disk under a root folder and speaks the subset of the Hub's protocol that
-huggingface_hub 2.4.0 uses for publishing and fetching, as read from the client's source::
+``FakeHub`` is an HTTP server (``ThreadingHTTPServer`` on 127.0.0.1, ephemeral port, background thread; its
+Xet storage also uses blake3 and lz4) that stores repos on disk under a root folder and speaks the subset of
+the Hub's protocol that huggingface_hub 2.4.0 and hf_xet 1.8 use for publishing and fetching::
 
     with FakeHub(tmp_path / "hub", token="hf_test") as hub:
         api = HfApi(endpoint=hub.endpoint, token="hf_test")
@@ -48,8 +48,17 @@ and ``{prefix}`` is ``""``, ``datasets/`` or ``spaces/``):
   the library, ``license:X``, ``base_model:ID`` and ``base_model:RELATION:ID``) from README.md's front matter.
 - ``hub.throttle(fragment)``: the next request whose path holds it answers 429 with ``Retry-After``.
 
-Not implemented: Xet (the ``xet-*-token`` routes answer 501; the client MUST run with Xet disabled),
-the LFS ``verify`` action, discussions (a ``create_pr`` commit lands on ``refs/pr/N``, nothing more),
+- Xet, as the unmodified ``hf_xet`` client speaks it (see ``xetcas.py`` for the CAS side):
+  ``GET /api/{type}s/{repo}/xet-{read|write}-token/{rev}`` gives a CAS URL and token (JSON body and
+  ``X-Xet-*`` headers); the CAS lives under ``/_fakehub/cas/{instance}`` and hands out self-authorising
+  xorb fetch URLs under ``/_fakehub/xorb/{instance}``; ``POST /v1/telemetry`` is accepted. A commit's
+  ``lfsFile`` whose sha256 a shard registered becomes a Xet-backed file: ``resolve`` adds ``X-Xet-Hash`` and
+  ``Link: <...xet-read-token/{commit}>; rel="xet-auth"``, tree and paths-info add ``xetHash``, and its bytes
+  (rebuilt from the chunks, sha256 checked) are still served plainly to a client with Xet off.
+  ``fail_uploads_after`` fails xorb and shard uploads with a 400 (hf_xet retries 5xx for minutes);
+  ``tamper`` on a Xet-backed file makes the CAS serve the new bytes under the recorded hash.
+
+Not implemented: the LFS ``verify`` action, discussions (a ``create_pr`` commit lands on ``refs/pr/N``, nothing more),
 gated repos, pagination,
 ``.gitignore``/``.gitattributes`` semantics, cross-repo LFS duplication, CDN redirects, real git objects.
 
@@ -68,7 +77,8 @@ module attributes at call time, so patch those (``configure_client`` below does 
   accept it), or patch ``constants.ENDPOINT`` AND ``constants.HUGGINGFACE_CO_URL_TEMPLATE`` (``hf_hub_url``
   builds download URLs from the template, then swaps the ``ENDPOINT`` prefix for ``endpoint=``).
 - Xet: ``hf_xet`` is installed, so ``upload_folder`` takes the Xet pipeline and ``create_commit`` uploads through
-  Xet unless ``constants.HF_HUB_DISABLE_XET`` is True (``is_xet_available()`` reads it at call time).
+  Xet unless ``constants.HF_HUB_DISABLE_XET`` is True (``is_xet_available()`` reads it at call time);
+  ``configure_client(..., xet=False)`` takes the LFS path. hf_xet reads ``HF_XET_CACHE`` from the environment.
 - offline: ``constants.HF_HUB_OFFLINE = True`` (``is_offline_mode()`` returns it; every request then raises
   ``OfflineModeIsEnabled`` in the session's request hook and downloads fall back to the cache).
 - cache: pass ``cache_dir=`` or patch ``constants.HF_HUB_CACHE``.
@@ -109,6 +119,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from xetcas import XetError, XetStore
 
 if TYPE_CHECKING:
     import pytest
@@ -162,6 +174,7 @@ class FileEntry:
     size: int
     lfs: bool
     oid: str
+    xet_hash: str | None = None  # the file's hash in Xet storage, when it was uploaded through Xet
 
     @property
     def etag(self) -> str:
@@ -404,6 +417,9 @@ class _Handler(BaseHTTPRequestHandler):
             if (throttled := hub._throttled(url.path)) is not None:
                 b"".join(self.iter_body())  # read what was sent, so the connection stays usable
                 raise throttled
+            if segments[:2] in (["_fakehub", "cas"], ["_fakehub", "xorb"]) or segments == ["v1", "telemetry"]:
+                hub._xet_route(self, method, segments, b"".join(self.iter_body()))
+                return
             if method == "PUT" and segments[:2] == ["_fakehub", "lfs"] and len(segments) == 3:
                 hub._lfs_put(self, segments[2])  # consumes the body itself, streaming it to disk
                 return
@@ -562,6 +578,9 @@ class FakeHub:
         self._tickets: dict[str, tuple[str, str, str, int]] = {}  # ticket -> (repo_type, repo_id, oid, size)
         self._upload_budget: int | None = None
         self._fail_status = DEFAULT_FAIL_STATUS
+        self.xet = XetStore(self.root / "xet")
+        self._xet_id = secrets.token_hex(8)  # in the CAS URL: hf_xet's local dedup cache is keyed by it
+        self._cas_token = "xet_" + secrets.token_hex(16)
         self.multipart_threshold = multipart_threshold
         self.part_size = part_size
         self.multipart_uploads = 0
@@ -642,6 +661,9 @@ class FakeHub:
                 raise KeyError(f"{path} is not in {repo_id}@{revision}")
             repo.tampered.setdefault(commit, {})[path] = self._store.put_bytes(data)
             self._store.save(repo)
+            entry = repo.commits[commit].files[path]
+            if entry.xet_hash is not None:  # Xet downloads read the CAS, not the resolve URL
+                self.xet.substitute(entry.xet_hash, None if hashlib.sha256(data).hexdigest() == entry.sha256 else data)
 
     def seed(
         self,
@@ -798,8 +820,8 @@ class FakeHub:
                 return self._tag(h, method, rt, repo_id, rev, _json_body(body) if body else {})
             case "PUT", ["settings"]:
                 return self._settings(h, rt, repo_id, _json_body(body))
-            case _, [action] if action.startswith("xet-"):
-                raise HubError(501, "FakeHub does not implement Xet: disable it (constants.HF_HUB_DISABLE_XET=True)")
+            case "GET", ["xet-read-token" | "xet-write-token" as action]:
+                return self._xet_token(h, rt, repo_id, write=action == "xet-write-token")
         raise HubError(404, f"FakeHub has no route for {method} {rt} {repo_id} {'/'.join(tail)}")
 
     # account and repos
@@ -908,6 +930,8 @@ class FakeHub:
         if entry.lfs:
             pointer = len(lfs_pointer(entry.sha256, entry.size))
             item["lfs"] = {"oid": entry.sha256, "size": entry.size, "pointerSize": pointer}
+        if entry.xet_hash is not None:
+            item["xetHash"] = entry.xet_hash
         return item
 
     @staticmethod
@@ -1104,6 +1128,67 @@ class FakeHub:
                 self._refund_upload()
             tmp.unlink(missing_ok=True)
 
+    # Xet
+    @property
+    def cas_url(self) -> str:
+        return f"{self.endpoint}/_fakehub/cas/{self._xet_id}"
+
+    def _xet_token(self, h: _Handler, rt: str, repo_id: str, *, write: bool) -> Reply:
+        """A CAS token for a repo, as the Hub gives one: in the body for hf_xet, in headers for
+        huggingface_hub's downloads."""
+        if write:
+            self._writable(h, rt, repo_id)
+        else:
+            self._readable(h, rt, repo_id)
+        expires = int(time.time()) + 3600  # clients refresh within a minute of expiry
+        body = {"accessToken": self._cas_token, "exp": expires, "casUrl": self.cas_url}
+        headers = {
+            "X-Xet-Cas-Url": self.cas_url,
+            "X-Xet-Access-Token": self._cas_token,
+            "X-Xet-Token-Expiration": str(expires),
+        }
+        return 200, body, headers
+
+    def _xet_route(self, h: _Handler, method: str, segments: list[str], body: bytes) -> None:
+        """The CAS API (token-checked), the xorb fetch URLs (self-authorising) and hf_xet's telemetry."""
+        if segments == ["v1", "telemetry"]:
+            h.send_json(204, None)
+            return
+        try:
+            if segments[1] == "xorb":
+                if segments[2:3] != [self._xet_id] or len(segments) != 4 or method != "GET":
+                    raise XetError(403, "unknown fetch URL")
+                data, first, last, total = self.xet.xorb_range(segments[3], h.headers.get("Range"))
+                h.send_response(206)
+                for name, value in {
+                    "Content-Type": "application/octet-stream",
+                    "Content-Range": f"bytes {first}-{last}/{total}",
+                    "Content-Length": str(len(data)),
+                }.items():
+                    h.send_header(name, value)
+                h.end_headers()
+                h.wfile.write(data)
+                return
+            if segments[2:3] != [self._xet_id] or h.headers.get("Authorization") != f"Bearer {self._cas_token}":
+                raise XetError(401, "a valid CAS token is required")
+            route = segments[3:]
+            if method == "POST" and route[:2] in (["v1", "xorbs"], ["v1", "shards"]) and not self._reserve_upload():
+                # a 4xx: hf_xet retries every 5xx but 501 for minutes, so a simulated failure must not be one
+                raise XetError(400, "Simulated storage failure (FakeHub.fail_uploads_after)")
+            match method, route:
+                case "POST", ["v1", "xorbs", "default", name]:
+                    h.send_json(200, {"was_inserted": self.xet.put_xorb(name, body)})
+                case "POST", ["v1", "shards"]:
+                    self.xet.put_shard(body)
+                    h.send_json(200, {"result": 1})
+                case "GET", ["v1", "reconstructions", name]:
+                    fetch = f"{self.endpoint}/_fakehub/xorb/{self._xet_id}/{{xorb}}"
+                    h.send_json(200, self.xet.reconstruction(name, h.headers.get("Range"), fetch))
+                case _:  # v2 routes, xorb grants, the global dedup query: the client falls back on 404
+                    raise XetError(404, f"no CAS route {method} /{'/'.join(route)}")
+        except XetError as e:
+            h.send_json(e.status, {"error": str(e)})
+
     def _part_put(self, h: _Handler, ticket: str, number: int) -> None:
         """One part of a multipart upload, kept aside until the completion request; its ETag is its md5,
         as S3 answers."""
@@ -1194,6 +1279,13 @@ class FakeHub:
             if value.get("encoding", "base64") != "base64":
                 raise HubError(400, f"Unsupported encoding for {path}")
             tree[path] = self._store.entry_for(base64.b64decode(value["content"]), lfs=False)
+        elif key == "lfsFile" and str(value["oid"]) not in repo.lfs_oids and str(value["oid"]) in self.xet.by_sha256:
+            xet_file = self.xet.by_sha256[str(value["oid"])]  # uploaded through Xet: the shard named its sha256
+            if value.get("size") not in (None, xet_file.size):
+                raise HubError(422, f"Xet file {xet_file.hash} has {xet_file.size} bytes, not {value['size']}")
+            sha = self._store.put_bytes(self.xet.plain(xet_file))  # served as it is when Xet is off
+            pointer = lfs_pointer(sha, xet_file.size)
+            tree[path] = FileEntry(sha, xet_file.size, lfs=True, oid=git_blob_sha1(pointer), xet_hash=xet_file.hash)
         elif key == "lfsFile":
             oid = str(value["oid"])
             if oid not in repo.lfs_oids:
@@ -1231,6 +1323,9 @@ class FakeHub:
         }
         if entry.lfs:
             headers |= {"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size)}
+        if entry.xet_hash is not None:  # what tells the client to download it through Xet
+            token_url = f"{self.endpoint}/api/{rt}s/{repo_id}/xet-read-token/{commit_id}"
+            headers |= {"X-Xet-Hash": entry.xet_hash, "Link": f'<{token_url}>; rel="xet-auth"'}
         h.send_file(self._store.object_path(served), headers)
 
 
@@ -1247,11 +1342,14 @@ def _json_body(body: bytes) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- client helpers
 
 
-def configure_client(monkeypatch: pytest.MonkeyPatch, endpoint: str, home: Path, *, token: str | None = None) -> None:
+def configure_client(
+    monkeypatch: pytest.MonkeyPatch, endpoint: str, home: Path, *, token: str | None = None, xet: bool = True
+) -> None:
     """Point huggingface_hub (already imported or not, and subprocesses) at ``endpoint``, caching under ``home``.
 
     Patches the ``huggingface_hub.constants`` the client reads at call time, and sets the environment for
-    subprocesses; ``token`` becomes ``HF_TOKEN`` (else any ambient token is removed). Undone by ``monkeypatch``.
+    subprocesses; ``token`` becomes ``HF_TOKEN`` (else any ambient token is removed); ``xet`` leaves Xet on,
+    as users have it (False takes the LFS path). Undone by ``monkeypatch``.
     """
     from huggingface_hub import constants
 
@@ -1259,7 +1357,7 @@ def configure_client(monkeypatch: pytest.MonkeyPatch, endpoint: str, home: Path,
     values = {
         "ENDPOINT": endpoint,
         "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
-        "HF_HUB_DISABLE_XET": True,
+        "HF_HUB_DISABLE_XET": not xet,
         "HF_HUB_DISABLE_TELEMETRY": True,
         "HF_HUB_OFFLINE": False,
         "HF_HOME": str(home),
@@ -1274,8 +1372,9 @@ def configure_client(monkeypatch: pytest.MonkeyPatch, endpoint: str, home: Path,
         monkeypatch.setattr(constants, name, value)
     env = {
         "HF_ENDPOINT": endpoint,
-        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_XET": "0" if xet else "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_XET_CACHE": str(home / "xet"),  # hf_xet reads it from the environment, in this process too
         "HF_HUB_DISABLE_UPDATE_CHECK": "1",
         "HF_HOME": str(home),
         "HF_HUB_CACHE": str(home / "hub"),

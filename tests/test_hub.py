@@ -114,12 +114,15 @@ def test_dry_run_lists_what_would_be_uploaded_and_sends_nothing(delta):
 # --- round trips through a local Hub server, with the real huggingface_hub client --------------------
 
 
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
+@pytest.fixture(params=["xet", "lfs"])
+def hub(tmp_path, monkeypatch, request):
+    """The test Hub, reached with Xet on (the default, as users have hf_xet) and with it off."""
     from hubserver import FakeHub, configure_client
 
     with FakeHub(tmp_path / "hub-storage", token="hf_test") as server:  # the Hub's own LFS rules
-        configure_client(monkeypatch, server.endpoint, tmp_path / "hf-home", token="hf_test")
+        xet = request.param == "xet"
+        configure_client(monkeypatch, server.endpoint, tmp_path / "hf-home", token="hf_test", xet=xet)
+        server.xet_on = xet
         yield server
 
 
@@ -132,7 +135,11 @@ def test_publish_fetch_apply_round_trip_is_byte_exact(tmp_path, delta, hub):
     assert report.commit and not report.dry_run
     card = ModelCard(hub.read("dandelion/panda-7b-delta", "README.md").decode())
     assert card.data.library_name == "deltakit" and card.data.base_model == "huggyllama/llama-7b"
-    assert hub.lfs_uploads >= len(manifest.payload)
+    if hub.xet_on:  # through the real hf_xet client: every payload file reached Xet storage, hashes checked
+        assert {f.sha256 for f in hub.xet.files.values()} >= {r.sha256 for r in manifest.payload.values()}
+        assert hub.lfs_uploads == 0
+    else:
+        assert hub.lfs_uploads >= len(manifest.payload)
 
     result = deltakit_cli(
         "apply", "--base", base_dir, "--delta", "dandelion/panda-7b-delta", "--out", tmp_path / "out", "-q"
@@ -150,17 +157,19 @@ def test_an_interrupted_publish_resumes_without_sending_again(tmp_path, hub):
     make_delta(base_dir, target_dir, tmp_path / "d", shard_size=3000)  # several payload files
     assert len(load_manifest(tmp_path / "d").payload) >= 3
 
-    hub.fail_uploads_after(1)
+    hub.fail_uploads_after(1)  # LFS: one object arrives; Xet: the xorb arrives, its shard does not
     with pytest.raises(HubError, match="run the same command again"):
         publish_delta(tmp_path / "d", "org/d", metadata=CARD)
-    assert hub.lfs_uploads == 1 and not hub.commits("org/d")[0].files.get("deltakit.json")
+    assert not hub.commits("org/d")[0].files.get("deltakit.json"), "nothing was committed"
+    assert hub.lfs_uploads == (0 if hub.xet_on else 1)
     hub.fail_uploads_after(None)
     publish_delta(tmp_path / "d", "org/d", metadata=CARD)
-    sent = list(hub.lfs_uploaded_oids)
+    sent, received = list(hub.lfs_uploaded_oids), hub.xet.bytes_received
     assert len(sent) == len(set(sent)), "the object that arrived the first time is not sent again"
     assert hub.read("org/d", "deltakit.json") == (tmp_path / "d" / "deltakit.json").read_bytes()
     publish_delta(tmp_path / "d", "org/d", metadata=CARD)
     assert hub.lfs_uploaded_oids == sent, "publishing the same package again sends nothing"
+    assert hub.xet.bytes_received == received
 
 
 def test_fetch_pins_revisions_works_offline_and_refuses_tampered_files(tmp_path, delta, hub, monkeypatch):
@@ -447,7 +456,7 @@ def test_large_payloads_go_up_in_parts_and_a_429_is_waited_out(tmp_path, make_pa
     base_dir, target_dir = make_pair(base, finetune_of(base, extra_vocab=2))
     make_delta(base_dir, target_dir, tmp_path / "d", format=1)  # raw payload: 10 KB, three 4 KB parts
     with FakeHub(tmp_path / "hub", token="hf_test", multipart_threshold=1 << 12, part_size=1 << 12) as hub:
-        configure_client(monkeypatch, hub.endpoint, tmp_path / "hf-home", token="hf_test")
+        configure_client(monkeypatch, hub.endpoint, tmp_path / "hf-home", token="hf_test", xet=False)  # LFS parts
         hub.throttle("/preupload/", times=1, retry_after=1)
         report = publish_delta(tmp_path / "d", "org/p", metadata=CARD)
         assert report.commit and hub.multipart_uploads >= 1

@@ -21,8 +21,16 @@ BIG = os.urandom(10 * 1024 * 1024 + 123)  # over the 10 MB LFS threshold
 
 @pytest.fixture
 def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    """The LFS path, whose protocol most tests here pin down; the Xet tests below turn Xet on."""
     with FakeHub(tmp_path / "hub", token=TOKEN) as server:
-        configure_client(monkeypatch, server.endpoint, tmp_path / "hf-home")
+        configure_client(monkeypatch, server.endpoint, tmp_path / "hf-home", xet=False)
+        yield server
+
+
+@pytest.fixture
+def xet_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    with FakeHub(tmp_path / "hub", token=TOKEN) as server:
+        configure_client(monkeypatch, server.endpoint, tmp_path / "hf-home", xet=True)
         yield server
 
 
@@ -245,3 +253,57 @@ def test_range_requests_resume_a_download(hub, api):
     out.seek(50)
     file_download.http_get(url, out, resume_size=50, expected_size=200)
     assert out.getvalue() == bytes(range(200))
+
+
+def test_the_unmodified_xet_client_uploads_and_downloads_byte_for_byte(xet_hub, tmp_path, cache, monkeypatch):
+    """upload_folder through hf_xet (no LFS object at all), every hash checked by the CAS; then downloads
+    through Xet, through the plain resolve URL with Xet off, and after the server restarts."""
+    from huggingface_hub import constants
+
+    api = hf.HfApi(endpoint=xet_hub.endpoint, token=TOKEN)
+    mixed = os.urandom(300_000) + b"compressible text " * 50_000 + BIG[:2_000_000]
+    files = {"config.json": b'{"vocab_size": 1}\n', "weights.dat": BIG, "mixed.bin": mixed}
+    api.create_repo(REPO)
+    api.upload_folder(repo_id=REPO, folder_path=write_folder(tmp_path / "out", files), commit_message="xet")
+    assert xet_hub.lfs_uploads == 0 and xet_hub.xet.bytes_received > 0
+    tree = {f.path: f for f in api.list_repo_tree(REPO) if isinstance(f, hf.hf_api.RepoFile)}
+    assert tree["weights.dat"].xet_hash and tree["config.json"].xet_hash is None  # small text stays regular
+    for name, data in files.items():
+        assert Path(hf.hf_hub_download(REPO, name, endpoint=xet_hub.endpoint, cache_dir=cache)).read_bytes() == data
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    path = hf.hf_hub_download(REPO, "mixed.bin", endpoint=xet_hub.endpoint, cache_dir=tmp_path / "plain")
+    assert Path(path).read_bytes() == mixed
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    xet_hub.stop()
+    with FakeHub(tmp_path / "hub", token=TOKEN) as again:  # Xet storage is kept on disk too
+        path = hf.hf_hub_download(REPO, "weights.dat", endpoint=again.endpoint, cache_dir=tmp_path / "after")
+        assert Path(path).read_bytes() == BIG
+
+
+def test_xet_sends_only_what_storage_lacks(xet_hub, tmp_path):
+    api = hf.HfApi(endpoint=xet_hub.endpoint, token=TOKEN)
+    api.create_repo(REPO)
+    api.upload_file(path_or_fileobj=BIG, path_in_repo="a.bin", repo_id=REPO)
+    first = xet_hub.xet.bytes_received
+    assert first > len(BIG) * 0.9  # random bytes: all of it goes up once
+    changed = BIG[:5_000_000] + os.urandom(64 << 10) + BIG[5_000_000:]
+    api.upload_file(path_or_fileobj=changed, path_in_repo="b.bin", repo_id=REPO)
+    assert xet_hub.xet.bytes_received - first < 1_000_000, "a file sharing most of its bytes sends little"
+
+
+def test_a_shard_that_lies_about_its_hashes_is_refused():
+    from xetcas import XetError, XetStore
+
+    store = XetStore()
+    body = bytes([0, 3, 0, 0, 0, 3, 0, 0]) + b"abc"
+    store.put_xorb("0" * 64, body)
+    tag = b"HFRepoMetaData\x00" + bytes(
+        [85, 105, 103, 69, 106, 123, 129, 87, 131, 165, 189, 217, 92, 205, 209, 74, 169]
+    )
+    record = lambda h, *fields: h + b"".join(f.to_bytes(4, "little") for f in fields).ljust(16, b"\0")  # noqa: E731
+    shard = tag + (2).to_bytes(8, "little") + bytes(8)
+    shard += record(b"\xff" * 32, 0, 0)  # no files
+    shard += record(bytes(32), 0, 1, 3, 0) + record(b"\x11" * 32, 0, 3)  # the xorb "000..." with a wrong chunk hash
+    shard += record(b"\xff" * 32, 0, 0)
+    with pytest.raises(XetError, match="does not hash to what the shard says"):
+        store.put_shard(shard)
