@@ -60,6 +60,7 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/compression.py
 	$(BIN)/python benchmarks/apply.py
+	$(BIN)/python benchmarks/hub_bytes.py
 
 clean:
 	rm -rf $(VENV) demo-output benchmarks/work build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -572,6 +572,7 @@ class FakeHub:
         self.lfs_binary = lfs_binary
         self.gitattributes = gitattributes
         self.lfs_uploads = 0
+        self.lfs_bytes_received = 0  # bytes of the LFS objects received and kept
         self.lfs_uploaded_oids: list[str] = []
         self.requests: list[tuple[str, str]] = []
         self._store = _Store(self.root)
@@ -1121,6 +1122,7 @@ class FakeHub:
                 self._store.save(repo)
                 self._tickets.pop(ticket, None)
                 self.lfs_uploads += 1
+                self.lfs_bytes_received += size
                 self.lfs_uploaded_oids.append(oid)
             h.send_json(200, None, {"ETag": f'"{oid}"'})
         finally:
@@ -1231,6 +1233,7 @@ class FakeHub:
                 part.unlink(missing_ok=True)
             del self._parts[ticket], self._tickets[ticket]
             self.lfs_uploads += 1
+            self.lfs_bytes_received += size
             self.multipart_uploads += 1
             self.lfs_uploaded_oids.append(oid)
         return 200, {"success": True}, {}
