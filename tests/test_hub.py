@@ -464,3 +464,39 @@ def test_large_payloads_go_up_in_parts_and_a_429_is_waited_out(tmp_path, make_pa
         fetched = fetch_delta("org/p", cache_dir=tmp_path / "cache")
         for name in load_manifest(tmp_path / "d").payload:
             assert (fetched.path / name).read_bytes() == (tmp_path / "d" / name).read_bytes()
+
+
+def test_the_stock_hf_cli_sees_an_ordinary_model_repo(tmp_path, delta, hub):
+    """What a user of the hf command sees of a published delta: it downloads into the ordinary cache (through
+    Xet when it is on), the cache lists and verifies it, the model's info and card carry the metadata, and
+    deltakit applies what hf downloaded, offline."""
+    import shutil
+    import subprocess
+    import sys
+
+    from test_cli import deltakit_cli
+
+    base_dir, delta_dir, manifest = delta
+    publish_delta(delta_dir, "org/panda-delta", metadata=CARD, tag="v1.0")
+    hf = shutil.which("hf", path=str(Path(sys.executable).parent))
+    assert hf is not None
+    cache = tmp_path / "hf-cache"
+
+    def run(*args):
+        result = subprocess.run([hf, *map(str, args)], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    folder = Path(run("download", "org/panda-delta", "--revision", "v1.0", "--cache-dir", cache, "--quiet").strip())
+    assert (folder / "deltakit.json").read_bytes() == (delta_dir / "deltakit.json").read_bytes()
+    for name in manifest.payload:
+        assert (folder / name).read_bytes() == (delta_dir / name).read_bytes()
+    assert "org/panda-delta" in run("cache", "ls", "--cache-dir", cache)
+    run("cache", "verify", "org/panda-delta", "--revision", "v1.0", "--cache-dir", cache)
+    info = run("models", "info", "org/panda-delta")
+    assert "deltakit" in info and "huggyllama/llama-7b" in info
+    assert "base_model_relation: finetune" in run("models", "card", "org/panda-delta")
+
+    offline = deltakit_cli("apply", "--base", base_dir, "--delta", folder, "--out", tmp_path / "out", "-q")
+    assert offline.returncode == 0, offline.stderr
+    assert verify_model(tmp_path / "out", delta_dir).ok
