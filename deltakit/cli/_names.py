@@ -69,7 +69,7 @@ def _resolve_names(args: argparse.Namespace) -> None:
     registry = Registry()
     base = getattr(args, "base", None)
     if base is not None:  # the base's Hub id, for a model card: registered with it, or named by it
-        entry = registry.get(base) if registry.get(base) is not None else None
+        entry = registry.get(base)
         spec = is_repo_spec(base) and not Path(base).exists()
         args.base_hub_id = entry.hub_id if entry is not None else parse_repo_spec(base)[0] if spec else None
     for attribute in _PATH_ARGUMENTS:
