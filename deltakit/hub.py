@@ -326,7 +326,6 @@ def publish_delta(
         )
         uploaded = tuple(n for n in local if n not in unchanged)
         deleted = tuple(sorted(n for n in remote if n not in local and _owned_by_a_package(n)))
-        head = api.repo_info(repo_id, revision=branch).sha
         info = None
         if uploaded or deleted:
             operations: list[Any] = [
@@ -340,8 +339,9 @@ def publish_delta(
                 revision=branch,
                 create_pr=create_pr,
             )
+        head = info.oid if info is not None else api.repo_info(repo_id, revision=branch).sha
         if tag is not None:
-            api.create_tag(repo_id, tag=tag, revision=info.oid if info is not None else head)
+            api.create_tag(repo_id, tag=tag, revision=head)
     except HubError:
         raise
     except HfHubHTTPError as e:
@@ -366,7 +366,7 @@ def publish_delta(
         uploaded=uploaded,
         unchanged=unchanged,
         deleted=deleted,
-        head=info.oid if info is not None else head,
+        head=head,
         tag=tag,
         pull_request=info.pr_url if info is not None else None,
     )

@@ -317,8 +317,8 @@ def _descriptor_agrees(tail: bytes, info: zipfile.ZipInfo) -> bool:
     )
 
 
-def _data_range(archive: Path, raw: io.BufferedReader, info: zipfile.ZipInfo, limit: int) -> tuple[int, int]:
-    """Where an entry's bytes lie, from its local header, checked against the central directory.
+def _data_start(archive: Path, raw: io.BufferedReader, info: zipfile.ZipInfo, limit: int) -> int:
+    """Where an entry's bytes start, from its local header, checked against the central directory.
 
     The local header's extra field may differ from the central directory's (torch pads it to align
     storages), so the data's start comes from the local header alone; a wrong extra length there
@@ -333,7 +333,7 @@ def _data_range(archive: Path, raw: io.BufferedReader, info: zipfile.ZipInfo, li
     flags, method, crc, compressed, size, name_len, extra_len = struct.unpack("<2xHH4xIIIHH", local[4:30])
     if raw.read(name_len) != info.orig_filename.encode("utf-8" if flags & 0x800 else "cp437", "replace"):
         raise FormatError(f"{where}: the local header names another file than the central directory", path=archive)
-    start = int(info.header_offset) + 30 + name_len + extra_len
+    start = int(info.header_offset) + 30 + int(name_len) + int(extra_len)
     end = start + int(info.compress_size)
     if method != info.compress_type:
         raise FormatError(f"{where}: the local header and central directory disagree on compression", path=archive)
@@ -351,7 +351,7 @@ def _data_range(archive: Path, raw: io.BufferedReader, info: zipfile.ZipInfo, li
             "header would shift every byte): the file is damaged",
             path=archive,
         )
-    return start, end
+    return start
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -491,7 +491,7 @@ def _locate(
         )
     if ref.offset < 0 or ref.offset + numel > ref.storage.numel:
         raise FormatError(f"{path}: tensor {name!r} reaches past its storage", path=path, tensor=name)
-    start = _data_range(path, raw, info, limits[info.filename])[0] + ref.offset * item
+    start = _data_start(path, raw, info, limits[info.filename]) + ref.offset * item
     return TensorInfo(name, ref.storage.dtype, ref.shape, path, start, start + numel * item)
 
 
