@@ -315,6 +315,7 @@ def publish_delta(
     recorded = {name: record.sha256 for name, record in manifest.payload.items()}
     recorded.update({f"{FILES_DIR}/{rel}": record.sha256 for rel, record in manifest.target.files.items()})
     try:
+        _check_card(api, card, repo_id, token)
         api.create_repo(repo_id, private=private, exist_ok=True)
         if private and not api.repo_info(repo_id).private:
             raise HubError(f"{repo_id} exists and is public; refusing to publish what was asked to be private")
@@ -392,6 +393,27 @@ class _Local:
             return ("lfs", sha256)
         data = self.content if isinstance(self.content, bytes) else self.content.read_bytes()
         return ("git", hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest())
+
+
+def _check_card(api: Any, card: str, repo_id: str, token: str | None) -> None:
+    """Have the Hub check the card's metadata (its ``validate-yaml`` endpoint, the check it runs again when
+    the card is pushed) before anything is created or sent, so a refused card leaves no empty repo behind."""
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    headers = build_hf_headers(token=token, library_name="deltakit", library_version=__version__)
+    response = get_session().post(
+        f"{api.endpoint}/api/validate-yaml", json={"content": card, "repoType": "model"}, headers=headers
+    )
+    if response.status_code == 400:
+        try:
+            errors = [str(e.get("message")) for e in response.json().get("errors", [])]
+        except (ValueError, AttributeError):
+            errors = [response.text]
+        raise HubError(
+            f"the Hub refused the model card for {repo_id}: {'; '.join(errors) or 'invalid metadata'}; "
+            "nothing was published"
+        )
+    hf_raise_for_status(response)
 
 
 def _remote_files(api: Any, repo_id: str, revision: str) -> dict[str, tuple[str, str]]:

@@ -32,7 +32,9 @@ and ``{prefix}`` is ``""``, ``datasets/`` or ``spaces/``):
   directly (no CDN redirect) with ``X-Repo-Commit``, ``ETag`` (git blob sha1 for regular files, sha256 for LFS
   files), ``X-Linked-Etag``/``X-Linked-Size`` for LFS files, ``Content-Length``, ``Accept-Ranges`` and single
   ``Range: bytes=`` requests (206/416), which the client uses to resume a download that broke mid-stream.
-- ``POST /api/validate-yaml`` (always valid: the client calls it before committing a ``README.md``),
+- ``POST /api/validate-yaml`` checks a card's metadata as the Hub documents it (``hubcard.py``): 400 with
+  ``{"errors": [{"message": ...}]}`` when it is wrong, ``warnings`` otherwise; a commit whose ``README.md``
+  fails the same check is refused with 400 (the client validates before committing, the Hub again on push),
   ``GET /api/whoami-v2``, ``GET /api/agent-harnesses`` (an empty registry, see below).
 - Errors are JSON ``{"error": ...}`` with ``X-Error-Message`` and, where the client relies on it, ``X-Error-Code``
   (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``) so it raises ``RepositoryNotFoundError`` etc.
@@ -120,6 +122,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import hubcard
 from xetcas import XetError, XetStore
 
 if TYPE_CHECKING:
@@ -476,6 +479,14 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
+    def send_text(self, status: int, text: str) -> None:
+        body = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def send_error_json(self, error: HubError) -> None:
         message = " ".join(error.message.split()).encode("latin-1", "replace").decode("latin-1")
         headers = {"X-Error-Message": message, **error.headers}
@@ -778,7 +789,7 @@ class FakeHub:
             case "GET", ["agent-harnesses"]:
                 return 200, {"standardEnvVars": [], "harnesses": {}}, {}
             case "POST", ["validate-yaml"]:
-                return 200, {"errors": [], "warnings": []}, {}
+                return self._validate_yaml(h, _json_body(body))
             case "POST", ["repos", "create"]:
                 return self._create_repo(h, _json_body(body))
             case "DELETE", ["repos", "delete"]:
@@ -1258,9 +1269,28 @@ class FakeHub:
         tree = dict(repo.commits[head].files)
         for line in lines[1:]:
             self._apply(repo, tree, line["key"], line["value"], head)
+        card = tree.get("README.md")
+        if card is not None and card != repo.commits[head].files.get("README.md"):
+            errors, _ = hubcard.check(self._store.object_path(card.sha256).read_text(errors="replace"))
+            if errors:
+                raise HubError(400, "Invalid metadata in README.md.\n" + "\n".join(f"- {e}" for e in errors))
         commit = self._store.new_commit(repo, branch, tree, summary, header.get("description") or "")
         url = f"{self._url(rt, repo_id)}/commit/{commit.id}"
         return 200, {"success": True, "commitOid": commit.id, "commitUrl": url, "hookOutput": ""}, {}
+
+    def _validate_yaml(self, h: _Handler, body: dict[str, Any]) -> Reply | None:
+        content = body.get("content")
+        if not isinstance(content, str):
+            raise HubError(400, '"content" must be a string')
+        if body.get("repoType", "model") not in ("model", "dataset", "space"):
+            raise HubError(400, '"repoType" must be one of [model, dataset, space]')
+        errors, warnings = hubcard.check(content)
+        status = 400 if errors else 200
+        if h.headers.get("Accept") == "text/plain":  # what RepoCard.validate asks for, and raises with
+            h.send_text(status, "\n".join(f"- {m}" for m in errors + warnings))
+            return None
+        answer = {"errors": [{"message": e} for e in errors], "warnings": [{"message": w} for w in warnings]}
+        return status, answer, {}
 
     def _open_pull_request(self, h: _Handler, rt: str, repo_id: str, rev: str, body: bytes) -> Reply:
         """A commit opened as a pull request: the Hub keeps it on a ref ``refs/pr/N`` made from the

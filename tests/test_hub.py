@@ -449,6 +449,27 @@ def test_the_hub_sees_an_ordinary_model_repo_with_the_card_metadata(tmp_path, de
     assert {"deltakit", "delta", "license:apache-2.0", "base_model:finetune:huggyllama/llama-7b"} <= set(info.tags)
 
 
+def test_the_card_passes_the_hubs_metadata_check_and_one_it_refuses_leaves_no_repo(tmp_path, delta, hub):
+    """huggingface_hub's checks: ``ModelCard.validate`` (the Hub's validate-yaml) accepts the card publish
+    writes, for a Hub license and for ``other``; a license id the Hub does not know is refused with the Hub's
+    own message before a repo is made or a byte sent."""
+    from huggingface_hub import HfApi, ModelCard
+
+    _, delta_dir, manifest = delta
+    for metadata in (
+        CardMetadata(base_model="huggyllama/llama-7b", license="llama2", language=("en",), datasets=("org/data",)),
+        CardMetadata(base_model="huggyllama/llama-7b", license="other", license_name="llama-license", license_link="L"),
+    ):
+        ModelCard(model_card(manifest, "org/p", metadata)).validate()
+    wrong = CardMetadata(base_model="huggyllama/llama-7b", license="llama-2")
+    with pytest.raises(ValueError, match='"license" must be one of'):
+        ModelCard(model_card(manifest, "org/p", wrong)).validate()
+    with pytest.raises(HubError, match=r'refused the model card for org/q: "license" must be one of .*nothing was'):
+        publish_delta(delta_dir, "org/q", metadata=wrong)
+    assert not [path for _, path in hub.requests if "org/q" in path or "/_fakehub/" in path]
+    assert not HfApi(endpoint=hub.endpoint).repo_exists("org/q")
+
+
 def test_large_payloads_go_up_in_parts_and_a_429_is_waited_out(tmp_path, make_pair, monkeypatch):
     from hubserver import FakeHub, configure_client
 

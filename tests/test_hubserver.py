@@ -307,3 +307,55 @@ def test_a_shard_that_lies_about_its_hashes_is_refused():
     shard += record(b"\xff" * 32, 0, 0)
     with pytest.raises(XetError, match="does not hash to what the shard says"):
         store.put_shard(shard)
+
+
+CARD_CASES = [
+    ("---\nlicense: mit\nbase_model: org/base\nbase_model_relation: finetune\n---\n# x\n", [], []),
+    ("# no front matter\n", [], ["Empty metadata"]),
+    ("---\nlicense: mit-0\n---\n", ['"license" must be one of ['], []),
+    ("---\nlicense: [mit, nope]\n---\n", ['"license[1]" must be one of ['], []),
+    ("---\nlicense: other\n---\n", [], ['"license_name" should be set']),
+    ("---\nbase_model: ./llama-7b\n---\n", ['"base_model" with value "./llama-7b" is not a valid repo id'], []),
+    ("---\nbase_model: org/b\nbase_model_relation: fork\n---\n", ['"base_model_relation" must be one of'], []),
+    ("---\nbase_model_relation: finetune\n---\n", ['"base_model_relation" needs "base_model"'], []),
+    ("---\ndatasets: [ok/data, a b]\n---\n", ['"datasets[1]" with value "a b" is not a valid repo id'], []),
+    ("---\nlanguage: {en: 1}\n---\n", ['"language" must be a string or an array of strings'], []),
+    ("---\nmodel-index: [{name: m, results: [{task: {}}]}]\n---\n", ['"model-index[0].results[0].task.type"'], []),
+    ("---\n- a list\n---\n", ['"value" must be of type object'], []),
+    ("---\nlicense: [unclosed\n---\n", ["YAML metadata could not be parsed"], []),
+]
+
+
+@pytest.mark.parametrize(("card", "errors", "warnings"), CARD_CASES)
+def test_validate_yaml_follows_the_hubs_documented_rules(hub, api, card, errors, warnings):
+    """The answer the client reads: 400 with the errors (``_validate_yaml`` raises ValueError with them),
+    200 with warnings (it warns)."""
+    import warnings as warnings_module
+
+    with warnings_module.catch_warnings(record=True) as caught:
+        warnings_module.simplefilter("always")
+        if errors:
+            with pytest.raises(ValueError, match="Invalid metadata in README.md") as e:
+                api._validate_yaml(card)
+            for expected in errors:
+                assert expected in str(e.value)
+        else:
+            api._validate_yaml(card)
+    said = " ".join(str(w.message) for w in caught)
+    for expected in warnings:
+        assert expected in said
+    if not warnings:
+        assert "validating metadata" not in said
+
+
+def test_a_commit_whose_card_the_hub_refuses_does_not_land(hub, api, monkeypatch):
+    """The Hub checks a pushed README.md itself, whatever the client checked before."""
+    api.create_repo(REPO)
+    head = hub.head(REPO)
+    monkeypatch.setattr(api, "_validate_yaml", lambda *a, **k: None)  # a client that does not ask first
+    with pytest.raises(hf_errors.HfHubHTTPError) as e:
+        api.upload_file(path_or_fileobj=b"---\nlicense: mit-0\n---\n", path_in_repo="README.md", repo_id=REPO)
+    assert e.value.response.status_code == 400 and '"license" must be one of' in str(e.value)
+    assert hub.head(REPO) == head
+    api.upload_file(path_or_fileobj=b"---\nlicense: mit\n---\n", path_in_repo="README.md", repo_id=REPO)
+    assert hub.head(REPO) != head
