@@ -398,7 +398,8 @@ class _Local:
 def _check_card(api: Any, card: str, repo_id: str, token: str | None) -> None:
     """Have the Hub check the card's metadata (its ``validate-yaml`` endpoint, the check it runs again when
     the card is pushed) before anything is created or sent, so a refused card leaves no empty repo behind."""
-    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+    from huggingface_hub import get_session, hf_raise_for_status
+    from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]  # exported lazily
 
     headers = build_hf_headers(token=token, library_name="deltakit", library_version=__version__)
     response = get_session().post(

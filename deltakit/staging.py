@@ -158,3 +158,42 @@ def remove_abandoned(folder: Path) -> list[Path]:
         shutil.rmtree(candidate, ignore_errors=True)
         removed.append(candidate)
     return removed
+
+
+class StagedFile(StagedFolder):
+    """One output file, written inside a temporary sibling folder (which may hold scratch files too)
+    and linked into place on :meth:`commit`, never over a file that exists by then.
+
+    Leaving the block without :meth:`commit` removes the folder and everything in it, as
+    :class:`StagedFolder` does.
+    """
+
+    def __init__(self, final: Path) -> None:
+        final = Path(final)
+        if final.exists() or final.is_symlink():
+            raise OutputExistsError(f"{final} exists; deltakit never overwrites it: choose another --out", path=final)
+        super().__init__(final)
+
+    def __enter__(self) -> StagedFile:
+        super().__enter__()
+        return self
+
+    @property
+    def file(self) -> Path:
+        """Where to write the output while it is being made."""
+        return self.path / self.final.name
+
+    def commit(self) -> Path:
+        """fsync the file, link it to its final name (refused if that name exists), drop the folder."""
+        fsync_path(self.file)
+        try:
+            os.link(self.file, self.final)
+        except FileExistsError as e:
+            raise OutputExistsError(
+                f"{self.final} appeared while it was being made; deltakit never overwrites it", path=self.final
+            ) from e
+        fsync_path(self.final.parent)
+        self._committed = True
+        shutil.rmtree(self.path, ignore_errors=True)
+        self._unlock()
+        return self.final

@@ -335,7 +335,7 @@ def test_validate_yaml_follows_the_hubs_documented_rules(hub, api, card, errors,
     with warnings_module.catch_warnings(record=True) as caught:
         warnings_module.simplefilter("always")
         if errors:
-            with pytest.raises(ValueError, match="Invalid metadata in README.md") as e:
+            with pytest.raises(ValueError, match=r"Invalid metadata in README\.md") as e:
                 api._validate_yaml(card)
             for expected in errors:
                 assert expected in str(e.value)

@@ -9,10 +9,14 @@ import logging
 import math
 import os
 import re
+import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from ..codecs import CODECS, Buffer, Bytes, cast_bits
 from ..codecs.frames import CorruptFrame, Rebuild, decode_frame
@@ -387,6 +391,95 @@ def apply_delta(
     )
 
 
+def _check_rebuilt(m: Manifest, step: ApplyStep, base_hash: TensorHasher, got: str, verified: set[str]) -> None:
+    """A tensor once all its chunks went by: its base bytes (unless checked before) and its rebuilt
+    bytes (digest ``got``) must be the manifest's."""
+    if step.base is not None and step.name not in verified:
+        want, base_got = m.base.tensors[step.name].digest, base_hash.hexdigest()
+        if base_got != want:
+            raise BaseMismatchError(
+                f"base tensor {step.name!r} differs from the one the delta was made from "
+                f"({m.base.name!r}): expected blake3 {want[:16]}..., got {base_got[:16]}...",
+                path=step.base.path,
+                tensor=step.name,
+                expected=want,
+                actual=base_got,
+            )
+    if got != step.target.digest:
+        raise IntegrityError(
+            f"rebuilt tensor {step.name!r} does not match the target digest (expected blake3 "
+            f"{step.target.digest[:16]}..., got {got[:16]}...): the delta's payload is corrupt",
+            path=step.payload.path if step.payload else None,
+            tensor=step.name,
+            expected=step.target.digest,
+            actual=got,
+        )
+
+
+def rebuilt_tensors(
+    plan: ApplyPlan, reader: RangeReader, verified: set[str], bar: ProgressBar, *, scratch: Path
+) -> Iterator[tuple[ApplyStep, Bytes]]:
+    """Each target tensor rebuilt whole and checked against its digests, in the plan's order: what a
+    consumer that must not see unverified bytes (a GGUF writer) reads from.
+
+    A tensor of at most ``MEMORY_TENSOR_BYTES`` is held in memory; a larger one is written to a file in
+    ``scratch`` and read back mapped, so memory stays bounded whatever the model. The bytes yielded are
+    valid until the next tensor is asked for.
+    """
+    m = plan.manifest
+    steps = plan.steps
+    current, filled = -1, 0
+    base_hash, out_hash = TensorHasher(), TensorHasher()
+    held: Bytes = np.empty(0, dtype=np.uint8)
+    spill: Any = None
+
+    def finish(index: int) -> Bytes:
+        _check_rebuilt(m, steps[index], base_hash, out_hash.hexdigest(), verified)
+        if spill is None:
+            return held
+        spill.flush()
+        return np.memmap(spill, dtype=np.uint8, mode="r", shape=(filled,)) if filled else held[:0]
+
+    def work(chunk: Chunk, views: list[memoryview], arena: Arena) -> Bytes:  # on a reading thread
+        return _decode_chunk(steps[chunk.owner], chunk, views, arena)
+
+    try:
+        for chunk, views, rebuilt in Prefetcher(reader).map(_apply_chunks(steps), work):
+            if chunk.owner != current:
+                if current >= 0:
+                    yield steps[current], finish(current)
+                if spill is not None:
+                    spill.close()
+                    spill = None
+                current, filled = chunk.owner, 0
+                base_hash, out_hash = TensorHasher(), TensorHasher()
+                size = math.prod(steps[current].target.shape) * itemsize(steps[current].target.dtype)
+                if size > MEMORY_TENSOR_BYTES:
+                    spill = tempfile.TemporaryFile(dir=scratch, prefix=".deltakit-tensor-")  # noqa: SIM115 - closed below
+                else:
+                    held = np.empty(size, dtype=np.uint8)
+            step = steps[chunk.owner]
+            out_hash.update(rebuilt.data)
+            if spill is not None:
+                spill.write(rebuilt)
+            else:
+                held[filled : filled + rebuilt.size] = rebuilt
+            filled += rebuilt.size
+            if step.base is not None and chunk.segment == 0 and step.name not in verified:
+                base_hash.update(views[0])
+            bar.update(rebuilt.size)
+        if current >= 0:
+            yield steps[current], finish(current)
+    finally:
+        if spill is not None:
+            spill.close()
+
+
+# Tensors up to this size are rebuilt in memory for a consumer that needs them whole (a 7B's largest,
+# the embedding with a grown vocabulary, is 0.4 GB in fp16); larger ones go through a scratch file.
+MEMORY_TENSOR_BYTES = 512 << 20
+
+
 def _stream_apply(
     plan: ApplyPlan,
     reader: RangeReader,
@@ -401,29 +494,8 @@ def _stream_apply(
     writer = OutputWriter(fds)
 
     def finish(index: int) -> None:
-        step = steps[index]
-        if step.base is not None and step.name not in verified:
-            want, got = m.base.tensors[step.name].digest, base_hash.hexdigest()
-            if got != want:
-                raise BaseMismatchError(
-                    f"base tensor {step.name!r} differs from the one the delta was made from "
-                    f"({m.base.name!r}): expected blake3 {want[:16]}..., got {got[:16]}...",
-                    path=step.base.path,
-                    tensor=step.name,
-                    expected=want,
-                    actual=got,
-                )
         writer.wait()  # the tensor's last chunk is hashed
-        got = out_hash.hexdigest()
-        if got != step.target.digest:
-            raise IntegrityError(
-                f"rebuilt tensor {step.name!r} does not match the target digest (expected blake3 "
-                f"{step.target.digest[:16]}..., got {got[:16]}...): the delta's payload is corrupt",
-                path=step.payload.path if step.payload else None,
-                tensor=step.name,
-                expected=step.target.digest,
-                actual=got,
-            )
+        _check_rebuilt(m, steps[index], base_hash, out_hash.hexdigest(), verified)
 
     try:
 
