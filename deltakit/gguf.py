@@ -424,10 +424,21 @@ class _Stream:
         self.writer.close()
 
 
+def _quiet(level: int, text: bytes, user_data: object) -> None:
+    pass
+
+
+_QUIET: Any = None
+
+
 def _quantize_with_llama_cpp(source: Path, out: Path, quant: str) -> None:
     """llama.cpp's own quantizer (what ``llama-quantize`` runs), for the K-quants."""
     import llama_cpp
 
+    global _QUIET
+    if _QUIET is None:  # kept alive here: llama.cpp calls it long after this function returns
+        _QUIET = llama_cpp.llama_log_callback(_quiet)
+    llama_cpp.llama_log_set(_QUIET, None)  # its per-tensor log would bury deltakit's own report
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}")
     params.nthread = 0

@@ -120,3 +120,27 @@ def _legacy_files(folder: Path, pad_id: int) -> None:
         "added_tokens_decoder": {k: {"content": v, "special": True} for k, v in tokens.items()},
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(tok, indent=2))
+
+
+def write_finetune(base: Path, folder: Path, *, extra_rows: int = 0, seed: int = 1) -> Path:
+    """A fine-tune of the tiny LLaMA at ``base``: every weight nudged, and ``extra_rows`` more rows in the
+    embedding and the head (config.json's vocab_size grown to match), as a vocabulary extension makes."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in base.iterdir():
+        if path.is_file() and path.suffix != ".safetensors":
+            shutil.copyfile(path, folder / path.name)
+    g = torch.Generator().manual_seed(seed)
+    tensors = load_file(str(base / "model.safetensors"))
+    for name, t in tensors.items():
+        t = (t.float() + torch.randn(t.shape, generator=g) * 0.004).to(t.dtype)
+        if extra_rows and name in ("model.embed_tokens.weight", "lm_head.weight"):
+            t = torch.cat([t, (torch.randn(extra_rows, t.shape[1], generator=g) * 0.08).to(t.dtype)])
+        tensors[name] = t.contiguous()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["vocab_size"] += extra_rows
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder

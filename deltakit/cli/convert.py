@@ -1,4 +1,4 @@
-"""The convert command: Meta <-> HF layout, .bin -> safetensors, a dtype change, resharding.
+"""The convert command: Meta <-> HF layout, .bin -> safetensors, a dtype change, resharding, GGUF.
 
 One library call, :func:`deltakit.convert.convert`, and a few lines on what it wrote.
 """
@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 
 from ..convert import DTYPE_NAMES, convert
 from ..engine import DEFAULT_SHARD_SIZE
+from ..gguf import KQUANTS, QUANTS, convert_to_gguf
 from ..units import human_bytes, parse_size
-from ._common import _emit, _jsonable, _positive, _progress, _say
+from ._common import _emit, _jsonable, _positive, _print_gguf, _progress, _say, _UsageError
 
 if TYPE_CHECKING:
     from ._common import _Subparsers
@@ -20,6 +21,16 @@ if TYPE_CHECKING:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    if args.to == "gguf":
+        if args.dtype is not None or args.meta_shards is not None:
+            raise _UsageError("--to gguf takes --quant for the tensors' type, not --dtype or --meta-shards")
+        gguf = convert_to_gguf(args.source, args.out, quant=args.quant or "f16", progress=_progress(args))
+        _print_gguf(gguf, f"converted {args.source} ({gguf.source_kind}) to", time.perf_counter() - start)
+        if args.json:
+            _emit({"command": "convert", **_jsonable(gguf)})
+        return 0
+    if args.quant is not None:
+        raise _UsageError("--quant is for --to gguf; --dtype casts the tensors of an hf or meta output")
     report = convert(
         args.source,
         args.out,
@@ -45,11 +56,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def add_convert_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     """``deltakit convert``."""
     p = sub.add_parser(
-        "convert", parents=[common], help="Meta <-> HF layout, .bin -> safetensors, dtype change, resharding"
+        "convert", parents=[common], help="Meta <-> HF layout, .bin -> safetensors, dtype, resharding, GGUF"
     )
     p.add_argument("source", help="a Meta folder (consolidated.NN.pth + params.json) or an HF checkpoint")
-    p.add_argument("--out", required=True, help="folder to create")
-    p.add_argument("--to", choices=["hf", "meta"], default="hf", help="output layout (hf)")
+    p.add_argument("--out", required=True, help="folder to create (a file, model.gguf, for --to gguf)")
+    p.add_argument(
+        "--to", choices=["hf", "meta", "gguf"], default="hf", help="output layout (hf); gguf: one file for llama.cpp"
+    )
+    p.add_argument("--quant", choices=[*QUANTS, *KQUANTS], help="with --to gguf: the GGUF's type (f16)")
     p.add_argument("--dtype", choices=list(DTYPE_NAMES), help="cast float tensors (round to nearest even)")
     p.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE, help="HF output file size (5GB)")
     p.add_argument(

@@ -26,13 +26,14 @@ from ..engine import (
 from ..engine.make import DEFAULT_LEVEL
 from ..errors import DeltakitError
 from ..formats.peft import is_adapter
+from ..gguf import KQUANTS, QUANTS, apply_to_gguf
 from ..inspection import Inspection, inspect_path
 from ..legacy import LEGACY_KINDS, LegacyReport, apply_legacy_delta, make_delta_from_legacy
 from ..manifest import FORMAT_VERSION, MANIFEST_NAME, READABLE_FORMATS, load_manifest
 from ..registry import Registry
 from ..staging import check_output_free
 from ..units import human_bytes, parse_size
-from ._common import _emit, _jsonable, _progress, _say, _UsageError, _zstd_level
+from ._common import _emit, _jsonable, _print_gguf, _progress, _say, _UsageError, _zstd_level
 
 if TYPE_CHECKING:
     from ._common import _Subparsers
@@ -213,7 +214,11 @@ def _choose_base(args: argparse.Namespace) -> None:
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     _choose_base(args)
+    if args.quant is not None and args.to != "gguf":
+        raise _UsageError("--quant is for --to gguf")
     adapters = [d for d in args.delta if is_adapter(d)]
+    if args.to == "gguf" and (adapters or len(args.delta) > 1 or args.legacy != "auto"):
+        raise _UsageError("--to gguf takes one deltakit delta; rebuild others to a folder, then deltakit convert it")
     if adapters:
         if len(adapters) != len(args.delta):
             raise _UsageError("several --delta are for LoRA adapters only; deltakit deltas apply one at a time")
@@ -251,6 +256,13 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             )
         if args.json:
             _emit({"command": "apply", **_jsonable(legacy)})
+        return 0
+    if args.to == "gguf" and not args.dry_run:
+        start = time.perf_counter()
+        gguf = apply_to_gguf(args.base, args.delta, args.out, quant=args.quant or "f16", progress=_progress(args))
+        _print_gguf(gguf, f"rebuilt {args.delta} onto {args.base} as", time.perf_counter() - start)
+        if args.json:
+            _emit({"command": "apply", "kind": "deltakit", "dry_run": False, **_jsonable(gguf), "verified": True})
         return 0
     if args.dry_run:
         check_output_free(Path(args.out))
@@ -409,6 +421,13 @@ def add_apply_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
         help="the delta is an older tool's release: a model folder of differences (auto: when it has no deltakit.json)",
     )
     p.add_argument("--checksums", help="for an XOR release: md5/sha256 sums of the rebuilt files, from its model card")
+    p.add_argument(
+        "--to",
+        choices=["hf", "gguf"],
+        default="hf",
+        help="hf: a model folder; gguf: one GGUF file for llama.cpp, with no folder between (--out model.gguf)",
+    )
+    p.add_argument("--quant", choices=[*QUANTS, *KQUANTS], help="with --to gguf: the GGUF's type (f16)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the report goes to stderr)")
     p.set_defaults(run=_cmd_apply)
 
