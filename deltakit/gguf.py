@@ -55,6 +55,7 @@ QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 # ... and these by llama.cpp's C quantizer (llama_model_quantize), from a GGUF of the source's own precision.
 KQUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 KQUANTS_EXTRA = "pip install 'deltakit-llm[kquants]'"
+_NARROW = ("q4_0", "q4_1", "q5_0", "q5_1")
 
 _ARCHITECTURES = ("LlamaForCausalLM", "LLaMAForCausalLM")
 _DROPPED = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")  # as llama.cpp drops them
@@ -158,14 +159,19 @@ class _Planned:
         return self.rows.shape
 
 
-def _qtype(name: str, shape: tuple[int, ...], quant: str) -> Any:
+def _qtype(name: str, shape: tuple[int, ...], quant: str, *, head: bool) -> Any:
     """llama.cpp's choice (convert_hf_to_gguf.py prepare_tensors): 1-D tensors, norms and non-weights
-    stay F32; the rest take the requested type, or F16 where a row does not split into its blocks."""
+    stay F32; the rest take the requested type, or F16 where a row does not split into its blocks.
+
+    ``head``: the output projection (or, tied, the embedding), which llama.cpp's quantizer keeps finer
+    than the 4- and 5-bit types: Q6_K there, which needs its C quantizer; Q8_0 here, as llama.cpp does
+    itself where Q6_K's 256-wide blocks do not fit.
+    """
     g = _gguf()
     q = g.GGMLQuantizationType
     if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
         return q.F32
-    wanted = q[quant.upper()]
+    wanted = q.Q8_0 if head and quant in _NARROW else q[quant.upper()]
     block, _ = g.GGML_QUANT_SIZES[wanted]
     if shape[-1] % block:
         log.warning("%s: rows of %d do not split into %s blocks of %d; written as F16", name, shape[-1], quant, block)
@@ -183,6 +189,7 @@ def _plan(sources: Sequence[tuple[str, _Rows]], hp: _Hparams, quant: str, *, met
     already (a Meta checkpoint), else they are put back in it as llama.cpp does."""
     g = _gguf()
     names = g.get_tensor_name_map(g.MODEL_ARCH.LLAMA, hp["num_hidden_layers"])
+    tied = not any(source == "lm_head.weight" for source, _ in sources)
     planned = []
     for source, rows in sources:
         if source.endswith(_DROPPED):
@@ -200,7 +207,8 @@ def _plan(sources: Sequence[tuple[str, _Rows]], hp: _Hparams, quant: str, *, met
             rows = _Rotary(rows, heads, to_hf=False)
         elif source.endswith(("q_proj.bias", "k_proj.bias")):
             raise UnsupportedInputError(f"tensor {source!r}: q/k biases are not LLaMA's", tensor=source)
-        qtype = _qtype(name, rows.shape, quant)
+        head = name == ("token_embd.weight" if tied else "output.weight")
+        qtype = _qtype(name, rows.shape, quant, head=head)
         planned.append(_Planned(name, source, rows, qtype, _nbytes(rows.shape, qtype)))
     return planned
 

@@ -56,6 +56,7 @@ def write_tiny_llama(
     dtype: str = "float16",
     extra_rows: int = 0,
     legacy: bool = False,
+    echo: bool = False,
     seed: int = 0,
 ) -> Path:
     """An HF LLaMA folder: config, safetensors weights, tokenizer (384 SentencePiece pieces + ``<pad>``).
@@ -63,7 +64,9 @@ def write_tiny_llama(
     ``extra_rows`` adds embedding rows beyond the tokenizer's (as a vocabulary padded to a multiple
     does), which converters fill with placeholder tokens. ``legacy`` writes the files as LLaMA-1/2
     era releases have them: a config.json without head_dim, KV heads or rope parameters, and a
-    tokenizer_config.json with ``added_tokens_decoder`` and ``add_bos_token``.
+    tokenizer_config.json with ``added_tokens_decoder`` and ``add_bos_token``. ``echo`` makes the head
+    score each token by its own embedding: a model that predicts the token it reads, by margins wide
+    enough that 4-bit rounding keeps every top-1 (random weights alone give near ties).
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
@@ -95,8 +98,11 @@ def write_tiny_llama(
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) * 0.08)
+            else:  # with echo, blocks quiet enough that the embedding still leads the residual stream
+                quiet = echo and "layers." in name
+                p.copy_(torch.randn_like(p) * (0.02 if quiet else 0.08))
+        if echo:
+            model.lm_head.weight.copy_(model.model.embed_tokens.weight * 8)
     model.to(getattr(torch, dtype)).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     if legacy:
