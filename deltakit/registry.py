@@ -28,6 +28,7 @@ __all__ = ["Entry", "Registry", "deltakit_home"]
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+KINDS = ("model", "delta", "gguf")
 
 
 def deltakit_home() -> Path:
@@ -43,8 +44,9 @@ class Entry:
     """A registered model or delta.
 
     Attributes:
-        kind: ``model`` (a checkpoint: a base, or a built model) or ``delta``.
-        fingerprint: a model's fingerprint; for a delta, its target's.
+        kind: ``model`` (a checkpoint: a base, or a built model), ``delta``, or ``gguf`` (a GGUF file a
+            job wrote, for llama.cpp; never read as a base).
+        fingerprint: a model's fingerprint; for a delta, its target's; for a GGUF file, its SHA-256.
         base_fingerprint: for a delta, the fingerprint of the base it applies to.
         hub_id: for a model, its repo id on the Hub (``huggyllama/llama-7b``), which model cards
             name as the ``base_model`` of deltas made from it.
@@ -87,7 +89,7 @@ class Registry:
                 raise ValueError("not a JSON object")
             entries = {name: Entry(**fields) for name, fields in data.items()}
             for name, e in entries.items():
-                if e.name != name or e.kind not in ("model", "delta") or not isinstance(e.path, str):
+                if e.name != name or e.kind not in KINDS or not isinstance(e.path, str):
                     raise ValueError(f"entry {name!r} is malformed")
             return entries
         except FileNotFoundError:

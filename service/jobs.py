@@ -20,6 +20,8 @@ from typing import Any
 
 from deltakit import apply_delta, make_delta, verify_delta, verify_model
 from deltakit.errors import DeltakitError, InputNotFoundError
+from deltakit.gguf import GGUFReport, apply_to_gguf, convert_to_gguf
+from deltakit.hashing import file_sha256
 from deltakit.progress import ProgressBar
 from deltakit.registry import Entry, Registry
 from deltakit.staging import remove_abandoned
@@ -192,21 +194,49 @@ class Runner:
         return any(path.is_relative_to(root) for root in self.settings.allowed_roots)
 
     def _register(self, out: Path, register: Callable[[], Entry]) -> None:
-        """An output that cannot be registered is removed: no unlisted folder blocks a retry."""
+        """An output that cannot be registered is removed: no unlisted folder or file blocks a retry."""
         try:
             register()
         except BaseException:
-            shutil.rmtree(out, ignore_errors=True)
+            if out.is_dir():
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                out.unlink(missing_ok=True)
             raise
 
-    def _output(self, folder: Path, name: str) -> Path:
-        if self.registry.get(name) is not None:
-            raise DeltakitError(f"{name!r} is already a registered name; choose another output name")
+    def _gguf_done(self, name: str, report: GGUFReport) -> dict[str, Any]:
+        """Register a GGUF file a job wrote (kind ``gguf``, by its SHA-256) and say what it holds."""
+        sha256, size = file_sha256(report.out)
+        self._register(report.out, lambda: self.registry.add_known(name, report.out, "gguf", sha256, size))
+        return {
+            "output": name,
+            "quant": report.quant,
+            "tensors": report.tensors,
+            "types": report.types,
+            "bytes_written": report.bytes_written,
+            "sha256": sha256,
+        }
+
+    def _output(self, folder: Path, file: str, *, name: str | None = None) -> Path:
+        """Where an output registered as ``name`` (by default ``file``) goes."""
+        if self.registry.get(name or file) is not None:
+            raise DeltakitError(f"{name or file!r} is already a registered name; choose another output name")
         folder.mkdir(parents=True, exist_ok=True)
-        return folder / name
+        return folder / file
 
     def _execute(self, job: Job) -> dict[str, Any]:
         p, progress = job.params, self._progress(job.id)
+        if job.kind == "convert":
+            model = self.resolve(p["model"], kind="model")
+            out = self._output(self.settings.models_dir, f"{p['output']}.gguf", name=p["output"])
+            converted = convert_to_gguf(model.path, out, quant=p.get("quant", "f16"), progress=progress)
+            return self._gguf_done(p["output"], converted)
+        if job.kind == "apply" and p.get("to") == "gguf":
+            base = self.resolve(p["base"], kind="model")
+            delta = self.resolve(p["delta"], kind="delta")
+            out = self._output(self.settings.models_dir, f"{p['output']}.gguf", name=p["output"])
+            rebuilt = apply_to_gguf(base.path, delta.path, out, quant=p.get("quant", "f16"), progress=progress)
+            return self._gguf_done(p["output"], rebuilt) | {"verified": True}
         if job.kind == "apply":
             base = self.resolve(p["base"], kind="model")
             delta = self.resolve(p["delta"], kind="delta")

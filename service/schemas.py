@@ -10,17 +10,28 @@ from .store import Job
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 
-_REQUIRED = {"apply": ("base", "delta", "output"), "make": ("base", "target", "output"), "verify": ("delta",)}
+_REQUIRED = {
+    "apply": ("base", "delta", "output"),
+    "make": ("base", "target", "output"),
+    "verify": ("delta",),
+    "convert": ("model", "output"),
+}
+Quant = Literal[
+    "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
+    "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
+]  # fmt: skip
 
 
 class JobRequest(BaseModel):
     """``apply`` needs base, delta, output; ``make`` base, target, output; ``verify`` a delta, and a base
-    or a model to check against it. Every name is a registered name, never a path. A ``make`` may set
-    the package ``format`` (2, compressed, by default; 1 for older readers) and the zstd ``level``."""
+    or a model to check against it; ``convert`` a model and an output (a GGUF file for llama.cpp).
+    Every name is a registered name, never a path. A ``make`` may set the package ``format`` (2,
+    compressed, by default; 1 for older readers) and the zstd ``level``. An ``apply`` may set ``to``:
+    ``gguf`` rebuilds straight into one GGUF file. ``quant`` is the GGUF's type (f16 by default)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["apply", "make", "verify"]
+    kind: Literal["apply", "make", "verify", "convert"]
     base: Name | None = None
     delta: Name | None = None
     target: Name | None = None
@@ -28,6 +39,8 @@ class JobRequest(BaseModel):
     output: Name | None = None
     format: Literal[1, 2] | None = None
     level: Annotated[int, Field(ge=1, le=22)] | None = None
+    to: Literal["hf", "gguf"] | None = None
+    quant: Quant | None = None
 
     @model_validator(mode="after")
     def _fields_for_kind(self) -> JobRequest:
@@ -39,6 +52,10 @@ class JobRequest(BaseModel):
             raise ValueError("verify takes a base (to check the delta's base) or a model, not both")
         if self.kind != "make" and (self.format is not None or self.level is not None):
             raise ValueError("format and level belong to make jobs")
+        if self.to is not None and self.kind != "apply":
+            raise ValueError("to belongs to apply jobs (a convert job always writes GGUF)")
+        if self.quant is not None and not (self.kind == "convert" or self.to == "gguf"):
+            raise ValueError("quant belongs to convert jobs and to apply jobs with to gguf")
         return self
 
     def params(self) -> dict[str, str | int]:
@@ -83,7 +100,7 @@ class JobOut(BaseModel):
 
 class ModelOut(BaseModel):
     name: str
-    kind: Literal["model", "delta"]
+    kind: Literal["model", "delta", "gguf"]
     fingerprint: str
     base_fingerprint: str | None
     size: int

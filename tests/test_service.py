@@ -471,3 +471,46 @@ def test_a_hostile_checkpoint_fails_its_job_and_the_service_lives_on(home):
         assert ended["state"] == "failed" and ended["error"]["type"] == "UnsafePickleError", ended
         assert "hostile/pytorch_model.bin" in ended["error"]["detail"]
         assert http.get("/readyz").status_code == 200  # still serving
+
+
+def test_gguf_jobs_convert_a_model_and_apply_straight_to_gguf(tmp_path):
+    """A convert job and an apply job with ``to: gguf`` write one GGUF file each, registered (kind
+    ``gguf``, by its SHA-256) and byte for byte what the library writes."""
+    from tinyllama import write_finetune, write_tiny_llama
+
+    from deltakit.gguf import convert_to_gguf
+    from deltakit.hashing import file_sha256
+
+    root = tmp_path / "home"
+    base = write_tiny_llama(root / "data" / "llama-tiny", seed=3)
+    target = write_finetune(base, root / "data" / "panda-tiny", extra_rows=2)
+    make_delta(base, target, root / "data" / "panda-tiny-delta")
+    registry = Registry(root)
+    registry.add("llama-tiny", base)
+    registry.add("panda-tiny", target)
+    registry.add("panda-tiny-delta", root / "data" / "panda-tiny-delta")
+    store = Store(root / "jobs.sqlite3")
+    token = store.create_token("write")
+    store.close()
+    convert_to_gguf(target, tmp_path / "expected.gguf", quant="q8_0")
+    with LiveServer(Settings(home=root)) as url, client(url, token) as http:
+        refused = http.post("/v1/jobs", json={"kind": "apply", "base": "llama-tiny", "delta": "panda-tiny-delta",
+                                               "output": "x", "quant": "q8_0"})  # fmt: skip
+        assert refused.status_code == 422 and "to gguf" in refused.text
+        jobs = [
+            {"kind": "convert", "model": "panda-tiny", "output": "panda-q8", "quant": "q8_0"},
+            {"kind": "apply", "base": "llama-tiny", "delta": "panda-tiny-delta", "output": "panda-applied-q8",
+             "to": "gguf", "quant": "q8_0"},
+        ]  # fmt: skip
+        for request in jobs:
+            job = wait(http, http.post("/v1/jobs", json=request).json()["id"])
+            assert job["state"] == "succeeded", job
+            out = root / "models" / f"{request['output']}.gguf"
+            assert out.read_bytes() == (tmp_path / "expected.gguf").read_bytes()
+            assert job["report"]["types"] == {"F32": 5, "Q8_0": 16}
+            assert job["report"]["sha256"] == file_sha256(out)[0]
+            listed = http.get(f"/v1/models/{request['output']}").json()
+            assert listed["kind"] == "gguf" and listed["fingerprint"] == job["report"]["sha256"]
+        as_base = http.post("/v1/jobs", json={"kind": "apply", "base": "panda-q8", "delta": "panda-tiny-delta",
+                                              "output": "y"})  # fmt: skip
+        assert as_base.status_code == 404 and "no registered model is named 'panda-q8'" in as_base.text  # not a base
