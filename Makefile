@@ -61,6 +61,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/compression.py
 	$(BIN)/python benchmarks/apply.py
 	$(BIN)/python benchmarks/hub_bytes.py
+	$(BIN)/python benchmarks/to_gguf.py
 
 clean:
 	rm -rf $(VENV) demo-output benchmarks/work build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
