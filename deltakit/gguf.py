@@ -202,6 +202,11 @@ def _plan(sources: Sequence[tuple[str, _Rows]], hp: _Hparams, quant: str, *, met
             )
         if rows.dtype not in ("F16", "BF16", "F32"):
             raise UnsupportedInputError(f"tensor {source!r} is {rows.dtype}; GGUF conversion takes float tensors")
+        if name == "token_embd.weight" and rows.shape[0] != hp["vocab_size"]:
+            raise FormatError(  # llama.cpp would refuse the file when loading it: say so now
+                f"config.json's vocab_size {hp['vocab_size']} differs from the {rows.shape[0]} rows of {source!r}",
+                tensor=source,
+            )
         if source.endswith(("q_proj.weight", "k_proj.weight")) and not meta_order:
             heads = hp["num_attention_heads"] if "q_proj" in source else hp["num_key_value_heads"]
             rows = _Rotary(rows, heads, to_hf=False)

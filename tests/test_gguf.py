@@ -17,7 +17,7 @@ from tinyllama import write_finetune, write_tiny_llama
 
 from deltakit import BaseMismatchError, IntegrityError, OutputExistsError, UnsupportedInputError, make_delta
 from deltakit.convert import convert
-from deltakit.errors import InputNotFoundError
+from deltakit.errors import FormatError, InputNotFoundError
 from deltakit.gguf import apply_to_gguf, convert_to_gguf
 
 gguf = pytest.importorskip("gguf")
@@ -172,6 +172,9 @@ def test_what_cannot_become_a_llama_gguf_is_refused_by_name(models, tmp_path):
     (other / "config.json").write_text(json.dumps(config | {"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(UnsupportedInputError, match="'GPT2LMHeadModel' is not LLaMA"):
         convert_to_gguf(other, tmp_path / "a.gguf")
+    (other / "config.json").write_text(json.dumps(config | {"vocab_size": 32000}))
+    with pytest.raises(FormatError, match=r"vocab_size 32000 differs from the 391 rows of 'model\.embed_tokens"):
+        convert_to_gguf(other, tmp_path / "v.gguf")
     (other / "config.json").write_text(json.dumps(config))
     (other / "tokenizer.model").unlink()
     with pytest.raises(InputNotFoundError, match=r"tokenizer\.model is missing"):
