@@ -83,17 +83,23 @@ print(os.waitstatus_to_exitcode(status), usage.ru_maxrss, time.perf_counter() - 
 def run_cli(args: Sequence[str], log: Path, cgroup: Path | None = None) -> tuple[float, int]:
     """Run ``python -m deltakit.cli ARGS`` and return (wall seconds, peak RSS in bytes) of that process alone;
     with ``cgroup``, in that (blkio) cgroup."""
-    command = [sys.executable, "-m", "deltakit.cli", *args]
+    return run_process([sys.executable, "-m", "deltakit.cli", *args], log, cgroup)
+
+
+def run_process(
+    command: Sequence[str], log: Path, cgroup: Path | None = None, env: dict[str, str] | None = None
+) -> tuple[float, int]:
+    """Run ``command`` (its output to ``log``) and return (wall seconds, peak RSS in bytes) of that process alone."""
     launcher = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(log), *command]
 
     def enter() -> None:
         if cgroup is not None:
             (cgroup / "cgroup.procs").write_text(str(os.getpid()))
 
-    done = subprocess.run(launcher, capture_output=True, text=True, check=True, preexec_fn=enter)
+    done = subprocess.run(launcher, capture_output=True, text=True, check=True, preexec_fn=enter, env=env)
     code, maxrss_kib, wall = done.stdout.split()
     if int(code) != 0:
-        raise StepFailed(f"{' '.join(command)} exited {code}:\n{log.read_text(errors='replace')}")
+        raise StepFailed(f"{' '.join(command)} exited {code}:\n{log.read_text(errors='replace')[-3000:]}")
     return float(wall), int(maxrss_kib) * 1024
 
 

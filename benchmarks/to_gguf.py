@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from apply import run_cli, settle
+from apply import run_cli, run_process, settle
 from common import machine, record
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,16 +44,6 @@ GIB = 1 << 30
 SECTION_BEGIN = "<!-- benchmarks/to_gguf.py: begin -->"
 SECTION_END = "<!-- benchmarks/to_gguf.py: end -->"
 
-_LAUNCHER = """
-import os, sys, time
-log = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-io = [(os.POSIX_SPAWN_DUP2, log, 1), (os.POSIX_SPAWN_DUP2, log, 2)]
-start = time.perf_counter()
-pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ, file_actions=io)
-_, status, usage = os.wait4(pid, 0)
-print(os.waitstatus_to_exitcode(status), usage.ru_maxrss, time.perf_counter() - start)
-"""
-
 
 @dataclass
 class Step:
@@ -65,13 +55,8 @@ class Step:
 
 
 def run_python(args: Sequence[str], log: Path, env: dict[str, str]) -> tuple[float, int]:
-    """``python ARGS`` in its own process, spawned by a small launcher: (wall seconds, peak RSS bytes)."""
-    launcher = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(log), sys.executable, *args]
-    done = subprocess.run(launcher, capture_output=True, text=True, check=True, env=env)
-    code, maxrss_kib, wall = done.stdout.split()
-    if int(code) != 0:
-        raise RuntimeError(f"{' '.join(args)} exited {code}:\n{log.read_text(errors='replace')[-3000:]}")
-    return float(wall), int(maxrss_kib) * 1024
+    """``python ARGS`` in its own process: (wall seconds, peak RSS bytes)."""
+    return run_process([sys.executable, *args], log, env=env)
 
 
 class Bench:
