@@ -20,6 +20,7 @@ from .engine import (
 )
 from .errors import (
     BaseMismatchError,
+    ClusterError,
     CorruptFrameError,
     DeltakitError,
     FormatError,
@@ -43,6 +44,7 @@ __all__ = [
     "ApplyPlan",
     "ApplyReport",
     "BaseMismatchError",
+    "ClusterError",
     "CorruptFrameError",
     "DeltakitError",
     "FormatError",

@@ -15,7 +15,8 @@ message needs (``path``, ``tensor``, ``expected``, ``actual``) as attributes::
     │   └── CorruptFrameError                        a compressed payload frame does not decode
     ├── OutputExistsError       (FileExistsError)    refusing to touch an existing output
     ├── NoSpaceError            (OSError)            the output would not fit on its disk
-    └── HubError                (RuntimeError)       the Hub refused a request or cannot be reached
+    ├── HubError                (RuntimeError)       the Hub refused a request or cannot be reached
+    └── ClusterError            (RuntimeError)       a Ray cluster could not do the work
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 __all__ = [
     "BaseMismatchError",
+    "ClusterError",
     "CorruptFrameError",
     "DeltakitError",
     "FormatError",
@@ -117,3 +119,8 @@ class NoSpaceError(DeltakitError, OSError):
 
 class HubError(DeltakitError, RuntimeError):
     """The Hub refused or failed a request: authentication, a missing repo or revision, the network."""
+
+
+class ClusterError(DeltakitError, RuntimeError):
+    """A Ray cluster could not do the work: a worker cannot see the shared paths, or one died more
+    often than its task may be retried. Nothing is left under the output's name."""

@@ -16,8 +16,9 @@ import json
 import logging
 import math
 import shutil
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +39,7 @@ from .convert import (
 )
 from .convert import _check_checklist as check_meta_checklist
 from .dtypes import itemsize
-from .errors import FormatError, InputNotFoundError, IntegrityError, UnsupportedInputError
+from .errors import FormatError, InputNotFoundError, UnsupportedInputError
 from .formats.checkpoint import RangeReader, open_checkpoint
 from .progress import ProgressBar, ProgressFactory, no_progress
 from .staging import StagedFile, check_free_space
@@ -229,12 +230,22 @@ def _encode(block: Bytes, dtype: str, rows: int, width: int, qtype: Any) -> Byte
     return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
 
 
-def _blocks(reader: RangeReader, t: _Planned) -> Iterator[Bytes]:
-    """The tensor in GGUF's type, a block of whole rows at a time (quantization blocks never cross rows)."""
+def _blocks(reader: RangeReader, t: _Planned, pool: ThreadPoolExecutor) -> Iterator[Bytes]:
+    """The tensor in GGUF's type, a block of whole rows at a time (quantization blocks never cross rows),
+    encoded on ``pool``'s threads a few blocks ahead (numpy lets go of the GIL), yielded in order."""
     _, width = _rows_and_width(t.shape)
+    ahead: deque[Future[Bytes]] = deque()
     for first, last in _row_blocks(t.rows):
         if last > first:
-            yield _encode(t.rows.read(reader, first, last), t.rows.dtype, last - first, width, t.qtype)
+            data = t.rows.read(reader, first, last)
+            ahead.append(pool.submit(_encode, data, t.rows.dtype, last - first, width, t.qtype))
+            if len(ahead) > _AHEAD:
+                yield ahead.popleft().result()
+    while ahead:
+        yield ahead.popleft().result()
+
+
+_AHEAD = 2  # blocks encoded ahead of the one being written: both cores busy, a few blocks in memory
 
 
 # -------------------------------------------------------------------------------------------------
@@ -460,8 +471,11 @@ def _quantize_with_llama_cpp(source: Path, out: Path, quant: str) -> None:
         raise FormatError(f"llama.cpp's quantizer failed on {source} (status {status})", path=source)
 
 
-def _types(path: Path) -> dict[str, int]:
-    reader = _gguf().GGUFReader(path)
+def _types(path: Path, quant: str, planned: Sequence[_Planned]) -> dict[str, int]:
+    """Tensors per GGUF type: as planned, or for a K-quant, as llama.cpp's quantizer chose them."""
+    if quant in QUANTS:
+        return dict(sorted(Counter(t.qtype.name for t in planned).items()))
+    reader = _gguf().GGUFReader(path)  # it parses the whole vocabulary too: only for what it alone knows
     return dict(sorted(Counter(t.tensor_type.name for t in reader.tensors).items()))
 
 
@@ -533,15 +547,15 @@ def convert_to_gguf(
         stream = _Stream(written, planned, hp, folder, working)
         try:
             bar = progress(sum(t.nbytes for t in planned), "gguf")
-            with RangeReader() as reader:
+            with RangeReader() as reader, ThreadPoolExecutor(2, thread_name_prefix="deltakit-gguf") as pool:
                 for t in planned:
-                    stream.tensor(t, _blocks(reader, t), bar)
+                    stream.tensor(t, _blocks(reader, t, pool), bar)
             bar.close()
         finally:
             stream.close()
         result = _finish(staged, written, quant)
         kind = "meta" if is_meta else "hf"
-        report = GGUFReport(out, quant, kind, len(planned), result.stat().st_size, _types(result))
+        report = GGUFReport(out, quant, kind, len(planned), result.stat().st_size, _types(result, quant, planned))
         staged.commit()
     return report
 
@@ -580,8 +594,6 @@ def apply_to_gguf(
         IntegrityError: the payload or a carried file is corrupt.
     """
     from .engine.apply import plan_apply, rebuilt_tensors
-    from .engine.digests import copy_hashed
-    from .formats.delta import FILES_DIR
 
     out = Path(out)
     _check_quant(quant)
@@ -593,19 +605,8 @@ def apply_to_gguf(
         folder = staged.path / m.target.name  # the folder name is the model's name in the GGUF, as llama.cpp reads it
         folder.mkdir()
         for rel in _MODEL_FILES:  # the carried files the metadata is read from, checked as they are copied
-            record = m.target.files.get(rel)
-            if record is None:
-                continue
-            src = plan.delta.root / FILES_DIR / rel
-            copied = copy_hashed(src, folder / rel)
-            if copied != record:
-                raise IntegrityError(
-                    f"{src}: sha256 {copied.sha256[:16]}... differs from the manifest's {record.sha256[:16]}...: "
-                    "the delta's file is corrupt",
-                    path=src,
-                    expected=record.sha256,
-                    actual=copied.sha256,
-                )
+            if rel in m.target.files:
+                plan.copy_carried(rel, folder / rel)
         if "config.json" not in m.target.files:
             raise InputNotFoundError(f"{plan.delta.root}: the delta carries no config.json, which GGUF needs")
         hp = _Hparams.of(_read_json(folder / "config.json"), folder / "config.json")
@@ -617,19 +618,21 @@ def apply_to_gguf(
         stream = _Stream(written, list(planned.values()), hp, folder, working)
         try:
             bar = progress(sum(t.nbytes for t in plan.specs), "apply")
-            with RangeReader() as reader:
+            with RangeReader() as reader, ThreadPoolExecutor(2, thread_name_prefix="deltakit-gguf") as pool:
                 for step, data in rebuilt_tensors(plan, reader, verified, bar, scratch=staged.path):
                     t = planned.get(step.name)
                     if t is None:  # dropped, as llama.cpp drops it (rotary inv_freq): checked all the same
                         continue
                     held = _Held(data, step.target.dtype, step.target.shape)
                     rows: _Rows = _Rotary(held, t.rows.heads, to_hf=False) if isinstance(t.rows, _Rotary) else held
-                    stream.tensor(t, _blocks(reader, _Planned(t.name, t.source, rows, t.qtype, t.nbytes)), _NoBar())
+                    blocks = _blocks(reader, _Planned(t.name, t.source, rows, t.qtype, t.nbytes), pool)
+                    stream.tensor(t, blocks, _NoBar())
             bar.close()
         finally:
             stream.close()
         result = _finish(staged, written, quant)
-        report = GGUFReport(out, quant, "delta", len(planned), result.stat().st_size, _types(result))
+        types = _types(result, quant, list(planned.values()))
+        report = GGUFReport(out, quant, "delta", len(planned), result.stat().st_size, types)
         staged.commit()
     return report
 

@@ -123,6 +123,44 @@ class ApplyPlan:
                     )
                 log.debug("base tensor %s matches", name)
 
+    def copy_carried(self, rel: str, dest: Path) -> None:
+        """Copy the carried file ``rel`` to ``dest``, checked against the manifest's SHA-256 as it goes.
+
+        Raises:
+            IntegrityError: the delta's copy is corrupt.
+        """
+        record = self.manifest.target.files[rel]
+        source = self.delta.root / FILES_DIR / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        copied = copy_hashed(source, dest)
+        if copied != record:
+            raise IntegrityError(
+                f"{source}: sha256 {copied.sha256[:16]}... differs from the manifest's {record.sha256[:16]}...: "
+                "the delta's file is corrupt",
+                path=source,
+                expected=record.sha256,
+                actual=copied.sha256,
+            )
+
+    def finish_folder(self, folder: Path) -> None:
+        """What follows the tensors: the shard index (when sharded) and the carried files, checked."""
+        write_index(folder, self.shards, {s.name: s.shard for s in self.steps}, self.specs)
+        for rel in self.manifest.target.files:
+            self.copy_carried(rel, folder / rel)
+
+    def report(self, out: Path) -> ApplyReport:
+        m = self.manifest
+        return ApplyReport(
+            out=out,
+            target_name=m.target.name,
+            tensors=len(self.steps),
+            encodings=dict(sorted(Counter(s.target.encoding for s in self.steps).items())),
+            bytes_written=self.write_bytes,
+            files=tuple(m.target.files),
+            shards=tuple(s.name for s in self.shards),
+            fingerprint=m.target.fingerprint,
+        )
+
     def describe(self) -> str:
         """A human-readable account of the plan, for ``--dry-run`` (after :meth:`check_sample`)."""
         m = self.manifest
@@ -365,30 +403,28 @@ def apply_delta(
         finally:
             for fd in fds:
                 os.close(fd)
-        write_index(staged.path, plan.shards, {s.name: s.shard for s in plan.steps}, plan.specs)
-        for rel, record in m.target.files.items():
-            dest = staged.path / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            copied = copy_hashed(plan.delta.root / FILES_DIR / rel, dest)
-            if copied != record:
-                raise IntegrityError(
-                    f"{plan.delta.root / FILES_DIR / rel}: sha256 {copied.sha256[:16]}... differs from the "
-                    f"manifest's {record.sha256[:16]}...: the delta's file is corrupt",
-                    path=plan.delta.root / FILES_DIR / rel,
-                    expected=record.sha256,
-                    actual=copied.sha256,
-                )
+        plan.finish_folder(staged.path)
         staged.commit()
-    return ApplyReport(
-        out=out,
-        target_name=m.target.name,
-        tensors=len(plan.steps),
-        encodings=dict(sorted(Counter(s.target.encoding for s in plan.steps).items())),
-        bytes_written=plan.write_bytes,
-        files=tuple(m.target.files),
-        shards=tuple(s.name for s in plan.shards),
-        fingerprint=m.target.fingerprint,
-    )
+    return plan.report(out)
+
+
+def apply_shard(plan: ApplyPlan, index: int, folder: Path, verified: set[str]) -> dict[str, str]:
+    """Rebuild output shard ``index`` alone into ``folder`` (a leftover of an earlier attempt is
+    replaced), fsync it, and return its tensors' digests: the unit of work one machine of a cluster
+    does. Each tensor is checked as it ends, as :func:`apply_delta` checks it."""
+    shard = plan.shards[index]
+    (folder / shard.name).unlink(missing_ok=True)
+    (fd,) = open_output_shards(folder, [shard])
+    fds = [-1] * len(plan.shards)
+    fds[index] = fd
+    try:
+        with RangeReader() as reader:
+            steps = [s for s in plan.steps if s.shard == index]
+            digests = _stream_apply(plan, reader, fds, verified, no_progress(shard.layout.size, "apply"), steps)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return digests
 
 
 def _check_rebuilt(m: Manifest, step: ApplyStep, base_hash: TensorHasher, got: str, verified: set[str]) -> None:
@@ -486,16 +522,21 @@ def _stream_apply(
     fds: Sequence[int],
     verified: set[str],
     bar: ProgressBar,
-) -> None:
+    steps: Sequence[ApplyStep] | None = None,
+) -> dict[str, str]:
+    """Rebuild ``steps`` (by default the whole plan) into the shard files ``fds`` (indexed by shard;
+    only the steps' own need be open), checking each tensor's digests as it ends; returns them."""
     m = plan.manifest
-    steps = plan.steps
+    steps = plan.steps if steps is None else steps
     current = -1
     base_hash = out_hash = TensorHasher()
     writer = OutputWriter(fds)
+    digests: dict[str, str] = {}
 
     def finish(index: int) -> None:
         writer.wait()  # the tensor's last chunk is hashed
-        _check_rebuilt(m, steps[index], base_hash, out_hash.hexdigest(), verified)
+        digests[steps[index].name] = out_hash.hexdigest()
+        _check_rebuilt(m, steps[index], base_hash, digests[steps[index].name], verified)
 
     try:
 
@@ -517,3 +558,4 @@ def _stream_apply(
             finish(current)
     finally:
         writer.close()
+    return digests
