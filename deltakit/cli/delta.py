@@ -257,6 +257,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         if args.json:
             _emit({"command": "apply", **_jsonable(legacy)})
         return 0
+    if args.ray is not None and (args.to == "gguf" or adapters or args.legacy != "auto"):
+        raise _UsageError("--ray rebuilds a deltakit delta into a model folder; the rest runs on one machine")
     if args.to == "gguf" and not args.dry_run:
         start = time.perf_counter()
         gguf = apply_to_gguf(args.base, args.delta, args.out, quant=args.quant or "f16", progress=_progress(args))
@@ -274,13 +276,19 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             _emit({"command": "apply", "kind": "deltakit", "dry_run": True, "out": args.out, "checks": "ok"})
         return 0
     start = time.perf_counter()
-    report = apply_delta(
-        args.base,
-        args.delta,
-        args.out,
-        shard_size=args.shard_size,
-        progress=_progress(args),
-    )
+    if args.ray is not None:
+        from ..cluster import apply_delta_on_ray
+
+        report = apply_delta_on_ray(
+            args.base,
+            args.delta,
+            args.out,
+            address=args.ray or None,
+            shard_size=args.shard_size,
+            progress=_progress(args),
+        )
+    else:
+        report = apply_delta(args.base, args.delta, args.out, shard_size=args.shard_size, progress=_progress(args))
     _print_apply(report, time.perf_counter() - start)
     if args.json:
         _emit({"command": "apply", "kind": "deltakit", "dry_run": False, **_jsonable(report), "verified": True})
@@ -428,6 +436,14 @@ def add_apply_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
         help="hf: a model folder; gguf: one GGUF file for llama.cpp, with no folder between (--out model.gguf)",
     )
     p.add_argument("--quant", choices=[*QUANTS, *KQUANTS], help="with --to gguf: the GGUF's type (f16)")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="one task per output shard on a Ray cluster (ADDRESS, or RAY_ADDRESS; paths on a filesystem every node "
+        "mounts); needs the ray extra",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the report goes to stderr)")
     p.set_defaults(run=_cmd_apply)
 
