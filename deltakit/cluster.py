@@ -123,6 +123,7 @@ def apply_delta_on_ray(
         try:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+                bar.update(0)  # a caller's bar may stop the work here (a service job being cancelled)
                 for ref in done:
                     index = pending.pop(ref)
                     results[index] = _result(ray, ref, plan.shards[index].name)

@@ -7,6 +7,7 @@ and the job ends ``cancelled``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import shutil
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from deltakit import apply_delta, make_delta, verify_delta, verify_model
+from deltakit.cluster import apply_delta_on_ray, ray_module
 from deltakit.errors import DeltakitError, InputNotFoundError
 from deltakit.gguf import GGUFReport, apply_to_gguf, convert_to_gguf
 from deltakit.hashing import file_sha256
@@ -26,6 +28,7 @@ from deltakit.progress import ProgressBar
 from deltakit.registry import Entry, Registry
 from deltakit.staging import remove_abandoned
 
+from .executor import RayExecutor
 from .settings import Settings
 from .store import Job, Store
 
@@ -88,6 +91,12 @@ class Runner:
 
     def __init__(self, settings: Settings, store: Store, registry: Registry) -> None:
         self.settings, self.store, self.registry = settings, store, registry
+        self.executor: RayExecutor | None = None
+        if settings.executor == "ray":
+            ray_module()  # refused at start, naming the extra, when Ray is not installed
+            self.executor = RayExecutor(
+                settings.ray_address, settings.ray_job_cpus, settings.ray_job_memory, settings.ray_retries
+            )
         self._pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="deltakit-job")
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
@@ -143,6 +152,18 @@ class Runner:
             return _JobBar(self, job_id, total, stage)
 
         return factory
+
+    def _call(self, job_id: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """The job's library call, here or on the cluster, with the job's progress bar."""
+        progress = self._progress(job_id)
+        if self.executor is None:
+            return fn(*args, progress=progress, **kwargs)
+        try:
+            return self.executor.call(fn, *args, progress=progress, **kwargs)
+        except BaseException:
+            for folder in (self.settings.models_dir, self.settings.deltas_dir):
+                remove_abandoned(folder)  # a task killed on the cluster cannot remove its own staging folder
+            raise
 
     def _run(self, job_id: str) -> None:
         if self._stopping.is_set() or self.is_cancelled(job_id) or not self.store.start(job_id):
@@ -225,23 +246,29 @@ class Runner:
         return folder / file
 
     def _execute(self, job: Job) -> dict[str, Any]:
-        p, progress = job.params, self._progress(job.id)
+        p, call = job.params, functools.partial(self._call, job.id)
         if job.kind == "convert":
             model = self.resolve(p["model"], kind="model")
             out = self._output(self.settings.models_dir, f"{p['output']}.gguf", name=p["output"])
-            converted = convert_to_gguf(model.path, out, quant=p.get("quant", "f16"), progress=progress)
+            converted = call(convert_to_gguf, model.path, out, quant=p.get("quant", "f16"))
             return self._gguf_done(p["output"], converted)
         if job.kind == "apply" and p.get("to") == "gguf":
             base = self.resolve(p["base"], kind="model")
             delta = self.resolve(p["delta"], kind="delta")
             out = self._output(self.settings.models_dir, f"{p['output']}.gguf", name=p["output"])
-            rebuilt = apply_to_gguf(base.path, delta.path, out, quant=p.get("quant", "f16"), progress=progress)
+            rebuilt = call(apply_to_gguf, base.path, delta.path, out, quant=p.get("quant", "f16"))
             return self._gguf_done(p["output"], rebuilt) | {"verified": True}
         if job.kind == "apply":
             base = self.resolve(p["base"], kind="model")
             delta = self.resolve(p["delta"], kind="delta")
             out = self._output(self.settings.models_dir, p["output"])
-            applied = apply_delta(base.path, delta.path, out, progress=progress)
+            if p.get("fanout"):  # this thread drives; one task per output shard runs on the cluster
+                address = self.settings.ray_address
+                applied = apply_delta_on_ray(
+                    base.path, delta.path, out, address=address, progress=self._progress(job.id)
+                )
+            else:
+                applied = call(apply_delta, base.path, delta.path, out)
             self._register(
                 out,
                 lambda: self.registry.add_known(p["output"], out, "model", applied.fingerprint, applied.bytes_written),
@@ -259,7 +286,7 @@ class Runner:
             target = self.resolve(p["target"], kind="model")
             out = self._output(self.settings.deltas_dir, p["output"])
             coding = {key: p[key] for key in ("format", "level") if key in p}  # else the library's defaults
-            made = make_delta(base.path, target.path, out, progress=progress, **coding)
+            made = call(make_delta, base.path, target.path, out, **coding)
             self._register(out, lambda: self.registry.add(p["output"], out))
             return {
                 "output": p["output"],
@@ -273,10 +300,10 @@ class Runner:
         # verify
         delta = self.resolve(p["delta"], kind="delta")
         if p.get("model"):
-            report = verify_model(self.resolve(p["model"], kind="model").path, delta.path, progress=progress)
+            report = call(verify_model, self.resolve(p["model"], kind="model").path, delta.path)
         else:
             base_path = self.resolve(p["base"], kind="model").path if p.get("base") else None
-            report = verify_delta(delta.path, base=base_path, progress=progress)
+            report = call(verify_delta, delta.path, base=base_path)
         return {
             "ok": report.ok,
             "checked": report.checked,

@@ -27,7 +27,8 @@ class JobRequest(BaseModel):
     or a model to check against it; ``convert`` a model and an output (a GGUF file for llama.cpp).
     Every name is a registered name, never a path. A ``make`` may set the package ``format`` (2,
     compressed, by default; 1 for older readers) and the zstd ``level``. An ``apply`` may set ``to``:
-    ``gguf`` rebuilds straight into one GGUF file. ``quant`` is the GGUF's type (f16 by default)."""
+    ``gguf`` rebuilds straight into one GGUF file. ``quant`` is the GGUF's type (f16 by default).
+    ``fanout`` runs one apply as one task per output shard on the service's Ray cluster."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -41,6 +42,7 @@ class JobRequest(BaseModel):
     level: Annotated[int, Field(ge=1, le=22)] | None = None
     to: Literal["hf", "gguf"] | None = None
     quant: Quant | None = None
+    fanout: bool | None = None
 
     @model_validator(mode="after")
     def _fields_for_kind(self) -> JobRequest:
@@ -56,6 +58,8 @@ class JobRequest(BaseModel):
             raise ValueError("to belongs to apply jobs (a convert job always writes GGUF)")
         if self.quant is not None and not (self.kind == "convert" or self.to == "gguf"):
             raise ValueError("quant belongs to convert jobs and to apply jobs with to gguf")
+        if self.fanout and (self.kind != "apply" or self.to == "gguf"):
+            raise ValueError("fanout belongs to apply jobs that rebuild a model folder")
         return self
 
     def params(self) -> dict[str, str | int]:

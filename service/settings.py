@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
@@ -20,6 +21,10 @@ class Settings(BaseSettings):
         roots: folders that names may resolve into; the home is always one.
         workers: jobs running at once; the rest wait in the queue.
         max_body_bytes: the largest request body accepted.
+        executor: ``local`` (jobs run in the service's threads) or ``ray`` (each job a task on a Ray cluster).
+        ray_address: the cluster to join (``auto``, or ``HOST:PORT``); unset: ``RAY_ADDRESS``, else a local one.
+        ray_job_cpus, ray_job_memory: what each job's task holds on the cluster.
+        ray_retries: how many times a job's task is run again after its worker died.
     """
 
     model_config = SettingsConfigDict(env_prefix="DELTAKIT_", env_file=".env", extra="ignore")
@@ -28,6 +33,11 @@ class Settings(BaseSettings):
     roots: list[Path] = Field(default_factory=list)
     workers: int = Field(default=1, ge=1, le=64)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
+    ray_job_cpus: float = Field(default=1.0, gt=0, le=1024)
+    ray_job_memory: int = Field(default=2 << 30, ge=1 << 20)
+    ray_retries: int = Field(default=1, ge=0, le=100)
 
     @property
     def allowed_roots(self) -> list[Path]:
@@ -52,6 +62,11 @@ _EXPECTED = {
     "roots": 'a JSON list of folders, for example DELTAKIT_ROOTS=\'["/models", "/deltas"]\'',
     "workers": "a whole number from 1 to 64",
     "max_body_bytes": "a whole number of bytes, 1024 or more",
+    "executor": "local or ray",
+    "ray_address": "a Ray cluster address (auto, or HOST:PORT)",
+    "ray_job_cpus": "a number of CPUs above 0",
+    "ray_job_memory": "a whole number of bytes, 1 MiB or more",
+    "ray_retries": "a whole number from 0 to 100",
 }
 
 

@@ -127,3 +127,56 @@ def test_the_cli_takes_ray(cluster, pair, tmp_path):
                         "--shard-size", str(SHARD))  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert same_folder(tmp_path / "out", local)
+
+
+@pytest.fixture(scope="module")
+def service_home(tmp_path_factory):
+    """A service home whose apply takes a few seconds on one worker: long enough to cancel mid-way."""
+    from deltakit.registry import Registry
+    from deltakit_service.store import Store
+
+    home = tmp_path_factory.mktemp("service") / "home"
+    base = llama_like(torch.float16, vocab=16000, hidden=2048, layers=4)
+    base_dir = write_checkpoint(home / "data" / "llama", base)
+    target_dir = write_checkpoint(
+        home / "data" / "panda", finetune_of(base, extra_vocab=64), files={"config.json": "{}"}
+    )
+    make_delta(base_dir, target_dir, home / "data" / "panda-delta")
+    registry = Registry(home)
+    registry.add("llama", base_dir)
+    registry.add("panda-delta", home / "data" / "panda-delta")
+    store = Store(home / "jobs.sqlite3")
+    token = store.create_token("write")
+    store.close()
+    return home, token, target_dir
+
+
+def test_service_jobs_run_on_the_cluster_and_are_cancelled_on_it(cluster, service_home):
+    """DELTAKIT_EXECUTOR=ray: the job is a task on the cluster; its progress reaches the service, a
+    DELETE stops it there and its output is removed; a fanned-out apply job gives the same model."""
+    from test_service import LiveServer, client, wait
+
+    from deltakit_service.settings import Settings
+
+    home, token, target = service_home
+    settings = Settings(home=home, executor="ray", ray_address=cluster.address)
+    with LiveServer(settings) as url, client(url, token) as http:
+        job = {"kind": "apply", "base": "llama", "delta": "panda-delta"}
+        done = wait(http, http.post("/v1/jobs", json=job | {"output": "built"}).json()["id"])
+        assert done["state"] == "succeeded", done
+        assert done["progress"]["bytes_done"] == done["progress"]["bytes_total"] > 0
+        fanned = wait(http, http.post("/v1/jobs", json=job | {"output": "fanned", "fanout": True}).json()["id"])
+        assert fanned["state"] == "succeeded", fanned
+        models = home / "models"
+        assert load_checkpoint(models / "built").keys() == load_checkpoint(target).keys()
+        assert same_folder(models / "built", models / "fanned")
+
+        created = http.post("/v1/jobs", json=job | {"output": "stopped"}).json()
+        deadline = time.monotonic() + 60
+        while (state := http.get(f"/v1/jobs/{created['id']}").json())["progress"]["bytes_done"] == 0:
+            assert state["state"] in ("queued", "running") and time.monotonic() < deadline, state
+            time.sleep(0.05)
+        assert http.delete(f"/v1/jobs/{created['id']}").status_code in (200, 202)
+        stopped = wait(http, created["id"])
+        assert stopped["state"] == "cancelled", stopped
+        assert sorted(p.name for p in models.iterdir()) == ["built", "fanned"]  # no output, no staging folder
