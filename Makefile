@@ -62,6 +62,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/apply.py
 	$(BIN)/python benchmarks/hub_bytes.py
 	$(BIN)/python benchmarks/to_gguf.py
+	$(BIN)/python benchmarks/ray_apply.py
 
 clean:
 	rm -rf $(VENV) demo-output benchmarks/work build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

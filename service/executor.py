@@ -14,7 +14,9 @@ node mounts at the same path. The job store stays the service's.
 
 from __future__ import annotations
 
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -31,36 +33,41 @@ class JobStopped(Exception):
 
 
 class _Tracker:
-    """A Ray actor: the job's progress as the task reports it, and the service's request to stop."""
+    """A Ray actor, one per service: each job's progress as its task reports it (total, done, stage, how
+    many bars it opened), and the service's requests to stop, by job key."""
 
     def __init__(self) -> None:
-        self.bars = 0
-        self.total = 0
-        self.done = 0
-        self.stage = ""
-        self.stop = False
+        self.jobs: dict[str, list[Any]] = {}
+        self.stopping: set[str] = set()
 
-    def open(self, total: int, stage: str) -> bool:
-        self.bars, self.total, self.done, self.stage = self.bars + 1, total, 0, stage
-        return self.stop
+    def open(self, key: str, total: int, stage: str) -> bool:
+        bars = self.jobs.get(key, [0])[0]
+        self.jobs[key] = [bars + 1, total, 0, stage]
+        return key in self.stopping
 
-    def update(self, done: int) -> bool:
-        self.done = done
-        return self.stop
+    def update(self, key: str, done: int) -> bool:
+        if key in self.jobs:
+            self.jobs[key][2] = done
+        return key in self.stopping
 
-    def state(self) -> tuple[int, int, int, str]:
-        return self.bars, self.total, self.done, self.stage
+    def state(self, key: str) -> tuple[int, int, int, str]:
+        bars, total, done, stage = self.jobs.get(key, [0, 0, 0, ""])
+        return bars, total, done, stage
 
-    def request_stop(self) -> None:
-        self.stop = True
+    def request_stop(self, key: str) -> None:
+        self.stopping.add(key)
+
+    def forget(self, key: str) -> None:
+        self.jobs.pop(key, None)
+        self.stopping.discard(key)
 
 
 class _RemoteBar:
     """The library's progress bar inside the task: reports to the tracker and stops when asked."""
 
-    def __init__(self, ray: Any, tracker: Any, total: int, stage: str) -> None:
-        self._ray, self._tracker, self._done, self._last = ray, tracker, 0, time.monotonic()
-        if ray.get(tracker.open.remote(total, stage)):
+    def __init__(self, ray: Any, tracker: Any, key: str, total: int, stage: str) -> None:
+        self._ray, self._tracker, self._key, self._done, self._last = ray, tracker, key, 0, time.monotonic()
+        if ray.get(tracker.open.remote(key, total, stage)):
             raise JobStopped
 
     def update(self, n: int) -> None:
@@ -68,17 +75,19 @@ class _RemoteBar:
         now = time.monotonic()
         if now - self._last >= _POLL_SECONDS:
             self._last = now
-            if self._ray.get(self._tracker.update.remote(self._done)):
+            if self._ray.get(self._tracker.update.remote(self._key, self._done)):
                 raise JobStopped
 
     def close(self) -> None:
-        self._tracker.update.remote(self._done)
+        self._tracker.update.remote(self._key, self._done)
 
 
-def _run_on_worker(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], tracker: Any) -> Any:
+def _run_on_worker(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], tracker: Any, key: str
+) -> Any:
     import ray
 
-    return fn(*args, progress=lambda total, stage: _RemoteBar(ray, tracker, total, stage), **kwargs)
+    return fn(*args, progress=lambda total, stage: _RemoteBar(ray, tracker, key, total, stage), **kwargs)
 
 
 class RayExecutor:
@@ -86,30 +95,43 @@ class RayExecutor:
 
     def __init__(self, address: str | None, num_cpus: float, memory: int, retries: int) -> None:
         self.address, self.num_cpus, self.memory, self.retries = address, num_cpus, memory, retries
+        self._tracker: Any = None
+        self._lock = threading.Lock()
+
+    def _tracker_on(self, ray: Any) -> Any:
+        with self._lock:  # one actor for the service's life: an actor is a process of its own to start
+            if self._tracker is None:
+                self._tracker = ray.remote(_Tracker).options(num_cpus=0, max_concurrency=16).remote()
+            return self._tracker
 
     def call(self, fn: Callable[..., Any], *args: Any, progress: ProgressFactory, **kwargs: Any) -> Any:
         """``fn(*args, progress=..., **kwargs)`` on the cluster; ``progress`` is the service's bar
         factory (its bars raise when the job is cancelled or the service stops)."""
         ray = connect(self.address)
-        tracker = ray.remote(_Tracker).options(num_cpus=0).remote()
+        tracker, key = self._tracker_on(ray), uuid.uuid4().hex
         task = ray.remote(_run_on_worker).options(
             num_cpus=self.num_cpus, memory=self.memory, max_retries=self.retries, retry_exceptions=False
         )
-        ref = task.remote(fn, args, kwargs, tracker)
+        ref = task.remote(fn, args, kwargs, tracker, key)
         try:
-            return self._follow(ray, ref, tracker, progress)
-        except BaseException:
-            self._stop(ray, ref, tracker)
+            return self._follow(ray, ref, tracker, key, progress)
+        except (KeyboardInterrupt, SystemExit):
+            self._stop(ray, ref, tracker, key)
+            raise
+        except Exception:
+            finished = self._stop(ray, ref, tracker, key)
+            if finished is not None:
+                return finished  # the task had done its work when the stop reached it, as a local job can have
             raise
         finally:
-            ray.kill(tracker)
+            tracker.forget.remote(key)
 
-    def _follow(self, ray: Any, ref: Any, tracker: Any, progress: ProgressFactory) -> Any:
+    def _follow(self, ray: Any, ref: Any, tracker: Any, key: str, progress: ProgressFactory) -> Any:
         """Mirror the task's progress into the service's bars until it ends; its result, or its error."""
         bar, seen, bars = None, 0, 0
         while True:
             ready, _ = ray.wait([ref], timeout=_POLL_SECONDS)
-            opened, total, done, stage = ray.get(tracker.state.remote())
+            opened, total, done, stage = ray.get(tracker.state.remote(key))
             if opened != bars:
                 if bar is not None:
                     bar.close()
@@ -131,10 +153,16 @@ class RayExecutor:
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise ClusterError(f"the job's task failed on the cluster ({type(e).__name__}): {first}") from e
 
-    def _stop(self, ray: Any, ref: Any, tracker: Any) -> None:
-        """Ask the task to stop (the library then removes its staging folder); kill it if it will not."""
-        tracker.request_stop.remote()
+    def _stop(self, ray: Any, ref: Any, tracker: Any, key: str) -> Any:
+        """Ask the task to stop (the library then removes its staging folder); kill it if it will not.
+        Returns the task's result if it finished its work all the same, else None."""
+        tracker.request_stop.remote(key)
         ready, _ = ray.wait([ref], timeout=_CANCEL_GRACE_SECONDS)
         if not ready:
             ray.cancel(ref, force=True)
             ray.wait([ref], timeout=_CANCEL_GRACE_SECONDS)
+            return None
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayError:
+            return None
