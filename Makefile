@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 # One stamp per torch requirement and index: asking for another one installs it, even into an existing .venv.
 TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s' '$(TORCH) $(TORCH_INDEX)' | cksum | cut -d' ' -f1)
 
-.PHONY: demo test test-all lint typecheck check bench clean
+.PHONY: demo test test-all test-slow lint typecheck check bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 -m "" tests
+
+# the slow tests alone (the GGUF tests against llama.cpp build it once, a few minutes, then reuse it)
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 -m slow tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check deltakit service tests benchmarks
