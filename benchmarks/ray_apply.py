@@ -170,7 +170,7 @@ def projection(task_gbps: float, nodes: Sequence[int], fs_gbps: Sequence[float])
         cells = []
         for n in nodes:
             seconds = max(output / (n * task_gbps * 1e9), traffic / (fs * 1e9))
-            cells.append(f"{n} nodes {seconds / 60:.1f} min")
+            cells.append(f"{n} node{'s' if n > 1 else ''} {seconds / 60:.1f} min")
         lines.append(f"- shared filesystem at {fs:g} GB/s: " + ", ".join(cells) + ".")
     return lines
 

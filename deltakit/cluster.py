@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,15 +60,21 @@ def ray_module() -> Any:
     return ray
 
 
+_CONNECTING = threading.Lock()
+
+
 def connect(address: str | None) -> Any:
     """Join the cluster at ``address`` (``auto``: the one this machine belongs to; ``None``: RAY_ADDRESS,
-    else a local instance). Already connected: nothing to do."""
+    else a local instance). Already connected: nothing to do. Safe from several threads at once."""
     ray = ray_module()
-    if not ray.is_initialized():
-        try:
-            ray.init(address=address or None, log_to_driver=False, configure_logging=False)
-        except ConnectionError as e:
-            raise ClusterError(f"cannot join the Ray cluster at {address or 'RAY_ADDRESS'}: {e}") from e
+    with _CONNECTING:
+        if not ray.is_initialized():
+            try:
+                ray.init(
+                    address=address or None, log_to_driver=False, configure_logging=False, ignore_reinit_error=True
+                )
+            except ConnectionError as e:
+                raise ClusterError(f"cannot join the Ray cluster at {address or 'RAY_ADDRESS'}: {e}") from e
     return ray
 
 
@@ -115,12 +122,11 @@ def apply_delta_on_ray(
     )
     with StagedFolder(out) as staged:
         bar = progress(plan.write_bytes, "apply")
-        pending = {
-            task.remote(str(base), str(delta), shard_size, i, str(staged.path), plan.sample): i
-            for i in range(len(plan.shards))
-        }
+        pending: dict[Any, int] = {}
         results: dict[int, dict[str, Any]] = {}
         try:
+            for i in range(len(plan.shards)):  # inside the try: an interrupt here cancels what went out
+                pending[task.remote(str(base), str(delta), shard_size, i, str(staged.path), plan.sample)] = i
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
                 bar.update(0)  # a caller's bar may stop the work here (a service job being cancelled)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
@@ -425,12 +426,16 @@ class _Stream:
         for t in planned:
             self.writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
         _write_metadata(self.writer, hp, folder, _ftype(quant))
-        self.writer.write_header_to_file(path=path)
-        self.writer.write_kv_data_to_file()
-        self.writer.write_ti_data_to_file()
-        assert self.writer.fout is not None
-        self.fout = self.writer.fout[0]
-        self.writer.write_padding(self.fout, self.fout.tell())
+        try:
+            self.writer.write_header_to_file(path=path)
+            self.writer.write_kv_data_to_file()
+            self.writer.write_ti_data_to_file()
+            assert self.writer.fout is not None
+            self.fout = self.writer.fout[0]
+            self.writer.write_padding(self.fout, self.fout.tell())
+        except BaseException:
+            self.close()
+            raise
         self.written = 0
 
     def tensor(self, t: _Planned, blocks: Iterator[Bytes], bar: ProgressBar) -> None:
@@ -445,7 +450,29 @@ class _Stream:
         self.written += size
 
     def close(self) -> None:
-        self.writer.close()
+        for fout in self.writer.fout or ():
+            fout.close()
+
+
+def _model_folder(staged: StagedFile, name: str) -> Path:
+    """A folder in the staging area named as the model is: llama.cpp reads the model's name (and its
+    size label, version...) from its folder's name, so the GGUF's metadata are what converting a folder
+    of that name gives. A Hub id keeps its last part; a name that is no safe folder name becomes model."""
+    name = name.rsplit("/", 1)[-1]
+    if not _FOLDER_NAME.match(name) or name in (".", ".."):
+        name = "model"
+    folder = staged.path / "model-files" / name
+    folder.mkdir(parents=True)
+    return folder
+
+
+_FOLDER_NAME = re.compile(r"^[\w.+-][\w .+-]{0,127}$")
+
+
+def _space_needed(planned: Sequence[_Planned], quant: str) -> int:
+    """The GGUF's bytes; for a K-quant, the working GGUF and the (smaller) quantized one side by side."""
+    size = sum(t.nbytes for t in planned)
+    return size if quant in QUANTS else 2 * size
 
 
 def _quiet(level: int, text: bytes, user_data: object) -> None:
@@ -527,8 +554,7 @@ def convert_to_gguf(
             # the rows as Meta stores them: GGUF keeps Meta's rotary order, so no permutation either way
             sources = [(n, r.inner if isinstance(r, _Rotary) else r) for n, r in hf_sources]
             params = _read_json(source / "params.json")
-            folder = staged.path / source.name
-            folder.mkdir()
+            folder = _model_folder(staged, source.resolve().name)
             (folder / "config.json").write_text(
                 _hf_config(shape, params.get("model", params), hf_sources, sources[0][1].dtype), encoding="utf-8"
             )
@@ -542,7 +568,7 @@ def convert_to_gguf(
         hp = _Hparams.of(_read_json(folder / "config.json"), folder / "config.json")
         working = _working_quant(quant, {rows.dtype for _, rows in sources})
         planned = _plan(sources, hp, working, meta_order=is_meta)
-        check_free_space(out, sum(t.nbytes for t in planned))
+        check_free_space(out, _space_needed(planned, quant))
         written = staged.file if quant in QUANTS else staged.path / f"{working}.gguf"
         stream = _Stream(written, planned, hp, folder, working)
         try:
@@ -602,8 +628,13 @@ def apply_to_gguf(
     plan.check_sample()
     verified = set(plan.sample)
     with StagedFile(out) as staged:
-        folder = staged.path / m.target.name  # the folder name is the model's name in the GGUF, as llama.cpp reads it
-        folder.mkdir()
+        if "tokenizer.model" not in m.target.files:
+            raise InputNotFoundError(
+                f"{plan.delta.root}: the delta carries no tokenizer.model, whose vocabulary a LLaMA GGUF holds "
+                "(BPE-only tokenizers such as Llama 3's are not supported)",
+                path=plan.delta.root,
+            )
+        folder = _model_folder(staged, m.target.name)
         for rel in _MODEL_FILES:  # the carried files the metadata is read from, checked as they are copied
             if rel in m.target.files:
                 plan.copy_carried(rel, folder / rel)
@@ -613,7 +644,7 @@ def apply_to_gguf(
         specs = {s.name: _Shape(s.target.dtype, s.target.shape) for s in plan.steps}
         working = _working_quant(quant, {s.dtype for s in specs.values()})
         planned = {t.source: t for t in _plan(list(specs.items()), hp, working, meta_order=False)}
-        check_free_space(out, sum(t.nbytes for t in planned.values()))
+        check_free_space(out, _space_needed(list(planned.values()), quant))
         written = staged.file if quant in QUANTS else staged.path / f"{working}.gguf"
         stream = _Stream(written, list(planned.values()), hp, folder, working)
         try:

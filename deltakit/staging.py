@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import logging
 import os
+import re
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from types import TracebackType
@@ -71,7 +74,7 @@ class StagedFolder:
     def __init__(self, final: Path) -> None:
         self.final = Path(final)
         check_output_free(self.final)
-        self.path = self.final.parent / f".{self.final.name}.deltakit-{uuid.uuid4().hex[:12]}.tmp"
+        self.path = self.final.parent / f".{self.final.name}.deltakit-{_MACHINE}-{uuid.uuid4().hex[:12]}.tmp"
         self._created_parents: list[Path] = []
         self._lock_fd = -1
         self._committed = False
@@ -139,15 +142,35 @@ class StagedFolder:
         return self.final
 
 
+def _machine_id() -> str:
+    """This machine, as a staging folder's name records it: its host name and boot, hashed."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return hashlib.sha256(f"{socket.gethostname()}\0{boot}".encode()).hexdigest()[:8]
+
+
+_MACHINE = _machine_id()
+_STAGING_NAME = re.compile(r"\.deltakit-(?:([0-9a-f]{8})-)?[0-9a-f]{12}\.tmp$")
+
+
 def remove_abandoned(folder: Path) -> list[Path]:
     """Remove the staging folders under ``folder`` whose builder died; live builds are left alone.
+
+    Only this machine's: a lock (``flock``) shows whether a build is alive only to processes of the
+    machine that holds it (on NFS, other machines never see it), so a staging folder made on another
+    machine of a cluster, whose name says so, is left for that machine to remove.
 
     Returns what was removed.
     """
     removed: list[Path] = []
     for candidate in sorted(folder.glob(".*.deltakit-*.tmp")) if folder.is_dir() else ():
-        if not candidate.is_dir() or candidate.is_symlink():
+        match = _STAGING_NAME.search(candidate.name)
+        if not candidate.is_dir() or candidate.is_symlink() or match is None:
             continue
+        if match[1] is not None and match[1] != _MACHINE:
+            continue  # another machine's build: alive or not, only it can tell
         fd = os.open(candidate, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -192,8 +215,16 @@ class StagedFile(StagedFolder):
             raise OutputExistsError(
                 f"{self.final} appeared while it was being made; deltakit never overwrites it", path=self.final
             ) from e
+        except OSError as e:  # a filesystem without hard links (vfat, some FUSE): check, then rename
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+                raise
+            if self.final.exists() or self.final.is_symlink():
+                raise OutputExistsError(
+                    f"{self.final} appeared while it was being made; deltakit never overwrites it", path=self.final
+                ) from e
+            os.rename(self.file, self.final)
+        self._committed = True  # the whole file is under its name from here on, whatever follows
         fsync_path(self.final.parent)
-        self._committed = True
         shutil.rmtree(self.path, ignore_errors=True)
         self._unlock()
         return self.final

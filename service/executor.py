@@ -39,16 +39,17 @@ class _Tracker:
     def __init__(self) -> None:
         self.jobs: dict[str, list[Any]] = {}
         self.stopping: set[str] = set()
+        self.ended: set[str] = set()  # keys the service no longer follows: a task still running must stop
 
     def open(self, key: str, total: int, stage: str) -> bool:
         bars = self.jobs.get(key, [0])[0]
         self.jobs[key] = [bars + 1, total, 0, stage]
-        return key in self.stopping
+        return key in self.stopping or key in self.ended
 
     def update(self, key: str, done: int) -> bool:
         if key in self.jobs:
             self.jobs[key][2] = done
-        return key in self.stopping
+        return key in self.stopping or key in self.ended
 
     def state(self, key: str) -> tuple[int, int, int, str]:
         bars, total, done, stage = self.jobs.get(key, [0, 0, 0, ""])
@@ -59,7 +60,7 @@ class _Tracker:
 
     def forget(self, key: str) -> None:
         self.jobs.pop(key, None)
-        self.stopping.discard(key)
+        self.ended.add(key)
 
 
 class _RemoteBar:
@@ -100,13 +101,17 @@ class RayExecutor:
 
     def _tracker_on(self, ray: Any) -> Any:
         with self._lock:  # one actor for the service's life: an actor is a process of its own to start
-            if self._tracker is None:
-                self._tracker = ray.remote(_Tracker).options(num_cpus=0, max_concurrency=16).remote()
+            if self._tracker is None:  # restarted by Ray if its worker or node dies (its figures start over)
+                options = {"num_cpus": 0, "max_concurrency": 16, "max_restarts": -1, "max_task_retries": -1}
+                self._tracker = ray.remote(_Tracker).options(**options).remote()
             return self._tracker
 
-    def call(self, fn: Callable[..., Any], *args: Any, progress: ProgressFactory, **kwargs: Any) -> Any:
+    def call(
+        self, fn: Callable[..., Any], *args: Any, progress: ProgressFactory, check: Callable[[], None], **kwargs: Any
+    ) -> Any:
         """``fn(*args, progress=..., **kwargs)`` on the cluster; ``progress`` is the service's bar
-        factory (its bars raise when the job is cancelled or the service stops)."""
+        factory, ``check`` raises when the job is cancelled or the service stops (called at every poll,
+        so a task still waiting for room on the cluster, or not yet reporting, can be stopped too)."""
         ray = connect(self.address)
         tracker, key = self._tracker_on(ray), uuid.uuid4().hex
         task = ray.remote(_run_on_worker).options(
@@ -114,7 +119,7 @@ class RayExecutor:
         )
         ref = task.remote(fn, args, kwargs, tracker, key)
         try:
-            return self._follow(ray, ref, tracker, key, progress)
+            return self._follow(ray, ref, tracker, key, progress, check)
         except (KeyboardInterrupt, SystemExit):
             self._stop(ray, ref, tracker, key)
             raise
@@ -126,11 +131,14 @@ class RayExecutor:
         finally:
             tracker.forget.remote(key)
 
-    def _follow(self, ray: Any, ref: Any, tracker: Any, key: str, progress: ProgressFactory) -> Any:
+    def _follow(
+        self, ray: Any, ref: Any, tracker: Any, key: str, progress: ProgressFactory, check: Callable[[], None]
+    ) -> Any:
         """Mirror the task's progress into the service's bars until it ends; its result, or its error."""
         bar, seen, bars = None, 0, 0
         while True:
             ready, _ = ray.wait([ref], timeout=_POLL_SECONDS)
+            check()
             opened, total, done, stage = ray.get(tracker.state.remote(key))
             if opened != bars:
                 if bar is not None:

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from deltakit import apply_delta, make_delta, verify_delta, verify_model
-from deltakit.cluster import apply_delta_on_ray, ray_module
-from deltakit.errors import DeltakitError, InputNotFoundError
+from deltakit.cluster import ClusterOptions, apply_delta_on_ray, ray_module
+from deltakit.errors import DeltakitError, InputNotFoundError, UnsupportedInputError
 from deltakit.gguf import GGUFReport, apply_to_gguf, convert_to_gguf
 from deltakit.hashing import file_sha256
 from deltakit.progress import ProgressBar
@@ -159,10 +159,13 @@ class Runner:
         if self.executor is None:
             return fn(*args, progress=progress, **kwargs)
         try:
-            return self.executor.call(fn, *args, progress=progress, **kwargs)
+            return self.executor.call(fn, *args, progress=progress, check=lambda: self.check(job_id), **kwargs)
         except BaseException:
             for folder in (self.settings.models_dir, self.settings.deltas_dir):
-                remove_abandoned(folder)  # a task killed on the cluster cannot remove its own staging folder
+                try:  # a task killed on this machine cannot remove its own staging folder (another's: see staging)
+                    remove_abandoned(folder)
+                except OSError as e:
+                    log.warning("could not clean %s after job %s: %s", folder, job_id, e)
             raise
 
     def _run(self, job_id: str) -> None:
@@ -227,15 +230,21 @@ class Runner:
 
     def _gguf_done(self, name: str, report: GGUFReport) -> dict[str, Any]:
         """Register a GGUF file a job wrote (kind ``gguf``, by its SHA-256) and say what it holds."""
-        sha256, size = file_sha256(report.out)
-        self._register(report.out, lambda: self.registry.add_known(name, report.out, "gguf", sha256, size))
+        summed: list[str] = []
+
+        def register() -> Entry:
+            sha256, size = file_sha256(report.out)  # inside: a file that cannot be hashed is removed too
+            summed.append(sha256)
+            return self.registry.add_known(name, report.out, "gguf", sha256, size)
+
+        self._register(report.out, register)
         return {
             "output": name,
             "quant": report.quant,
             "tensors": report.tensors,
             "types": report.types,
             "bytes_written": report.bytes_written,
-            "sha256": sha256,
+            "sha256": summed[0],
         }
 
     def _output(self, folder: Path, file: str, *, name: str | None = None) -> Path:
@@ -263,9 +272,15 @@ class Runner:
             delta = self.resolve(p["delta"], kind="delta")
             out = self._output(self.settings.models_dir, p["output"])
             if p.get("fanout"):  # this thread drives; one task per output shard runs on the cluster
-                address = self.settings.ray_address
+                if self.executor is None:
+                    raise UnsupportedInputError(
+                        "fanout runs on a Ray cluster: start the service with DELTAKIT_EXECUTOR=ray"
+                    )
+                st = self.settings
+                options = ClusterOptions(num_cpus=st.ray_job_cpus, memory=st.ray_job_memory, retries=st.ray_retries)
+                progress = self._progress(job.id)
                 applied = apply_delta_on_ray(
-                    base.path, delta.path, out, address=address, progress=self._progress(job.id)
+                    base.path, delta.path, out, address=st.ray_address, options=options, progress=progress
                 )
             else:
                 applied = call(apply_delta, base.path, delta.path, out)

@@ -361,10 +361,16 @@ def test_a_later_run_reclaims_what_a_killed_one_left_and_says_so(tmp_path, delta
     import fcntl
     import logging
 
+    from deltakit.staging import _MACHINE
+
     _, base_dir, delta_dir = delta
-    killed = tmp_path / ".out.deltakit-0123456789ab.tmp"  # what kill -9 leaves: a staging folder nobody locks
+    killed = tmp_path / f".out.deltakit-{_MACHINE}-0123456789ab.tmp"  # what kill -9 leaves: a folder nobody locks
     killed.mkdir()
     (killed / "model.safetensors").write_bytes(b"half")
+    older = tmp_path / ".old.deltakit-0123456789ab.tmp"  # named as releases before 0.3 named them
+    older.mkdir()
+    elsewhere = tmp_path / ".x.deltakit-ffffffff-0123456789ab.tmp"  # another machine's: its lock is not seen here
+    elsewhere.mkdir()
     live = tmp_path / ".other.deltakit-ba9876543210.tmp"  # another run's, still building: locked
     live.mkdir()
     lock = os.open(live, os.O_RDONLY)
@@ -374,6 +380,6 @@ def test_a_later_run_reclaims_what_a_killed_one_left_and_says_so(tmp_path, delta
             apply_delta(base_dir, delta_dir, tmp_path / "out")
     finally:
         os.close(lock)
-    assert not killed.exists() and live.exists()
+    assert not killed.exists() and not older.exists() and live.exists() and elsewhere.exists()
     assert f"removed {killed}, the temporary folder of an earlier run that was killed" in caplog.text
     assert (tmp_path / "out" / "model.safetensors").exists()

@@ -130,6 +130,27 @@ def test_apply_to_gguf_equals_converting_the_rebuilt_model(models, tmp_path, mon
     ]
 
 
+def test_the_models_name_comes_from_the_delta_as_a_folder_name_never_a_path(models, tmp_path):
+    """A Hub id keeps its last part (what llama.cpp reads from a folder of that name); a name that would
+    climb out of the staging folder cannot; a delta without the vocabulary is refused by name."""
+    _, base, target, _ = models
+    for name, expected in (("dandelion/panda-tiny", "Panda Tiny"), ("../../escape", "Escape"), ("..", "Model")):
+        make_delta(base, target, tmp_path / "d", name=name)
+        apply_to_gguf(base, tmp_path / "d", tmp_path / "m.gguf")
+        fields, _ = read(tmp_path / "m.gguf")
+        assert fields["general.name"] == expected
+        shutil.rmtree(tmp_path / "d")
+        (tmp_path / "m.gguf").unlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [] and not (tmp_path.parent / "escape").exists()
+    make_delta(base, target, tmp_path / "d")
+    manifest = json.loads((tmp_path / "d" / "deltakit.json").read_text())
+    del manifest["target"]["files"]["tokenizer.model"]
+    (tmp_path / "d" / "deltakit.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputNotFoundError, match=r"carries no tokenizer\.model"):
+        apply_to_gguf(base, tmp_path / "d", tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
 def test_a_meta_checkpoint_gives_the_same_tensors(models, tmp_path):
     """Meta's layout keeps q/k in the rotary order GGUF wants: no permutation either way, same bytes."""
     _, _, target, _ = models

@@ -511,6 +511,10 @@ def test_gguf_jobs_convert_a_model_and_apply_straight_to_gguf(tmp_path):
             assert job["report"]["sha256"] == file_sha256(out)[0]
             listed = http.get(f"/v1/models/{request['output']}").json()
             assert listed["kind"] == "gguf" and listed["fingerprint"] == job["report"]["sha256"]
+        fanout = http.post("/v1/jobs", json={"kind": "apply", "base": "llama-tiny", "delta": "panda-tiny-delta",
+                                             "output": "f", "fanout": True})  # fmt: skip
+        refused_job = wait(http, fanout.json()["id"])
+        assert refused_job["state"] == "failed" and "DELTAKIT_EXECUTOR=ray" in refused_job["error"]["detail"]
         as_base = http.post("/v1/jobs", json={"kind": "apply", "base": "panda-q8", "delta": "panda-tiny-delta",
                                               "output": "y"})  # fmt: skip
         assert as_base.status_code == 404 and "no registered model is named 'panda-q8'" in as_base.text  # not a base
