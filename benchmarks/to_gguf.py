@@ -195,6 +195,8 @@ def markdown(steps: Sequence[Step], info: dict[str, object], shape: LlamaShape, 
         "a SentencePiece tokenizer of 384 pieces."
     )
     how = (
+        "The q4_0 files differ in size by the output projection, kept at Q8_0 by deltakit where llama.cpp's "
+        "quantizer uses Q6_K, which only its C code makes (docs/GGUF.md). "
         "The tests check that the files are what llama.cpp writes (tests/test_gguf_llamacpp.py); here only "
         "time and memory are measured. Each command is its own process, started from a small launcher; its "
         "peak RSS is that process's `ru_maxrss` (for the three-step path, the highest of the three). Before "
