@@ -599,7 +599,7 @@ class _Held:
     shape: tuple[int, ...]
 
     def read(self, reader: RangeReader, first: int, last: int) -> Bytes:
-        row = (math.prod(self.shape[1:]) if len(self.shape) > 1 else math.prod(self.shape)) * itemsize(self.dtype)
+        row = _rows_and_width(self.shape)[1] * itemsize(self.dtype)
         return self.data[first * row : last * row]
 
 
@@ -627,19 +627,18 @@ def apply_to_gguf(
     m = plan.manifest
     plan.check_sample()
     verified = set(plan.sample)
-    with StagedFile(out) as staged:
-        if "tokenizer.model" not in m.target.files:
+    for needed, why in (("config.json", "its hyperparameters"), ("tokenizer.model", "its vocabulary")):
+        if needed not in m.target.files:
             raise InputNotFoundError(
-                f"{plan.delta.root}: the delta carries no tokenizer.model, whose vocabulary a LLaMA GGUF holds "
-                "(BPE-only tokenizers such as Llama 3's are not supported)",
+                f"{plan.delta.root}: the delta carries no {needed}, {why} in a LLaMA GGUF (BPE-only tokenizers "
+                "such as Llama 3's are not supported)",
                 path=plan.delta.root,
             )
+    with StagedFile(out) as staged:
         folder = _model_folder(staged, m.target.name)
         for rel in _MODEL_FILES:  # the carried files the metadata is read from, checked as they are copied
             if rel in m.target.files:
                 plan.copy_carried(rel, folder / rel)
-        if "config.json" not in m.target.files:
-            raise InputNotFoundError(f"{plan.delta.root}: the delta carries no config.json, which GGUF needs")
         hp = _Hparams.of(_read_json(folder / "config.json"), folder / "config.json")
         specs = {s.name: _Shape(s.target.dtype, s.target.shape) for s in plan.steps}
         working = _working_quant(quant, {s.dtype for s in specs.values()})
@@ -657,7 +656,7 @@ def apply_to_gguf(
                     held = _Held(data, step.target.dtype, step.target.shape)
                     rows: _Rows = _Rotary(held, t.rows.heads, to_hf=False) if isinstance(t.rows, _Rotary) else held
                     blocks = _blocks(reader, _Planned(t.name, t.source, rows, t.qtype, t.nbytes), pool)
-                    stream.tensor(t, blocks, _NoBar())
+                    stream.tensor(t, blocks, no_progress(t.nbytes, "gguf"))  # apply's bar counts this tensor
             bar.close()
         finally:
             stream.close()
@@ -677,11 +676,3 @@ class _Shape:
 
     def read(self, reader: RangeReader, first: int, last: int) -> Bytes:
         raise AssertionError("planning only")
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
