@@ -3,6 +3,7 @@ each script's own section of BENCHMARKS.md."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 import deltakit
+from deltakit.examples import LlamaShape
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,3 +109,20 @@ def decode_throughput(delta: Path, base: Path, *, threads: int, repeat: int = 3)
             sum(pool.map(decode, work))
             best = min(best, time.perf_counter() - start)
     return total / best / 1e9
+
+
+def add_shape_arguments(parser: argparse.ArgumentParser, default: LlamaShape) -> None:
+    """``--hidden --layers --intermediate --heads --vocab``: the LLaMA shape to generate, ``default`` unless given."""
+    for name in ("hidden", "layers", "intermediate", "heads", "vocab"):
+        parser.add_argument(f"--{name}", type=int, default=getattr(default, name))
+
+
+def shape_from(args: argparse.Namespace) -> LlamaShape:
+    return LlamaShape(
+        vocab=args.vocab, hidden=args.hidden, layers=args.layers, intermediate=args.intermediate, heads=args.heads
+    )
+
+
+# LLaMA-shaped defaults: the 1.9 GB model most benchmarks time, and a 7B for memory.
+LLAMA_1_9GB = LlamaShape(vocab=32000, hidden=2048, layers=16, intermediate=5504, heads=16)
+LLAMA_7B = LlamaShape(vocab=32000, hidden=4096, layers=32, intermediate=11008, heads=32)

@@ -19,14 +19,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from apply import run_cli, settle
-from common import machine, record
+from common import LLAMA_7B, add_shape_arguments, machine, record, shape_from
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from tinyllama import train_tokenizer  # noqa: E402
 
-from deltakit.examples import LlamaShape, write_llama_pair  # noqa: E402
+from deltakit.examples import write_llama_pair  # noqa: E402
 
 MIB = 1 << 20
 SECTION_BEGIN = "<!-- benchmarks/gguf_memory.py: begin -->"
@@ -35,19 +35,13 @@ SECTION_END = "<!-- benchmarks/gguf_memory.py: end -->"
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--intermediate", type=int, default=11008)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_shape_arguments(p, LLAMA_7B)
     p.add_argument("--quant", default="q8_0")
     p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "gguf-memory")
     p.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args(argv)
-    shape = LlamaShape(
-        vocab=args.vocab, hidden=args.hidden, layers=args.layers, intermediate=args.intermediate, heads=args.heads
-    )
+    shape = shape_from(args)
     shutil.rmtree(args.work, ignore_errors=True)
     logs = args.work / "logs"
     logs.mkdir(parents=True)

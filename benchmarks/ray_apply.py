@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from apply import run_cli, settle
-from common import machine, record
+from common import LLAMA_1_9GB, add_shape_arguments, machine, record, shape_from
 
 from deltakit.examples import LlamaShape, write_llama_pair
 
@@ -127,25 +128,18 @@ def measure_jobs(work: Path, executor: str, count: int, address: str) -> Jobs:
     import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import finetune_of, llama_like, write_checkpoint
+    from conftest import finetune_of, llama_like, register_for_service, write_checkpoint
     from test_service import LiveServer, wait
 
     from deltakit import make_delta
-    from deltakit.registry import Registry
     from deltakit_service.settings import Settings
-    from deltakit_service.store import Store
 
     home = work / f"home-{executor}"
     base = llama_like(torch.float16, vocab=256, hidden=64)
     base_dir = write_checkpoint(home / "data" / "llama", base)
     target_dir = write_checkpoint(home / "data" / "panda", finetune_of(base, extra_vocab=8), files={"a.json": "{}"})
     make_delta(base_dir, target_dir, home / "data" / "panda-delta")
-    registry = Registry(home)
-    registry.add("llama", base_dir)
-    registry.add("panda-delta", home / "data" / "panda-delta")
-    store = Store(home / "jobs.sqlite3")
-    token = store.create_token("write")
-    store.close()
+    token = register_for_service(home, llama=base_dir, panda_delta=home / "data" / "panda-delta")
     settings = Settings(home=home, workers=2, executor=executor, ray_address=address)  # type: ignore[arg-type]
     headers = {"Authorization": f"Bearer {token}"}
     with LiveServer(settings) as url, httpx.Client(base_url=url, headers=headers, timeout=60) as http:
@@ -228,11 +222,7 @@ def markdown(result: Apply, jobs: list[Jobs], info: dict[str, object], shape: Ll
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--intermediate", type=int, default=5504)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_shape_arguments(p, LLAMA_1_9GB)
     p.add_argument("--shard-size", type=int, default=500_000_000)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--jobs", type=int, default=40)
@@ -243,11 +233,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     import ray as ray_package
 
-    shape = LlamaShape(
-        vocab=args.vocab, hidden=args.hidden, layers=args.layers, intermediate=args.intermediate, heads=args.heads
-    )
+    shape = shape_from(args)
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
+    # a throwaway cluster on this machine, for this run's processes alone: no token to agree on (a token
+    # file left by another local Ray instance would otherwise keep the commands from joining it)
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     port = 6391
     ray_cli(
         "start",

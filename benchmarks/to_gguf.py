@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from apply import run_cli, run_process, settle
-from common import machine, record
+from common import LLAMA_1_9GB, add_shape_arguments, machine, record, shape_from
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -213,20 +213,14 @@ def markdown(steps: Sequence[Step], info: dict[str, object], shape: LlamaShape, 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--intermediate", type=int, default=5504)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_shape_arguments(p, LLAMA_1_9GB)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "gguf")
     p.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "to_gguf.json")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args(argv)
-    shape = LlamaShape(
-        vocab=args.vocab, hidden=args.hidden, layers=args.layers, intermediate=args.intermediate, heads=args.heads
-    )
+    shape = shape_from(args)
     llama = llamacpp.build()
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)

@@ -117,3 +117,18 @@ def make_pair(tmp_path: Path) -> Callable[..., tuple[Path, Path]]:
 def _isolated_home(tmp_path_factory, monkeypatch):
     """Every test gets its own DELTAKIT_HOME: no test reads or writes the user's registry."""
     monkeypatch.setenv("DELTAKIT_HOME", str(tmp_path_factory.mktemp("deltakit-home")))
+
+
+def register_for_service(home: Path, **names: Path) -> str:
+    """Register each ``name=path`` in the registry under ``home`` (a service's home) and return a new
+    write token for it."""
+    from deltakit.registry import Registry
+    from deltakit_service.store import Store
+
+    registry = Registry(home)
+    for name, path in names.items():
+        registry.add(name.replace("_", "-"), path)
+    store = Store(home / "jobs.sqlite3")
+    token = store.create_token("write")
+    store.close()
+    return token

@@ -12,7 +12,14 @@ import httpx
 import pytest
 import torch
 import uvicorn
-from conftest import assert_same_tensors, finetune_of, llama_like, load_checkpoint, write_checkpoint
+from conftest import (
+    assert_same_tensors,
+    finetune_of,
+    llama_like,
+    load_checkpoint,
+    register_for_service,
+    write_checkpoint,
+)
 
 from deltakit import make_delta
 from deltakit.registry import Registry
@@ -304,12 +311,7 @@ def test_killing_the_service_mid_job_then_restarting_it(tmp_path):
         home / "data", shape=LlamaShape(vocab=32000, hidden=1024, layers=8, intermediate=2752, heads=8)
     )  # about 400 MB: an apply that runs for a while
     make_delta(base_dir, tuned_dir, home / "data" / "delta")
-    registry = Registry(home)
-    registry.add("base", base_dir)
-    registry.add("delta", home / "data" / "delta")
-    store = Store(home / "jobs.sqlite3")
-    token = store.create_token("write")
-    store.close()
+    token = register_for_service(home, base=base_dir, delta=home / "data" / "delta")
 
     def serve() -> tuple[subprocess.Popen[bytes], str]:
         with socket.socket() as s:
@@ -485,13 +487,8 @@ def test_gguf_jobs_convert_a_model_and_apply_straight_to_gguf(tmp_path):
     base = write_tiny_llama(root / "data" / "llama-tiny", seed=3)
     target = write_finetune(base, root / "data" / "panda-tiny", extra_rows=2)
     make_delta(base, target, root / "data" / "panda-tiny-delta")
-    registry = Registry(root)
-    registry.add("llama-tiny", base)
-    registry.add("panda-tiny", target)
-    registry.add("panda-tiny-delta", root / "data" / "panda-tiny-delta")
-    store = Store(root / "jobs.sqlite3")
-    token = store.create_token("write")
-    store.close()
+    delta = root / "data" / "panda-tiny-delta"
+    token = register_for_service(root, llama_tiny=base, panda_tiny=target, panda_tiny_delta=delta)
     convert_to_gguf(target, tmp_path / "expected.gguf", quant="q8_0")
     with LiveServer(Settings(home=root)) as url, client(url, token) as http:
         refused = http.post("/v1/jobs", json={"kind": "apply", "base": "llama-tiny", "delta": "panda-tiny-delta",
