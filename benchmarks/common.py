@@ -6,9 +6,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -126,3 +129,39 @@ def shape_from(args: argparse.Namespace) -> LlamaShape:
 # LLaMA-shaped defaults: the 1.9 GB model most benchmarks time, and a 7B for memory.
 LLAMA_1_9GB = LlamaShape(vocab=32000, hidden=2048, layers=16, intermediate=5504, heads=16)
 LLAMA_7B = LlamaShape(vocab=32000, hidden=4096, layers=32, intermediate=11008, heads=32)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A LLaMA-shaped base, a fine-tune-like target and the delta between them, as the benchmarks use."""
+
+    base: Path
+    target: Path
+    delta: Path
+    generate_s: float  # writing the pair, not the delta
+
+    @property
+    def target_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.target.glob("*.safetensors"))
+
+
+def write_pair_and_delta(work: Path, shape: LlamaShape, *, tokenizer: bool = False) -> Pair:
+    """``write_llama_pair``'s fine-tune-like pair (256 more vocabulary rows, noise 1.6e-5) under ``work``
+    and ``deltakit make``'s delta of it; ``tokenizer``: a small SentencePiece tokenizer in both folders
+    (tests/tinyllama.py trains it), which GGUF output needs."""
+    from deltakit.examples import write_llama_pair
+
+    start = time.perf_counter()
+    base, target = write_llama_pair(work / "pair", shape=shape, extra_vocab=256, noise=1.6e-5)
+    generate_s = time.perf_counter() - start
+    if tokenizer:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tinyllama import train_tokenizer
+
+        model = train_tokenizer(work / "sentencepiece")
+        for folder in (base, target):
+            shutil.copyfile(model, folder / "tokenizer.model")
+    delta = work / "delta"
+    command = [sys.executable, "-m", "deltakit.cli", "make", "--base", str(base), "--target", str(target)]
+    subprocess.run([*command, "--out", str(delta), "--quiet"], check=True, capture_output=True)
+    return Pair(base, target, delta, generate_s)

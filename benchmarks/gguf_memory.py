@@ -12,21 +12,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import shutil
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from apply import run_cli, settle
-from common import LLAMA_7B, add_shape_arguments, machine, record, shape_from
+from common import LLAMA_7B, add_shape_arguments, machine, record, shape_from, write_pair_and_delta
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from tinyllama import train_tokenizer  # noqa: E402
-
-from deltakit.examples import write_llama_pair  # noqa: E402
 
 MIB = 1 << 20
 SECTION_BEGIN = "<!-- benchmarks/gguf_memory.py: begin -->"
@@ -46,18 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs = args.work / "logs"
     logs.mkdir(parents=True)
     try:
-        start = time.perf_counter()
-        base, target = write_llama_pair(args.work / "pair", shape=shape, extra_vocab=256, noise=1.6e-5)
-        generated = time.perf_counter() - start
-        tokenizer = train_tokenizer(args.work / "sentencepiece")
-        for folder in (base, target):
-            shutil.copyfile(tokenizer, folder / "tokenizer.model")
-        delta = args.work / "delta"
-        subprocess.run(
-            [sys.executable, "-m", "deltakit.cli", "make", "--base", str(base), "--target", str(target), "--out",
-             str(delta), "--quiet"], check=True, capture_output=True,
-        )  # fmt: skip
-        model = sum(f.stat().st_size for f in target.glob("*.safetensors"))
+        pair = write_pair_and_delta(args.work, shape, tokenizer=True)
+        base, target, delta, generated, model = pair.base, pair.target, pair.delta, pair.generate_s, pair.target_bytes
         out = args.work / "out.gguf"
         rows = []
         for name, command, inputs in (

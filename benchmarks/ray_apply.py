@@ -31,9 +31,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from apply import run_cli, settle
-from common import LLAMA_1_9GB, add_shape_arguments, machine, record, shape_from
+from common import LLAMA_1_9GB, add_shape_arguments, machine, record, shape_from, write_pair_and_delta
 
-from deltakit.examples import LlamaShape, write_llama_pair
+from deltakit.examples import LlamaShape
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION_BEGIN = "<!-- benchmarks/ray_apply.py: begin -->"
@@ -253,12 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     address = f"127.0.0.1:{port}"
     try:
-        base, target = write_llama_pair(args.work / "pair", shape=shape, extra_vocab=256, noise=1.6e-5)
-        delta = args.work / "delta"
-        subprocess.run(
-            [sys.executable, "-m", "deltakit.cli", "make", "--base", str(base), "--target", str(target), "--out",
-             str(delta), "--quiet"], check=True, capture_output=True,
-        )  # fmt: skip
+        pair = write_pair_and_delta(args.work, shape)
+        base, delta = pair.base, pair.delta
         applied = measure_apply(args.work, base, delta, args.shard_size, args.repeat, address)
         shutil.rmtree(args.work / "pair", ignore_errors=True)
         import ray

@@ -23,24 +23,21 @@ import argparse
 import datetime
 import json
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from apply import run_cli, run_process, settle
-from common import LLAMA_1_9GB, add_shape_arguments, machine, record, shape_from
+from common import LLAMA_1_9GB, add_shape_arguments, machine, record, shape_from, write_pair_and_delta
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import llamacpp  # noqa: E402 - tests/llamacpp.py builds and caches llama.cpp
-from tinyllama import train_tokenizer  # noqa: E402
 
-from deltakit.examples import LlamaShape, write_llama_pair  # noqa: E402
+from deltakit.examples import LlamaShape  # noqa: E402
 
-GIB = 1 << 30
 SECTION_BEGIN = "<!-- benchmarks/to_gguf.py: begin -->"
 SECTION_END = "<!-- benchmarks/to_gguf.py: end -->"
 
@@ -225,17 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     try:
-        base, target = write_llama_pair(args.work / "pair", shape=shape, extra_vocab=256, noise=1.6e-5)
-        tokenizer = train_tokenizer(args.work / "sentencepiece")
-        for folder in (base, target):
-            shutil.copyfile(tokenizer, folder / "tokenizer.model")
-        delta = args.work / "delta"
-        subprocess.run(
-            [sys.executable, "-m", "deltakit.cli", "make", "--base", str(base), "--target", str(target), "--out",
-             str(delta), "--quiet"], check=True,
-        )  # fmt: skip
-        model_bytes = sum(f.stat().st_size for f in target.glob("*.safetensors"))
-        steps = measure(jobs(Bench(args.work, llama), base, target, delta), args.repeat)
+        pair = write_pair_and_delta(args.work, shape, tokenizer=True)
+        model_bytes = pair.target_bytes
+        steps = measure(jobs(Bench(args.work, llama), pair.base, pair.target, pair.delta), args.repeat)
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
     info: dict[str, object] = {

@@ -519,7 +519,7 @@ def _finish(staged: StagedFile, written: Path, quant: str) -> Path:
 # convert: any LLaMA checkpoint deltakit reads
 
 
-def _llama_cpp_order(ckpt_tensors: dict[str, Any], weight_files: Sequence[Path]) -> list[str]:
+def _llama_cpp_order(ckpt_tensors: dict[str, Any]) -> list[str]:
     """llama.cpp's reading order: weight files by name, and within a safetensors file, names sorted."""
     by_file: dict[Path, list[str]] = {}
     for name, info in ckpt_tensors.items():
@@ -563,7 +563,7 @@ def convert_to_gguf(
                 (folder / "tokenizer_config.json").write_text(json.dumps(_LLAMA_TOKENIZER_CONFIG, indent=2) + "\n")
         else:
             ckpt = open_checkpoint(source)
-            sources = [(n, _Whole(ckpt.tensors[n])) for n in _llama_cpp_order(ckpt.tensors, ckpt.weight_files)]
+            sources = [(n, _Whole(ckpt.tensors[n])) for n in _llama_cpp_order(ckpt.tensors)]
             folder = ckpt.root
         hp = _Hparams.of(_read_json(folder / "config.json"), folder / "config.json")
         working = _working_quant(quant, {rows.dtype for _, rows in sources})
