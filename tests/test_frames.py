@@ -42,6 +42,36 @@ def test_any_bytes_round_trip_through_a_frame(itemsize, split, data):
             assert decoded.tobytes() == raw
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    itemsize=st.sampled_from([1, 2, 4, 8]),
+    split=st.sampled_from(["bytes", "none"]),
+    transform=st.sampled_from(["xor", "sub"]),
+    data=st.data(),
+)
+def test_a_fused_transform_frames_exactly_what_the_numpy_codec_computes(itemsize, split, transform, data):
+    """encode_frame's compiled pass (transform and byte split at once) against the reference codec:
+    the same frame bytes as coding the codec's payload, and decode gives the target back."""
+    elements = data.draw(st.integers(min_value=0, max_value=300))
+    dtype = {1: "U8", 2: "F16", 4: "F32", 8: "F64"}[itemsize]
+    target = np.frombuffer(data.draw(st.binary(min_size=elements * itemsize, max_size=elements * itemsize)), np.uint8)
+    # a base near the target (small differences of either sign, as a fine-tune's) or anything at all
+    near = data.draw(st.booleans())
+    moved = np.frombuffer(data.draw(st.binary(min_size=target.size, max_size=target.size)), np.uint8)
+    base = (target.view(np.uint8) ^ (moved & 3)) if near else moved
+    payload = CODECS[transform].encode(target, base, dtype)
+    for min_saving in (0.0, 0.5):  # coded, and (mostly) stored
+        frame, pieces = encode_frame(
+            target, itemsize, split=split, level=1, min_saving=min_saving, base=base, transform=transform
+        )
+        reference = encode_frame(payload, itemsize, split=split, level=1, min_saving=min_saving)
+        assert (frame, coded_bytes(pieces).tobytes()) == (reference[0], coded_bytes(reference[1]).tobytes())
+        if elements:
+            decoded = decode_frame(coded_bytes(pieces), frame, itemsize, split, base=base, transform=transform)
+            assert decoded.tobytes() == target.tobytes()
+            assert decode_frame(coded_bytes(pieces), frame, itemsize, split).tobytes() == payload.tobytes()
+
+
 @pytest.mark.parametrize("dtype", ["F16", "BF16", "F32", "F64", "I8", "U8", "I32"])
 @pytest.mark.parametrize("codec", ["xor", "sub"])
 def test_lossless_transforms_invert_exactly(dtype, codec):

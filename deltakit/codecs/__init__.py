@@ -61,18 +61,20 @@ class Transform(Protocol):
     def __call__(self, a: Bytes, b: Bytes, dtype: str, /, buffer: Buffer = fresh) -> Bytes: ...
 
 
-def _words(bits: Bytes) -> npt.NDArray[np.generic]:
-    """View bytes as 64-bit words when the length allows: eight times fewer element operations."""
-    if bits.size % 8 == 0 and bits.ctypes.data % 8 == 0:
-        return bits.view(np.uint64)
-    return bits
+def _words(*arrays: Bytes) -> list[npt.NDArray[np.generic]]:
+    """Byte arrays of one length viewed as 64-bit words when the length and every address allow
+    (eight times fewer element operations), else as they are."""
+    if arrays[0].size % 8 == 0 and all(a.ctypes.data % 8 == 0 for a in arrays):
+        return [a.view(np.uint64) for a in arrays]
+    return list(arrays)
 
 
 def xor_bits(a: Bytes, b: Bytes, out: Bytes | None = None) -> Bytes:
     """Bitwise XOR of two byte arrays of equal length (its own inverse)."""
     if out is None:
         out = np.empty_like(a)
-    np.bitwise_xor(_words(a), _words(b), out=_words(out))
+    x, y, z = _words(a, b, out)
+    np.bitwise_xor(x, y, out=z)
     return out
 
 
@@ -81,6 +83,8 @@ def _values(bits: Bytes, dtype: str) -> torch.Tensor:
 
     if bits.size == 0:  # from_numpy gives a zero-stride tensor, which cannot be re-viewed
         return torch.empty(0, dtype=to_torch(dtype))
+    if not bits.flags.writeable:  # a mapped file's bytes: torch wants memory it could write to
+        bits = bits.copy()
     return torch.from_numpy(bits).view(to_torch(dtype))
 
 

@@ -1,8 +1,8 @@
 """Format 2 payload framing: a tensor's payload words, split into byte streams, coded frame by frame.
 
-Pure functions over byte arrays: :func:`encode_frame` turns one frame's payload words into coded
-bytes and a :class:`Frame` record; :func:`decode_frame` turns them back, refusing any frame whose
-sizes disagree with its record before allocating or decoding anything. docs/FORMAT.md is the spec.
+Pure functions over byte arrays: :func:`encode_frame` turns one frame's elements into coded bytes
+and a :class:`Frame` record; :func:`decode_frame` turns them back, refusing any frame whose sizes
+disagree with its record before allocating or decoding anything. docs/FORMAT.md is the spec.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 import zstandard
 
-from . import Buffer, Bytes, fresh
+from . import Buffer, Bytes, fresh, kernels
 
 __all__ = [
     "BLOCK_BYTES",
@@ -63,59 +63,62 @@ def stream_count(split: str, itemsize: int) -> int:
     return itemsize if split == "bytes" else 1
 
 
-_WORDS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
-
-
-def _planes(words: Bytes, itemsize: int, split: str, buffer: Buffer) -> list[Bytes]:
-    """The byte streams of a frame: byte k of every element in stream k, least significant first."""
-    count = stream_count(split, itemsize)
-    if count == 1:
-        return [words]
-    planes = buffer("planes", words.size).reshape(count, -1)
-    word = _WORDS[itemsize]
-    values = words.view(word)  # little-endian, as safetensors stores them
-    for k in range(count):  # shifting whole words: 3x faster than copying strided byte columns
-        np.right_shift(values, word(8 * k), out=planes[k], casting="unsafe")
-    return list(planes)
-
-
-def _interleave(planes: list[Bytes], first: int, last: int, out: Bytes) -> None:
-    """Elements ``first:last`` of the byte streams, put back together into ``out``."""
-    word = _WORDS[len(planes)]
-    values = out.view(word)
-    np.copyto(values, planes[-1][first:last], casting="safe")
-    for plane in reversed(planes[:-1]):  # most significant byte first: shift up, or in the next
-        np.left_shift(values, word(8), out=values)
-        np.bitwise_or(values, plane[first:last], out=values, dtype=word)
+def _payload_words(values: Bytes, itemsize: int, base: Bytes | None, transform: str | None, buffer: Buffer) -> Bytes:
+    """The payload elements whole: ``values`` themselves, or ``transform`` of them against ``base``."""
+    if transform is None:
+        return values
+    assert base is not None
+    payload = buffer("payload", values.size)
+    kernels.transform_words(values, base, itemsize, payload, transform)
+    return payload
 
 
 def encode_frame(
-    payload: Bytes, itemsize: int, *, split: str, level: int, min_saving: float, buffer: Buffer = fresh
+    values: Bytes,
+    itemsize: int,
+    *,
+    split: str,
+    level: int,
+    min_saving: float,
+    buffer: Buffer = fresh,
+    base: Bytes | None = None,
+    transform: str | None = None,
 ) -> tuple[Frame, list[Bytes | bytes]]:
-    """Code one frame of payload bytes (a whole number of elements).
+    """Code one frame (a whole number of elements).
 
     Args:
-        payload: the frame's payload bytes, little-endian elements of ``itemsize`` bytes.
+        values: the frame's bytes, little-endian elements of ``itemsize`` bytes: the payload itself,
+            or with ``transform``, the target's elements.
         split: ``bytes`` (one stream per byte of the element) or ``none``.
         level: the zstd level.
         min_saving: the fraction of the raw size that coding must save, else the frame is stored.
+        base: the base's bytes for the same elements, for ``transform``.
+        transform: ``xor`` or ``sub``: the payload is this transform of ``values`` against ``base``,
+            computed in the same pass that splits the byte streams.
 
     Returns:
-        The frame record and the pieces to write, in order.
+        The frame record and the pieces to write, in order (a stored frame's may lie in ``buffer``).
     """
-    elements = payload.size // itemsize
-    if payload.size == 0:
+    elements = values.size // itemsize
+    if values.size == 0:
         return Frame(0, "stored"), []
-    compressor = zstandard.ZstdCompressor(level=level, write_content_size=True)
-    coded = [compressor.compress(plane.data) for plane in _planes(payload, itemsize, split, buffer)]
-    total = sum(len(c) for c in coded)
-    if total > payload.size * (1.0 - min_saving):
+    count = stream_count(split, itemsize)
+    if count == 1:
+        streams = [_payload_words(values, itemsize, base, transform, buffer)]
+    else:
+        planes = buffer("planes", values.size)
+        kernels.split_streams(values, itemsize, planes, base=base, transform=transform)
+        streams = list(planes.reshape(count, -1))
+    compressor = _compressor(level)
+    coded = [compressor.compress(stream.data) for stream in streams]
+    if sum(len(c) for c in coded) > values.size * (1.0 - min_saving):
+        payload = streams[0] if count == 1 else _payload_words(values, itemsize, base, transform, buffer)
         return Frame(elements, "stored"), [payload]
     return Frame(elements, "zstd", tuple(len(c) for c in coded)), list(coded)
 
 
-# Rebuilding in blocks of this many bytes keeps the interleave and the transform's passes in L2:
-# measured 1.4x faster than whole-frame passes on 8 MiB frames (BENCHMARKS.md, decode throughput).
+# Rebuilding through a ``rebuild`` function (``add``'s float arithmetic) in blocks of this many bytes
+# keeps its passes in L2: measured 1.4x faster than whole-frame passes on 8 MiB frames.
 BLOCK_BYTES = 256 << 10
 
 
@@ -133,17 +136,22 @@ def decode_frame(
     split: str,
     *,
     buffer: Buffer = fresh,
+    base: Bytes | None = None,
+    transform: str | None = None,
     rebuild: Rebuild | None = None,
 ) -> Bytes:
-    """Decode one frame to its ``frame.elements * itemsize`` payload bytes, or with ``rebuild``, to
-    the target bytes rebuilt from them, block by block.
+    """Decode one frame to its ``frame.elements * itemsize`` payload bytes; with ``transform``, to the
+    target bytes rebuilt against ``base`` in the same pass; with ``rebuild``, to the target bytes it
+    makes of the payload, block by block.
 
-    Without ``rebuild``, a stored frame comes back as a view of ``coded``, with no copy.
+    Without either, a stored frame comes back as a view of ``coded``, with no copy.
 
     Args:
         buffer: where to decode: ``buffer(name, size)`` gives scratch memory (by default a new array;
             apply passes memory it reuses from frame to frame).
-        rebuild: turns payload bytes into target bytes (a codec's decode against the base).
+        base: the base's bytes for the frame's elements, for ``transform``.
+        transform: ``xor`` or ``sub``, the lossless transform the payload was made with.
+        rebuild: turns payload bytes into target bytes (the ``add`` codec's decode against the base).
 
     Raises:
         CorruptFrame: the coded bytes are not what the record says, or do not decode to exactly
@@ -153,7 +161,7 @@ def decode_frame(
     if len(coded) != frame.coded_size(itemsize):
         raise CorruptFrame(f"{len(coded)} coded bytes, but the frame record says {frame.coded_size(itemsize)}")
     if frame.coder == "stored":
-        planes = [np.frombuffer(coded, dtype=np.uint8)]
+        payload: Bytes = np.frombuffer(coded, dtype=np.uint8)
     else:
         count = stream_count(split, itemsize)
         if len(frame.streams) != count:
@@ -164,33 +172,51 @@ def decode_frame(
         for k, size in enumerate(frame.streams):
             _decompress_into(coded[offset : offset + size], decoded[k * plane : (k + 1) * plane], k)
             offset += size
-        planes = [decoded[k * plane : (k + 1) * plane] for k in range(count)]
-    if rebuild is None and len(planes) == 1:
-        return planes[0]
-    out = buffer("frame", raw)
-    step = max(1, BLOCK_BYTES // itemsize)
-    for first in range(0, frame.elements, step):
-        last = min(frame.elements, first + step)
-        a, b = first * itemsize, last * itemsize
-        if rebuild is None:  # then there are several streams (one was returned above): join them in place
-            _interleave(planes, first, last, out[a:b])
-            continue
-        if len(planes) == 1:
-            payload = planes[0][a:b]
-        else:
-            payload = buffer("block", b - a)
-            _interleave(planes, first, last, payload)
+        if count == 1:
+            payload = decoded
+        else:  # join the streams, and undo the transform in the same pass
+            out = buffer("frame", raw)
+            kernels.join_streams(decoded, itemsize, out, base=base, transform=transform)
+            if rebuild is None:
+                return out
+            payload, transform = out, None
+    if transform is not None:
+        assert base is not None
+        out = buffer("frame", raw)
+        kernels.untransform_words(payload, base, itemsize, out, transform)
+        return out
+    if rebuild is None:
+        return payload
+    out = buffer("rebuilt", raw)
+    step = max(1, BLOCK_BYTES // itemsize) * itemsize
+    for a in range(0, raw, step):
+        b = min(raw, a + step)
 
         def block_buffer(name: str, size: int, a: int = a) -> Bytes:
             return out[a : a + size] if name == "out" else buffer(f"block-{name}", size)
 
-        target = rebuild(payload, a, block_buffer)
+        target = rebuild(payload[a:b], a, block_buffer)
         if not np.may_share_memory(target, out):
             out[a:b] = target
     return out
 
 
 _LOCAL = threading.local()  # zstandard's (de)compressors are not safe to share between threads
+
+# At level 1, zstd's match finder with a 256-entry hash table and 7-byte matches: on fine-tune
+# payloads (whose low byte streams are near-random, with runs where weights did not change) it codes
+# the low streams twice as fast as level 1's own parameters, and no larger (BENCHMARKS.md). Any zstd
+# decoder reads the result; other levels are zstd's as they are.
+FAST_LEVEL_TUNING = {1: {"hash_log": 8, "min_match": 7}}
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    compressors: dict[int, zstandard.ZstdCompressor] = _LOCAL.__dict__.setdefault("compressors", {})
+    if level not in compressors:
+        tuning = FAST_LEVEL_TUNING.get(level, {})
+        params = zstandard.ZstdCompressionParameters.from_level(level, write_content_size=True, **tuning)
+        compressors[level] = zstandard.ZstdCompressor(compression_params=params)
+    return compressors[level]
 
 
 def _decompressor() -> zstandard.ZstdDecompressor:
