@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -125,15 +126,23 @@ class Prefetcher:
     The ring has ``depth + 1`` slots: when the consumer asks for chunk N + 1, the slot of chunk N - 1
     is refilled. So a yielded chunk's buffers stay valid until the consumer asks for the chunk after
     next, which is what lets :class:`OutputWriter` write chunk N while chunk N + 1 is decoded.
+
+    With ``mapped`` (where the OS can populate a mapping at once), chunks are mapped read-only
+    instead of copied into the ring: the copy out of the page cache costs a core-second for every
+    6 GB read here, a fifth of what make or apply spends. A mapped chunk lives as long as its views.
     """
 
-    def __init__(self, reader: RangeReader, depth: int = PREFETCH_DEPTH) -> None:
+    def __init__(self, reader: RangeReader, depth: int = PREFETCH_DEPTH, *, mapped: bool = False) -> None:
         self._reader = reader
         self._depth = depth
-        self._slots = [[bytearray(CHUNK_BYTES), bytearray(CHUNK_BYTES)] for _ in range(depth + 1)]
+        self._mapped = mapped and hasattr(mmap, "MAP_POPULATE")
+        size = 0 if self._mapped else CHUNK_BYTES
+        self._slots = [[bytearray(size), bytearray(size)] for _ in range(depth + 1)]
         self._arenas = [Arena() for _ in range(depth + 1)]
 
     def _fill(self, chunk: Chunk, index: int) -> list[memoryview]:
+        if self._mapped:
+            return [self._reader.map_range(read.path, read.offset, read.length) for read in chunk.reads]
         slot = self._slots[index]
         views = []
         for k, read in enumerate(chunk.reads):

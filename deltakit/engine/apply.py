@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..codecs import CODECS, Buffer, Bytes, cast_bits
+from ..codecs import CODECS, Buffer, Bytes, cast_bits, kernels
 from ..codecs.frames import CorruptFrame, Rebuild, decode_frame
 from ..dtypes import itemsize
 from ..errors import BaseMismatchError, CorruptFrameError, IntegrityError, UnsupportedInputError
@@ -222,6 +222,8 @@ def plan_apply(
     """
     package = delta if isinstance(delta, DeltaPackage) else open_delta(delta)
     m = package.manifest
+    if m.format >= 2:
+        kernels.warm_up()
     ckpt = open_checkpoint(base)
     for name, target in m.target.tensors.items():
         if not target.needs_base:
@@ -277,14 +279,28 @@ def _decode_frame(step: ApplyStep, chunk: Chunk, coded: memoryview, base_bits: B
     assert t.frames is not None and t.split is not None and step.payload is not None
     frame = t.frames[chunk.frame]
     rebuild: Rebuild | None = None
+    transform = None
     if base_bits is not None:
-        decode, base = CODECS[t.codec or t.encoding].decode, base_bits
+        codec = CODECS[t.codec or t.encoding]
+        if codec.exact:  # undone in the pass that joins the byte streams
+            transform = codec.name
+        else:
+            decode, base = codec.decode, base_bits
 
-        def rebuild(payload: Bytes, first: int, buffer: Buffer) -> Bytes:
-            return decode(base[first : first + payload.size], payload, t.dtype, buffer)
+            def rebuild(payload: Bytes, first: int, buffer: Buffer) -> Bytes:
+                return decode(base[first : first + payload.size], payload, t.dtype, buffer)
 
     try:
-        return decode_frame(coded, frame, itemsize(t.dtype), t.split, buffer=arena.take, rebuild=rebuild)
+        return decode_frame(
+            coded,
+            frame,
+            itemsize(t.dtype),
+            t.split,
+            buffer=arena.take,
+            base=base_bits,
+            transform=transform,
+            rebuild=rebuild,
+        )
     except CorruptFrame as e:
         offset = chunk.reads[-1].offset
         raise CorruptFrameError(
@@ -543,7 +559,7 @@ def _stream_apply(
         def work(chunk: Chunk, views: list[memoryview], arena: Arena) -> Bytes:  # on a reading thread
             return _decode_chunk(steps[chunk.owner], chunk, views, arena)
 
-        for chunk, views, rebuilt in Prefetcher(reader).map(_apply_chunks(steps), work):
+        for chunk, views, rebuilt in Prefetcher(reader, mapped=True).map(_apply_chunks(steps), work):
             if chunk.owner != current:
                 if current >= 0:
                     finish(current)

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from .. import __version__
-from ..codecs import CODECS, Buffer, Bytes, Codec, cast_bits, count_differences, fresh
+from ..codecs import CODECS, Buffer, Bytes, Codec, cast_bits, count_differences, fresh, kernels
 from ..codecs.frames import Frame, encode_frame
 from ..dtypes import is_float, itemsize
 from ..errors import UnsupportedInputError
@@ -138,21 +140,46 @@ class _PayloadShards:
         ]
         self._shard_of = {spec.name: i for i, group in enumerate(groups) for spec in group}
         self._current: SafetensorsWriter | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="deltakit-write")
+        self._pending: Future[None] | None = None
 
     def begin(self, name: str) -> None:
+        self.wait()
         self._current = self._writers[self._shard_of[name]]
         self._current.begin(name)
 
-    def write(self, data: Bytes | bytes) -> None:
+    def write(self, pieces: Sequence[Bytes | bytes]) -> None:
+        """Write a chunk's pieces now."""
+        self.wait()
+        self._write(pieces)
+
+    def write_behind(self, pieces: Sequence[Bytes | bytes]) -> None:
+        """Write a chunk's pieces on the writer thread, while the caller hashes the next chunk.
+
+        One chunk in flight at most, as in apply: pieces may be views of a read-ahead slot's memory,
+        which stays valid until the chunk after next is asked for; the caller calls :meth:`wait`
+        before that.
+        """
+        self.wait()
+        self._pending = self._pool.submit(self._write, pieces)
+
+    def wait(self) -> None:
+        """Block until the chunk in flight is written (re-raising its error)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _write(self, pieces: Sequence[Bytes | bytes]) -> None:
         assert self._current is not None
-        if isinstance(data, np.ndarray):
-            if not data.size:
-                return
-            self._current.write(data.data.cast("B"))
-        else:
-            self._current.write(data)
+        for piece in pieces:
+            if isinstance(piece, np.ndarray):
+                if piece.size:
+                    self._current.write(piece.data.cast("B"))
+            else:
+                self._current.write(piece)
 
     def end(self) -> None:
+        self.wait()
         assert self._current is not None
         self._current.end(as_bytes=self.version >= 2)
         self._current = None
@@ -163,6 +190,8 @@ class _PayloadShards:
         Each shard is read back once for its SHA-256: its header, written last, depends on what
         was kept (and in format 2 on the coded sizes), and a file's hash must start with it.
         """
+        self.wait()
+        self._pool.shutdown()
         kept = []
         for writer in self._writers:
             writer.finish()
@@ -178,6 +207,7 @@ class _PayloadShards:
         return records
 
     def abort(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
         for writer in self._writers:
             writer.abort()
 
@@ -216,45 +246,54 @@ class _Coding:
 
     def encode(self, step: _MakeStep, segment: int, views: list[memoryview], buffer: Buffer = fresh) -> _Encoded:
         """Encode one chunk; the payload may lie in ``buffer``'s memory (valid until its next use)."""
-        target_bits, base_bits, payload = _encode_chunk(step, segment, views, buffer)
-        identical = False
-        if step.base is not None and segment == 0 and step.codec is not None:
-            # an exact codec's payload is all zeros exactly where target and base are equal: 3x cheaper to test
-            identical = not _any_bits(payload) if step.codec.exact else bool(np.array_equal(target_bits, base_bits))
+        target_bits, base_bits = _chunk_bits(step, segment, views)
+        codec = step.codec if segment == 0 and step.base is not None else None
+        # an exact codec in format 2 is fused into the framing's pass; the others make their payload first
+        fused = codec is not None and codec.exact and self.version >= 2
+        payload = target_bits
+        if codec is not None and not fused:
+            payload = codec.encode(target_bits, base_bits, step.target.dtype, buffer)
+        identical = codec is not None and not kernels.differs(target_bits, base_bits)  # stops at the first difference
         rebuilt, inexact = None, 0
         if step.codec is not None and not step.codec.exact:
-            if segment == 0:
-                rebuilt = step.codec.decode(base_bits, payload, step.target.dtype)  # fresh: the payload is kept
+            if codec is not None:
+                rebuilt = codec.decode(base_bits, payload, step.target.dtype)  # fresh: the payload is kept
                 inexact = count_differences(rebuilt, target_bits, step.target.dtype)
             else:
                 rebuilt = target_bits
         if self.version == 1:
             return _Encoded(identical, [payload], None, rebuilt, inexact)
         frame, pieces = encode_frame(
-            payload,
+            target_bits if fused else payload,
             itemsize(step.target.dtype),
             split=_split_of(step),
             level=self.level,
             min_saving=self.min_saving,
             buffer=buffer,
+            base=base_bits if fused else None,
+            transform=codec.name if fused and codec is not None else None,
         )
         return _Encoded(identical, pieces, frame, rebuilt, inexact)
-
-
-def _any_bits(data: Bytes) -> bool:
-    """Whether any bit of ``data`` is set, tested eight bytes at a time where the length allows."""
-    return bool((data.view(np.uint64) if data.size % 8 == 0 else data).any())
 
 
 def _split_of(step: _MakeStep) -> str:
     return "bytes" if itemsize(step.target.dtype) > 1 else "none"
 
 
-def _choose_transform(step: _MakeStep, reader: RangeReader, coding: _Coding, *, samples: int) -> _MakeStep:
+def _choose_transform(
+    step: _MakeStep,
+    reader: RangeReader,
+    coding: _Coding,
+    *,
+    samples: int,
+    chunk: list[memoryview] | None = None,
+) -> _MakeStep:
     """For the lossless codec, ``xor`` or ``sub``: whichever codes smaller on samples of the tensor.
 
     Samples of up to 256 KiB, spread evenly over the elements the base shares, cost a few
-    milliseconds a tensor; a fine-tune's tensor is alike all through, so they choose well.
+    milliseconds a tensor; a fine-tune's tensor is alike all through, so they choose well. With
+    ``chunk`` (the target and base bytes of a chunk of the shared elements) and one sample, the
+    sample is the middle of that chunk, which is already in memory.
     """
     if step.base is None or step.codec is None or step.codec.name != "xor":
         return step
@@ -266,20 +305,62 @@ def _choose_transform(step: _MakeStep, reader: RangeReader, coding: _Coding, *, 
     samples = max(1, min(samples, shared // count))  # samples that would overlap add nothing
     sizes = dict.fromkeys(("xor", "sub"), 0)
     for k in range(samples):
-        first = (shared - count) * k // max(1, samples - 1) if samples > 1 else (shared - count) // 2
-        views = []
-        for info, item in ((step.target, t_item), (step.base, b_item)):
-            view = memoryview(bytearray(count * item))
-            reader.read_into(info.path, info.start + first * item, view)
-            views.append(view)
-        target_bits, base_bits, _ = _encode_chunk(step, 0, views)
+        if samples == 1 and chunk is not None:
+            have = len(chunk[0]) // t_item
+            first, last = (have - min(count, have)) // 2, (have + min(count, have)) // 2
+            views = [v[first * item : last * item] for v, item in zip(chunk, (t_item, b_item), strict=True)]
+        else:
+            first = (shared - count) * k // max(1, samples - 1) if samples > 1 else (shared - count) // 2
+            views = []
+            for info, item in ((step.target, t_item), (step.base, b_item)):
+                view = memoryview(bytearray(count * item))
+                reader.read_into(info.path, info.start + first * item, view)
+                views.append(view)
+        target_bits, base_bits = _chunk_bits(step, 0, views)
         for name in sizes:
-            payload = CODECS[name].encode(target_bits, base_bits, step.target.dtype)
-            frame, _ = encode_frame(payload, t_item, split=_split_of(step), level=coding.level, min_saving=0.0)
+            frame, _ = encode_frame(
+                target_bits,
+                t_item,
+                split=_split_of(step),
+                level=coding.level,
+                min_saving=0.0,
+                base=base_bits,
+                transform=name,
+            )
             sizes[name] += frame.coded_size(t_item)
     best = CODECS["sub"] if sizes["sub"] < sizes["xor"] else CODECS["xor"]
     encoding = step.encoding if step.encoding == "rows" else best.name
     return replace(step, encoding=encoding, codec=best)
+
+
+class _Chooser:
+    """Chooses each tensor's transform on the reading threads, as its first chunk is coded, so the
+    choice costs no pass of its own; a thread coding a later chunk of the tensor waits for it."""
+
+    def __init__(self, steps: list[_MakeStep], reader: RangeReader, coding: _Coding, samples: int) -> None:
+        self.steps = steps  # updated in place: the ordered loop reads a step after its chunk is coded
+        self._reader, self._coding, self._samples = reader, coding, samples
+        self._chosen: dict[int, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def step(self, chunk: Chunk, views: list[memoryview]) -> _MakeStep:
+        i = chunk.owner
+        if self._samples == 0:
+            return self.steps[i]
+        with self._lock:
+            mine = i not in self._chosen
+            event = self._chosen.setdefault(i, threading.Event())
+        if mine:
+            try:
+                sample = views if chunk.segment == 0 and len(views) > 1 else None
+                self.steps[i] = _choose_transform(
+                    self.steps[i], self._reader, self._coding, samples=self._samples, chunk=sample
+                )
+            finally:
+                event.set()
+        else:
+            event.wait()
+        return self.steps[i]
 
 
 def _make_chunks(steps: Sequence[_MakeStep]) -> Iterator[Chunk]:
@@ -336,6 +417,8 @@ def make_delta(
         raise UnsupportedInputError(f"unknown package format {format}; choose one of {READABLE_FORMATS}")
     out = Path(out)
     check_output_free(out)
+    if format >= 2:
+        kernels.warm_up()
     base_ckpt = open_checkpoint(base)
     target_ckpt = open_checkpoint(target)
     chosen = CODECS[codec]
@@ -344,15 +427,14 @@ def make_delta(
         if step.encoding == "raw":
             log.info("tensor %r is stored raw (%s)", step.name, step.raw_reason)
     coding = _Coding(format, SMALLEST_LEVEL if smallest else level, 0.0 if smallest else MIN_SAVING)
-    if format >= 2 and codec == "xor":
-        with RangeReader() as reader:
-            steps = [_choose_transform(step, reader, coding, samples=8 if smallest else 1) for step in steps]
+    # format 2's lossless codec: each tensor's transform is chosen as its first chunk is coded
+    samples = (8 if smallest else 1) if format >= 2 and codec == "xor" else 0
     specs = [s.spec if format == 1 else TensorSpec(s.name, "U8", (s.target.nbytes,)) for s in steps]
 
     with StagedFolder(out) as staged:
         shards = _PayloadShards(staged.path, specs, shard_size, format)
         try:
-            target_records, base_digests, inexact = _stream_make(steps, base_ckpt, shards, coding, progress)
+            target_records, base_digests, inexact = _stream_make(steps, base_ckpt, shards, coding, samples, progress)
         except BaseException:
             shards.abort()
             raise
@@ -398,27 +480,28 @@ def make_delta(
     )
 
 
-def _encode_chunk(
-    step: _MakeStep, segment: int, views: list[memoryview], buffer: Buffer = fresh
-) -> tuple[Bytes, Bytes, Bytes]:
-    """Returns (target bits, base bits cast to the target dtype, payload bits) for one chunk."""
+def _chunk_bits(step: _MakeStep, segment: int, views: list[memoryview]) -> tuple[Bytes, Bytes]:
+    """Returns (target bits, base bits cast to the target dtype) for one chunk; a chunk with no base
+    (a raw tensor, a grown tensor's new rows) gives its target bits twice."""
     target_bits = as_bytes(views[0])
     if segment == 1 or step.base is None:
-        return target_bits, target_bits, target_bits
+        return target_bits, target_bits
     base_bits = as_bytes(views[1])
     if step.base.dtype != step.target.dtype:
         base_bits = cast_bits(base_bits, step.base.dtype, step.target.dtype)
-    assert step.codec is not None
-    return target_bits, base_bits, step.codec.encode(target_bits, base_bits, step.target.dtype, buffer)
+    return target_bits, base_bits
 
 
 def _stream_make(
-    steps: Sequence[_MakeStep],
+    steps: list[_MakeStep],
     base_ckpt: Checkpoint,
     shards: _PayloadShards,
     coding: _Coding,
+    samples: int,
     progress: ProgressFactory,
 ) -> tuple[dict[str, TargetTensor], dict[str, str], dict[str, int]]:
+    """Stream every step's chunks: code them on the reading threads (choosing each tensor's transform
+    from ``samples`` samples on the way, none for no choice), hash and write them in order."""
     records: dict[str, TargetTensor] = {}
     base_digests: dict[str, str] = {}
     inexact: dict[str, int] = {}
@@ -459,9 +542,11 @@ def _stream_make(
         if state.rebuild_hash is not None and encoding != "copy":
             inexact[step.name] = state.inexact
 
-    def emit(state: _MakeState, encoded: _Encoded) -> None:
-        for piece in encoded.pieces:
-            shards.write(piece)
+    def emit(state: _MakeState, encoded: _Encoded, *, behind: bool = False) -> None:
+        if behind:
+            shards.write_behind(encoded.pieces)
+        else:
+            shards.write(encoded.pieces)
         if encoded.frame is not None and encoded.frame.elements:
             state.frames.append(encoded.frame)
         if state.rebuild_hash is not None and encoded.rebuilt is not None:
@@ -481,11 +566,13 @@ def _stream_make(
                 views.append(view)
             emit(state, coding.encode(step, 0, views))
 
-    def work(chunk: Chunk, views: list[memoryview], arena: Arena) -> _Encoded:  # on a reading thread
-        return coding.encode(steps[chunk.owner], chunk.segment, views, arena.take)
-
     with RangeReader() as reader:
-        for chunk, views, encoded in Prefetcher(reader).map(_make_chunks(steps), work):
+        chooser = _Chooser(steps, reader, coding, samples)
+
+        def work(chunk: Chunk, views: list[memoryview], arena: Arena) -> _Encoded:  # on a reading thread
+            return coding.encode(chooser.step(chunk, views), chunk.segment, views, arena.take)
+
+        for chunk, views, encoded in Prefetcher(reader, mapped=True).map(_make_chunks(steps), work):
             step = steps[chunk.owner]
             if state is None or state.step is not step:
                 if state is not None:
@@ -496,9 +583,10 @@ def _stream_make(
                 if step.encoding in ("raw", "rows"):
                     shards.begin(step.name)
                     state.started = True
-            state.target_hash.update(views[0])
+            state.target_hash.update(views[0])  # while the chunk before is written
             if len(views) > 1:
                 state.base_hash.update(views[1])
+            shards.wait()  # before the next chunk is asked for, which may recycle that chunk's memory
             if not state.started:
                 if encoded.identical:
                     bar.update(len(views[0]))
@@ -506,7 +594,7 @@ def _stream_make(
                 shards.begin(step.name)
                 state.started = True
                 catch_up(state, chunk.first, reader)
-            emit(state, encoded)
+            emit(state, encoded, behind=True)
             bar.update(len(views[0]))
         if state is not None:
             finish(state)

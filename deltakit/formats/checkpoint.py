@@ -8,6 +8,7 @@ range by range, through :class:`RangeReader`, whatever the format.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import threading
 from collections.abc import Callable
@@ -252,6 +253,25 @@ class RangeReader:
                     path=path,
                 )
             done += n
+
+    def map_range(self, path: Path, offset: int, length: int) -> memoryview:
+        """The bytes of ``path`` from ``offset``, mapped read-only instead of copied: what the page cache
+        holds is used in place. The mapping lasts as long as the returned view (or any array made
+        from it); a short file is an error, as for :meth:`read_into`."""
+        if length == 0:
+            return memoryview(b"")
+        fd = self._fd(path)
+        size = os.fstat(fd).st_size
+        if offset + length > size:
+            raise IntegrityError(
+                f"{path}: ended at byte {size} while reading {length} bytes from {offset} "
+                "(the file shrank or is truncated)",
+                path=path,
+            )
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # map every page now, not fault by fault
+        mapped = mmap.mmap(fd, offset + length - start, flags=flags, prot=mmap.PROT_READ, offset=start)
+        return memoryview(mapped)[offset - start :]
 
     def close(self) -> None:
         with self._lock:
