@@ -34,6 +34,8 @@ def _backward(transform: int, b: Any, z: Any, one: Any) -> Any:
     return z
 
 
+# One kernel per element width, its bytes spelled out: with a loop over the byte count inside the
+# element loop, LLVM does not vectorize, and the same join ran at 1.1 GB/s instead of 10 (measured).
 @njit(nogil=True, cache=True, boundscheck=False)
 def join2(planes: Any, base: Any, out: Any, transform: int) -> None:
     one, eight = np.uint16(1), np.uint16(8)
@@ -104,11 +106,3 @@ def words_forward(target: Any, base: Any, out: Any, transform: int, one: Any, to
 def words_backward(payload: Any, base: Any, out: Any, transform: int, one: Any) -> None:
     for i in range(out.size):
         out[i] = _backward(transform, base[i], payload[i], one)
-
-
-@njit(nogil=True, cache=True, boundscheck=False)
-def first_difference(a: Any, b: Any) -> int:
-    for i in range(a.size):
-        if a[i] != b[i]:
-            return i
-    return -1

@@ -22,7 +22,6 @@ from . import Bytes
 
 __all__ = [
     "TRANSFORMS",
-    "differs",
     "join_streams",
     "split_streams",
     "transform_words",
@@ -84,7 +83,6 @@ def _load() -> None:
         for transform in TRANSFORMS:
             split_streams(words, 2, out, base=words, transform=transform)
             join_streams(out, 2, words, base=words, transform=transform)
-        differs(words, out)
     except Exception:  # the job's own first call raises it again, where it can be reported
         log.debug("loading the compiled kernels failed", exc_info=True)
 
@@ -137,10 +135,3 @@ def untransform_words(payload: Bytes, base: Bytes, itemsize: int, out: Bytes, tr
     word = _WORDS[itemsize]
     kernel = _compiled().words_backward
     kernel(payload.view(word), base.view(word), out.view(word), _code(transform), word(1))
-
-
-def differs(a: Bytes, b: Bytes) -> bool:
-    """Whether two byte arrays of equal length differ, stopping at the first difference."""
-    if a.size % 8 == 0 and a.ctypes.data % 8 == 0 and b.ctypes.data % 8 == 0:
-        a, b = a.view(np.uint64), b.view(np.uint64)
-    return bool(_compiled().first_difference(a, b) >= 0)

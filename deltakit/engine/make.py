@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..codecs import CODECS, Buffer, Bytes, Codec, cast_bits, count_differences, fresh, kernels
+from ..codecs import CODECS, Buffer, Bytes, Codec, cast_bits, count_differences, differs, fresh, kernels
 from ..codecs.frames import Frame, encode_frame
 from ..dtypes import is_float, itemsize
 from ..errors import UnsupportedInputError
@@ -253,7 +253,7 @@ class _Coding:
         payload = target_bits
         if codec is not None and not fused:
             payload = codec.encode(target_bits, base_bits, step.target.dtype, buffer)
-        identical = codec is not None and not kernels.differs(target_bits, base_bits)  # stops at the first difference
+        identical = codec is not None and not differs(target_bits, base_bits)  # stops at the first difference
         rebuilt, inexact = None, 0
         if step.codec is not None and not step.codec.exact:
             if codec is not None:
