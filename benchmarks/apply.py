@@ -565,7 +565,8 @@ def markdown(runs: Sequence[Results]) -> str:
         "",
         "Conditions: before each timed step, untimed, `sync` and one read of its inputs, so every step starts "
         "from a warm page cache with nothing left to write back (every file fits in RAM): reading costs a "
-        "memory copy, so a smaller payload saves little here, and decoding is paid in full; on a disk or a "
+        "memory copy at most (make and apply map their inputs), so a smaller payload saves little here, and "
+        "decoding is paid in full; on a disk or a "
         "network slower than decoding, the smaller payload is what counts. On this VM, writing into the page "
         "cache is now and then about 3x slower for reasons outside the benchmark, so the steps of each group "
         "(make, apply) run interleaved and the best of each counts; make's first run counts too. make, apply "

@@ -190,11 +190,11 @@ def markdown(results: Sequence[DtypeResult], info: dict[str, object]) -> str:
         + "; ".join(f"{r.dtype} {r.make_s:.2f} s (`--max` {r.make_max_s:.1f} s)" for r in results)
         + " in this process.",
         "",
-        "Decode throughput: every frame of the payload decoded and rebuilt against the base (zstd, joining the "
-        "byte streams, the inverse transform), output bytes per second, base and payload already in memory, "
-        "best of 3. This model's tensors are small (most are 0.3 MB, one frame each), so per-frame overhead "
-        "weighs more than on a 7B model's 8 MiB frames; `benchmarks/apply.py` records the same figure on a "
-        "LLaMA-shaped model.",
+        "Decode throughput: every frame of the payload decoded and rebuilt against the base (zstd, then one "
+        "compiled pass that joins the byte streams and undoes the transform), output bytes per second, base "
+        "and payload already in memory, best of 3. This model's tensors are small (most are 0.3 MB, one frame "
+        "each), so per-frame overhead weighs more than on a 7B model's 8 MiB frames; `benchmarks/apply.py` "
+        "records the same figure on a LLaMA-shaped model.",
         "",
         "**Random-noise pairs do not compress.** A synthetic fine-tune made by adding Gaussian noise to every "
         "weight (as `deltakit.examples.write_llama_pair` does by default) changes the low bits of every element "
