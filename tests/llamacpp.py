@@ -22,6 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 VERSION = "0.3.36"  # llama-cpp-python; its vendor/llama.cpp is the llama.cpp these tests hold us to
+# Built for AVX2, not -march=native: on a VM whose CPU reports AMX, a native build takes llama.cpp's
+# AMX path, which crashed (SIGSEGV in decode) where the hypervisor does not grant AMX's tile state;
+# and a cache built on one machine then runs on another.
+FLAVOUR = "avx2"
+CMAKE_ARGS = "-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,7 @@ def cache_root() -> Path:
 def build() -> LlamaCpp:
     """llama.cpp from llama-cpp-python's sdist, built once and cached (a lock keeps parallel workers
     from building it twice)."""
-    root = cache_root() / f"llama-cpp-python-{VERSION}"
+    root = cache_root() / f"llama-cpp-python-{VERSION}-{FLAVOUR}"
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -61,7 +66,7 @@ def _build(root: Path) -> None:
         subprocess.run([*pip, "download", "--no-deps", "--no-binary", ":all:", spec, "-d", str(root)], check=True)
     with tarfile.open(sdist) as tar:
         tar.extractall(root, filter="data")
-    env = {**os.environ, "CMAKE_ARGS": "-DLLAVA_BUILD=OFF", "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
+    env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
     wheels = root / "wheel"
     subprocess.run([*pip, "wheel", "--no-deps", "-w", str(wheels), str(sdist)], check=True, env=env)
     (wheel,) = wheels.glob("llama_cpp_python-*.whl")
