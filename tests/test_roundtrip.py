@@ -324,3 +324,20 @@ def test_float8_target_cast_from_a_base_with_nans(tmp_path, make_pair, dtype):
     report = roundtrip(tmp_path, base_dir, target_dir)
     assert report.manifest.target.tensors["w"].cast_from == "F32"
     assert tensor_bytes(load_checkpoint(tmp_path / "out")["w"]) == tensor_bytes(target["w"])
+
+
+def test_a_shard_per_tensor_drops_the_empty_ones_and_hashes_the_rest(tmp_path, make_pair, fmt):
+    """Payload shards are hashed as the stream moves past them; shards whose tensors all turned out
+    equal to the base (copies) are dropped and the rest numbered without gaps."""
+    base = llama_like(torch.float16)
+    base_dir, target_dir = make_pair(base, finetune_of(base, extra_vocab=3))
+
+    report = roundtrip(tmp_path, base_dir, target_dir, shard_size=1, format=fmt)
+
+    copies = [n for n, t in report.manifest.target.tensors.items() if t.encoding == "copy"]
+    names = sorted(report.manifest.payload)
+    assert copies and len(names) == len(report.manifest.target.tensors) - len(copies)
+    assert names == [f"delta-{i:05d}-of-{len(names):05d}.safetensors" for i in range(1, len(names) + 1)]
+    assert sorted(p.name for p in (tmp_path / "delta").glob("*.safetensors")) == names
+    assert verify_delta(tmp_path / "delta", base=base_dir).ok  # every file's SHA-256 as recorded
+    assert_same_tensors(load_checkpoint(tmp_path / "out"), finetune_of(base, extra_vocab=3))

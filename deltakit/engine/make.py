@@ -127,7 +127,9 @@ class _PayloadShards:
     """Payload shards written in one pass; tensors found identical to the base are left out.
 
     In format 2 a tensor's payload is its coded frames, a ``U8`` tensor whose size is known only
-    once written; the header, written last into reserved room, records it.
+    once written; the header, written last into reserved room, records it. A file's SHA-256 must
+    start with that header, so each shard is read back once for it: on a thread of its own as soon
+    as the stream has moved on to the next shard, so only the last one's hash is left at the end.
     """
 
     def __init__(self, folder: Path, specs: Sequence[TensorSpec], shard_size: int, version: int) -> None:
@@ -142,11 +144,28 @@ class _PayloadShards:
         self._current: SafetensorsWriter | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="deltakit-write")
         self._pending: Future[None] | None = None
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="deltakit-sha256")
+        self._closed: dict[int, Future[tuple[str, int]] | None] = {}  # shard -> its hash (None: empty)
 
     def begin(self, name: str) -> None:
         self.wait()
-        self._current = self._writers[self._shard_of[name]]
+        shard = self._shard_of[name]
+        for earlier in range(shard):  # tensors come in shard order: the shards before are complete
+            self._close(earlier)
+        self._current = self._writers[shard]
         self._current.begin(name)
+
+    def _close(self, shard: int) -> None:
+        """Write a complete shard's header and start hashing it (or drop it, if it holds nothing)."""
+        if shard in self._closed:
+            return
+        writer = self._writers[shard]
+        writer.finish()
+        if writer.tensors:
+            self._closed[shard] = self._hasher.submit(file_sha256, writer.path)
+        else:
+            writer.path.unlink()
+            self._closed[shard] = None
 
     def write(self, pieces: Sequence[Bytes | bytes]) -> None:
         """Write a chunk's pieces now."""
@@ -185,29 +204,25 @@ class _PayloadShards:
         self._current = None
 
     def finish(self) -> dict[str, FileRecord]:
-        """Close every shard, drop empty ones, give the rest their final names; hash them.
-
-        Each shard is read back once for its SHA-256: its header, written last, depends on what
-        was kept (and in format 2 on the coded sizes), and a file's hash must start with it.
-        """
+        """Close every shard, drop empty ones, give the rest their final names with their SHA-256."""
         self.wait()
         self._pool.shutdown()
-        kept = []
-        for writer in self._writers:
-            writer.finish()
-            if writer.tensors:
-                kept.append(writer.path)
-            else:
-                writer.path.unlink()
+        for shard in range(len(self._writers)):
+            self._close(shard)
+        kept = [
+            (self._writers[shard].path, hashed.result()) for shard, hashed in sorted(self._closed.items()) if hashed
+        ]
+        self._hasher.shutdown()
         records: dict[str, FileRecord] = {}
-        for i, path in enumerate(kept, start=1):
+        for i, (path, (sha256, size)) in enumerate(kept, start=1):
             final = self.folder / payload_file_name(i, len(kept))
             path.rename(final)
-            records[final.name] = FileRecord(*file_sha256(final))
+            records[final.name] = FileRecord(sha256, size)
         return records
 
     def abort(self) -> None:
         self._pool.shutdown(cancel_futures=True)
+        self._hasher.shutdown(cancel_futures=True)
         for writer in self._writers:
             writer.abort()
 
