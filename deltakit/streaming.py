@@ -141,11 +141,13 @@ class Prefetcher:
         self._arenas = [Arena() for _ in range(depth + 1)]
 
     def _fill(self, chunk: Chunk, index: int) -> list[memoryview]:
-        if self._mapped:
-            return [self._reader.map_range(read.path, read.offset, read.length) for read in chunk.reads]
         slot = self._slots[index]
         views = []
         for k, read in enumerate(chunk.reads):
+            mapped = self._reader.map_range(read.path, read.offset, read.length) if self._mapped else None
+            if mapped is not None:
+                views.append(mapped)
+                continue
             if read.length > len(slot[k]):  # a format 2 frame cut larger than today's chunks (bounded on reading)
                 slot[k] = bytearray(read.length)
             view = memoryview(slot[k])[: read.length]

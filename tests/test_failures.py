@@ -385,12 +385,22 @@ def test_a_later_run_reclaims_what_a_killed_one_left_and_says_so(tmp_path, delta
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("mapped", [False, True])
-def test_a_file_that_shrinks_under_a_read_is_named_and_mapped_reads_give_the_same_bytes(tmp_path, mapped):
+@pytest.mark.parametrize("mapped", [False, True, "unmappable"])
+def test_a_file_that_shrinks_under_a_read_is_named_and_mapped_reads_give_the_same_bytes(tmp_path, mapped, monkeypatch):
     """make and apply map their inputs rather than copy them; a range past the end of a file (one cut
-    short after its header was read) is an IntegrityError naming it, as with pread, never a SIGBUS."""
+    short after its header was read) is an IntegrityError naming it, as with pread, never a SIGBUS.
+    Where the file system cannot map files (some FUSE mounts), reads fall back to pread."""
+    import mmap
+
     from deltakit.formats.checkpoint import RangeReader
     from deltakit.streaming import Chunk, Prefetcher, Read
+
+    if mapped == "unmappable":
+
+        def refuse(*args, **kwargs):
+            raise OSError(19, "No such device")
+
+        monkeypatch.setattr(mmap, "mmap", refuse)
 
     data = os.urandom(3 * 65536 + 123)
     path = tmp_path / "weights.bin"
@@ -398,8 +408,8 @@ def test_a_file_that_shrinks_under_a_read_is_named_and_mapped_reads_give_the_sam
     ranges = [(0, 10), (4097, 70000), (65535, 2), (len(data) - 5, 5), (17, 0)]
     chunks = [Chunk(k, 0, 0, 0, (Read(path, offset, length),)) for k, (offset, length) in enumerate(ranges)]
     with RangeReader() as reader:
-        got = [bytes(views[0]) for _, views in Prefetcher(reader, mapped=mapped).run(chunks)]
+        got = [bytes(views[0]) for _, views in Prefetcher(reader, mapped=bool(mapped)).run(chunks)]
         assert got == [data[offset : offset + length] for offset, length in ranges]
         os.truncate(path, len(data) - 100)
         with pytest.raises(IntegrityError, match=r"weights\.bin.*shrank or is truncated"):
-            list(Prefetcher(reader, mapped=mapped).run([Chunk(0, 0, 0, 0, (Read(path, len(data) - 200, 150),))]))
+            list(Prefetcher(reader, mapped=bool(mapped)).run([Chunk(0, 0, 0, 0, (Read(path, len(data) - 200, 150),))]))

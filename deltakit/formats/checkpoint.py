@@ -221,6 +221,7 @@ class RangeReader:
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
+        self._unmappable: set[Path] = set()
         self._lock = threading.Lock()  # read-ahead threads share the descriptors
 
     def __enter__(self) -> RangeReader:
@@ -254,12 +255,15 @@ class RangeReader:
                 )
             done += n
 
-    def map_range(self, path: Path, offset: int, length: int) -> memoryview:
+    def map_range(self, path: Path, offset: int, length: int) -> memoryview | None:
         """The bytes of ``path`` from ``offset``, mapped read-only instead of copied: what the page cache
         holds is used in place. The mapping lasts as long as the returned view (or any array made
-        from it); a short file is an error, as for :meth:`read_into`."""
+        from it); a short file is an error, as for :meth:`read_into`. ``None`` where the file system
+        cannot map files (some FUSE mounts): read those with :meth:`read_into`."""
         if length == 0:
             return memoryview(b"")
+        if path in self._unmappable:
+            return None
         fd = self._fd(path)
         size = os.fstat(fd).st_size
         if offset + length > size:
@@ -270,7 +274,11 @@ class RangeReader:
             )
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # map every page now, not fault by fault
-        mapped = mmap.mmap(fd, offset + length - start, flags=flags, prot=mmap.PROT_READ, offset=start)
+        try:
+            mapped = mmap.mmap(fd, offset + length - start, flags=flags, prot=mmap.PROT_READ, offset=start)
+        except OSError:
+            self._unmappable.add(path)
+            return None
         return memoryview(mapped)[offset - start :]
 
     def close(self) -> None:
