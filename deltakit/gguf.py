@@ -624,6 +624,7 @@ def apply_to_gguf(
     out = Path(out)
     _check_quant(quant)
     plan = plan_apply(base, delta)
+    plan.warm_up()
     m = plan.manifest
     plan.check_sample()
     verified = set(plan.sample)

@@ -98,6 +98,12 @@ class ApplyPlan:
     def write_bytes(self) -> int:
         return sum(shard.layout.size for shard in self.shards)
 
+    def warm_up(self) -> None:
+        """Start loading the frame decoder's compiled kernels in the background (format 2), so that
+        it overlaps the checks before streaming; a plan that is only shown needs none."""
+        if self.manifest.format >= 2:
+            kernels.warm_up()
+
     def check_sample(self) -> None:
         """Check the digests of the sampled base tensors (embedding, first layer): where a wrong or
         differently converted base shows first, in seconds.
@@ -222,8 +228,6 @@ def plan_apply(
     """
     package = delta if isinstance(delta, DeltaPackage) else open_delta(delta)
     m = package.manifest
-    if m.format >= 2:
-        kernels.warm_up()
     ckpt = open_checkpoint(base)
     for name, target in m.target.tensors.items():
         if not target.needs_base:
@@ -406,6 +410,7 @@ def apply_delta(
     out = Path(out)
     check_output_free(out)
     plan = plan_apply(base, delta, shard_size=shard_size)
+    plan.warm_up()
     m = plan.manifest
     check_free_space(out, plan.write_bytes + sum(f.size for f in m.target.files.values()))
     plan.check_sample()  # before anything is created on disk
