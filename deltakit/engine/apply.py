@@ -473,6 +473,27 @@ def _check_rebuilt(m: Manifest, step: ApplyStep, base_hash: TensorHasher, got: s
         )
 
 
+def _rebuilt_chunks(
+    steps: Sequence[ApplyStep], reader: RangeReader, verified: set[str], bar: ProgressBar, *, mapped: bool = False
+) -> Iterator[tuple[int, Bytes, TensorHasher]]:
+    """Every chunk of ``steps`` rebuilt, in order: the step's index, the chunk's output bytes (valid
+    until the chunk after next is asked for), and the hasher of that step's base bytes, which has
+    seen the chunk's base bytes (unless the tensor was checked already, in ``verified``)."""
+
+    def work(chunk: Chunk, views: list[memoryview], arena: Arena) -> Bytes:  # on a reading thread
+        return _decode_chunk(steps[chunk.owner], chunk, views, arena)
+
+    current, base_hash = -1, TensorHasher()
+    for chunk, views, rebuilt in Prefetcher(reader, mapped=mapped).map(_apply_chunks(steps), work):
+        step = steps[chunk.owner]
+        if chunk.owner != current:
+            current, base_hash = chunk.owner, TensorHasher()
+        if step.base is not None and chunk.segment == 0 and step.name not in verified:
+            base_hash.update(views[0])
+        yield chunk.owner, rebuilt, base_hash
+        bar.update(rebuilt.size)
+
+
 def rebuilt_tensors(
     plan: ApplyPlan, reader: RangeReader, verified: set[str], bar: ProgressBar, *, scratch: Path
 ) -> Iterator[tuple[ApplyStep, Bytes]]:
@@ -486,7 +507,7 @@ def rebuilt_tensors(
     m = plan.manifest
     steps = plan.steps
     current, filled = -1, 0
-    base_hash, out_hash = TensorHasher(), TensorHasher()
+    base_hash = out_hash = TensorHasher()
     held: Bytes = np.empty(0, dtype=np.uint8)
     spill: Any = None
 
@@ -497,34 +518,27 @@ def rebuilt_tensors(
         spill.flush()
         return np.memmap(spill, dtype=np.uint8, mode="r", shape=(filled,)) if filled else held[:0]
 
-    def work(chunk: Chunk, views: list[memoryview], arena: Arena) -> Bytes:  # on a reading thread
-        return _decode_chunk(steps[chunk.owner], chunk, views, arena)
-
     try:
-        for chunk, views, rebuilt in Prefetcher(reader).map(_apply_chunks(steps), work):
-            if chunk.owner != current:
+        for index, rebuilt, tensor_base_hash in _rebuilt_chunks(steps, reader, verified, bar):
+            if index != current:
                 if current >= 0:
                     yield steps[current], finish(current)
                 if spill is not None:
                     spill.close()
                     spill = None
-                current, filled = chunk.owner, 0
-                base_hash, out_hash = TensorHasher(), TensorHasher()
+                current, filled, out_hash = index, 0, TensorHasher()
                 size = math.prod(steps[current].target.shape) * itemsize(steps[current].target.dtype)
                 if size > MEMORY_TENSOR_BYTES:
                     spill = tempfile.TemporaryFile(dir=scratch, prefix=".deltakit-tensor-")  # noqa: SIM115 - closed below
                 else:
                     held = np.empty(size, dtype=np.uint8)
-            step = steps[chunk.owner]
+            base_hash = tensor_base_hash
             out_hash.update(rebuilt.data)
             if spill is not None:
                 spill.write(rebuilt)
             else:
                 held[filled : filled + rebuilt.size] = rebuilt
             filled += rebuilt.size
-            if step.base is not None and chunk.segment == 0 and step.name not in verified:
-                base_hash.update(views[0])
-            bar.update(rebuilt.size)
         if current >= 0:
             yield steps[current], finish(current)
     finally:
@@ -560,21 +574,13 @@ def _stream_apply(
         _check_rebuilt(m, steps[index], base_hash, digests[steps[index].name], verified)
 
     try:
-
-        def work(chunk: Chunk, views: list[memoryview], arena: Arena) -> Bytes:  # on a reading thread
-            return _decode_chunk(steps[chunk.owner], chunk, views, arena)
-
-        for chunk, views, rebuilt in Prefetcher(reader, mapped=True).map(_apply_chunks(steps), work):
-            if chunk.owner != current:
+        for index, rebuilt, tensor_base_hash in _rebuilt_chunks(steps, reader, verified, bar, mapped=True):
+            if index != current:
                 if current >= 0:
                     finish(current)
-                current = chunk.owner
-                base_hash, out_hash = TensorHasher(), TensorHasher()
-            step = steps[chunk.owner]
-            writer.submit(step.shard, rebuilt, out_hash)
-            if step.base is not None and chunk.segment == 0 and step.name not in verified:
-                base_hash.update(views[0])
-            bar.update(rebuilt.size)
+                current, out_hash = index, TensorHasher()
+            base_hash = tensor_base_hash
+            writer.submit(steps[index].shard, rebuilt, out_hash)
         if current >= 0:
             finish(current)
     finally:
