@@ -216,6 +216,13 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path, path, tensors, weight_files, extra, ignored)
 
 
+def _cut_short(path: Path, end: int, length: int, offset: int) -> IntegrityError:
+    return IntegrityError(
+        f"{path}: ended at byte {end} while reading {length} bytes from {offset} (the file shrank or is truncated)",
+        path=path,
+    )
+
+
 class RangeReader:
     """Reads byte ranges of files with ``pread`` into caller-owned buffers; one descriptor per file."""
 
@@ -248,11 +255,7 @@ class RangeReader:
         while done < total:
             n = os.preadv(fd, [view[done:]], offset + done)
             if n == 0:
-                raise IntegrityError(
-                    f"{path}: ended at byte {offset + done} while reading {total} bytes from {offset} "
-                    "(the file shrank or is truncated)",
-                    path=path,
-                )
+                raise _cut_short(path, offset + done, total, offset)
             done += n
 
     def map_range(self, path: Path, offset: int, length: int) -> memoryview | None:
@@ -267,11 +270,7 @@ class RangeReader:
         fd = self._fd(path)
         size = os.fstat(fd).st_size
         if offset + length > size:
-            raise IntegrityError(
-                f"{path}: ended at byte {size} while reading {length} bytes from {offset} "
-                "(the file shrank or is truncated)",
-                path=path,
-            )
+            raise _cut_short(path, size, length, offset)
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # map every page now, not fault by fault
         try:
