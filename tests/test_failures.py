@@ -326,6 +326,29 @@ def test_a_disk_that_fills_up_mid_write_is_named(tmp_path, delta, monkeypatch):
     assert leftovers(tmp_path) == []
 
 
+def test_a_disk_that_fills_up_while_make_flushes_its_payload_is_named(tmp_path, make_pair, monkeypatch):
+    """make flushes its payload to disk behind the writing; ENOSPC from that flush (delayed
+    allocation) names the output like any other, and leaves nothing."""
+    import errno
+
+    from deltakit import NoSpaceError
+    from deltakit.engine.make import _PayloadShards
+
+    base = llama_like(torch.float16, layers=2)
+    base_dir, target_dir = make_pair(base, finetune_of(base))
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(_PayloadShards, "WRITEBACK_BYTES", 1024)
+    monkeypatch.setattr(os, "fdatasync", full, raising=False)
+    out = tmp_path / "out"
+    with pytest.raises(NoSpaceError, match="the disk filled up while writing it") as err:
+        make_delta(base_dir, target_dir, out)
+    assert err.value.path == out
+    assert leftovers(tmp_path) == []
+
+
 def test_side_files_linking_outside_their_folder_are_not_copied(tmp_path, make_pair):
     from deltakit import UnsupportedInputError
 

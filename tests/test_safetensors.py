@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -101,13 +102,24 @@ def test_malformed_json_headers(tmp_path, raw, message):
         read_header(file_with(tmp_path, None, raw=raw))
 
 
-def test_writer_output_matches_the_reference_library_bytes(tmp_path):
+@pytest.mark.parametrize("writeback", [None, 16], ids=["plain", "flushed-behind"])
+def test_writer_output_matches_the_reference_library_bytes(tmp_path, writeback, monkeypatch):
+    """The same bytes whether or not the writer flushes to disk behind its writes; with
+    ``writeback``, it does flush (from a thread of its own) as the bytes pass the threshold."""
+    flushed: list[int] = []
+    real = getattr(os, "fdatasync", os.fsync)
+
+    def fdatasync(fd: int) -> None:
+        flushed.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync, raising=False)
     tensors = {"w": torch.randn(4, 3), "b": torch.arange(6, dtype=torch.int16), "e": torch.zeros(0)}
     specs = [
         TensorSpec(n, {torch.float32: "F32", torch.int16: "I16"}[t.dtype], tuple(t.shape)) for n, t in tensors.items()
     ]
     path = tmp_path / "w.safetensors"
-    writer = SafetensorsWriter(path, specs, {"format": "pt"})
+    writer = SafetensorsWriter(path, specs, {"format": "pt"}, writeback=writeback)
     for name in ("b", "w", "e"):  # any order, any subset of the candidates
         writer.begin(name)
         t = tensors[name]
@@ -120,6 +132,7 @@ def test_writer_output_matches_the_reference_library_bytes(tmp_path):
     header = read_header(path)
     assert list(header.tensors) == ["b", "w", "e"]
     assert header.data_start % 8 == 0
+    assert bool(flushed) == (writeback is not None)
 
 
 def test_plan_layout_header_is_what_the_reference_library_parses(tmp_path):
