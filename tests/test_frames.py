@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deltakit import CorruptFrameError, ManifestError, apply_delta, make_delta, verify_delta
-from deltakit.codecs import CODECS, kernels
+from deltakit.codecs import CODECS
 from deltakit.codecs.frames import MAX_FRAME_BYTES, CorruptFrame, Frame, decode_frame, encode_frame
 from deltakit.formats import read_header
 
@@ -70,38 +70,6 @@ def test_a_fused_transform_frames_exactly_what_the_numpy_codec_computes(itemsize
             decoded = decode_frame(coded_bytes(pieces), frame, itemsize, split, base=base, transform=transform)
             assert decoded.tobytes() == target.tobytes()
             assert decode_frame(coded_bytes(pieces), frame, itemsize, split).tobytes() == payload.tobytes()
-
-
-@pytest.mark.parametrize(
-    ("itemsize", "transform"),
-    [(i, t) for i in (1, 2, 4, 8) for t in (None, "xor", "sub") if i > 1 or t],  # 1 byte, none: no pass
-)
-def test_numpy_passes_taken_while_the_kernels_load_give_the_kernels_bytes(itemsize, transform, monkeypatch):
-    """While the warm-up loads numba, the kernels' callers take numpy's passes: the same bytes."""
-    rng = np.random.default_rng(itemsize)
-    target = rng.integers(0, 256, 4096 * itemsize, dtype=np.uint8)
-    base = (target ^ rng.integers(0, 4, target.size, dtype=np.uint8)).astype(np.uint8)
-
-    def run() -> list[bytes]:
-        results = []
-        if itemsize > 1:
-            planes = np.empty_like(target)
-            kernels.split_streams(target, itemsize, planes, base=base, transform=transform)
-            joined = np.empty_like(target)
-            kernels.join_streams(planes, itemsize, joined, base=base, transform=transform)
-            assert joined.tobytes() == target.tobytes()
-            results.append(planes.tobytes())
-        if transform is not None:
-            words, back = np.empty_like(target), np.empty_like(target)
-            kernels.transform_words(target, base, itemsize, words, transform)
-            kernels.untransform_words(words, base, itemsize, back, transform)
-            assert back.tobytes() == target.tobytes()
-            results.append(words.tobytes())
-        return results
-
-    compiled = run()
-    monkeypatch.setattr(kernels, "_loading", lambda: True)
-    assert run() == compiled
 
 
 @pytest.mark.parametrize("dtype", ["F16", "BF16", "F32", "F64", "I8", "U8", "I32"])

@@ -6,10 +6,7 @@ and they cost as much as zstd itself (BENCHMARKS.md). These kernels do it in one
 without the GIL, so both reading threads run them at once. The numpy codecs in
 :mod:`deltakit.codecs` stay the reference: the tests check these kernels against them bit for bit.
 numba is imported on first use (it costs a few tenths of a second), and compiled kernels are cached
-on disk, so only the first run on a machine compiles them. While :func:`warm_up` is still loading
-them, calls take numpy's passes instead of waiting: the same bytes, slower, but the job's first
-frames are not held up by numba's start (measured: 0.75 s of a 1.9 GB make with both reading
-threads idle).
+on disk, so only the first run on a machine compiles them.
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from . import CODECS, Bytes
+from . import Bytes
 
 __all__ = [
     "TRANSFORMS",
@@ -37,8 +34,6 @@ log = logging.getLogger(__name__)
 # Codes the kernels take for a transform: none (the payload is the target), or a lossless codec.
 TRANSFORMS = {None: 0, "xor": 1, "sub": 2}
 _WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-# The reference codecs take a dtype only for its size: an integer dtype of each size stands in.
-_DTYPES = {1: "U8", 2: "U16", 4: "U32", 8: "U64"}
 
 
 _module: Any = None
@@ -65,13 +60,6 @@ def _compiled() -> Any:
 
 _warming: threading.Thread | None = None
 _warming_lock = threading.Lock()
-_ready = threading.Event()  # the warm-up has loaded every kernel (or failed to)
-
-
-def _loading() -> bool:
-    """Whether the warm-up is loading the kernels now: callers other than the warm-up itself then
-    take numpy's passes."""
-    return _warming is not None and not _ready.is_set() and threading.current_thread() is not _warming
 
 
 def warm_up() -> None:
@@ -97,8 +85,6 @@ def _load() -> None:
             join_streams(out, 2, words, base=words, transform=transform)
     except Exception:  # the job's own first call raises it again, where it can be reported
         log.debug("loading the compiled kernels failed", exc_info=True)
-    finally:
-        _ready.set()
 
 
 def _code(transform: str | None) -> int:
@@ -122,9 +108,6 @@ def join_streams(
     word = _WORDS[itemsize]
     values = out.view(word)
     code = _code(transform)
-    if _loading():
-        _join_numpy(planes, itemsize, out, base, transform)
-        return
     kernel = getattr(_compiled(), f"join{itemsize}")
     kernel(planes.reshape(itemsize, -1), values if base is None else base.view(word), values, code)
 
@@ -136,50 +119,19 @@ def split_streams(
     the inverse of :func:`join_streams`."""
     word = _WORDS[itemsize]
     values = target.view(word)
-    code = _code(transform)
-    if _loading():
-        _split_numpy(target, itemsize, planes, base, transform)
-        return
     kernel = getattr(_compiled(), f"split{itemsize}")
-    kernel(values, values if base is None else base.view(word), planes.reshape(itemsize, -1), code)
+    kernel(values, values if base is None else base.view(word), planes.reshape(itemsize, -1), _code(transform))
 
 
 def transform_words(target: Bytes, base: Bytes, itemsize: int, out: Bytes, transform: str) -> None:
     """The payload elements of ``transform`` (``xor``, ``sub``), whole, into ``out``."""
     word = _WORDS[itemsize]
-    code = _code(transform)
-    if _loading():
-        out[...] = CODECS[transform].encode(target, base, _DTYPES[itemsize])
-        return
     kernel = _compiled().words_forward
-    kernel(target.view(word), base.view(word), out.view(word), code, word(1), word(8 * itemsize - 1))
+    kernel(target.view(word), base.view(word), out.view(word), _code(transform), word(1), word(8 * itemsize - 1))
 
 
 def untransform_words(payload: Bytes, base: Bytes, itemsize: int, out: Bytes, transform: str) -> None:
     """The target's elements from whole payload elements of ``transform`` (``xor``, ``sub``), into ``out``."""
     word = _WORDS[itemsize]
-    code = _code(transform)
-    if _loading():
-        out[...] = CODECS[transform].decode(base, payload, _DTYPES[itemsize])
-        return
     kernel = _compiled().words_backward
-    kernel(payload.view(word), base.view(word), out.view(word), code, word(1))
-
-
-# numpy's passes, for while the kernels load: the reference codecs, then a strided copy.
-
-
-def _split_numpy(target: Bytes, itemsize: int, planes: Bytes, base: Bytes | None, transform: str | None) -> None:
-    payload = target
-    if transform is not None:
-        assert base is not None
-        payload = CODECS[transform].encode(target, base, _DTYPES[itemsize])
-    planes.reshape(itemsize, -1)[...] = payload.reshape(-1, itemsize).T
-
-
-def _join_numpy(planes: Bytes, itemsize: int, out: Bytes, base: Bytes | None, transform: str | None) -> None:
-    interleaved = out if transform is None else np.empty_like(out)
-    interleaved.reshape(-1, itemsize)[...] = planes.reshape(itemsize, -1).T
-    if transform is not None:
-        assert base is not None
-        out[...] = CODECS[transform].decode(base, interleaved, _DTYPES[itemsize])
+    kernel(payload.view(word), base.view(word), out.view(word), _code(transform), word(1))
