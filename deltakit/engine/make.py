@@ -133,7 +133,9 @@ class _PayloadShards:
     """
 
     # Flushed to disk behind the writing every this many bytes, so that the final fsync waits for
-    # little (measured: 0.7 s of a 5.4 s make on a 1.9 GB pair was that wait; BENCHMARKS.md).
+    # little (measured on the 1.9 GB pair: without it, 0.7 s of a 5.4 s make was that wait, both
+    # cores idle). apply's output is flushed differently (streaming.OutputWriter): it drops the
+    # pages it wrote, which nothing reads back; these are read back for the payload's SHA-256.
     WRITEBACK_BYTES = 64 << 20
 
     def __init__(self, folder: Path, specs: Sequence[TensorSpec], shard_size: int, version: int) -> None:
