@@ -11,6 +11,7 @@ import json
 import math
 import mmap
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ R = TypeVar("R")
 
 CHUNK_BYTES = 8 << 20
 PREFETCH_DEPTH = 3
+READAHEAD_BYTES = 64 << 20  # reads the kernel is asked to start ahead of the chunks read now
 OUTPUT_METADATA = {"format": "pt"}
 
 
@@ -175,9 +177,28 @@ class Prefetcher:
     def run(self, chunks: Iterable[Chunk]) -> Iterator[tuple[Chunk, list[memoryview]]]:
         yield from self._pipeline(chunks, self._fill)
 
+    def _hinted(self, chunks: Iterable[Chunk]) -> Iterator[Chunk]:
+        """``chunks`` in order, each one's reads handed to the kernel to start (``will_need``) about
+        READAHEAD_BYTES before the chunk is: the disk keeps reading while both threads decode.
+        Measured from a cold cache at 500 MB/s, format 2 apply read at 200-350 MB/s without it."""
+        ahead: deque[tuple[Chunk, int]] = deque()
+        hinted = 0
+        for chunk in chunks:
+            for read in chunk.reads:
+                self._reader.will_need(read.path, read.offset, read.length)
+            size = sum(read.length for read in chunk.reads)
+            ahead.append((chunk, size))
+            hinted += size
+            while hinted > READAHEAD_BYTES:
+                first, first_size = ahead.popleft()
+                hinted -= first_size
+                yield first
+        for chunk, _ in ahead:
+            yield chunk
+
     def _pipeline(self, chunks: Iterable[Chunk], fill: Callable[[Chunk, int], R]) -> Iterator[tuple[Chunk, R]]:
         pending: list[tuple[Chunk, Future[R]]] = []
-        source = iter(chunks)
+        source = self._hinted(chunks)
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="deltakit-read") as pool:
             index = 0
 
