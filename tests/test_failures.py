@@ -316,13 +316,46 @@ def test_a_disk_that_fills_up_mid_write_is_named(tmp_path, delta, monkeypatch):
 
     _, base_dir, delta_dir = delta
 
-    def full(fd, view):
+    def full(fd, view, offset=None):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr("deltakit.streaming.write_all", full)
     with pytest.raises(NoSpaceError, match="the disk filled up while writing it") as err:
         apply_delta(base_dir, delta_dir, tmp_path / "out")
     assert err.value.path == tmp_path / "out" and str(tmp_path / "out") in str(err.value)
+    assert leftovers(tmp_path) == []
+
+
+def test_a_disk_that_fills_up_under_a_direct_write_is_named(tmp_path, delta, monkeypatch):
+    """apply writes its output in aligned blocks on a thread of their own (O_DIRECT where the
+    filesystem takes it): ENOSPC there names the output too, and leaves nothing."""
+    import errno
+
+    from deltakit import NoSpaceError, streaming
+
+    _, base_dir, delta_dir = delta
+    write_all = streaming.write_all
+
+    probe = os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        if not streaming._set_direct(probe, True):
+            pytest.skip("this filesystem refuses O_DIRECT")
+    finally:
+        os.close(probe)
+        os.unlink(tmp_path / "probe")
+    refused = []
+
+    def full_when_direct(fd, view, offset=None):
+        if streaming.fcntl.fcntl(fd, streaming.fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(offset)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write_all(fd, view, offset)
+
+    monkeypatch.setattr(streaming, "DIRECT_BLOCK", 16384)
+    monkeypatch.setattr(streaming, "write_all", full_when_direct)
+    with pytest.raises(NoSpaceError, match="the disk filled up while writing it") as err:
+        apply_delta(base_dir, delta_dir, tmp_path / "out")
+    assert refused and err.value.path == tmp_path / "out"
     assert leftovers(tmp_path) == []
 
 

@@ -583,6 +583,7 @@ def _stream_apply(
             writer.submit(steps[index].shard, rebuilt, out_hash)
         if current >= 0:
             finish(current)
+        writer.finish()
     finally:
         writer.close()
     return digests
