@@ -30,7 +30,8 @@ def fingerprint_of(records: dict[str, TensorRecord] | dict[str, TargetTensor]) -
 
 
 def hash_tensor(reader: RangeReader, info: TensorInfo, bar: ProgressBar | None = None) -> str:
-    hasher = TensorHasher()
+    """The BLAKE3 digest of one tensor read from disk, hashed on every core (nothing else runs)."""
+    hasher = TensorHasher(parallel=True)
     buffer = bytearray(min(CHUNK_BYTES, info.nbytes))
     for offset in range(info.start, info.end, CHUNK_BYTES):
         view = memoryview(buffer)[: min(CHUNK_BYTES, info.end - offset)]
