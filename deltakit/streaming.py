@@ -47,6 +47,7 @@ __all__ = [
     "plan_output",
     "plan_shards",
     "read_range",
+    "set_direct",
     "stream_outputs",
     "write_index",
     "write_model",
@@ -260,7 +261,7 @@ DIRECT_ALIGN = 4096
 DIRECT_BLOCK = 8 << 20
 
 
-def _set_direct(fd: int, on: bool) -> bool:
+def set_direct(fd: int, on: bool) -> bool:
     """Turn O_DIRECT on or off for ``fd``; False where the OS or the filesystem refuses it."""
     flag = getattr(os, "O_DIRECT", 0)
     if not flag:
@@ -279,7 +280,7 @@ def _write_block(fd: int, view: memoryview, offset: int) -> None:
     try:
         write_all(fd, view, offset)
     except OSError as e:
-        if e.errno != errno.EINVAL or not _set_direct(fd, False):
+        if e.errno != errno.EINVAL or not set_direct(fd, False):
             raise
         write_all(fd, view, offset)
 
@@ -319,7 +320,7 @@ class _ShardSink:
                 view = view[lead:]
                 if not view:
                     return
-            self._direct = _set_direct(self.fd, True)
+            self._direct = set_direct(self.fd, True)
             if self._direct:
                 self._blocks = [mmap.mmap(-1, DIRECT_BLOCK), mmap.mmap(-1, DIRECT_BLOCK)]
         if not self._direct:
@@ -366,7 +367,7 @@ class _ShardSink:
                 self._flush_block()
             self.wait(0)
             self.wait(1)
-            _set_direct(self.fd, False)
+            set_direct(self.fd, False)
             self._direct = False
             self._blocks = []  # unmapped once the last flush has let go of them
             self._buffered(memoryview(rest))

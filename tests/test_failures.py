@@ -338,7 +338,7 @@ def test_a_disk_that_fills_up_under_a_direct_write_is_named(tmp_path, delta, mon
 
     probe = os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        if not streaming._set_direct(probe, True):
+        if not streaming.set_direct(probe, True):
             pytest.skip("this filesystem refuses O_DIRECT")
     finally:
         os.close(probe)

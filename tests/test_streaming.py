@@ -67,7 +67,7 @@ def _write_through(tmp_path, pieces, headers):
 def _direct_works(folder) -> bool:
     fd = os.open(folder / "probe", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        return streaming._set_direct(fd, True)
+        return streaming.set_direct(fd, True)
     finally:
         os.close(fd)
         os.unlink(folder / "probe")
@@ -121,7 +121,7 @@ def test_the_output_goes_to_disk_directly_in_aligned_blocks(tmp_path, monkeypatc
 def test_without_direct_writes_the_output_is_the_same(tmp_path, monkeypatch):
     """A filesystem (or OS) that refuses O_DIRECT gets every byte the ordinary way: the same files."""
     monkeypatch.setattr(streaming, "DIRECT_BLOCK", 65_536)
-    monkeypatch.setattr(streaming, "_set_direct", lambda fd, on: False)
+    monkeypatch.setattr(streaming, "set_direct", lambda fd, on: False)
     pieces, expected = _pieces_and_files(_HEADERS, _SIZES, seed=1)
     files, _ = _write_through(tmp_path, pieces, _HEADERS)
     assert files == expected
