@@ -209,7 +209,7 @@ class Results:
     extra_vocab: int
     base_bytes: int
     base_files: int
-    payload_bytes: dict[str, int]  # by format
+    payload_bytes: dict[int, int]  # by format
     output_bytes: int
     generate_s: float
     repeat: int
@@ -238,6 +238,17 @@ class Results:
             "make_format1_to_floor": self.ratio(MAKE[1], "make I/O floor"),
         }
         return json.dumps(asdict(self) | {"ratios": ratios}, indent=2) + "\n"
+
+
+def load_results(path: Path) -> list[Results]:
+    """The runs recorded in ``path`` (as :meth:`Results.to_json` wrote them)."""
+    runs = []
+    for raw in json.loads(path.read_text(encoding="utf-8")):
+        raw.pop("ratios", None)
+        raw["steps"] = [Step(**step) for step in raw["steps"]]
+        raw["payload_bytes"] = {int(f): size for f, size in raw["payload_bytes"].items()}
+        runs.append(Results(**raw))
+    return runs
 
 
 APPLY = {1: "apply (format 1, raw payload)", 2: "apply (format 2, compressed payload)"}
@@ -551,13 +562,19 @@ def cold_lines(results: Results) -> list[str]:
                 f"format 1 {raw:.2f} s ({best[name] / raw:.2f}x): compressed at or below raw **{verdict}**."
             )
         elif name.endswith(", make format 2") and f"{limit}, make I/O floor" in best:
-            floor = best[f"{limit}, make I/O floor"]
+            # the floor is the lesser of the plain copy and the read limit itself: one thread reading
+            # 8 MiB at a time does not always reach the limit, and make, reading ahead, can beat it
+            copy = best[f"{limit}, make I/O floor"]
+            read = results.step("make I/O floor").read_bytes or 0
+            bound = read / (float(limit.split()[0]) * 1e6)
+            floor = min(copy, bound)
             ratio = best[name] / floor
             verdict = "met" if ratio <= results.make_floor_target else "not met"
             lines.append(
-                f"- make (format 2) from a cold page cache, reads from disk limited to {limit}: {best[name]:.2f} s, "
-                f"its I/O floor {floor:.2f} s ({ratio:.2f}x): within {results.make_floor_target}x of the floor "
-                f"**{verdict}**."
+                f"- make (format 2) from a cold page cache, reads from disk limited to {limit}: {best[name]:.2f} s "
+                f"against its I/O floor {floor:.2f} s ({ratio:.2f}x; the floor is the lesser of the plain copy, "
+                f"{copy:.2f} s, and {read / 1e9:.3f} GB read at the limit, {bound:.2f} s): within "
+                f"{results.make_floor_target}x of the floor **{verdict}**."
             )
     return lines
 
@@ -616,7 +633,11 @@ def markdown(runs: Sequence[Results]) -> str:
         "from a warm page cache with nothing left to write back (every file fits in RAM): reading costs a "
         "memory copy at most (make and apply map their inputs), so a smaller payload saves little here, and "
         "decoding is paid in full; on a disk or a "
-        "network slower than decoding, the smaller payload is what counts. On this VM, writing into the page "
+        "network slower than decoding, the smaller payload is what counts. For make the warm floor is a memory "
+        "copy of the inputs and a direct write of the payload; make's own work, BLAKE3 over both inputs and "
+        "zstd over the fine-tune's byte streams, is several core-seconds, which 2 cores cannot fit in 1.5x of "
+        "it: the cold rows, where the disk sets the floor, are the ones that measure how close make runs to "
+        "the disk. On this VM, writing into the page "
         "cache is now and then about 3x slower for reasons outside the benchmark, so the steps of each group "
         "(make, apply) run interleaved and the best of each counts; make's first run counts too. make, apply "
         "and verify each run as their own `python -m deltakit.cli` process, started from a small launcher; "
@@ -667,6 +688,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md", help="where to record the results")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "apply.json")
     p.add_argument("--no-record", action="store_true", help="print only; write neither BENCHMARKS.md nor JSON")
+    p.add_argument(
+        "--render",
+        action="store_true",
+        help="measure nothing: render BENCHMARKS.md again from the figures in --json (after a change to the text)",
+    )
     p.add_argument(
         "--memory-only",
         action="store_true",
@@ -738,6 +764,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{seconds:.4f}")
         return 0
     args = parse_args(argv)
+    if args.render:
+        record(args.markdown, markdown(load_results(args.json)), SECTION_BEGIN, SECTION_END)
+        print(f"rendered {args.markdown} from {args.json}")
+        return 0
     work: Path = args.work.resolve()
     if work.exists() and any(work.iterdir()):
         print(f"{work} is not empty; remove it or pass another --work", file=sys.stderr)
