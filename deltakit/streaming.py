@@ -362,7 +362,7 @@ class _ShardSink:
         if self._direct:
             tail = self._fill % DIRECT_ALIGN
             block, self._fill = self._filling, self._fill - tail
-            rest = bytes(self._blocks[block][self._fill : self._fill + tail])
+            rest = self._blocks[block][self._fill : self._fill + tail]  # a copy: mmap slices are bytes
             if self._fill:
                 self._flush_block()
             self.wait(0)
