@@ -35,7 +35,7 @@ from common import decode_throughput, machine, record
 
 from deltakit.engine import plan_apply
 from deltakit.examples import LlamaShape, write_llama_pair
-from deltakit.streaming import set_direct
+from deltakit.streaming import DIRECT_ALIGN, set_direct
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK = 8 << 20
@@ -145,22 +145,22 @@ def io_floor(sources: Sequence[Path], write_bytes: int, dest: Path) -> tuple[flo
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         direct = set_direct(fd, True)
+
+        def write(k: int) -> None:
+            nonlocal direct, left
+            if direct and k % DIRECT_ALIGN:  # the tail: not a whole page
+                direct = not set_direct(fd, False)
+            _write_all(fd, view[:k])
+            left -= k
+
         for path in sources:
             with open(path, "rb", buffering=0) as f:
                 while n := f.readinto(view):
                     read += n
                     if left:
-                        k = min(n, left)
-                        if direct and k % 4096:  # the tail: not a whole page
-                            direct = not set_direct(fd, False)
-                        _write_all(fd, view[:k])
-                        left -= k
+                        write(min(n, left))
         while left:
-            k = min(len(buffer), left)
-            if direct and k % 4096:
-                direct = not set_direct(fd, False)
-            _write_all(fd, view[:k])
-            left -= k
+            write(min(len(buffer), left))
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -343,10 +343,14 @@ def cold_runs(
     runs: dict[str, list[float]] = {}
 
     def cold(args: Sequence[str], log: Path, leftover: Path) -> float:
+        """Run ``deltakit ARGS`` (or, with ``--io-floor``, this script's floor) from an empty page cache."""
         if leftover.is_dir():
             shutil.rmtree(leftover)
         leftover.unlink(missing_ok=True)
         drop_caches()
+        if args[0] == "--io-floor":  # the floor times itself, without its process's start-up
+            run_process([sys.executable, str(Path(__file__).resolve()), *args], log, group)
+            return float(log.read_text().split()[0])
         seconds, _ = run_cli(args, log, group)
         return seconds
 
@@ -362,12 +366,9 @@ def cold_runs(
                 args = ["make", "--base", str(base), "--target", str(tuned), "--out", str(made), "--quiet"]
                 seconds = cold(args, logs / f"cold-{limit}-make-{index}.log", made)
                 runs.setdefault(f"{rate}, make format 2", []).append(seconds)
-                log = logs / f"cold-{limit}-floor-{index}.log"
-                floor.unlink(missing_ok=True)
-                drop_caches()
-                command = [sys.executable, str(Path(__file__).resolve()), "--io-floor", str(floor), str(payload)]
-                run_process([*command, *map(str, inputs)], log, group)
-                runs.setdefault(f"{rate}, make I/O floor", []).append(float(log.read_text().split()[0]))
+                args = ["--io-floor", str(floor), str(payload), *map(str, inputs)]
+                seconds = cold(args, logs / f"cold-{limit}-floor-{index}.log", floor)
+                runs.setdefault(f"{rate}, make I/O floor", []).append(seconds)
     finally:
         for leftover in (out, made):
             if leftover.exists():
