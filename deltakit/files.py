@@ -1,0 +1,88 @@
+"""Opening the files deltakit reads: regular files only, so a FIFO or a device never blocks a job.
+
+A FIFO opened for reading blocks until a writer comes, and reading a character device never ends;
+each input file is therefore opened without blocking, checked to be a regular file, and only then read.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import InputNotFoundError, UnsupportedInputError
+
+__all__ = ["describe_mode", "open_regular", "read_regular", "read_regular_text", "require_regular"]
+
+
+def describe_mode(mode: int) -> str:
+    """What a file of this ``st_mode`` is, in words ("a FIFO", "a folder", ...)."""
+    for test, words in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return words
+    return "not a regular file"
+
+
+def require_regular(path: str | Path) -> os.stat_result:
+    """The ``stat`` of ``path`` (links followed) if it is a regular file; else a named error.
+
+    Raises:
+        InputNotFoundError: nothing is there.
+        UnsupportedInputError: something other than a regular file is there.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as e:
+        raise InputNotFoundError(f"{path} does not exist", path=path) from e
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsupportedInputError(f"{path} is {describe_mode(st.st_mode)}, not a regular file", path=path)
+    return st
+
+
+@contextmanager
+def open_regular(path: str | Path) -> Iterator[BinaryIO]:
+    """Open ``path`` for binary reading, refusing anything but a regular file without blocking on it.
+
+    The check runs on the opened descriptor, so a file swapped for a FIFO after a ``stat`` is caught too.
+
+    Raises:
+        InputNotFoundError: nothing is there.
+        UnsupportedInputError: a FIFO, socket, device or folder is there.
+    """
+    require_regular(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError as e:
+        raise InputNotFoundError(f"{path} does not exist", path=path) from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsupportedInputError(f"{path} is {describe_mode(st.st_mode)}, not a regular file", path=path)
+        os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        yield f
+
+
+def read_regular(path: str | Path, *, limit: int | None = None) -> bytes:
+    """The bytes of the regular file ``path``; with ``limit``, at most ``limit + 1`` of them are read,
+    so a caller can tell an oversized file without reading it whole."""
+    with open_regular(path) as f:
+        return f.read() if limit is None else f.read(limit + 1)
+
+
+def read_regular_text(path: str | Path) -> str:
+    """The UTF-8 text of the regular file ``path``."""
+    return read_regular(path).decode("utf-8")
