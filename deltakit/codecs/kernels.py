@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import tempfile
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,6 +49,7 @@ def _compiled() -> Any:
     if _module is None:
         with _import_lock:
             if _module is None:
+                _choose_numba_cache()
                 enabled = gc.isenabled()
                 gc.disable()  # numba's import makes ~10^5 objects: collecting on the way costs a third of it
                 try:
@@ -56,6 +60,41 @@ def _compiled() -> Any:
                 gc.freeze()  # and later collections need not walk them again
                 _module = _jit
     return _module
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def _choose_numba_cache() -> None:
+    """Give numba a cache folder it can write when neither of its own choices is writable.
+
+    numba caches compiled kernels beside their source, else under the user's cache folder, and with
+    neither writable (a read-only install run by a user without a writable home: ``docker run --user``)
+    the first kernel call raises "cannot cache function ... no locator available". Then the cache goes
+    to a folder of this user's own under the temporary folder; a folder there that is not this user's
+    (anyone may create the name first) is never used, and a fresh one is made instead.
+    """
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
+    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "numba"
+    if _writable(Path(__file__).parent / "__pycache__") or _writable(user_cache):
+        return
+    folder = Path(tempfile.gettempdir()) / f"deltakit-numba-{os.getuid()}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        mine = folder.lstat().st_uid == os.getuid() and folder.is_dir() and not folder.is_symlink()
+    except OSError:
+        mine = False
+    if not (mine and _writable(folder)):
+        folder = Path(tempfile.mkdtemp(prefix="deltakit-numba-"))
+    log.info("numba cannot write its usual cache folders; caching compiled kernels in %s", folder)
+    os.environ["NUMBA_CACHE_DIR"] = str(folder)
 
 
 _warming: threading.Thread | None = None
