@@ -6,6 +6,7 @@ message needs (``path``, ``tensor``, ``expected``, ``actual``) as attributes::
     DeltakitError
     ├── InputNotFoundError      (FileNotFoundError)  a named input does not exist
     ├── UnsupportedInputError   (ValueError)         exists, but is no kind deltakit reads
+    │   └── RawWeightsError                          make would publish weights raw (swapped or wrong base)
     ├── FormatError             (ValueError)         a file breaks its format's rules
     │   ├── SafetensorsHeaderError                   a hostile or corrupt safetensors header
     │   ├── UnsafePickleError                        a .bin/.pth pickle asks for more than tensors
@@ -35,6 +36,7 @@ __all__ = [
     "ManifestError",
     "NoSpaceError",
     "OutputExistsError",
+    "RawWeightsError",
     "SafetensorsHeaderError",
     "UnsafePickleError",
     "UnsupportedInputError",
@@ -78,6 +80,12 @@ class InputNotFoundError(DeltakitError, FileNotFoundError):
 
 class UnsupportedInputError(DeltakitError, ValueError):
     """The input exists but holds nothing deltakit can read (no weights, an unknown layout)."""
+
+
+class RawWeightsError(UnsupportedInputError):
+    """A delta of this base and target would store weights as they are rather than as differences: the
+    target has fewer rows than the base (the two look swapped), or most of it has no counterpart in the
+    base. Such a package publishes whole weights, perhaps the licensed base's."""
 
 
 class FormatError(DeltakitError, ValueError):

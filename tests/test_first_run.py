@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import finetune_of, llama_like, write_checkpoint
+from test_cli import deltakit_cli
+
+import deltakit
 
 NOBODY = 65534
 
@@ -69,3 +72,39 @@ def test_make_and_apply_as_a_user_without_a_writable_home():
         assert (work / "out" / "model.safetensors").is_file()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory):
+    """A base and a fine-tune of it that adds vocabulary rows, as Panda does to LLaMA."""
+    tmp = tmp_path_factory.mktemp("grown")
+    base = llama_like(torch.float16)
+    return tmp, write_checkpoint(tmp / "llama", base), write_checkpoint(tmp / "panda", finetune_of(base, extra_vocab=6))
+
+
+def test_make_with_base_and_target_swapped_is_refused(grown):
+    """Swapped, make stored the base's embedding and lm_head raw, publishing licensed weights, and
+    called them copies of fine-tuned weights."""
+    tmp, base, target = grown
+    swapped = deltakit_cli("make", "--base", target, "--target", base, "--out", tmp / "swapped", "-q")
+    assert swapped.returncode == 1, swapped.stdout
+    assert "look swapped" in swapped.stderr and "64 rows in the target" in swapped.stderr
+    assert "--allow-raw" in swapped.stderr and len(swapped.stderr.strip().splitlines()) == 1
+    assert not (tmp / "swapped").exists()
+    allowed = deltakit_cli("make", "--base", target, "--target", base, "--out", tmp / "swapped", "-q", "--allow-raw")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "raw" in allowed.stdout
+
+
+def test_make_against_an_unrelated_base_is_refused(grown):
+    """A base that shares no tensor shapes with the target: every tensor would be stored raw."""
+    tmp, _, target = grown
+    other = write_checkpoint(tmp / "other", llama_like(torch.float16, hidden=8))
+    made = deltakit_cli("make", "--base", other, "--target", target, "--out", tmp / "unrelated", "-q")
+    assert made.returncode == 1
+    assert "no counterpart" in made.stderr and "stored raw" not in made.stdout
+    assert not (tmp / "unrelated").exists()
+    with pytest.raises(deltakit.RawWeightsError) as caught:
+        deltakit.make_delta(other, target, tmp / "unrelated")
+    assert caught.value.tensor and int(caught.value.actual.rstrip("%")) > 50
+    assert not (tmp / "unrelated").exists()

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from .. import __version__
-from ..errors import DeltakitError
+from ..errors import DeltakitError, RawWeightsError
 from ._common import _Output, _terminate, _Terminated, _UsageError
 from ._names import _resolve_names
 from .convert import add_convert_parser
@@ -26,6 +26,19 @@ from .registry import add_registry_parsers
 __all__ = ["main"]
 
 log = logging.getLogger("deltakit")
+
+
+# What to try, after the library's facts, for the errors a flag can answer.
+_ADVICE: dict[type[DeltakitError], str] = {
+    RawWeightsError: "check which is --base and which is --target; --allow-raw stores such tensors anyway",
+}
+
+
+def _advice(error: DeltakitError) -> str:
+    for kind, advice in _ADVICE.items():
+        if isinstance(error, kind):
+            return f"; {advice}"
+    return ""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as e:
         parser.error(str(e))
     except DeltakitError as e:
-        print(f"deltakit: error: {e}", file=sys.stderr)
+        print(f"deltakit: error: {e}{_advice(e)}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # output that must be read (a token) met a closed stdout: the command failed
         print("deltakit: error: standard output was closed before the command could write its result", file=sys.stderr)

@@ -176,7 +176,7 @@ def _cmd_make(args: argparse.Namespace) -> int:
         if args.json:
             _emit({"command": "make", **_make_dict(made), "legacy": rebuilt})
         return 0
-    report = make_delta(args.base, args.target, args.out, codec=args.codec, **options)
+    report = make_delta(args.base, args.target, args.out, codec=args.codec, allow_raw=args.allow_raw, **options)
     _print_make(report, time.perf_counter() - start)
     if args.json:
         _emit({"command": "make", **_make_dict(report)})
@@ -405,6 +405,12 @@ def add_make_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     )
     level.add_argument(
         "--max", action="store_true", help="the smallest payload, whatever make takes (format 2: zstd 19, more tried)"
+    )
+    p.add_argument(
+        "--allow-raw",
+        action="store_true",
+        help="store tensors without a counterpart in the base raw even where that is most of the target, or where "
+        "the target has fewer rows than the base (refused otherwise: it publishes whole weights)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the report goes to stderr)")
     p.set_defaults(run=_cmd_make)

@@ -20,7 +20,7 @@ from .. import __version__
 from ..codecs import CODECS, Buffer, Bytes, Codec, cast_bits, count_differences, differs, fresh, kernels
 from ..codecs.frames import Frame, encode_frame
 from ..dtypes import is_float, itemsize
-from ..errors import UnsupportedInputError
+from ..errors import RawWeightsError, UnsupportedInputError
 from ..formats.checkpoint import Checkpoint, RangeReader, open_checkpoint
 from ..formats.delta import FILES_DIR, payload_file_name
 from ..formats.safetensors import SafetensorsWriter, TensorInfo, TensorSpec
@@ -49,6 +49,7 @@ from ..streaming import (
     paired_chunks,
     plan_shards,
 )
+from ..units import human_bytes
 from .digests import carry_files, default_name, fingerprint_of, hash_tensor
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,47 @@ def _classify(name: str, target: TensorInfo, base: TensorInfo | None, codec: Cod
     if grows:
         return _MakeStep(name, target, base, "rows", use)
     return _MakeStep(name, target, None, "raw", None, f"base shape {list(base.shape)}, target {list(target.shape)}")
+
+
+# A delta that would store more than this share of the target's bytes raw is no delta of that base.
+MAX_RAW_SHARE = 0.5
+
+
+def _refuse_raw_weights(steps: Sequence[_MakeStep], base: Checkpoint, target: Checkpoint) -> None:
+    """Refuse a delta that would publish whole weights: a fine-tune adds vocabulary rows and never
+    drops them, so a target with fewer rows than its base is the base itself, named as the target; and
+    a target mostly stored raw shares little with the base it names."""
+    for step in steps:
+        held = base.tensors.get(step.name)
+        shape = step.target.shape
+        if (
+            held is not None
+            and len(held.shape) == len(shape) >= 1
+            and held.shape[1:] == shape[1:]
+            and held.shape[0] > shape[0]
+        ):
+            raise RawWeightsError(
+                f"{step.name} has {shape[0]} rows in the target {target.source} and {held.shape[0]} in the base "
+                f"{base.source}: a fine-tune never has fewer rows than its base, so base and target look swapped, "
+                "and the delta would store the larger one's rows raw",
+                path=target.source,
+                tensor=step.name,
+                expected=f"at least {held.shape[0]} rows",
+                actual=shape[0],
+            )
+    raw = [s for s in steps if s.encoding == "raw"]
+    raw_bytes = sum(s.target.nbytes for s in raw)
+    if target.nbytes and raw_bytes > MAX_RAW_SHARE * target.nbytes:
+        raise RawWeightsError(
+            f"{len(raw)} of the {len(steps)} tensors of {target.source} ({human_bytes(raw_bytes)} of "
+            f"{human_bytes(target.nbytes)}) have no counterpart of the same shape and dtype in {base.source} "
+            f"({raw[0].name}: {raw[0].raw_reason}): the delta would store them raw, as copies of whole weights, "
+            "so this base is not the one the target was fine-tuned from",
+            path=base.source,
+            tensor=raw[0].name,
+            expected=f"at most {MAX_RAW_SHARE:.0%} of the target raw",
+            actual=f"{raw_bytes / target.nbytes:.0%}",
+        )
 
 
 class _PayloadShards:
@@ -402,6 +444,7 @@ def make_delta(
     format: int = FORMAT_VERSION,
     level: int = DEFAULT_LEVEL,
     smallest: bool = False,
+    allow_raw: bool = False,
     progress: ProgressFactory = no_progress,
 ) -> MakeReport:
     """Write a delta package that rebuilds ``target`` from ``base``.
@@ -423,10 +466,16 @@ def make_delta(
         level: the zstd level for format 2; low levels decode fastest.
         smallest: format 2: spend time for the smallest payload (zstd level 19, every frame coded
             that gets any smaller, the transform tried on more of each tensor).
+        allow_raw: store the tensors without a counterpart raw even where that is most of the target,
+            or where the target has fewer rows than the base (otherwise :class:`RawWeightsError`).
         progress: a progress bar factory; bytes of the target are reported.
 
     Returns:
         A :class:`MakeReport`; the package is complete on disk when it returns.
+
+    Raises:
+        RawWeightsError: the delta would publish whole weights (base and target look swapped, or
+            the base is not the target's), unless ``allow_raw``.
 
     Example:
         >>> report = make_delta("llama-7b", "panda-7b", "panda-7b-delta")  # doctest: +SKIP
@@ -445,6 +494,8 @@ def make_delta(
     target_ckpt = open_checkpoint(target)
     chosen = CODECS[codec]
     steps = [_classify(n, t, base_ckpt.tensors.get(n), chosen) for n, t in target_ckpt.tensors.items()]
+    if not allow_raw:
+        _refuse_raw_weights(steps, base_ckpt, target_ckpt)
     for step in steps:
         if step.encoding == "raw":
             log.info("tensor %r is stored raw (%s)", step.name, step.raw_reason)
