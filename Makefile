@@ -6,10 +6,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch>=2.1
-# On Linux, PyPI's torch wheels bundle CUDA (gigabytes); PyTorch's CPU index serves CPU-only builds,
-# which is all deltakit needs. For CUDA: TORCH_INDEX= (PyPI's default build) or, for one CUDA
-# version, TORCH_INDEX=https://download.pytorch.org/whl/cu128. Elsewhere PyPI's wheels are CPU-only.
-TORCH_INDEX ?= $(if $(filter Linux,$(shell uname -s)),https://download.pytorch.org/whl/cpu,)
+# auto: a CPU build pip already has (find-links), else PyTorch's CPU index if it answers within a few
+# seconds, else the configured index, said aloud (on Linux PyPI's torch bundles CUDA: gigabytes). An
+# index URL adds that index (for one CUDA version, https://download.pytorch.org/whl/cu128); empty:
+# the configured index alone. tools/install_torch.py chooses and says what it chose.
+TORCH_INDEX ?= auto
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # One stamp per torch requirement and index: asking for another one installs it, even into an existing .venv.
@@ -22,7 +23,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(TORCH_STAMP): | $(BIN)/python
-	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH)"
+	$(BIN)/python tools/install_torch.py --requirement "$(TORCH)" --index "$(TORCH_INDEX)"
 	rm -f $(VENV)/.torch-*
 	touch $(TORCH_STAMP)
 
@@ -47,8 +48,8 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 -m slow tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check deltakit service tests benchmarks
-	$(BIN)/ruff format --check deltakit service tests benchmarks
+	$(BIN)/ruff check deltakit service tests benchmarks tools
+	$(BIN)/ruff format --check deltakit service tests benchmarks tools
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
