@@ -133,6 +133,7 @@ def merge_adapters(
     out: str | Path,
     *,
     shard_size: int = DEFAULT_SHARD_SIZE,
+    replace: bool = False,
     progress: ProgressFactory = no_progress,
 ) -> MergeReport:
     """Write ``base`` with the LoRA ``adapters`` merged in, in order, as a Hugging Face checkpoint.
@@ -140,18 +141,20 @@ def merge_adapters(
     The result matches peft's ``merge_and_unload`` within the rounding of the model dtype (peft rounds
     the update to the dtype before adding it; deltakit adds in fp32 and rounds once).
 
+    With ``replace``, an existing ``out`` is replaced once the merged model is complete.
+
     Raises:
-        OutputExistsError: ``out`` exists and is not empty.
+        OutputExistsError: ``out`` exists and is not empty, without ``replace``.
         UnsupportedInputError: an adapter targets tensors the base lacks or does not fit.
     """
     out = Path(out)
-    check_output_free(out)
+    check_output_free(out, replace=replace)
     ckpt = open_checkpoint(base)
     loaded = [open_adapter(a) for a in adapters]
     planned = _plan(ckpt.tensors, loaded)
     specs = [TensorSpec(n, info.dtype, info.shape) for n, (info, _) in planned.items()]
     steps = [_MergeStep(n, info, tuple(pairs)) for n, (info, pairs) in planned.items()]
-    with RangeReader() as reader, StagedFolder(out) as staged:
+    with RangeReader() as reader, StagedFolder(out, replace=replace) as staged:
         bar = progress(sum(spec.nbytes for spec in specs), "merge")
         results, shards = write_model(
             staged.path, specs, shard_size, reader, _chunks(steps), _producer(steps, reader), bar

@@ -101,6 +101,7 @@ def apply_delta_on_ray(
     address: str | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     options: ClusterOptions = ClusterOptions(),
+    replace: bool = False,
     progress: ProgressFactory = no_progress,
 ) -> ApplyReport:
     """:func:`~deltakit.engine.apply_delta`, one Ray task per output shard; the same output, byte for byte.
@@ -111,7 +112,7 @@ def apply_delta_on_ray(
         ClusterError: a worker cannot see the paths, or died more often than ``options.retries``.
     """
     base, delta, out = Path(base).absolute(), Path(delta).absolute(), Path(out).absolute()
-    check_output_free(out)
+    check_output_free(out, replace=replace)
     plan = plan_apply(base, delta, shard_size=shard_size)
     m = plan.manifest
     check_free_space(out, plan.write_bytes + sum(f.size for f in m.target.files.values()))
@@ -120,7 +121,7 @@ def apply_delta_on_ray(
     task = ray.remote(_shard_task).options(
         num_cpus=options.num_cpus, memory=options.memory, max_retries=options.retries, retry_exceptions=False
     )
-    with StagedFolder(out) as staged:
+    with StagedFolder(out, replace=replace) as staged:
         bar = progress(plan.write_bytes, "apply")
         pending: dict[Any, int] = {}
         results: dict[int, dict[str, Any]] = {}

@@ -21,6 +21,7 @@ __all__ = ["describe_mode", "open_regular", "read_regular", "read_regular_text",
 def describe_mode(mode: int) -> str:
     """What a file of this ``st_mode`` is, in words ("a FIFO", "a folder", ...)."""
     for test, words in (
+        (stat.S_ISREG, "a file"),
         (stat.S_ISDIR, "a folder"),
         (stat.S_ISFIFO, "a FIFO (named pipe)"),
         (stat.S_ISSOCK, "a socket"),
@@ -29,7 +30,7 @@ def describe_mode(mode: int) -> str:
     ):
         if test(mode):
             return words
-    return "not a regular file"
+    return "of an unknown kind"
 
 
 def require_regular(path: str | Path) -> os.stat_result:

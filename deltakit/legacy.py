@@ -183,6 +183,7 @@ def apply_legacy_delta(
     kind: str | None = None,
     checksums: str | Path | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
+    replace: bool = False,
     progress: ProgressFactory = no_progress,
 ) -> LegacyReport:
     """Rebuild a fine-tune from ``base`` and a delta published by an older tool.
@@ -194,15 +195,18 @@ def apply_legacy_delta(
         checksums: for ``oasst-xor``, a file of ``<md5 or sha256>  <name>`` lines for the rebuilt files
             (from the release's model card). Without it the rebuild cannot be verified: XOR against a
             wrong base still yields well-formed files, even their zip CRCs consistent, of wrong weights.
+        replace: replace an existing model at ``out`` once the new one is complete (until then the old
+            one stays as it was).
 
     Raises:
         UnsupportedInputError: the delta's tensors do not pair with the base's (another model, or a
             vocabulary that does not match).
     """
     out = Path(out)
-    check_output_free(out)
+    check_output_free(out, replace=replace)
     if kind == "oasst-xor" or (kind is None and is_xor_release(delta)):
-        return _rebuild_xor_release(Path(base), Path(delta), out, Path(checksums) if checksums else None, progress)
+        sums = Path(checksums) if checksums else None
+        return _rebuild_xor_release(Path(base), Path(delta), out, sums, progress, replace=replace)
     base_ckpt, delta_ckpt = open_checkpoint(base), open_checkpoint(delta)
     pairs = _pair(base_ckpt, delta_ckpt)
     if kind is None:
@@ -215,7 +219,7 @@ def apply_legacy_delta(
     specs = [TensorSpec(name, dtype, d.shape) for name, _, d in pairs]
     steps = [_Step(name, b, d) for name, b, d in pairs]
 
-    with RangeReader() as reader, StagedFolder(out) as staged:
+    with RangeReader() as reader, StagedFolder(out, replace=replace) as staged:
         means = {
             s.name: _row_means(reader, s.base) for s in steps if kind == "alpaca" and s.delta.shape != s.base.shape
         }
@@ -331,7 +335,7 @@ def _xor_file(payload: Path, base: Path, dest: Path, promised: int, bar: Progres
 
 
 def _rebuild_xor_release(
-    base: Path, release: Path, out: Path, checksums_file: Path | None, progress: ProgressFactory
+    base: Path, release: Path, out: Path, checksums_file: Path | None, progress: ProgressFactory, *, replace: bool
 ) -> LegacyReport:
     if not base.is_dir():
         raise UnsupportedInputError(f"{base}: an XOR release needs the base folder its files were XORed against")
@@ -350,7 +354,7 @@ def _rebuild_xor_release(
     promised = {p: _promised_size(p, base / p.name) for p in encoded}
     check_free_space(out, sum(promised.values()) + sum(p.stat().st_size for p in files if p not in promised))
     bar = progress(sum(promised.values()), "apply (oasst-xor)")
-    with StagedFolder(out) as staged:
+    with StagedFolder(out, replace=replace) as staged:
         for payload in encoded:
             _xor_file(payload, base / payload.name, staged.path / payload.name, promised[payload], bar)
         for plain in files:
@@ -406,6 +410,7 @@ def make_delta_from_legacy(
     format: int = FORMAT_VERSION,
     level: int = DEFAULT_LEVEL,
     smallest: bool = False,
+    replace: bool = False,
     progress: ProgressFactory = no_progress,
 ) -> tuple[LegacyReport, MakeReport]:
     """Re-package a legacy release as a deltakit delta, so it gains per-tensor digests.
@@ -414,7 +419,7 @@ def make_delta_from_legacy(
     is needed for a while), then diffed against ``base`` with the lossless ``xor`` codec.
     """
     out = Path(out)
-    check_output_free(out)
+    check_output_free(out, replace=replace)
     if (kind == "oasst-xor" or (kind is None and is_xor_release(legacy))) and checksums is None:
         raise UnsupportedInputError(
             f"{legacy} is an XOR release, which rebuilds plausible weights from any base: re-packaging it "
@@ -436,6 +441,7 @@ def make_delta_from_legacy(
             format=format,
             level=level,
             smallest=smallest,
+            replace=replace,
             progress=progress,
         )
     finally:

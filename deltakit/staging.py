@@ -5,6 +5,7 @@ Whatever fails, the final path is either absent or holds the complete result: ne
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -18,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 
 from .errors import NoSpaceError, OutputExistsError
+from .files import describe_mode
 from .units import human_bytes
 
 __all__ = ["StagedFolder", "check_free_space", "check_output_free", "fsync_path", "remove_abandoned"]
@@ -34,11 +36,14 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
-def check_output_free(out: Path) -> None:
-    """Refuse an output path that holds anything; an empty folder is fine."""
-    if out.is_symlink() or out.is_file():
-        raise OutputExistsError(f"{out} exists and is not a folder; choose another --out", path=out)
-    if out.is_dir() and any(out.iterdir()):
+def check_output_free(out: Path, *, replace: bool = False) -> None:
+    """Refuse an output path that holds anything; an empty folder is fine, and with ``replace`` a folder
+    that holds something too (it is replaced when the new output is complete)."""
+    out = Path(out)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        what = "a symbolic link" if out.is_symlink() else describe_mode(out.stat().st_mode)
+        raise OutputExistsError(f"{out} exists and is {what}, not a folder; choose another --out", path=out)
+    if out.is_dir() and not replace and any(out.iterdir()):
         raise OutputExistsError(
             f"{out} exists and is not empty; deltakit never overwrites it: choose another --out or remove it yourself",
             path=out,
@@ -71,13 +76,17 @@ class StagedFolder:
         ...     staged.commit()
     """
 
-    def __init__(self, final: Path) -> None:
+    def __init__(self, final: Path, *, replace: bool = False) -> None:
         self.final = Path(final)
-        check_output_free(self.final)
+        self.replace = replace
+        self._check_final()
         self.path = self.final.parent / f".{self.final.name}.deltakit-{_MACHINE}-{uuid.uuid4().hex[:12]}.tmp"
         self._created_parents: list[Path] = []
         self._lock_fd = -1
         self._committed = False
+
+    def _check_final(self) -> None:
+        check_output_free(self.final, replace=self.replace)
 
     def __enter__(self) -> StagedFolder:
         # Created here, not in __init__: a signal between the two (SIGTERM, Ctrl-C) must not leave a
@@ -129,17 +138,56 @@ class StagedFolder:
             self._lock_fd = -1
 
     def commit(self) -> Path:
-        """fsync every file, then rename the folder into place (an empty ``final`` is replaced)."""
+        """fsync every file, then rename the folder into place (an empty ``final`` is replaced; with
+        ``replace``, a full one too: it stays whole until the new folder takes its name)."""
         for root, _dirs, files in os.walk(self.path):
             for name in files:
                 fsync_path(Path(root) / name)
             fsync_path(root)
-        check_output_free(self.final)
-        os.rename(self.path, self.final)  # rename(2) replaces an empty folder atomically
+        self._check_final()
+        if self.replace and self.final.is_dir() and any(self.final.iterdir()):
+            self._swap_into_place()
+        else:
+            os.rename(self.path, self.final)  # rename(2) replaces an empty folder atomically
         fsync_path(self.final.parent)
         self._committed = True
         self._unlock()
         return self.final
+
+    def _swap_into_place(self) -> None:
+        """Put the new folder under the final name and remove the old one. Where the kernel can swap two
+        names in one step (Linux's renameat2), the old folder takes the staging name, so a crash before
+        its removal leaves it for :func:`remove_abandoned`; elsewhere it is renamed aside first, and
+        renamed back if the new folder cannot take its place."""
+        if _exchange(self.path, self.final):
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        aside = self.final.parent / f".{self.final.name}.deltakit-replaced-{uuid.uuid4().hex[:12]}"
+        os.rename(self.final, aside)
+        try:
+            os.rename(self.path, self.final)
+        except BaseException:
+            os.rename(aside, self.final)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names ``a`` and ``b`` atomically (Linux renameat2 RENAME_EXCHANGE); False where the
+    system or filesystem cannot."""
+    rename_exchange, at_fdcwd = 2, -100
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def _machine_id() -> str:
@@ -191,11 +239,13 @@ class StagedFile(StagedFolder):
     :class:`StagedFolder` does.
     """
 
-    def __init__(self, final: Path) -> None:
-        final = Path(final)
-        if final.exists() or final.is_symlink():
+    def _check_final(self) -> None:
+        final = self.final
+        if final.exists() and not final.is_symlink() and not final.is_file():
+            what = describe_mode(final.stat().st_mode)
+            raise OutputExistsError(f"{final} exists and is {what}, not a file; choose another --out", path=final)
+        if final.is_symlink() or (final.exists() and not self.replace):
             raise OutputExistsError(f"{final} exists; deltakit never overwrites it: choose another --out", path=final)
-        super().__init__(final)
 
     def __enter__(self) -> StagedFile:
         super().__enter__()
@@ -207,8 +257,16 @@ class StagedFile(StagedFolder):
         return self.path / self.final.name
 
     def commit(self) -> Path:
-        """fsync the file, link it to its final name (refused if that name exists), drop the folder."""
+        """fsync the file, link it to its final name (refused if that name exists, unless ``replace``:
+        then renamed over it in one step), drop the folder."""
         fsync_path(self.file)
+        if self.replace:
+            os.replace(self.file, self.final)
+            self._committed = True
+            fsync_path(self.final.parent)
+            shutil.rmtree(self.path, ignore_errors=True)
+            self._unlock()
+            return self.final
         try:
             os.link(self.file, self.final)
         except FileExistsError as e:

@@ -46,6 +46,15 @@ def _port(text: str) -> int:
     return value
 
 
+def _add_force(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--force``: replace an existing output, only once the new one is complete and checked."""
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help=f"replace an existing --out; the old {what} stays as it was until the new one is complete and verified",
+    )
+
+
 class _Output:
     """Where report lines go: stdout, or stderr when ``--json`` keeps stdout for one JSON object."""
 

@@ -33,7 +33,7 @@ from ..manifest import FORMAT_VERSION, MANIFEST_NAME, READABLE_FORMATS, load_man
 from ..registry import Registry
 from ..staging import check_output_free
 from ..units import human_bytes, parse_size
-from ._common import _emit, _jsonable, _print_gguf, _progress, _say, _UsageError, _zstd_level
+from ._common import _add_force, _emit, _jsonable, _print_gguf, _progress, _say, _UsageError, _zstd_level
 
 if TYPE_CHECKING:
     from ._common import _Subparsers
@@ -164,6 +164,7 @@ def _cmd_make(args: argparse.Namespace) -> int:
         "format": args.format,
         "level": args.level,
         "smallest": args.max,
+        "replace": args.force,
         "progress": _progress(args),
     }
     if args.from_legacy is not None:
@@ -225,7 +226,9 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         if args.dry_run:
             raise _UsageError("--dry-run is for deltakit deltas; adapters have no plan to print yet")
         start = time.perf_counter()
-        merged = merge_adapters(args.base, adapters, args.out, shard_size=args.shard_size, progress=_progress(args))
+        merged = merge_adapters(
+            args.base, adapters, args.out, shard_size=args.shard_size, replace=args.force, progress=_progress(args)
+        )
         _print_merge(merged, time.perf_counter() - start)
         if args.json:
             _emit({"command": "apply", "kind": "lora", **_jsonable(merged)})
@@ -245,6 +248,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             kind=kind,
             checksums=args.checksums,
             shard_size=args.shard_size,
+            replace=args.force,
             progress=_progress(args),
         )
         _print_legacy(legacy, time.perf_counter() - start)
@@ -267,7 +271,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             _emit({"command": "apply", "kind": "deltakit", "dry_run": False, **_jsonable(gguf), "verified": True})
         return 0
     if args.dry_run:
-        check_output_free(Path(args.out))
+        check_output_free(Path(args.out), replace=args.force)
         plan = plan_apply(args.base, args.delta, shard_size=args.shard_size)
         plan.check_sample()  # the cheap checks a real apply starts with: a wrong base fails here too
         _say(plan.describe())
@@ -285,10 +289,13 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             args.out,
             address=args.ray or None,
             shard_size=args.shard_size,
+            replace=args.force,
             progress=_progress(args),
         )
     else:
-        report = apply_delta(args.base, args.delta, args.out, shard_size=args.shard_size, progress=_progress(args))
+        report = apply_delta(
+            args.base, args.delta, args.out, shard_size=args.shard_size, replace=args.force, progress=_progress(args)
+        )
     _print_apply(report, time.perf_counter() - start)
     if args.json:
         _emit({"command": "apply", "kind": "deltakit", "dry_run": False, **_jsonable(report), "verified": True})
@@ -383,6 +390,7 @@ def add_make_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--checksums", help="for an XOR release: md5/sha256 sums of the rebuilt files (required)")
     p.add_argument("--out", required=True, help="delta package folder to create")
+    _add_force(p, "package")
     p.add_argument("--codec", choices=["xor", "add"], default="xor", help="xor: lossless (default); add: task vector")
     p.add_argument("--name", help="the target's name in the manifest (default: its folder name)")
     p.add_argument("--base-name", help="the base's name in the manifest (default: its folder name)")
@@ -429,6 +437,7 @@ def add_apply_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
         help="delta package folder, or a PEFT LoRA adapter folder (repeat to stack adapters in order)",
     )
     p.add_argument("--out", required=True, help="model folder to create (must not exist, or be empty)")
+    _add_force(p, "model")
     p.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE, help="output file size (5GB)")
     p.add_argument("--dry-run", action="store_true", help="check and print the plan; write nothing")
     p.add_argument(

@@ -385,6 +385,7 @@ def apply_delta(
     out: str | Path,
     *,
     shard_size: int = DEFAULT_SHARD_SIZE,
+    replace: bool = False,
     progress: ProgressFactory = no_progress,
 ) -> ApplyReport:
     """Rebuild the delta's target from ``base`` into ``out``, checking every digest on the way.
@@ -397,10 +398,12 @@ def apply_delta(
         delta: the delta package folder.
         out: the model folder to create; it must not exist or be empty.
         shard_size: the most bytes per output safetensors file.
+        replace: replace an existing model at ``out`` once the new one is complete and every digest
+            matched (until then the old one stays as it was).
         progress: a progress bar factory; output bytes are reported.
 
     Raises:
-        OutputExistsError: ``out`` exists and is not empty (checked before anything else).
+        OutputExistsError: ``out`` exists and is not empty, without ``replace`` (checked before anything else).
         BaseMismatchError: the base is not the one the delta was made from.
         IntegrityError: the payload or a carried file is corrupt.
 
@@ -408,14 +411,14 @@ def apply_delta(
         >>> apply_delta("llama-7b", "panda-7b-delta", "panda-7b")  # doctest: +SKIP
     """
     out = Path(out)
-    check_output_free(out)
+    check_output_free(out, replace=replace)
     plan = plan_apply(base, delta, shard_size=shard_size)
     plan.warm_up()
     m = plan.manifest
     check_free_space(out, plan.write_bytes + sum(f.size for f in m.target.files.values()))
     plan.check_sample()  # before anything is created on disk
     verified = set(plan.sample)
-    with RangeReader() as reader, StagedFolder(out) as staged:
+    with RangeReader() as reader, StagedFolder(out, replace=replace) as staged:
         fds = open_output_shards(staged.path, plan.shards)
         try:
             bar = progress(sum(spec.nbytes for spec in plan.specs), "apply")

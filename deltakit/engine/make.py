@@ -445,6 +445,7 @@ def make_delta(
     level: int = DEFAULT_LEVEL,
     smallest: bool = False,
     allow_raw: bool = False,
+    replace: bool = False,
     progress: ProgressFactory = no_progress,
 ) -> MakeReport:
     """Write a delta package that rebuilds ``target`` from ``base``.
@@ -468,6 +469,8 @@ def make_delta(
             that gets any smaller, the transform tried on more of each tensor).
         allow_raw: store the tensors without a counterpart raw even where that is most of the target,
             or where the target has fewer rows than the base (otherwise :class:`RawWeightsError`).
+        replace: replace an existing package at ``out`` once the new one is complete (until then the old
+            one stays as it was).
         progress: a progress bar factory; bytes of the target are reported.
 
     Returns:
@@ -487,7 +490,7 @@ def make_delta(
     if format not in READABLE_FORMATS:
         raise UnsupportedInputError(f"unknown package format {format}; choose one of {READABLE_FORMATS}")
     out = Path(out)
-    check_output_free(out)
+    check_output_free(out, replace=replace)
     if format >= 2:
         kernels.warm_up()
     base_ckpt = open_checkpoint(base)
@@ -504,7 +507,7 @@ def make_delta(
     samples = (8 if smallest else 1) if format >= 2 and codec == "xor" else 0
     specs = [s.spec if format == 1 else TensorSpec(s.name, "U8", (s.target.nbytes,)) for s in steps]
 
-    with StagedFolder(out) as staged:
+    with StagedFolder(out, replace=replace) as staged:
         shards = _PayloadShards(staged.path, specs, shard_size, format)
         try:
             target_records, base_digests, inexact = _stream_make(steps, base_ckpt, shards, coding, samples, progress)
