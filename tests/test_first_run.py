@@ -108,3 +108,24 @@ def test_make_against_an_unrelated_base_is_refused(grown):
         deltakit.make_delta(other, target, tmp / "unrelated")
     assert caught.value.tensor and int(caught.value.actual.rstrip("%")) > 50
     assert not (tmp / "unrelated").exists()
+
+
+def test_a_mistyped_command_gets_the_nearest_suggested():
+    typo = deltakit_cli("aply", "--base", "x")
+    assert typo.returncode == 2 and "did you mean 'apply'?" in typo.stderr
+    nested = deltakit_cli("registry", "lst")
+    assert nested.returncode == 2 and "did you mean 'list'?" in nested.stderr
+    far = deltakit_cli("zzzz")
+    assert far.returncode == 2 and "did you mean" not in far.stderr
+
+
+def test_verify_says_what_it_checked(grown):
+    """It said "5 tensors and files match" of a delta of 13 tensors: the count was of files."""
+    tmp, base, target = grown
+    made = deltakit_cli("make", "--base", base, "--target", target, "--out", tmp / "told", "-q")
+    assert made.returncode == 0, made.stderr
+    alone = deltakit_cli("verify", tmp / "told", "-q")
+    assert alone.returncode == 0, alone.stderr
+    assert "1 payload file(s) by SHA-256" in alone.stdout and "headers for all 13 tensors" in alone.stdout
+    with_base = deltakit_cli("verify", tmp / "told", "--base", base, "-q")
+    assert "13 base tensor(s) by BLAKE3" in with_base.stdout

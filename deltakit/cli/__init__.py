@@ -7,12 +7,15 @@ Exit status: 0 on success, 1 on any deltakit failure (one line on stderr naming 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
+import re
 import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NoReturn, cast
 
 from .. import __version__
 from ..errors import DeltakitError, RawWeightsError
@@ -22,6 +25,9 @@ from .convert import add_convert_parser
 from .delta import add_apply_parser, add_demo_parser, add_inspect_parser, add_make_parser, add_verify_parser
 from .hub import add_hub_parsers
 from .registry import add_registry_parsers
+
+if TYPE_CHECKING:
+    from ._common import _Subparsers
 
 __all__ = ["main"]
 
@@ -41,8 +47,21 @@ def _advice(error: DeltakitError) -> str:
     return ""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with the nearest command or choice suggested for a mistyped one (``deltakit aply``)."""
+
+    def error(self, message: str) -> NoReturn:
+        typed = re.search(r"invalid choice: '([^']*)'", message)
+        if typed is not None:
+            choices = [str(c) for a in self._actions if a.choices is not None for c in a.choices]
+            close = difflib.get_close_matches(typed[1], choices, n=1, cutoff=0.6)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
+        super().error(message)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="deltakit",
         description="Release fine-tuned models as deltas against licensed base weights; rebuild them bit for bit.",
     )
@@ -54,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     common.add_argument("-v", "--verbose", action="store_true", help="log what happens, on stderr")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # subcommands parse with _Parser too (argparse makes them of the parent's class)
+    sub = cast("_Subparsers", parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
 
     # In the order `deltakit --help` lists them.
     add_make_parser(sub, common)

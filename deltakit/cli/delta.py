@@ -77,10 +77,22 @@ def _print_apply(report: ApplyReport, seconds: float) -> None:
     _say(f"  target    fingerprint {report.fingerprint}")
 
 
+# How each kind of check in a VerifyReport's counts reads in its summary line.
+_CHECKED = {
+    "payload files": "{} payload file(s) by SHA-256",
+    "carried files": "{} carried file(s) by SHA-256",
+    "payload tensors": "the payload's headers for all {} tensors (their digests are checked as they are applied)",
+    "base tensors": "{} base tensor(s) by BLAKE3",
+    "model tensors": "{} tensor(s) by BLAKE3",
+}
+
+
 def _print_verify(report: VerifyReport, *, details: bool = True) -> None:
-    """One summary line; then, with ``details``, what is missing, differs or is extra (50 of each)."""
+    """One summary line saying what was checked; then, with ``details``, what is missing, differs or is
+    extra (50 of each)."""
     if report.ok:
-        _say(f"OK: {report.subject}: {report.checked} tensors and files match")
+        checked = [_CHECKED[kind].format(n) for kind, n in report.counts.items() if kind in _CHECKED]
+        _say(f"OK: {report.subject}: checked " + ("; ".join(checked) or f"{report.checked} tensors and files"))
     else:
         counts = {"missing": len(report.missing), "differ": len(report.mismatched)}
         found = ", ".join(f"{n} {what}" for what, n in counts.items() if n)

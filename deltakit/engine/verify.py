@@ -5,7 +5,7 @@ Verification returns a report rather than raising, so callers can show every mis
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..formats.checkpoint import Checkpoint, RangeReader, open_checkpoint
@@ -37,6 +37,9 @@ class VerifyReport:
     Attributes:
         subject: what was checked (a delta package, a base, a rebuilt model).
         checked: how many tensors and files were compared.
+        counts: ``checked`` by kind: ``payload files`` and ``carried files`` (by SHA-256), ``base tensors``
+            and ``model tensors`` (by BLAKE3), ``payload tensors`` (the tensors the payload files hold,
+            their headers checked against the manifest, their digests not: that is apply's work).
         missing: recorded in the manifest, absent on disk.
         extra: on disk, not in the manifest (reported, not a failure).
         mismatched: present, with other content, dtype or shape.
@@ -47,6 +50,7 @@ class VerifyReport:
     missing: tuple[str, ...] = ()
     extra: tuple[str, ...] = ()
     mismatched: tuple[Mismatch, ...] = ()
+    counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -114,15 +118,18 @@ def verify_delta(
     checked, missing, mismatched = _check_files(root, m.payload, progress=progress, description="verify payload")
     n, miss, bad = _check_files(root / FILES_DIR, m.target.files, f"{FILES_DIR}/")
     checked, missing, mismatched = checked + n, missing + miss, mismatched + bad
+    counts = {"payload files": len(m.payload), "carried files": n}
     extra: list[str] = []
     if not missing and not mismatched:
         open_delta(root)  # payload headers agree with the manifest, or a FormatError says where not
+        counts["payload tensors"] = len(m.target.tensors)
     subject = f"delta {root}"
     if base is not None:
         n, miss, extra, bad = _check_tensors(open_checkpoint(base), m.base.tensors, progress, "verify base")
         checked, missing, mismatched = checked + n, missing + miss, mismatched + bad
+        counts["base tensors"] = n
         subject += f" with base {base}"
-    return VerifyReport(subject, checked, tuple(missing), tuple(extra), tuple(mismatched))
+    return VerifyReport(subject, checked, tuple(missing), tuple(extra), tuple(mismatched), counts)
 
 
 def verify_model(model: str | Path, delta: str | Path, *, progress: ProgressFactory = no_progress) -> VerifyReport:
@@ -137,4 +144,5 @@ def verify_model(model: str | Path, delta: str | Path, *, progress: ProgressFact
         tuple(missing + miss),
         tuple(extra),
         tuple(mismatched + bad),
+        {"model tensors": checked, "carried files": n},
     )
