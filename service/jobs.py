@@ -14,7 +14,8 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,10 @@ class Runner:
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._stop_began: float | None = None
+        self._shut = False
+        self._futures: dict[str, Future[None]] = {}
+        self.abandoned: list[str] = []  # jobs that did not stop within the grace; their threads live on
 
     # lifecycle -------------------------------------------------------------------------------------
 
@@ -116,16 +121,51 @@ class Runner:
         for job in self.store.queued():
             self.submit(job.id)
 
+    def begin_stop(self) -> None:
+        """Tell running jobs to stop (they do at their next progress update); the grace starts now."""
+        if self._stop_began is None:
+            self._stop_began = time.monotonic()
+        self._stopping.set()
+
     def shutdown(self) -> None:
         """Stop: running jobs end as interrupted (their staging folders removed), queued ones wait for
-        the next start."""
-        self._stopping.set()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        the next start. A job still running ``shutdown_grace`` seconds after :meth:`begin_stop` (one
+        that never updates its progress) is marked failed and listed in :attr:`abandoned`: its thread
+        cannot be stopped, so the process must exit without it, and the next start removes its
+        temporary output."""
+        if self._shut:
+            return
+        self._shut = True
+        self.begin_stop()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        assert self._stop_began is not None
+        grace = self.settings.shutdown_grace
+        with self._lock:
+            running = dict(self._futures)
+        wait_for(running.values(), timeout=max(0.0, self._stop_began + grace - time.monotonic()))
+        with self._lock:
+            self.abandoned = [job_id for job_id, future in running.items() if not future.done()]
+        for job_id in self.abandoned:
+            log.error(
+                "job %s did not stop within %g s of the service stopping (DELTAKIT_SHUTDOWN_GRACE); it is "
+                "marked failed and its temporary output is removed at the next start",
+                job_id,
+                grace,
+            )
+            detail = f"the service stopped and this job did not stop within {grace:g} s; run it again"
+            self.store.finish(job_id, "failed", error={"type": "Interrupted", "detail": detail})
 
     # jobs ------------------------------------------------------------------------------------------
 
     def submit(self, job_id: str) -> None:
-        self._pool.submit(self._run, job_id)
+        future = self._pool.submit(self._run, job_id)
+        with self._lock:
+            self._futures[job_id] = future
+        future.add_done_callback(lambda _: self._forget(job_id))
+
+    def _forget(self, job_id: str) -> None:
+        with self._lock:
+            self._futures.pop(job_id, None)
 
     def cancel(self, job_id: str) -> None:
         with self._lock:
@@ -220,6 +260,8 @@ class Runner:
     def _register(self, out: Path, register: Callable[[], Entry]) -> None:
         """An output that cannot be registered is removed: no unlisted folder or file blocks a retry."""
         try:
+            if self.abandoned:  # the job was given up on and marked failed: it must not register now
+                raise JobInterrupted
             register()
         except BaseException:
             if out.is_dir():

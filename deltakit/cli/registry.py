@@ -46,13 +46,10 @@ def _cmd_registry_remove(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn  # the service's own dependencies load only here: the library never imports them
+    from deltakit_service.server import serve  # the service's own dependencies load only here
 
-    from deltakit_service.main import create_app
-
-    # Streams (server-sent events) end by themselves within minutes; do not wait that long to stop.
     try:
-        uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)
+        serve(args.host, args.port)
     except _Terminated:  # uvicorn stopped gracefully on SIGTERM, then raised it again: a clean stop, as Ctrl-C
         return 0
     except SystemExit as e:  # uvicorn exits 3 when it cannot bind; its own log line says why
