@@ -209,6 +209,12 @@ class Runner:
             raise
 
     def _run(self, job_id: str) -> None:
+        try:
+            self._run_job(job_id)
+        except DeltakitError as e:  # the store could not record the job's start or end (a full disk)
+            log.error("job %s: the job store could not record it: %s", job_id, e)
+
+    def _run_job(self, job_id: str) -> None:
         if self._stopping.is_set() or self.is_cancelled(job_id) or not self.store.start(job_id):
             return
         job = self.store.get(job_id)
