@@ -23,6 +23,7 @@ from deltakit.errors import NoSpaceError
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE = ("queued", "running")
+_SQLITE_FULL = 13  # the result code of "database or disk is full"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -112,7 +113,7 @@ class Store:
             try:
                 yield self._db
             except sqlite3.OperationalError as e:
-                if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(e):
+                if getattr(e, "sqlite_errorcode", None) == _SQLITE_FULL or "disk is full" in str(e):
                     raise NoSpaceError(
                         f"the job store {self.path.name} cannot be written: its disk is full ({e})", path=self.path
                     ) from e
