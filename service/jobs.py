@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import shutil
 import threading
@@ -22,7 +23,7 @@ from typing import Any
 
 from deltakit import apply_delta, make_delta, verify_delta, verify_model
 from deltakit.cluster import ClusterOptions, apply_delta_on_ray, ray_module
-from deltakit.errors import DeltakitError, InputNotFoundError, UnsupportedInputError
+from deltakit.errors import DeltakitError, InputNotFoundError, IntegrityError, UnsupportedInputError
 from deltakit.gguf import GGUFReport, apply_to_gguf, convert_to_gguf
 from deltakit.hashing import file_sha256
 from deltakit.progress import ProgressBar
@@ -114,6 +115,7 @@ class Runner:
         queued jobs run again."""
         for job in self.store.recent(limit=1_000_000):
             if job.state == "running":
+                self._recover_output(job)  # ends the job itself when its output was complete
                 self.store.finish(job.id, "failed", error=_INTERRUPTED)
         for folder in (self.settings.models_dir, self.settings.deltas_dir):
             for leftover in remove_abandoned(folder):  # a live build (the CLI's, say) holds its lock
@@ -126,6 +128,75 @@ class Runner:
         if self._stop_began is None:
             self._stop_began = time.monotonic()
         self._stopping.set()
+
+    def _output_path(self, job: Job) -> Path | None:
+        """Where a job writes its output (see :meth:`_execute`), or None when it writes none."""
+        p = job.params
+        if "output" not in p:
+            return None
+        if job.kind == "convert" or (job.kind == "apply" and p.get("to") == "gguf"):
+            return self.settings.models_dir / f"{p['output']}.gguf"
+        return (self.settings.deltas_dir if job.kind == "make" else self.settings.models_dir) / str(p["output"])
+
+    def _recover_output(self, job: Job) -> None:
+        """A job killed between committing its output and registering it (or recording its end) left
+        ``models/NAME`` with no name, which every rerun would refuse as existing. Its output is checked
+        against its digests and registered, and the job ends succeeded; one that does not check (or a
+        GGUF file, which has no digest to check) is moved aside to ``NAME.unregistered-JOB`` and the
+        job fails saying so."""
+        out = self._output_path(job)
+        if out is None or not (out.exists() or out.is_symlink()):
+            return
+        name = str(job.params["output"])
+        recovered = "the service stopped before this job's end was recorded; its output was checked at the next start"
+        entry = self.registry.get(name)
+        if entry is not None:
+            if Path(entry.path).resolve() == out.resolve():  # registered, only the job's end was lost
+                log.warning("job %s: its output %r was registered before the service stopped", job.id, name)
+                self.store.finish(job.id, "succeeded", report={"output": name, "recovered": recovered})
+            return
+        try:
+            report = self._check_output(job, out)
+        except Exception as e:  # anything that does not check is moved aside, never registered
+            aside = out.with_name(f"{out.name}.unregistered-{job.id[:12]}")
+            os.rename(out, aside)
+            log.warning(
+                "job %s: its unregistered output %s did not check (%s); moved aside to %s", job.id, out, e, aside
+            )
+            detail = (
+                f"the service stopped after this job wrote {name!r} and before it registered it; the output did "
+                f"not check ({self.public(str(e))}) and was moved aside to {aside.name}; run the job again"
+            )
+            self.store.finish(job.id, "failed", error={"type": "Interrupted", "detail": detail})
+            return
+        log.warning("job %s: its output %r was complete but unregistered when the service stopped; checked and "
+                    "registered now", job.id, name)  # fmt: skip
+        self.store.finish(job.id, "succeeded", report={"output": name, **report, "recovered": recovered})
+
+    def _check_output(self, job: Job, out: Path) -> dict[str, Any]:
+        """Check a complete, unregistered output against the digests it must have and register it.
+
+        Raises:
+            IntegrityError: it does not match them (and anything that keeps it from being read).
+        """
+        p = job.params
+        if out.suffix == ".gguf" or not out.is_dir():
+            raise UnsupportedInputError("a GGUF file has no recorded digest to check it against")
+        if job.kind == "make":
+            report = verify_delta(out)
+        else:
+            delta = self.resolve(str(p["delta"]), kind="delta")
+            report = verify_model(out, delta.path)
+        if not report.ok:
+            first = report.mismatched[0].name if report.mismatched else (report.missing or report.extra or ("?",))[0]
+            raise IntegrityError(f"{len(report.mismatched) + len(report.missing) + len(report.extra)} of its "
+                                 f"tensors or files do not match, {first!r} first")  # fmt: skip
+        if job.kind == "make":
+            entry = self.registry.add(str(p["output"]), out)
+        else:
+            size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+            entry = self.registry.add_known(str(p["output"]), out, "model", delta.fingerprint, size)
+        return {"fingerprint": entry.fingerprint, "verified": True}
 
     def shutdown(self) -> None:
         """Stop: running jobs end as interrupted (their staging folders removed), queued ones wait for
