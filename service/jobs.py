@@ -328,7 +328,11 @@ class Runner:
         real = Path(entry.path).resolve()
         inside = self._inside_roots
         if not inside(real) or (real.is_dir() and not all(inside(f.resolve()) for f in real.rglob("*"))):
-            raise NameOutsideRoots(f"{name!r} resolves outside the folders this service may read")
+            allowed = ", ".join(map(str, self.settings.allowed_roots))
+            raise NameOutsideRoots(
+                f"{name!r} resolves outside the folders this service may read ({allowed}: DELTAKIT_HOME and "
+                "DELTAKIT_ROOTS); add the folder it lies in to DELTAKIT_ROOTS and restart the service"
+            )
         return replace(entry, path=str(real))
 
     def _inside_roots(self, path: Path) -> bool:
