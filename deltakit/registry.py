@@ -23,7 +23,7 @@ from .formats.checkpoint import open_checkpoint
 from .manifest import MANIFEST_NAME, load_manifest
 from .progress import ProgressFactory, no_progress
 
-__all__ = ["Entry", "Registry", "deltakit_home"]
+__all__ = ["Entry", "Registry", "deltakit_home", "service_roots"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,19 @@ def deltakit_home() -> Path:
         return Path(home)
     data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(data) / "deltakit"
+
+
+def service_roots(home: Path | None = None) -> list[Path]:
+    """The folders a ``deltakit serve`` on ``home`` may read: the home and ``$DELTAKIT_ROOTS`` (a JSON list
+    of folders), resolved. A ``DELTAKIT_ROOTS`` that is not such a list counts as none (serve refuses it)."""
+    roots: list[Path] = [Path(home) if home is not None else deltakit_home()]
+    try:
+        listed = json.loads(os.environ.get("DELTAKIT_ROOTS") or "[]")
+    except ValueError:
+        listed = []
+    if isinstance(listed, list):
+        roots += [Path(r) for r in listed if isinstance(r, str)]
+    return [r.resolve() for r in roots]
 
 
 @dataclass(frozen=True)

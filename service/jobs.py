@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import shutil
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from deltakit import apply_delta, make_delta, verify_delta, verify_model
 from deltakit.cluster import ClusterOptions, apply_delta_on_ray, ray_module
-from deltakit.errors import DeltakitError, InputNotFoundError, UnsupportedInputError
+from deltakit.errors import DeltakitError, InputNotFoundError, IntegrityError, UnsupportedInputError
 from deltakit.gguf import GGUFReport, apply_to_gguf, convert_to_gguf
 from deltakit.hashing import file_sha256
 from deltakit.progress import ProgressBar
@@ -101,6 +103,10 @@ class Runner:
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._stop_began: float | None = None
+        self._shut = False
+        self._futures: dict[str, Future[None]] = {}
+        self.abandoned: list[str] = []  # jobs that did not stop within the grace; their threads live on
 
     # lifecycle -------------------------------------------------------------------------------------
 
@@ -109,6 +115,7 @@ class Runner:
         queued jobs run again."""
         for job in self.store.recent(limit=1_000_000):
             if job.state == "running":
+                self._recover_output(job)  # ends the job itself when its output was complete
                 self.store.finish(job.id, "failed", error=_INTERRUPTED)
         for folder in (self.settings.models_dir, self.settings.deltas_dir):
             for leftover in remove_abandoned(folder):  # a live build (the CLI's, say) holds its lock
@@ -116,16 +123,120 @@ class Runner:
         for job in self.store.queued():
             self.submit(job.id)
 
+    def begin_stop(self) -> None:
+        """Tell running jobs to stop (they do at their next progress update); the grace starts now."""
+        if self._stop_began is None:
+            self._stop_began = time.monotonic()
+        self._stopping.set()
+
+    def _output_path(self, job: Job) -> Path | None:
+        """Where a job writes its output (see :meth:`_execute`), or None when it writes none."""
+        p = job.params
+        if "output" not in p:
+            return None
+        if job.kind == "convert" or (job.kind == "apply" and p.get("to") == "gguf"):
+            return self.settings.models_dir / f"{p['output']}.gguf"
+        return (self.settings.deltas_dir if job.kind == "make" else self.settings.models_dir) / str(p["output"])
+
+    def _recover_output(self, job: Job) -> None:
+        """A job killed between committing its output and registering it (or recording its end) left
+        ``models/NAME`` with no name, which every rerun would refuse as existing. Its output is checked
+        against its digests and registered, and the job ends succeeded; one that does not check (or a
+        GGUF file, which has no digest to check) is moved aside to ``NAME.unregistered-JOB`` and the
+        job fails saying so."""
+        out = self._output_path(job)
+        if out is None or not (out.exists() or out.is_symlink()):
+            return
+        name = str(job.params["output"])
+        recovered = "the service stopped before this job's end was recorded; its output was checked at the next start"
+        entry = self.registry.get(name)
+        if entry is not None:
+            if Path(entry.path).resolve() == out.resolve():  # registered, only the job's end was lost
+                log.warning("job %s: its output %r was registered before the service stopped", job.id, name)
+                self.store.finish(job.id, "succeeded", report={"output": name, "recovered": recovered})
+            return
+        try:
+            report = self._check_output(job, out)
+        except Exception as e:  # anything that does not check is moved aside, never registered
+            aside = out.with_name(f"{out.name}.unregistered-{job.id[:12]}")
+            os.rename(out, aside)
+            log.warning(
+                "job %s: its unregistered output %s did not check (%s); moved aside to %s", job.id, out, e, aside
+            )
+            detail = (
+                f"the service stopped after this job wrote {name!r} and before it registered it; the output did "
+                f"not check ({self.public(str(e))}) and was moved aside to {aside.name}; run the job again"
+            )
+            self.store.finish(job.id, "failed", error={"type": "Interrupted", "detail": detail})
+            return
+        log.warning("job %s: its output %r was complete but unregistered when the service stopped; checked and "
+                    "registered now", job.id, name)  # fmt: skip
+        self.store.finish(job.id, "succeeded", report={"output": name, **report, "recovered": recovered})
+
+    def _check_output(self, job: Job, out: Path) -> dict[str, Any]:
+        """Check a complete, unregistered output against the digests it must have and register it.
+
+        Raises:
+            IntegrityError: it does not match them (and anything that keeps it from being read).
+        """
+        p = job.params
+        if out.suffix == ".gguf" or not out.is_dir():
+            raise UnsupportedInputError("a GGUF file has no recorded digest to check it against")
+        if job.kind == "make":
+            report = verify_delta(out)
+        else:
+            delta = self.resolve(str(p["delta"]), kind="delta")
+            report = verify_model(out, delta.path)
+        if not report.ok:
+            first = report.mismatched[0].name if report.mismatched else (report.missing or report.extra or ("?",))[0]
+            raise IntegrityError(f"{len(report.mismatched) + len(report.missing) + len(report.extra)} of its "
+                                 f"tensors or files do not match, {first!r} first")  # fmt: skip
+        if job.kind == "make":
+            entry = self.registry.add(str(p["output"]), out)
+        else:
+            size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+            entry = self.registry.add_known(str(p["output"]), out, "model", delta.fingerprint, size)
+        return {"fingerprint": entry.fingerprint, "verified": True}
+
     def shutdown(self) -> None:
         """Stop: running jobs end as interrupted (their staging folders removed), queued ones wait for
-        the next start."""
-        self._stopping.set()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        the next start. A job still running ``shutdown_grace`` seconds after :meth:`begin_stop` (one
+        that never updates its progress) is marked failed and listed in :attr:`abandoned`: its thread
+        cannot be stopped, so the process must exit without it, and the next start removes its
+        temporary output."""
+        if self._shut:
+            return
+        self._shut = True
+        self.begin_stop()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        assert self._stop_began is not None
+        grace = self.settings.shutdown_grace
+        with self._lock:
+            running = dict(self._futures)
+        wait_for(running.values(), timeout=max(0.0, self._stop_began + grace - time.monotonic()))
+        with self._lock:
+            self.abandoned = [job_id for job_id, future in running.items() if not future.done()]
+        for job_id in self.abandoned:
+            log.error(
+                "job %s did not stop within %g s of the service stopping (DELTAKIT_SHUTDOWN_GRACE); it is "
+                "marked failed and its temporary output is removed at the next start",
+                job_id,
+                grace,
+            )
+            detail = f"the service stopped and this job did not stop within {grace:g} s; run it again"
+            self.store.finish(job_id, "failed", error={"type": "Interrupted", "detail": detail})
 
     # jobs ------------------------------------------------------------------------------------------
 
     def submit(self, job_id: str) -> None:
-        self._pool.submit(self._run, job_id)
+        future = self._pool.submit(self._run, job_id)
+        with self._lock:
+            self._futures[job_id] = future
+        future.add_done_callback(lambda _: self._forget(job_id))
+
+    def _forget(self, job_id: str) -> None:
+        with self._lock:
+            self._futures.pop(job_id, None)
 
     def cancel(self, job_id: str) -> None:
         with self._lock:
@@ -169,6 +280,12 @@ class Runner:
             raise
 
     def _run(self, job_id: str) -> None:
+        try:
+            self._run_job(job_id)
+        except DeltakitError as e:  # the store could not record the job's start or end (a full disk)
+            log.error("job %s: the job store could not record it: %s", job_id, e)
+
+    def _run_job(self, job_id: str) -> None:
         if self._stopping.is_set() or self.is_cancelled(job_id) or not self.store.start(job_id):
             return
         job = self.store.get(job_id)
@@ -211,7 +328,11 @@ class Runner:
         real = Path(entry.path).resolve()
         inside = self._inside_roots
         if not inside(real) or (real.is_dir() and not all(inside(f.resolve()) for f in real.rglob("*"))):
-            raise NameOutsideRoots(f"{name!r} resolves outside the folders this service may read")
+            allowed = ", ".join(map(str, self.settings.allowed_roots))
+            raise NameOutsideRoots(
+                f"{name!r} resolves outside the folders this service may read ({allowed}: DELTAKIT_HOME and "
+                "DELTAKIT_ROOTS); add the folder it lies in to DELTAKIT_ROOTS and restart the service"
+            )
         return replace(entry, path=str(real))
 
     def _inside_roots(self, path: Path) -> bool:
@@ -220,6 +341,8 @@ class Runner:
     def _register(self, out: Path, register: Callable[[], Entry]) -> None:
         """An output that cannot be registered is removed: no unlisted folder or file blocks a retry."""
         try:
+            if self.abandoned:  # the job was given up on and marked failed: it must not register now
+                raise JobInterrupted
             register()
         except BaseException:
             if out.is_dir():

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deltakit import __version__
-from deltakit.errors import DeltakitError, InputNotFoundError, OutputExistsError
+from deltakit.errors import DeltakitError, InputNotFoundError, NoSpaceError, OutputExistsError
 from deltakit.registry import Registry
 
 from .deps import Read
@@ -31,6 +31,7 @@ _STATUS: list[tuple[type[Exception], int]] = [
     (NameOutsideRoots, 403),
     (OutputExistsError, 409),
     (JobFinished, 409),
+    (NoSpaceError, 507),
 ]
 
 
@@ -41,7 +42,11 @@ def _problem(status: int, type_: str, title: str, detail: str, headers: dict[str
 
 async def _deltakit_error(request: Request, exc: Exception) -> JSONResponse:
     status = next((code for cls, code in _STATUS if isinstance(exc, cls)), 422)
-    return _problem(status, type(exc).__name__, "the request cannot be carried out", str(exc))
+    detail = str(exc)
+    runner = getattr(request.app.state, "runner", None)
+    if status == 507 and runner is not None:
+        detail = runner.public(detail)  # a store's or output's disk: no server path goes out
+    return _problem(status, type(exc).__name__, "the request cannot be carried out", detail)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

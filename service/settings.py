@@ -25,6 +25,13 @@ class Settings(BaseSettings):
         ray_address: the cluster to join (``auto``, or ``HOST:PORT``); unset: ``RAY_ADDRESS``, else a local one.
         ray_job_cpus, ray_job_memory: what each job's task holds on the cluster.
         ray_retries: how many times a job's task is run again after its worker died.
+        max_connections: open HTTP connections at most (lowered to fit under the open-file limit); past it,
+            the oldest connection still sending its request head is closed for the new one.
+        header_timeout: seconds a connection may take to send a request head before it is closed.
+        keep_alive_timeout: seconds an idle keep-alive connection is kept open.
+        shutdown_grace: seconds a stop waits for running jobs; then it exits, those jobs marked failed
+            and their temporary output left for the next start to remove.
+        min_free_bytes: below this much free space on the home's disk, ``/readyz`` answers 503.
     """
 
     model_config = SettingsConfigDict(env_prefix="DELTAKIT_", env_file=".env", extra="ignore")
@@ -38,6 +45,11 @@ class Settings(BaseSettings):
     ray_job_cpus: float = Field(default=1.0, gt=0, le=1024)
     ray_job_memory: int = Field(default=2 << 30, ge=1 << 20)
     ray_retries: int = Field(default=1, ge=0, le=100)
+    max_connections: int = Field(default=1000, ge=8, le=1_000_000)
+    header_timeout: float = Field(default=10.0, gt=0, le=3600)
+    keep_alive_timeout: float = Field(default=5.0, gt=0, le=3600)
+    shutdown_grace: float = Field(default=10.0, ge=0, le=3600)
+    min_free_bytes: int = Field(default=64 << 20, ge=0)
 
     @property
     def allowed_roots(self) -> list[Path]:
@@ -67,6 +79,11 @@ _EXPECTED = {
     "ray_job_cpus": "a number of CPUs above 0",
     "ray_job_memory": "a whole number of bytes, 1 MiB or more",
     "ray_retries": "a whole number from 0 to 100",
+    "max_connections": "a whole number of connections from 8 to 1000000",
+    "header_timeout": "a number of seconds above 0 (at most 3600)",
+    "keep_alive_timeout": "a number of seconds above 0 (at most 3600)",
+    "shutdown_grace": "a number of seconds from 0 to 3600",
+    "min_free_bytes": "a whole number of bytes",
 }
 
 

@@ -13,12 +13,17 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deltakit.errors import NoSpaceError
+
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE = ("queued", "running")
+_SQLITE_FULL = 13  # the result code of "database or disk is full"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -37,6 +42,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     report TEXT,
     error TEXT,
     temp_output TEXT
+);
+CREATE TABLE IF NOT EXISTS probe (
+    filler BLOB
 );
 CREATE TABLE IF NOT EXISTS tokens (
     hash TEXT PRIMARY KEY,
@@ -98,9 +106,40 @@ class Store:
         with self._lock:
             self._db.close()
 
-    def _run(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    @contextmanager
+    def _locked(self) -> Iterator[sqlite3.Connection]:
+        """The connection, under the lock; SQLite's "database or disk is full" comes out as NoSpaceError."""
         with self._lock:
-            return self._db.execute(sql, args).fetchall()
+            try:
+                yield self._db
+            except sqlite3.OperationalError as e:
+                if getattr(e, "sqlite_errorcode", None) == _SQLITE_FULL or "disk is full" in str(e):
+                    raise NoSpaceError(
+                        f"the job store {self.path.name} cannot be written: its disk is full ({e})", path=self.path
+                    ) from e
+                raise
+
+    def _run(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._locked() as db:
+            return db.execute(sql, args).fetchall()
+
+    def probe(self) -> None:
+        """Write (and take back) a few pages, as a new job would: raises when the store cannot grow.
+
+        Raises:
+            NoSpaceError: its disk (or SQLite's page limit) is full.
+            sqlite3.Error: it cannot be written for another reason.
+        """
+        with self._locked() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("INSERT INTO probe (filler) VALUES (zeroblob(16384))")
+                db.execute("DELETE FROM probe")
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
 
     # tokens ----------------------------------------------------------------------------------------
 
@@ -126,7 +165,7 @@ class Store:
                 transaction as the insert, so concurrent requests cannot both pass).
         """
         digest = request_hash(kind, params)
-        with self._lock:
+        with self._locked():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 if idempotency_key is not None:
@@ -150,7 +189,8 @@ class Store:
                     row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite ends it itself on some errors (a full disk)
+                    self._db.execute("ROLLBACK")
                 raise
         if row["request_hash"] != digest:  # only a key can name another request's job
             raise KeyReused(f"{idempotency_key!r} names job {row['id']}, made from another request")
@@ -190,7 +230,7 @@ class Store:
         only_if: str = "running",
     ) -> bool:
         """End a job, only from the state it must be in: a cancel and a finish never overwrite each other."""
-        with self._lock:
+        with self._locked():
             cursor = self._db.execute(
                 "UPDATE jobs SET state = ?, finished = ?, report = ?, error = ? WHERE id = ? AND state = ?",
                 (
@@ -206,7 +246,7 @@ class Store:
 
     def start(self, job_id: str) -> bool:
         """Mark a queued job running; False when it was cancelled meanwhile."""
-        with self._lock:
+        with self._locked():
             cursor = self._db.execute(
                 "UPDATE jobs SET state = 'running', started = ? WHERE id = ? AND state = 'queued'",
                 (time.time(), job_id),

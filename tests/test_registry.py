@@ -88,3 +88,15 @@ def test_a_name_is_not_silently_given_to_another_model(tmp_path, released):
     assert deltakit_cli("registry", "add", "llama-7b", delta_dir, "--force", "-q").returncode == 0
     listed = json.loads(deltakit_cli("registry", "list", "--json").stdout)
     assert [e["kind"] for e in listed if e["name"] == "llama-7b"] == ["delta"]
+
+
+def test_registry_add_warns_when_a_path_lies_outside_the_service_roots(tmp_path, released, monkeypatch):
+    base_dir, delta_dir, _ = released
+    monkeypatch.setenv("DELTAKIT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DELTAKIT_ROOTS", json.dumps([str(delta_dir)]))
+    outside = deltakit_cli("registry", "add", "llama-7b", base_dir, "-q")
+    assert outside.returncode == 0, outside.stderr
+    assert "outside the folders the service may read" in outside.stderr and "DELTAKIT_ROOTS" in outside.stderr
+    assert str(delta_dir.resolve()) in outside.stderr, outside.stderr
+    inside = deltakit_cli("registry", "add", "panda-7b", delta_dir, "-q")
+    assert inside.returncode == 0 and "DELTAKIT_ROOTS" not in inside.stderr, inside.stderr

@@ -32,9 +32,8 @@ class LiveServer:
     """uvicorn serving the app on an ephemeral loopback port, in a thread."""
 
     def __init__(self, settings: Settings) -> None:
-        config = uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=0, log_level="error", timeout_graceful_shutdown=5
-        )
+        self.app = create_app(settings)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="error", timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -515,3 +514,305 @@ def test_gguf_jobs_convert_a_model_and_apply_straight_to_gguf(tmp_path):
         as_base = http.post("/v1/jobs", json={"kind": "apply", "base": "panda-q8", "delta": "panda-tiny-delta",
                                               "output": "y"})  # fmt: skip
         assert as_base.status_code == 404 and "no registered model is named 'panda-q8'" in as_base.text  # not a base
+
+
+# issue 20: bounded shutdown, recovery of unregistered outputs, connection limits, a full disk, messages ---------
+
+
+class ServeProcess:
+    """A real ``deltakit serve`` in a subprocess, its stderr in a file; ``patch`` is Python run before the CLI
+    (to inject a job function), ``nofile`` a lower RLIMIT_NOFILE for it."""
+
+    def __init__(self, home: Path, *, env: dict[str, str] | None = None, patch: str = "", nofile: int | None = None):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.home, self.env, self.patch, self.nofile = home, env or {}, patch, nofile
+        self.log = home.parent / f"serve-{self.port}.log"
+
+    def _limit(self) -> None:
+        import resource
+
+        if self.nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
+
+    def start(self) -> ServeProcess:
+        import subprocess
+        import sys
+
+        serve = f"sys.exit(main(['serve', '--port', '{self.port}']))"
+        code = f"{self.patch}\nimport sys\nfrom deltakit.cli import main\n{serve}"
+        env = {**os.environ, "DELTAKIT_HOME": str(self.home), **self.env}
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", code], env=env, stdout=log, stderr=log, preexec_fn=self._limit
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            assert self.process.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, "the service did not start"
+            time.sleep(0.1)
+
+    def __enter__(self) -> ServeProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+
+_STUCK_JOB = """
+import os, time
+from pathlib import Path
+import deltakit_service.jobs
+from deltakit.staging import StagedFolder
+
+def stuck(delta, *, base=None, progress):  # never touches its progress bar: a cancel cannot reach it
+    with StagedFolder(Path(os.environ["DELTAKIT_HOME"]) / "models" / "stuck") as staged:
+        (staged.path / "half.safetensors").write_bytes(b"half written")
+        while True:
+            time.sleep(0.05)
+
+deltakit_service.jobs.verify_delta = stuck
+"""
+
+
+def test_sigterm_ends_the_service_within_its_grace_even_when_a_job_ignores_it(home):
+    import signal
+    import subprocess
+
+    root, tokens, _ = home
+    with ServeProcess(root, env={"DELTAKIT_SHUTDOWN_GRACE": "1"}, patch=_STUCK_JOB) as served:
+        with client(served.url, tokens["write"]) as http:
+            job_id = http.post("/v1/jobs", json={"kind": "verify", "delta": "panda-7b"}).json()["id"]
+            wait(http, job_id, ("running",))
+            assert http.delete(f"/v1/jobs/{job_id}").status_code == 202
+            while not list((root / "models").glob(".stuck.deltakit-*.tmp")):
+                time.sleep(0.02)
+        served.process.send_signal(signal.SIGTERM)
+        try:
+            served.process.wait(timeout=30)  # the bound is the grace (1 s here) and a few seconds of stopping
+        except subprocess.TimeoutExpired:
+            pytest.fail("the service did not exit after SIGTERM: " + served.log.read_text()[-2000:])
+        assert "did not stop within 1 s" in served.log.read_text()
+    store = Store(root / "jobs.sqlite3")
+    ended = store.get(job_id)
+    store.close()
+    assert ended is not None and ended.state in ("failed", "cancelled"), ended
+    with LiveServer(Settings(home=root)):
+        assert not list((root / "models").glob(".stuck.*")), "the next start removes what the job left"
+
+
+def _interrupted(root: Path, kind: str, params: dict) -> str:
+    """A job the store says is running, as a kill -9 leaves it."""
+    store = Store(root / "jobs.sqlite3")
+    job, _ = store.create_job(kind, params, None)
+    store.start(job.id)
+    store.close()
+    return job.id
+
+
+def test_an_output_committed_but_not_registered_before_a_kill_is_registered_or_moved_aside(home):
+    from deltakit import apply_delta
+
+    root, tokens, target = home
+    built = _interrupted(root, "apply", {"base": "llama-7b", "delta": "panda-7b", "output": "built"})
+    applied = apply_delta(root / "data" / "llama-7b", root / "data" / "panda-7b-delta", root / "models" / "built")
+    made = _interrupted(root, "make", {"base": "llama-7b", "target": "panda-7b-src", "output": "made"})
+    make_delta(root / "data" / "llama-7b", root / "data" / "panda-7b", root / "deltas" / "made")
+    bogus = _interrupted(root, "apply", {"base": "llama-7b", "delta": "panda-7b", "output": "bogus"})
+    (root / "models" / "bogus").mkdir()
+    (root / "models" / "bogus" / "model.safetensors").write_bytes(b"\x08" + bytes(7) + b"{}")
+    registered = _interrupted(root, "apply", {"base": "llama-7b", "delta": "panda-7b", "output": "late"})
+    late = apply_delta(root / "data" / "llama-7b", root / "data" / "panda-7b-delta", root / "models" / "late")
+    Registry(root).add_known("late", root / "models" / "late", "model", late.fingerprint, late.bytes_written)
+
+    with LiveServer(Settings(home=root)) as url, client(url, tokens["write"]) as http:
+        for job_id, name in ((built, "built"), (made, "made"), (registered, "late")):
+            job = http.get(f"/v1/jobs/{job_id}").json()
+            assert job["state"] == "succeeded" and job["report"]["output"] == name, job
+            assert "recovered" in job["report"], job
+        models = {m["name"]: m for m in http.get("/v1/models").json()}
+        assert models["built"]["fingerprint"] == applied.fingerprint and models["made"]["kind"] == "delta"
+
+        failed = http.get(f"/v1/jobs/{bogus}").json()
+        assert failed["state"] == "failed" and "moved aside" in failed["error"]["detail"], failed
+        assert "bogus" not in models and not (root / "models" / "bogus").exists()
+        assert list((root / "models").glob("bogus.unregistered-*")), "kept for the operator to look at"
+        again = http.post(
+            "/v1/jobs", json={"kind": "apply", "base": "llama-7b", "delta": "panda-7b", "output": "bogus"}
+        )
+        assert wait(http, again.json()["id"])["state"] == "succeeded", "a rerun is not refused as existing"
+    assert_same_tensors(load_checkpoint(root / "models" / "bogus"), target)
+
+
+_HALF_HEAD = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
+
+
+@pytest.mark.slow
+def test_half_sent_request_heads_cannot_exhaust_the_servers_files(home):
+    import signal
+    import socket
+
+    root, _, _ = home
+    env = {"DELTAKIT_HEADER_TIMEOUT": "60"}  # the cap, not the deadline, must keep it answering
+    with ServeProcess(root, env=env, nofile=128) as served:  # a connection cap below 128 open files
+        sockets = []
+        try:
+            for _ in range(300):
+                s = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+                s.sendall(_HALF_HEAD)
+                sockets.append(s)
+            assert httpx.get(f"{served.url}/healthz", timeout=10).status_code == 200
+        finally:
+            for s in sockets:
+                s.close()
+        assert httpx.get(f"{served.url}/healthz", timeout=10).status_code == 200
+        served.process.send_signal(signal.SIGTERM)
+        served.process.wait(timeout=30)
+    log = served.log.read_text()
+    assert log.count("Too many open files") <= 2 and log.count("Traceback") <= 1, log[-3000:]
+    assert log.count("closing the oldest still sending a request head") == 1, log[-3000:]
+
+
+def test_a_half_sent_head_is_closed_after_the_header_timeout(home):
+    import socket
+
+    root, _, _ = home
+    with (
+        ServeProcess(root, env={"DELTAKIT_HEADER_TIMEOUT": "1"}) as served,
+        socket.create_connection(("127.0.0.1", served.port), timeout=10) as slow,
+    ):
+        slow.sendall(_HALF_HEAD)
+        try:
+            assert slow.recv(1024) == b"", "the server closes the connection"
+        except TimeoutError:
+            pytest.fail("a half-sent request head held its connection open past the header timeout")
+
+
+def test_the_log_says_running_out_of_files_once_per_interval():
+    import errno
+    import logging
+
+    from deltakit_service.server import OnceAnInterval
+
+    logger = logging.getLogger("test.once")
+    logger.propagate = False
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger.addHandler(Keep())
+    logger.addFilter(OnceAnInterval(seconds=60))
+    for _ in range(1000):
+        try:
+            raise OSError(errno.EMFILE, "Too many open files")
+        except OSError:
+            logger.exception("socket.accept() out of system resource")
+    logger.warning("something else")
+    assert len(records) == 2, [r.getMessage() for r in records]
+
+
+def _fill_the_store(store: Store) -> None:
+    """SQLite's own limit on the file's pages: further growth fails as a full disk does (SQLITE_FULL)."""
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def test_a_full_store_answers_507_and_readyz_says_so(home):
+    root, tokens, _ = home
+    settings = Settings(home=root)
+    server = LiveServer(settings)
+    with server as url, client(url, tokens["write"]) as http:
+        app_store = server.app.state.store
+        assert http.get("/readyz").status_code == 200
+        _fill_the_store(app_store)
+        for i in range(500):
+            refused = http.post(
+                "/v1/jobs", json={"kind": "verify", "delta": "panda-7b"}, headers={"Idempotency-Key": f"k{i}"}
+            )
+            if refused.status_code != 202:
+                break
+        assert refused.status_code == 507, refused.text
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert refused.json()["type"] == "NoSpaceError" and str(root) not in refused.text
+        ready = http.get("/readyz")
+        assert ready.status_code == 503 and "store" in ready.json()["detail"], ready.text
+        app_store._db.execute("PRAGMA max_page_count = 1073741823")
+        assert http.get("/readyz").status_code == 200
+
+
+def test_a_job_whose_progress_cannot_be_stored_fails_as_no_space(home, monkeypatch):
+    import sqlite3
+
+    root, tokens, _ = home
+    server = LiveServer(Settings(home=root))
+    with server as url, client(url, tokens["write"]) as http:
+        store = server.app.state.store
+        real = store._db
+
+        class Full:
+            def __getattr__(self, name: str) -> object:
+                return getattr(real, name)
+
+            def execute(self, sql: str, *args: object) -> object:
+                if sql.startswith("UPDATE jobs SET bytes") or sql.startswith("UPDATE jobs SET stage"):
+                    error = sqlite3.OperationalError("database or disk is full")
+                    error.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
+                    raise error
+                return real.execute(sql, *args)
+
+        store._db = Full()
+        job = http.post("/v1/jobs", json={"kind": "verify", "delta": "panda-7b"}).json()
+        ended = wait(http, job["id"])
+        store._db = real
+    assert ended["state"] == "failed" and ended["error"]["type"] == "NoSpaceError", ended
+
+
+def test_a_name_outside_the_roots_is_refused_naming_deltakit_roots(home, tmp_path):
+    root, tokens, _ = home
+    outside = write_checkpoint(tmp_path / "outside", llama_like(torch.float16))
+    Registry(root).add("elsewhere", outside)
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    with LiveServer(Settings(home=root, roots=[allowed])) as url, client(url, tokens["write"]) as http:
+        refused = http.post("/v1/jobs", json={"kind": "apply", "base": "elsewhere", "delta": "panda-7b", "output": "x"})
+    assert refused.status_code == 403
+    detail = refused.json()["detail"]
+    assert "DELTAKIT_ROOTS" in detail and str(allowed.resolve()) in detail and str(root.resolve()) in detail, detail
+
+
+def test_a_second_serve_on_the_same_home_says_so_in_one_line(home):
+    from test_cli import deltakit_cli
+
+    root, _, _ = home
+    with ServeProcess(root):
+        os.environ["DELTAKIT_HOME"] = str(root)
+        try:
+            second = deltakit_cli("serve", "--port", "0")
+        finally:
+            del os.environ["DELTAKIT_HOME"]
+    assert second.returncode == 1
+    lines = [line for line in second.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "another deltakit serve is running on" in lines[0], second.stderr
+
+
+def test_serve_help_lists_the_environment_it_reads_and_the_token():
+    from test_cli import deltakit_cli
+
+    shown = deltakit_cli("serve", "--help")
+    assert shown.returncode == 0
+    for field in Settings.model_fields:
+        assert f"DELTAKIT_{field.upper()}" in shown.stdout, field
+    assert "token create" in shown.stdout

@@ -6,11 +6,13 @@ The service's own dependencies (uvicorn, FastAPI) load inside serve and token on
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import DeltakitError
-from ..registry import Registry
+from ..registry import Registry, service_roots
 from ..units import human_bytes
 from ._common import _emit, _port, _progress, _say, _Terminated
 
@@ -19,9 +21,18 @@ if TYPE_CHECKING:
 
 
 def _cmd_registry_add(args: argparse.Namespace) -> int:
-    entry = Registry().add(args.name, args.path, force=args.force, hub_id=args.hub_id, progress=_progress(args))
+    registry = Registry()
+    entry = registry.add(args.name, args.path, force=args.force, hub_id=args.hub_id, progress=_progress(args))
     on_hub = f", on the Hub as {entry.hub_id}" if entry.hub_id else ""
     _say(f"registered {entry.name!r}: {entry.kind} at {entry.path}{on_hub}, fingerprint {entry.fingerprint}")
+    roots = service_roots(registry.home)
+    if not any(Path(entry.path).is_relative_to(root) for root in roots):
+        print(
+            f"deltakit: warning: {entry.path} lies outside the folders the service may read "
+            f"({', '.join(map(str, roots))}): `deltakit serve` refuses {entry.name!r} until its folder is in "
+            "DELTAKIT_ROOTS (a JSON list of folders)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -46,13 +57,10 @@ def _cmd_registry_remove(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn  # the service's own dependencies load only here: the library never imports them
+    from deltakit_service.server import serve  # the service's own dependencies load only here
 
-    from deltakit_service.main import create_app
-
-    # Streams (server-sent events) end by themselves within minutes; do not wait that long to stop.
     try:
-        uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)
+        serve(args.host, args.port)
     except _Terminated:  # uvicorn stopped gracefully on SIGTERM, then raised it again: a clean stop, as Ctrl-C
         return 0
     except SystemExit as e:  # uvicorn exits 3 when it cannot bind; its own log line says why
@@ -71,6 +79,37 @@ def _cmd_token_create(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
+
+
+_SERVE_ENVIRONMENT = """\
+Every endpoint but /healthz and /readyz needs a bearer token: make one with
+`deltakit token create --scope read|write` (on the same DELTAKIT_HOME) and send
+it as `Authorization: Bearer TOKEN`.
+
+Environment (or a .env file in the working folder):
+  DELTAKIT_HOME                the data root: registry.json, jobs.sqlite3, and the
+                               models/ (apply, convert) and deltas/ (make) that jobs
+                               write into (default ~/.local/share/deltakit)
+  DELTAKIT_ROOTS               a JSON list of folders registered names may resolve
+                               into, besides the home: '["/models", "/deltas"]'
+  DELTAKIT_WORKERS             jobs running at once (1)
+  DELTAKIT_MAX_BODY_BYTES      the largest request body (65536)
+  DELTAKIT_MAX_CONNECTIONS     open connections at most (1000; lowered to fit the
+                               open-file limit)
+  DELTAKIT_HEADER_TIMEOUT      seconds to send a request head (10)
+  DELTAKIT_KEEP_ALIVE_TIMEOUT  seconds an idle connection stays open (5)
+  DELTAKIT_SHUTDOWN_GRACE      seconds a stop waits for running jobs (10); the
+                               process then exits, marking them failed
+  DELTAKIT_MIN_FREE_BYTES      free space under which /readyz answers 503 (64 MiB)
+  DELTAKIT_EXECUTOR            local, or ray: each job a task on a Ray cluster
+  DELTAKIT_RAY_ADDRESS         the cluster (auto, or HOST:PORT; else RAY_ADDRESS)
+  DELTAKIT_RAY_JOB_CPUS        CPUs each job's task holds (1)
+  DELTAKIT_RAY_JOB_MEMORY      bytes each job's task holds (2 GiB)
+  DELTAKIT_RAY_RETRIES         reruns of a task whose worker died (1)
+
+Serve on 127.0.0.1 behind a reverse proxy (TLS, request and connection limits)
+when others must reach it.
+"""
 
 
 def add_registry_parsers(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
@@ -92,7 +131,14 @@ def add_registry_parsers(sub: _Subparsers, common: argparse.ArgumentParser) -> N
     r.add_argument("name", help="the registered name to forget")
     r.set_defaults(run=_cmd_registry_remove)
 
-    p = sub.add_parser("serve", parents=[common], help="run the HTTP service for a model registry")
+    p = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="run the HTTP service for a model registry",
+        description="Run the HTTP service for the model registry of DELTAKIT_HOME: jobs, models, metrics.",
+        epilog=_SERVE_ENVIRONMENT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     p.add_argument("--port", type=_port, default=8000, help="port to listen on (8000)")
     p.set_defaults(run=_cmd_serve)
