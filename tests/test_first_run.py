@@ -129,3 +129,17 @@ def test_verify_says_what_it_checked(grown):
     assert "1 payload file(s) by SHA-256" in alone.stdout and "headers for all 13 tensors" in alone.stdout
     with_base = deltakit_cli("verify", tmp / "told", "--base", base, "-q")
     assert "13 base tensor(s) by BLAKE3" in with_base.stdout
+
+
+def test_the_readme_token_recipe_leaves_the_token_readable_by_its_owner_only(tmp_path):
+    """The recipe wrote the token with the umask's mode, 644 as a rule: readable by every user."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (recipe,) = [line.split("#")[0] for line in readme.splitlines() if "token create --scope write > token" in line]
+    env = {
+        **os.environ,
+        "DELTAKIT_HOME": str(tmp_path / "home"),
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+    }
+    subprocess.run(["bash", "-c", f"umask 022; {recipe}"], cwd=tmp_path, env=env, check=True, timeout=120)
+    token = tmp_path / "token"
+    assert token.read_text().strip() and stat.S_IMODE(token.stat().st_mode) == 0o600
