@@ -21,6 +21,7 @@ from typing import Any
 from . import DISTRIBUTION, __version__
 from .dtypes import itemsize
 from .errors import HubError, IntegrityError, ManifestError, UnsupportedInputError
+from .files import read_regular, read_regular_text
 from .formats.delta import FILES_DIR
 from .hashing import file_sha256
 from .manifest import MANIFEST_NAME, Manifest, load_manifest
@@ -257,8 +258,8 @@ def _target_config(root: Path, manifest: Manifest) -> dict[str, Any] | None:
     if "config.json" not in manifest.target.files:
         return None
     try:
-        config = json.loads((root / FILES_DIR / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        config = json.loads(read_regular_text(root / FILES_DIR / "config.json"))
+    except (OSError, ValueError, RecursionError):  # UnsupportedInputError (a FIFO, a folder) is a ValueError
         return None
     return config if isinstance(config, dict) else None
 
@@ -392,7 +393,7 @@ class _Local:
                 content = self.content
                 sha256 = hashlib.sha256(content).hexdigest() if isinstance(content, bytes) else file_sha256(content)[0]
             return ("lfs", sha256)
-        data = self.content if isinstance(self.content, bytes) else self.content.read_bytes()
+        data = self.content if isinstance(self.content, bytes) else read_regular(self.content)
         return ("git", hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest())
 
 

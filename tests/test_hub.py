@@ -10,7 +10,15 @@ import pytest
 import torch
 from conftest import assert_same_tensors, finetune_of, llama_like, load_checkpoint, write_checkpoint
 
-from deltakit import HubError, IntegrityError, load_manifest, make_delta, verify_delta, verify_model
+from deltakit import (
+    HubError,
+    IntegrityError,
+    UnsupportedInputError,
+    load_manifest,
+    make_delta,
+    verify_delta,
+    verify_model,
+)
 from deltakit.hub import CardMetadata, fetch_delta, is_repo_spec, model_card, parse_repo_spec, publish_delta
 
 CARD = CardMetadata(base_model="huggyllama/llama-7b", license="apache-2.0")
@@ -642,3 +650,24 @@ def test_an_unreachable_hub_still_serves_what_the_cache_holds(tmp_path, delta, h
     first = fetch_delta("org/cached", cache_dir=tmp_path / "cache")
     again = fetch_delta("org/cached", cache_dir=tmp_path / "cache", endpoint="http://127.0.0.1:9")
     assert again.path == first.path and again.commit == first.commit
+
+
+def test_the_card_reads_config_json_without_blocking_on_a_fifo(tmp_path, delta):
+    """A FIFO where the package's config.json should be is no config, not a publish that hangs."""
+    import threading
+
+    from deltakit.hub import _Local, _target_config
+
+    _, delta_dir, manifest = delta
+    config = delta_dir / "files" / "config.json"
+    config.unlink()
+    os.mkfifo(config)
+    found: list[object] = []
+    reader = threading.Thread(target=lambda: found.append(_target_config(delta_dir, manifest)), daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    if reader.is_alive():  # blocked in open(): give it a writer that goes away at once, so it ends
+        os.close(os.open(config, os.O_WRONLY | os.O_NONBLOCK))
+    assert found == [None], "read config.json without blocking"
+    with pytest.raises(UnsupportedInputError, match=r"config\.json is a FIFO"):
+        _Local(config).oids(None, ("git", ""))
