@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import assert_same_tensors, finetune_of, llama_like, load_checkpoint, write_checkpoint
 
-from deltakit import HubError, IntegrityError, load_manifest, make_delta, verify_model
+from deltakit import (
+    HubError,
+    IntegrityError,
+    UnsupportedInputError,
+    load_manifest,
+    make_delta,
+    verify_delta,
+    verify_model,
+)
 from deltakit.hub import CardMetadata, fetch_delta, is_repo_spec, model_card, parse_repo_spec, publish_delta
 
 CARD = CardMetadata(base_model="huggyllama/llama-7b", license="apache-2.0")
@@ -284,8 +293,11 @@ def test_a_bad_cached_copy_is_downloaded_again_and_private_is_not_silently_publi
     payload = next(iter(manifest.payload))
     original = hub.read("org/panda", payload)
     hub.tamper("org/panda", payload, bytes([original[0] ^ 1]) + original[1:])
-    with pytest.raises(IntegrityError, match="cached copy"):
+    with pytest.raises(IntegrityError, match=rf"does not match its manifest .*removed from the cache: {payload}$"):
         fetch_delta("org/panda", cache_dir=tmp_path / "cache")
+    cached = _cached_files(tmp_path / "cache")
+    assert not [n for n in cached if n.endswith(payload)], "the refused copy is not left in the cache"
+    assert manifest.payload[payload].size not in cached.values(), "nor its blob"
     hub.tamper("org/panda", payload, original)  # the Hub serves the right bytes again
     assert fetch_delta("org/panda", cache_dir=tmp_path / "cache").commit
     with pytest.raises(HubError, match="exists and is public"):
@@ -521,3 +533,141 @@ def test_the_stock_hf_cli_sees_an_ordinary_model_repo(tmp_path, delta, hub):
     offline = deltakit_cli("apply", "--base", base_dir, "--delta", folder, "--out", tmp_path / "out", "-q")
     assert offline.returncode == 0, offline.stderr
     assert verify_model(tmp_path / "out", delta_dir).ok
+
+
+# --- what a download fetches, and what it refuses before fetching (issue 20, items 7, 8, 9, 16) --------
+
+
+def _downloads(hub, repo_id: str) -> list[str]:
+    """The files of ``repo_id`` the client asked the Hub for, by ``GET .../resolve/...``, the manifest apart."""
+    from urllib.parse import unquote
+
+    prefix = f"/{repo_id}/resolve/"
+    names = [unquote(p[len(prefix) :]).split("/", 1)[1] for m, p in hub.requests if m == "GET" and p.startswith(prefix)]
+    return [n for n in names if n != "deltakit.json"]
+
+
+def _cached_files(cache: Path) -> dict[str, int]:
+    """Every regular file under a Hub cache, by its path relative to it, with its size."""
+    files = cache.rglob("*") if cache.exists() else ()
+    return {str(p.relative_to(cache)): p.stat().st_size for p in files if p.is_file()}
+
+
+@pytest.mark.parametrize("glob", ["*", "delta-[0-9]*", "delta-?????-of-00001.safetensors"])
+def test_a_manifest_name_with_glob_characters_is_refused_and_nothing_else_is_fetched(tmp_path, delta, hub, glob):
+    """A payload named ``*`` once matched every file of the repo: now the name is refused before any
+    payload is fetched, and an unlisted 300 KB file stays on the Hub."""
+    import json
+
+    from deltakit import ManifestError
+
+    _, delta_dir, _ = delta
+    publish_delta(delta_dir, "org/glob", metadata=CARD)
+    data = json.loads((delta_dir / "deltakit.json").read_text())
+    data["payload"] = {glob if i == 0 else k: v for i, (k, v) in enumerate(data["payload"].items())}
+    hub.seed("org/glob", {"deltakit.json": json.dumps(data).encode(), "delta-99999.bin": b"\x01" * 300_000})
+    cache = tmp_path / "cache"
+    with pytest.raises(ManifestError, match=rf"org/glob: the manifest names a file {re.escape(repr(glob))}"):
+        fetch_delta("org/glob", cache_dir=cache)
+    assert _downloads(hub, "org/glob") == [], "nothing but the manifest was fetched"
+    assert not [n for n in _cached_files(cache) if "delta-" in n]
+
+
+def test_a_file_whose_size_differs_from_the_manifest_is_refused_before_it_is_fetched(tmp_path, delta, hub):
+    """The Hub's metadata gives each file's size before the transfer: a payload recorded at a few KB but
+    held at 2 MB is refused without a byte of it downloaded, and the cache keeps nothing of it."""
+    from deltakit import IntegrityError
+
+    _, delta_dir, manifest = delta
+    publish_delta(delta_dir, "org/big", metadata=CARD)
+    name, record = next(iter(manifest.payload.items()))
+    hub.seed("org/big", {name: b"\x00" * (2 << 20)})
+    cache = tmp_path / "cache"
+    refused = rf"org/big: {re.escape(name)} is 2097152 bytes on the Hub, but its manifest records {record.size}"
+    with pytest.raises(IntegrityError, match=refused) as e:
+        fetch_delta("org/big", cache_dir=cache)
+    assert (e.value.expected, e.value.actual) == (record.size, 2 << 20)
+    assert _downloads(hub, "org/big") == []
+    assert max(_cached_files(cache).values(), default=0) < 1 << 20, "nothing of the 2 MB file is in the cache"
+
+
+def test_files_the_manifest_does_not_list_are_not_fetched_not_even_the_card(tmp_path, delta, hub):
+    _, delta_dir, manifest = delta
+    publish_delta(delta_dir, "org/card", metadata=CARD)
+    hub.seed("org/card", {"README.md": b"# card\n" + b"x" * (2 << 20)})  # a 2 MB card
+    fetched = fetch_delta("org/card", cache_dir=tmp_path / "cache")
+    assert verify_delta(fetched.path).ok
+    listed = {*manifest.payload, *(f"files/{rel}" for rel in manifest.target.files)}
+    assert set(_downloads(hub, "org/card")) <= listed  # with Xet on, the payload comes from the CAS instead
+    assert not (fetched.path / "README.md").exists()
+
+
+def test_a_base_repo_holding_a_file_with_an_absolute_name_is_a_named_hub_error(tmp_path, hub):
+    from deltakit.hub import fetch_model
+
+    hub.seed("org/abs", {"config.json": b"{}", "/etc/evil": b"x"})
+    with pytest.raises(HubError, match=r"org/abs holds a file named '/etc/evil'.*not a safe relative"):
+        fetch_model("org/abs", cache_dir=tmp_path / "cache")
+    assert _downloads(hub, "org/abs") == []
+
+
+@pytest.mark.parametrize("listener", ["refuses", "never answers"])
+def test_an_unreachable_hub_is_said_once_quickly_in_one_line(tmp_path, monkeypatch, listener):
+    """A closed port, or one that accepts and never answers: one line within seconds, no retry chatter
+    (it used to take 24 s of "Retrying in 8s" for the first, minutes for the second)."""
+    import socket
+    import time
+
+    from test_cli import deltakit_cli
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        if listener == "refuses":
+            with socket.socket() as closed:
+                closed.bind(("127.0.0.1", 0))
+                port = closed.getsockname()[1]  # bound, never listening: connections are refused
+        else:
+            port = silent.getsockname()[1]
+        endpoint = f"http://127.0.0.1:{port}"
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+        monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        started = time.monotonic()
+        result = deltakit_cli("download", "org/name")
+        elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"deltakit: error: cannot reach the Hub at {endpoint}: "), lines
+    assert "org/name is not in the local Hub cache" in lines[0]
+    assert elapsed < 15, f"took {elapsed:.1f} s"
+
+
+def test_an_unreachable_hub_still_serves_what_the_cache_holds(tmp_path, delta, hub):
+    _, delta_dir, _ = delta
+    publish_delta(delta_dir, "org/cached", metadata=CARD)
+    first = fetch_delta("org/cached", cache_dir=tmp_path / "cache")
+    again = fetch_delta("org/cached", cache_dir=tmp_path / "cache", endpoint="http://127.0.0.1:9")
+    assert again.path == first.path and again.commit == first.commit
+
+
+def test_the_card_reads_config_json_without_blocking_on_a_fifo(tmp_path, delta):
+    """A FIFO where the package's config.json should be is no config, not a publish that hangs."""
+    import threading
+
+    from deltakit.hub import _Local, _target_config
+
+    _, delta_dir, manifest = delta
+    config = delta_dir / "files" / "config.json"
+    config.unlink()
+    os.mkfifo(config)
+    found: list[object] = []
+    reader = threading.Thread(target=lambda: found.append(_target_config(delta_dir, manifest)), daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    if reader.is_alive():  # blocked in open(): give it a writer that goes away at once, so it ends
+        os.close(os.open(config, os.O_WRONLY | os.O_NONBLOCK))
+    assert found == [None], "read config.json without blocking"
+    with pytest.raises(UnsupportedInputError, match=r"config\.json is a FIFO"):
+        _Local(config).oids(None, ("git", ""))
