@@ -190,7 +190,7 @@ def _check_fields(data: dict[str, Any], fields: Sequence[_Field], where: Path, p
         if not ok:
             bounds = ""
             if f.kind == "int":
-                bounds = f" from {f.low:g} to {f.high:g}"
+                bounds = f" from {int(f.low)} to {int(f.high)}"
             elif f.kind == "number":
                 bounds = f" {'above' if f.open_low else 'from'} {f.low:g} {'up ' if f.open_low else ''}to {f.high:g}"
             elif f.kind == "token":
