@@ -21,6 +21,7 @@ import numpy as np
 from .codecs import Bytes, cast_bits
 from .dtypes import is_float, itemsize
 from .errors import FormatError, InputNotFoundError, IntegrityError, UnsupportedInputError
+from .files import read_regular_text
 from .formats.checkpoint import RangeReader, open_checkpoint
 from .formats.safetensors import TensorInfo, TensorSpec
 from .formats.torch_zip import TorchZipWriter, read_torch_zip
@@ -250,8 +251,8 @@ _MAX_LAYERS = 4096
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
+        data = json.loads(read_regular_text(path))  # a FIFO in its place is refused, never waited on
+    except InputNotFoundError as e:
         raise InputNotFoundError(f"{path} is missing", path=path) from e
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FormatError(f"{path}: cannot read: {e}", path=path) from e

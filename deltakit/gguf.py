@@ -12,11 +12,13 @@ from llama.cpp's and why.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
 import re
-import shutil
+import tempfile
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +31,7 @@ import numpy as np
 from .codecs import Bytes
 from .convert import (
     _LLAMA_TOKENIZER_CONFIG,
+    _MAX_LAYERS,
     _hf_config,
     _meta_to_hf,
     _read_json,
@@ -40,15 +43,18 @@ from .convert import (
 )
 from .convert import _check_checklist as check_meta_checklist
 from .dtypes import itemsize
-from .errors import FormatError, InputNotFoundError, UnsupportedInputError
+from .errors import DeltakitError, FormatError, InputNotFoundError, IntegrityError, UnsupportedInputError
+from .files import read_regular, require_regular
 from .formats.checkpoint import RangeReader, open_checkpoint
+from .formats.delta import FILES_DIR
 from .progress import ProgressBar, ProgressFactory, no_progress
 from .staging import StagedFile, check_free_space
+from .units import human_bytes
 
 if TYPE_CHECKING:
     import gguf as gguf_module
 
-__all__ = ["KQUANTS", "QUANTS", "GGUFReport", "apply_to_gguf", "convert_to_gguf"]
+__all__ = ["KQUANTS", "QUANTS", "GGUFCheck", "GGUFReport", "apply_to_gguf", "check_gguf", "convert_to_gguf"]
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +105,126 @@ def _gguf() -> Any:
 
 
 @dataclass(frozen=True)
+class _Field:
+    """One field of config.json (or of its rope object): its JSON type and, for numbers, its bounds.
+
+    ``kind``: ``int`` (an integer, never a bool), ``number`` (an int or a finite float; ``low`` is
+    exclusive when ``open_low``), ``str``, ``strings`` (a list of strings), ``object``, or ``token``
+    (an id: when an integer, not negative; any other value is ignored, as llama.cpp ignores it).
+    """
+
+    name: str
+    kind: str
+    low: float = 0
+    high: float = 0
+    open_low: bool = False
+    required: bool = False
+
+
+_U32 = 2**32 - 1
+# config.json as deltakit's GGUF writer reads it. Absent (or null) optional fields take transformers'
+# LlamaConfig defaults (_Hparams.of). The caps are far above any released LLaMA-family model's and
+# keep a hostile config from asking for billions of anything; tensors are checked against them after.
+_CONFIG_FIELDS = (
+    _Field("hidden_size", "int", 1, 1 << 20, required=True),
+    _Field("intermediate_size", "int", 1, 1 << 22, required=True),
+    _Field("num_attention_heads", "int", 1, 1 << 14, required=True),
+    _Field("num_hidden_layers", "int", 1, _MAX_LAYERS, required=True),
+    _Field("num_key_value_heads", "int", 1, 1 << 14),
+    _Field("head_dim", "int", 1, 1 << 16),
+    _Field("vocab_size", "int", 1, 1 << 24),
+    _Field("max_position_embeddings", "int", 1, _U32),
+    _Field("rms_norm_eps", "number", 0, 1, open_low=True),
+    _Field("rope_theta", "number", 0, 1e30, open_low=True),
+    _Field("architectures", "strings"),
+    _Field("model_type", "str"),
+    _Field("rope_scaling", "object"),
+    _Field("rope_parameters", "object"),
+    _Field("text_config", "object"),
+    *(_Field(f"{kind}_token_id", "token") for kind in ("bos", "eos", "unk", "sep", "pad", "cls", "mask")),
+)
+_ROPE_FIELDS = (
+    _Field("rope_type", "str"),
+    _Field("type", "str"),
+    _Field("rope_theta", "number", 0, 1e30, open_low=True),
+    _Field("factor", "number", 0, 1e6, open_low=True),
+    _Field("original_max_position_embeddings", "int", 1, _U32),
+    *(
+        _Field(name, "number", -1e6, 1e6)
+        for name in ("extrapolation_factor", "attention_factor", "attn_factor", "beta_fast", "beta_slow")
+    ),
+)
+_KINDS = {
+    "int": "an integer",
+    "number": "a finite number",
+    "str": "a string",
+    "strings": "a list of strings",
+    "object": "an object",
+    "token": "a token id",
+}
+
+
+def _check_fields(data: dict[str, Any], fields: Sequence[_Field], where: Path, prefix: str = "") -> None:
+    """Refuse the first field of ``data`` that breaks its entry in ``fields``, naming the file, the field
+    and what was found."""
+    for f in fields:
+        value = data.get(f.name)
+        if value is None:
+            if f.required:
+                raise FormatError(f"{where}: {prefix}{f.name} is missing; {_KINDS[f.kind]} is required", path=where)
+            continue
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        number = is_int or (isinstance(value, float) and math.isfinite(value))
+        if f.kind == "int":
+            ok = is_int and f.low <= value <= f.high
+        elif f.kind == "number":
+            ok = number and (f.low < value if f.open_low else f.low <= value) and value <= f.high
+        elif f.kind == "token":
+            ok = not is_int or 0 <= value <= _U32
+        elif f.kind == "str":
+            ok = isinstance(value, str)
+        elif f.kind == "strings":
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        else:
+            ok = isinstance(value, dict)
+        if not ok:
+            bounds = ""
+            if f.kind == "int":
+                bounds = f" from {int(f.low)} to {int(f.high)}"
+            elif f.kind == "number":
+                bounds = f" {'above' if f.open_low else 'from'} {f.low:g} {'up ' if f.open_low else ''}to {f.high:g}"
+            elif f.kind == "token":
+                bounds = " (an integer from 0), or no integer at all"
+            found = json.dumps(value)[:40] if _jsonable(value) else repr(value)[:40]
+            raise FormatError(
+                f"{where}: {prefix}{f.name} must be {_KINDS[f.kind]}{bounds}, not {found}",
+                path=where,
+                expected=f"{_KINDS[f.kind]}{bounds}",
+                actual=value,
+            )
+
+
+def _jsonable(value: object) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
 class _Hparams:
     """config.json as transformers' LlamaConfig reads it (its defaults filled in), which is what
-    llama.cpp's converter reads."""
+    llama.cpp's converter reads; ``where`` is the file as the user knows it."""
 
     config: dict[str, Any]
+    where: Path
 
     @classmethod
     def of(cls, config: dict[str, Any], where: Path) -> _Hparams:
+        """Check every field the GGUF is made from against ``_CONFIG_FIELDS``, in one place, before
+        anything is planned."""
+        _check_fields(config, _CONFIG_FIELDS, where)
         arch = (config.get("architectures") or [None])[0]
         if arch not in _ARCHITECTURES and not (arch is None and config.get("model_type") == "llama"):
             raise UnsupportedInputError(
@@ -115,18 +233,17 @@ class _Hparams:
                 path=where,
             )
         hp = dict(config)
-        for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size"):
-            if type(hp.get(key)) is not int or hp[key] <= 0:
-                raise FormatError(f"{where}: {key} must be a positive integer, not {hp.get(key)!r:.40}", path=where)
         # LlamaConfig's defaults (transformers' configuration_llama.py), where the file leaves them out
-        hp.setdefault("vocab_size", 32000)
-        hp.setdefault("max_position_embeddings", 2048)
-        hp.setdefault("rms_norm_eps", 1e-6)
+        for key, default in (("vocab_size", 32000), ("max_position_embeddings", 2048), ("rms_norm_eps", 1e-6)):
+            if hp.get(key) is None:
+                hp[key] = default
         if hp.get("num_key_value_heads") is None:
             hp["num_key_value_heads"] = hp["num_attention_heads"]
         if hp.get("head_dim") is None:
             hp["head_dim"] = hp["hidden_size"] // hp["num_attention_heads"]
-        rope = dict(hp.get("rope_parameters") or hp.get("rope_scaling") or {})
+        rope_key = "rope_parameters" if hp.get("rope_parameters") else "rope_scaling"
+        rope = dict(hp.get(rope_key) or {})
+        _check_fields(rope, _ROPE_FIELDS, where, f"{rope_key}.")
         rope.setdefault("rope_theta", hp.get("rope_theta", 10000.0))
         if "rope_type" not in rope and "type" in rope:
             rope["rope_type"] = rope["type"]
@@ -136,14 +253,76 @@ class _Hparams:
                 "writer; convert the rebuilt model with llama.cpp's convert_hf_to_gguf.py",
                 path=where,
             )
+        if rope.get("rope_type") == "yarn" and rope.get("factor") is not None:
+            _check_fields(rope, (_Field("original_max_position_embeddings", "int", 1, _U32, required=True),), where,
+                          f"{rope_key}.")  # fmt: skip
         hp["rope_parameters"] = rope
         heads, kv = hp["num_attention_heads"], hp["num_key_value_heads"]
-        if type(kv) is not int or kv <= 0 or heads % kv:
-            raise FormatError(f"{where}: num_key_value_heads {kv!r:.20} must divide {heads} heads", path=where)
-        return cls(hp)
+        if heads % kv:
+            raise FormatError(f"{where}: num_key_value_heads {kv} must divide {heads} heads", path=where)
+        if hp["head_dim"] % 2:
+            raise FormatError(f"{where}: head_dim {hp['head_dim']} must be even (rotary pairs)", path=where)
+        return cls(hp, where)
 
     def __getitem__(self, key: str) -> Any:
         return self.config[key]
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _check_tensors(sources: Sequence[tuple[str, _Rows]], hp: _Hparams) -> None:
+    """Every hyperparameter bounded by the tensors actually present: the layers config.json counts are
+    the layers there are, and each tensor has the shape the config gives it (llama.cpp would refuse
+    the file when loading it, or read it wrong)."""
+    where = hp.where
+    layers = {int(m[1]) for name, _ in sources if (m := _LAYER.match(name))}
+    if layers != set(range(hp["num_hidden_layers"])):
+        raise FormatError(
+            f"{where}: num_hidden_layers {hp['num_hidden_layers']} differs from the checkpoint's layers "
+            f"({len(layers)}, numbered {min(layers, default=0)} to {max(layers, default=-1)})",
+            path=where,
+            expected=hp["num_hidden_layers"],
+            actual=len(layers),
+        )
+    e, f, v, d = hp["hidden_size"], hp["intermediate_size"], hp["vocab_size"], hp["head_dim"]
+    q, kv = hp["num_attention_heads"] * d, hp["num_key_value_heads"] * d
+    wanted = {
+        "model.embed_tokens.weight": (v, e),
+        "lm_head.weight": (v, e),
+        "model.norm.weight": (e,),
+        "self_attn.q_proj.weight": (q, e),
+        "self_attn.k_proj.weight": (kv, e),
+        "self_attn.v_proj.weight": (kv, e),
+        "self_attn.o_proj.weight": (e, q),
+        "mlp.gate_proj.weight": (f, e),
+        "mlp.up_proj.weight": (f, e),
+        "mlp.down_proj.weight": (e, f),
+        "input_layernorm.weight": (e,),
+        "post_attention_layernorm.weight": (e,),
+    }
+    shapes = dict((name, rows.shape) for name, rows in sources)
+    if "model.embed_tokens.weight" not in shapes:
+        raise FormatError(
+            f"{where}: vocab_size {v} and hidden_size {e} describe model.embed_tokens.weight, which the "
+            "checkpoint does not hold",
+            path=where,
+            tensor="model.embed_tokens.weight",
+        )
+    for name, shape in sorted(shapes.items(), key=lambda item: item[0] != "model.embed_tokens.weight"):
+        key = name[m.end() :] if (m := _LAYER.match(name)) else name
+        expected = wanted.get(key)
+        if expected is None or tuple(shape) == expected:
+            continue
+        if key in ("model.embed_tokens.weight", "lm_head.weight") and len(shape) == 2 and shape[1] == e:
+            message = f"{where}: vocab_size {v} differs from the {shape[0]} rows of {name!r}"
+        else:
+            message = (
+                f"{where}: {name!r} is {list(shape)}; hidden_size {e}, intermediate_size {f}, vocab_size {v}, "
+                f"{hp['num_attention_heads']} heads ({hp['num_key_value_heads']} KV) of head_dim {d} make it "
+                f"{list(expected)}"
+            )
+        raise FormatError(message, path=where, tensor=name, expected=expected, actual=tuple(shape))
 
 
 @dataclass(frozen=True)
@@ -190,6 +369,7 @@ def _plan(sources: Sequence[tuple[str, _Rows]], hp: _Hparams, quant: str, *, met
     """The GGUF's tensors, in ``sources``' order; ``meta_order``: q/k rows are in Meta's rotary order
     already (a Meta checkpoint), else they are put back in it as llama.cpp does."""
     g = _gguf()
+    _check_tensors(sources, hp)  # before the name map, whose size follows num_hidden_layers
     names = g.get_tensor_name_map(g.MODEL_ARCH.LLAMA, hp["num_hidden_layers"])
     tied = not any(source == "lm_head.weight" for source, _ in sources)
     planned = []
@@ -204,11 +384,6 @@ def _plan(sources: Sequence[tuple[str, _Rows]], hp: _Hparams, quant: str, *, met
             )
         if rows.dtype not in ("F16", "BF16", "F32"):
             raise UnsupportedInputError(f"tensor {source!r} is {rows.dtype}; GGUF conversion takes float tensors")
-        if name == "token_embd.weight" and rows.shape[0] != hp["vocab_size"]:
-            raise FormatError(  # llama.cpp would refuse the file when loading it: say so now
-                f"config.json's vocab_size {hp['vocab_size']} differs from the {rows.shape[0]} rows of {source!r}",
-                tensor=source,
-            )
         if source.endswith(("q_proj.weight", "k_proj.weight")) and not meta_order:
             heads = hp["num_attention_heads"] if "q_proj" in source else hp["num_key_value_heads"]
             rows = _Rotary(rows, heads, to_hf=False)
@@ -253,28 +428,34 @@ _AHEAD = 2  # blocks encoded ahead of the one being written: both cores busy, a 
 # Metadata and vocabulary, in the order llama.cpp's converter writes them
 
 
-def _vocab_sentencepiece(folder: Path, vocab_size: int) -> tuple[list[bytes], list[float], list[int]]:
+def _vocab_sentencepiece(
+    files: _Files, vocab_size: int, bar: ProgressBar
+) -> tuple[list[bytes], list[float], list[int]]:
     """llama.cpp's ``_create_vocab_sentencepiece``: the SentencePiece pieces, ids past them as
     ``[PAD{id}]``, then added_tokens.json and tokenizer_config.json's added_tokens_decoder over them."""
     from sentencepiece import SentencePieceProcessor
 
     types = _gguf().TokenType  # NORMAL 1, UNKNOWN 2, CONTROL 3, USER_DEFINED 4, UNUSED 5, BYTE 6
+    folder, shown = files.folder, files.show("tokenizer.model")
     path = folder / "tokenizer.model"
     if not path.is_file():
         raise InputNotFoundError(
-            f"{path} is missing: a LLaMA GGUF carries the SentencePiece vocabulary, and deltakit reads it from "
+            f"{shown} is missing: a LLaMA GGUF carries the SentencePiece vocabulary, and deltakit reads it from "
             "tokenizer.model (BPE-only tokenizers such as Llama 3's are not supported)",
-            path=path,
+            path=shown,
         )
     sp = SentencePieceProcessor()
     try:
         sp.LoadFromFile(str(path))
     except (OSError, RuntimeError) as e:
-        raise FormatError(f"{path}: not a SentencePiece model ({e})", path=path) from e
+        raise FormatError(f"{shown}: not a SentencePiece model ({str(e).replace(str(path), str(shown))})",
+                          path=shown) from e  # fmt: skip
     tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
     scores = [-10000.0] * vocab_size
     kinds = [int(types.UNUSED)] * vocab_size
     for i in range(min(sp.vocab_size(), vocab_size)):
+        if i % _TICK == 0:
+            bar.update(0)  # a job's cancellation arrives through its bar
         kind = types.NORMAL
         if sp.IsUnknown(i):
             kind = types.UNKNOWN
@@ -287,11 +468,11 @@ def _vocab_sentencepiece(folder: Path, vocab_size: int) -> tuple[list[bytes], li
         tokens[i], scores[i], kinds[i] = sp.IdToPiece(i).encode(), sp.GetScore(i), int(kind)
     added = folder / "added_tokens.json"
     if added.is_file():
-        for text, i in _read_json(added).items():
+        for text, i in _json_file(files, "added_tokens.json").items():
             if type(i) is int and 0 <= i < vocab_size:
                 tokens[i], scores[i], kinds[i] = text.encode(), -1000.0, int(types.USER_DEFINED)
     config = folder / "tokenizer_config.json"
-    decoder = _read_json(config).get("added_tokens_decoder", {}) if config.is_file() else {}
+    decoder = _json_file(files, "tokenizer_config.json").get("added_tokens_decoder", {}) if config.is_file() else {}
     for key, token in (decoder if isinstance(decoder, dict) else {}).items():
         i = int(key) if str(key).isdecimal() else -1
         if not 0 <= i < vocab_size or not isinstance(token, dict) or not isinstance(token.get("content"), str):
@@ -316,10 +497,26 @@ def _looks_special(text: str) -> bool:
     )
 
 
-def _write_metadata(writer: Any, hp: _Hparams, folder: Path, ftype: int) -> None:
+def _write_metadata(writer: Any, hp: _Hparams, files: _Files, ftype: int, bar: ProgressBar) -> None:
     """Every key llama.cpp's converter writes for a LLaMA model, in its order (the tensor infos must
-    be in ``writer`` already: the size label counts their parameters)."""
+    be in ``writer`` already: the size label counts their parameters). ``files`` were checked as they
+    were staged; what gguf's own readers still find wrong in them is refused naming them."""
+    try:
+        _write_metadata_unchecked(writer, hp, files, ftype, bar)
+    except DeltakitError:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, RecursionError) as e:
+        names = ", ".join(str(files.show(rel)) for rel in sorted(files.shown)) or str(files.folder)
+        raise FormatError(
+            f"the model's metadata files ({names}) do not read as llama.cpp's converter reads them: "
+            f"{type(e).__name__}: {str(e)[:200]}",
+            path=hp.where,
+        ) from e
+
+
+def _write_metadata_unchecked(writer: Any, hp: _Hparams, files: _Files, ftype: int, bar: ProgressBar) -> None:
     g = _gguf()
+    folder = files.folder
     total, shared, expert, experts = writer.get_total_parameter_count()
     metadata = g.Metadata.load(None, folder, None, total)
     if metadata.name is None:
@@ -366,10 +563,11 @@ def _write_metadata(writer: Any, hp: _Hparams, folder: Path, ftype: int) -> None
 
     tokenizer_config = folder / "tokenizer_config.json"
     if tokenizer_config.is_file():
-        space = _read_json(tokenizer_config).get("add_prefix_space")
+        space = _json_file(files, "tokenizer_config.json").get("add_prefix_space")
         if isinstance(space, bool):
             writer.add_add_space_prefix(space)
-    tokens, scores, kinds = _vocab_sentencepiece(folder, hp["vocab_size"])
+    tokens, scores, kinds = _vocab_sentencepiece(files, hp["vocab_size"], bar)
+    bar.update(0)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
@@ -420,12 +618,8 @@ class _Stream:
     """The GGUF writer driven tensor by tensor: header, metadata and tensor index first, then each
     tensor's bytes in row blocks, padded as gguf pads them."""
 
-    def __init__(self, path: Path, planned: Sequence[_Planned], hp: _Hparams, folder: Path, quant: str) -> None:
-        g = _gguf()
-        self.writer: gguf_module.GGUFWriter = g.GGUFWriter(path=None, arch=g.MODEL_ARCH_NAMES[g.MODEL_ARCH.LLAMA])
-        for t in planned:
-            self.writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
-        _write_metadata(self.writer, hp, folder, _ftype(quant))
+    def __init__(self, path: Path, writer: gguf_module.GGUFWriter) -> None:
+        self.writer = writer
         try:
             self.writer.write_header_to_file(path=path)
             self.writer.write_kv_data_to_file()
@@ -454,16 +648,189 @@ class _Stream:
             fout.close()
 
 
-def _model_folder(staged: StagedFile, name: str) -> Path:
-    """A folder in the staging area named as the model is: llama.cpp reads the model's name (and its
-    size label, version...) from its folder's name, so the GGUF's metadata are what converting a folder
-    of that name gives. A Hub id keeps its last part; a name that is no safe folder name becomes model."""
+def _writer(prepared: _Prepared, bar: ProgressBar) -> gguf_module.GGUFWriter:
+    """The GGUF's header, metadata and tensor index, in memory: everything a conversion refuses in its
+    inputs is refused here, before a byte is written."""
+    g = _gguf()
+    writer: gguf_module.GGUFWriter = g.GGUFWriter(path=None, arch=g.MODEL_ARCH_NAMES[g.MODEL_ARCH.LLAMA])
+    for t in prepared.planned:
+        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+    _write_metadata(writer, prepared.hp, prepared.files, _ftype(prepared.working), bar)
+    return writer
+
+
+# -------------------------------------------------------------------------------------------------
+# The model's files: read once from where the user keeps them, checked, staged for gguf's readers
+
+
+@dataclass(frozen=True)
+class _Files:
+    """The model's metadata files, staged in ``folder`` (the only copies gguf's readers see);
+    ``shown`` maps each to the path the user knows it by, for messages."""
+
+    folder: Path
+    shown: dict[str, Path]
+
+    def show(self, rel: str) -> Path:
+        return self.shown.get(rel, self.folder / rel)
+
+
+_FILE_LIMIT = 64 << 20  # the largest metadata file read (LLaMA's tokenizer.json: 1.8 MB)
+_CARD_YAML_LIMIT = 1 << 20  # a model card's YAML front matter (real ones: a few KiB)
+_CARD_YAML_NODES = 100_000
+_TICK = 4096  # tokens between progress ticks, through which a job's cancellation arrives
+_JSON_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "added_tokens.json",
+    "special_tokens_map.json",
+    "chat_template.json",
+)
+
+
+def _json_file(files: _Files, rel: str) -> dict[str, Any]:
+    """A staged JSON file, already checked to be an object."""
+    data: dict[str, Any] = json.loads((files.folder / rel).read_text(encoding="utf-8"))
+    return data
+
+
+def _json_object(data: bytes, shown: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise FormatError(f"{shown}: cannot read: {e}", path=shown) from e
+    if not isinstance(value, dict):
+        raise FormatError(f"{shown}: not a JSON object but {type(value).__name__}", path=shown)
+    return value
+
+
+def _check_tokenizer_json(tokenizer: dict[str, Any], shown: Path) -> None:
+    """The parts of tokenizer.json gguf's SpecialVocab reads, of the types it reads them as."""
+
+    def refuse(field: str, kind: str, value: object) -> FormatError:
+        return FormatError(f"{shown}: {field} must be {kind}, not {json.dumps(value)[:40]}", path=shown)
+
+    added = tokenizer.get("added_tokens", [])
+    if not isinstance(added, list) or not all(isinstance(t, dict) for t in added):
+        raise refuse("added_tokens", "a list of objects", added)
+    for field in ("model", "post_processor"):
+        if tokenizer.get(field) is not None and not isinstance(tokenizer[field], dict):
+            raise refuse(field, "an object", tokenizer[field])
+    post = tokenizer.get("post_processor") or {}
+    processors = post.get("processors", [post])
+    if not isinstance(processors, list) or not all(isinstance(p, dict) for p in processors):
+        raise refuse("post_processor.processors", "a list of objects", processors)
+    for processor in processors:
+        for field in ("single", "pair", "cls", "sep"):
+            items = processor.get(field)
+            if items is None:
+                continue
+            if not isinstance(items, list) or (field in ("cls", "sep") and not items):
+                raise refuse(f"post_processor's {field}", "a list", items)
+            if field in ("single", "pair"):
+                for item in items:
+                    if not isinstance(item, dict) or not all(
+                        isinstance(item.get(k, {}), dict) for k in ("SpecialToken", "Sequence")
+                    ):
+                        raise refuse(f"post_processor's {field}", "a list of SpecialToken/Sequence objects", items)
+
+
+def _check_card(data: bytes, shown: Path) -> None:
+    """A model card's YAML front matter, as gguf's Metadata reads it, parsed safely first: no aliases
+    (which expand without bound), a bounded size and node count, and it must parse."""
+    import yaml  # type: ignore[import-untyped]  # gguf depends on it; no stubs are installed
+
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{shown}: not UTF-8 text ({e})", path=shown) from e
+    if not lines or lines[0] != "---":
+        return
+    front: list[str] = []
+    for line in lines[1:]:
+        if line == "---":
+            break
+        front.append(line)
+    text = ("\n".join(front) + "\n").replace("- no\n", '- "no"\n').replace("\t", "  ")  # as gguf reads it
+    if len(text) > _CARD_YAML_LIMIT:
+        raise FormatError(
+            f"{shown}: the model card's YAML front matter is {len(text)} bytes; deltakit reads at most "
+            f"{_CARD_YAML_LIMIT}",
+            path=shown,
+        )
+
+    class CardLoader(yaml.SafeLoader):  # type: ignore[misc]
+        nodes = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                anchor = self.peek_event().anchor
+                raise FormatError(
+                    f"{shown}: the model card's YAML front matter uses a YAML alias (*{anchor}), which can "
+                    "expand without bound; deltakit reads cards without aliases",
+                    path=shown,
+                )
+            CardLoader.nodes += 1
+            if CardLoader.nodes > _CARD_YAML_NODES:
+                raise FormatError(
+                    f"{shown}: the model card's YAML front matter has more than {_CARD_YAML_NODES} nodes",
+                    path=shown,
+                )
+            return super().compose_node(parent, index)
+
+    try:
+        yaml.load(text, Loader=CardLoader)  # a SafeLoader, which refuses aliases
+    except yaml.YAMLError as e:
+        raise FormatError(f"{shown}: the model card's YAML front matter does not parse: {e}", path=shown) from e
+    except RecursionError as e:
+        raise FormatError(f"{shown}: the model card's YAML front matter nests too deep", path=shown) from e
+
+
+def _check_file(rel: str, data: bytes, shown: Path) -> None:
+    if rel in _JSON_FILES:
+        value = _json_object(data, shown)
+        if rel == "tokenizer.json":
+            _check_tokenizer_json(value, shown)
+    elif rel == "README.md":
+        _check_card(data, shown)
+
+
+def _read_limited(path: Path, size: int | None = None) -> bytes:
+    """A regular file's bytes (a FIFO or device is refused, never waited on), at most _FILE_LIMIT."""
+    st = require_regular(path)
+    if st.st_size > _FILE_LIMIT:
+        raise FormatError(
+            f"{path} is {st.st_size} bytes; deltakit reads model metadata files of at most {_FILE_LIMIT}",
+            path=path,
+        )
+    data = read_regular(path, limit=_FILE_LIMIT)
+    if len(data) > _FILE_LIMIT:
+        raise FormatError(f"{path} grew past {_FILE_LIMIT} bytes while read", path=path)
+    return data
+
+
+def _stage_files(folder: Path, files: dict[str, tuple[bytes, Path]]) -> _Files:
+    """Check each file (``rel``: its bytes and the path it is shown as), then write it into ``folder``,
+    where gguf's readers find it."""
+    for rel, (data, shown) in files.items():
+        _check_file(rel, data, shown)
+    folder.mkdir(parents=True)
+    for rel, (data, _) in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    return _Files(folder, {rel: shown for rel, (_, shown) in files.items()})
+
+
+def _model_folder(parent: Path, name: str) -> Path:
+    """A folder under ``parent`` named as the model is: llama.cpp reads the model's name (and its size
+    label, version...) from its folder's name, so the GGUF's metadata are what converting a folder of
+    that name gives. A Hub id keeps its last part; a name that is no safe folder name becomes model."""
     name = name.rsplit("/", 1)[-1]
     if not _FOLDER_NAME.match(name) or name in (".", ".."):
         name = "model"
-    folder = staged.path / "model-files" / name
-    folder.mkdir(parents=True)
-    return folder
+    return parent / "model-files" / name
 
 
 _FOLDER_NAME = re.compile(r"^[\w.+-][\w .+-]{0,127}$")
@@ -531,6 +898,100 @@ def _llama_cpp_order(ckpt_tensors: dict[str, Any]) -> list[str]:
     return order
 
 
+def _is_meta(source: Path) -> bool:
+    return source.is_dir() and (source / "params.json").is_file() and any(source.glob("consolidated.*.pth"))
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A conversion checked and planned, nothing written yet: the staged files, the hyperparameters,
+    every tensor's place and type; for an apply, the delta's plan too."""
+
+    kind: str  # hf, meta or delta
+    files: _Files
+    hp: _Hparams
+    planned: list[_Planned]
+    working: str
+    apply: Any = None  # engine.apply.ApplyPlan
+
+
+def _prepare_convert(source: Path, quant: str, staging: Path) -> _Prepared:
+    is_meta = _is_meta(source)
+    files: dict[str, tuple[bytes, Path]] = {}
+    if is_meta:
+        hf_sources, shape = _meta_to_hf(source)
+        # the rows as Meta stores them: GGUF keeps Meta's rotary order, so no permutation either way
+        sources = [(n, r.inner if isinstance(r, _Rotary) else r) for n, r in hf_sources]
+        params = _read_json(source / "params.json")
+        config = _hf_config(shape, params.get("model", params), hf_sources, sources[0][1].dtype)
+        files["config.json"] = (config.encode(), source / "params.json")
+        if (source / "tokenizer.model").is_file():
+            files["tokenizer.model"] = (_read_limited(source / "tokenizer.model"), source / "tokenizer.model")
+            tokenizer_config = json.dumps(_LLAMA_TOKENIZER_CONFIG, indent=2) + "\n"
+            files["tokenizer_config.json"] = (tokenizer_config.encode(), source / "tokenizer.model")
+        folder = _model_folder(staging, source.resolve().name)
+    else:
+        ckpt = open_checkpoint(source)
+        sources = [(n, _Whole(ckpt.tensors[n])) for n in _llama_cpp_order(ckpt.tensors)]
+        for rel in _MODEL_FILES:
+            path = ckpt.root / rel
+            if os.path.lexists(path):
+                files[rel] = (_read_limited(path), path)
+        if "config.json" not in files:
+            raise InputNotFoundError(f"{ckpt.root / 'config.json'} is missing", path=ckpt.root / "config.json")
+        name = ckpt.root.name if ckpt.root.name not in ("", ".", "..") else ckpt.root.resolve().name
+        folder = staging / "model-files" / (name or "model")  # the folder's own name, as llama.cpp reads it
+    hp = _Hparams.of(_json_object(files["config.json"][0], files["config.json"][1]), files["config.json"][1])
+    staged = _stage_files(folder, files)
+    working = _working_quant(quant, {rows.dtype for _, rows in sources})
+    planned = _plan(sources, hp, working, meta_order=is_meta)
+    return _Prepared("meta" if is_meta else "hf", staged, hp, planned, working)
+
+
+@dataclass(frozen=True)
+class GGUFCheck:
+    """A GGUF conversion checked and planned, nothing written: ``types`` counts tensors per GGUF type
+    as planned (for a K-quant, the working GGUF's, before llama.cpp's quantizer chooses)."""
+
+    quant: str
+    source_kind: str
+    tensors: int
+    bytes_planned: int
+    types: dict[str, int]
+
+    def describe(self) -> str:
+        types = ", ".join(f"{name} {count}" for name, count in self.types.items())
+        size = human_bytes(self.bytes_planned)
+        return f"gguf     {self.quant} from {self.source_kind}: {self.tensors} tensors ({types}), {size}"
+
+
+def check_gguf(
+    source: str | Path, *, delta: str | Path | None = None, quant: str = "f16", sample: bool = False
+) -> GGUFCheck:
+    """Everything :func:`convert_to_gguf` (or, with ``delta``, :func:`apply_to_gguf` onto the base
+    ``source``) checks before writing, and nothing written: the quant type and its quantizer, the
+    config's fields and the tensors against them, the architecture, the tokenizer and metadata files.
+
+    Args:
+        sample: with ``delta``, also check a few base tensors' digests (seconds): a wrong base fails too.
+
+    Raises:
+        UnsupportedInputError: not a LLaMA model, or a K-quant without llama.cpp's quantizer.
+        FormatError: a config field, tensor shape or metadata file the conversion would refuse.
+        InputNotFoundError: tokenizer.model or config.json is missing.
+    """
+    _check_quant(quant)
+    with tempfile.TemporaryDirectory(prefix="deltakit-gguf-check-") as tmp:
+        if delta is None:
+            prepared = _prepare_convert(Path(source), quant, Path(tmp))
+        else:
+            prepared = _prepare_apply(source, delta, quant, Path(tmp), sample=sample)
+        _writer(prepared, no_progress(0, "gguf"))
+    types = dict(sorted(Counter(t.qtype.name for t in prepared.planned).items()))
+    planned_bytes = sum(t.nbytes for t in prepared.planned)
+    return GGUFCheck(quant, prepared.kind, len(prepared.planned), planned_bytes, types)
+
+
 def convert_to_gguf(
     source: str | Path, out: str | Path, *, quant: str = "f16", progress: ProgressFactory = no_progress
 ) -> GGUFReport:
@@ -542,37 +1003,21 @@ def convert_to_gguf(
 
     Raises:
         UnsupportedInputError: not a LLaMA model, or a K-quant without llama.cpp's quantizer.
+        FormatError: config.json (or a metadata file) is malformed, or disagrees with the tensors.
         InputNotFoundError: tokenizer.model (the vocabulary) is missing.
     """
     source, out = Path(source), Path(out)
     _check_quant(quant)
-    is_meta = source.is_dir() and (source / "params.json").is_file() and any(source.glob("consolidated.*.pth"))
     with StagedFile(out) as staged:
-        if is_meta:
+        if _is_meta(source):
             check_meta_checklist(source)
-            hf_sources, shape = _meta_to_hf(source)
-            # the rows as Meta stores them: GGUF keeps Meta's rotary order, so no permutation either way
-            sources = [(n, r.inner if isinstance(r, _Rotary) else r) for n, r in hf_sources]
-            params = _read_json(source / "params.json")
-            folder = _model_folder(staged, source.resolve().name)
-            (folder / "config.json").write_text(
-                _hf_config(shape, params.get("model", params), hf_sources, sources[0][1].dtype), encoding="utf-8"
-            )
-            if (source / "tokenizer.model").is_file():
-                shutil.copyfile(source / "tokenizer.model", folder / "tokenizer.model")
-                (folder / "tokenizer_config.json").write_text(json.dumps(_LLAMA_TOKENIZER_CONFIG, indent=2) + "\n")
-        else:
-            ckpt = open_checkpoint(source)
-            sources = [(n, _Whole(ckpt.tensors[n])) for n in _llama_cpp_order(ckpt.tensors)]
-            folder = ckpt.root
-        hp = _Hparams.of(_read_json(folder / "config.json"), folder / "config.json")
-        working = _working_quant(quant, {rows.dtype for _, rows in sources})
-        planned = _plan(sources, hp, working, meta_order=is_meta)
+        prepared = _prepare_convert(source, quant, staged.path)
+        planned = prepared.planned
         check_free_space(out, _space_needed(planned, quant))
-        written = staged.file if quant in QUANTS else staged.path / f"{working}.gguf"
-        stream = _Stream(written, planned, hp, folder, working)
+        written = staged.file if quant in QUANTS else staged.path / f"{prepared.working}.gguf"
+        bar = progress(sum(t.nbytes for t in planned), "gguf")
+        stream = _Stream(written, _writer(prepared, bar))
         try:
-            bar = progress(sum(t.nbytes for t in planned), "gguf")
             with RangeReader() as reader, ThreadPoolExecutor(2, thread_name_prefix="deltakit-gguf") as pool:
                 for t in planned:
                     stream.tensor(t, _blocks(reader, t, pool), bar)
@@ -580,8 +1025,9 @@ def convert_to_gguf(
         finally:
             stream.close()
         result = _finish(staged, written, quant)
-        kind = "meta" if is_meta else "hf"
-        report = GGUFReport(out, quant, kind, len(planned), result.stat().st_size, _types(result, quant, planned))
+        report = GGUFReport(
+            out, quant, prepared.kind, len(planned), result.stat().st_size, _types(result, quant, planned)
+        )
         staged.commit()
     return report
 
@@ -603,6 +1049,48 @@ class _Held:
         return self.data[first * row : last * row]
 
 
+def _read_carried(plan: Any, rel: str) -> tuple[bytes, Path]:
+    """A file the delta carries, read from the package (never a FIFO, never past its recorded size)
+    and checked against the manifest's SHA-256; shown as the package's own path."""
+    record = plan.manifest.target.files[rel]
+    path = plan.delta.root / FILES_DIR / rel
+    data = _read_limited(path)
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) != record.size or digest != record.sha256:
+        raise IntegrityError(
+            f"{path}: sha256 {digest[:16]}... differs from the manifest's {record.sha256[:16]}...: "
+            "the delta's file is corrupt",
+            path=path,
+            expected=record.sha256,
+            actual=digest,
+        )
+    return data, path
+
+
+def _prepare_apply(base: str | Path, delta: str | Path, quant: str, staging: Path, *, sample: bool) -> _Prepared:
+    from .engine.apply import plan_apply
+
+    plan = plan_apply(base, delta)
+    if sample:
+        plan.warm_up()
+        plan.check_sample()
+    m = plan.manifest
+    for needed, why in (("config.json", "its hyperparameters"), ("tokenizer.model", "its vocabulary")):
+        if needed not in m.target.files:
+            raise InputNotFoundError(
+                f"{plan.delta.root}: the delta carries no {needed}, {why} in a LLaMA GGUF (BPE-only tokenizers "
+                "such as Llama 3's are not supported)",
+                path=plan.delta.root,
+            )
+    files = {rel: _read_carried(plan, rel) for rel in _MODEL_FILES if rel in m.target.files}
+    hp = _Hparams.of(_json_object(*files["config.json"]), files["config.json"][1])
+    staged = _stage_files(_model_folder(staging, m.target.name), files)
+    specs = {s.name: _Shape(s.target.dtype, s.target.shape) for s in plan.steps}
+    working = _working_quant(quant, {s.dtype for s in specs.values()})
+    planned = _plan(list(specs.items()), hp, working, meta_order=False)
+    return _Prepared("delta", staged, hp, planned, working, plan)
+
+
 def apply_to_gguf(
     base: str | Path,
     delta: str | Path,
@@ -618,37 +1106,22 @@ def apply_to_gguf(
     Raises:
         BaseMismatchError: the base is not the one the delta was made from.
         IntegrityError: the payload or a carried file is corrupt.
+        FormatError: the carried config.json (or a metadata file) is malformed, or disagrees with the tensors.
     """
-    from .engine.apply import plan_apply, rebuilt_tensors
+    from .engine.apply import rebuilt_tensors
 
     out = Path(out)
     _check_quant(quant)
-    plan = plan_apply(base, delta)
-    plan.warm_up()
-    m = plan.manifest
-    plan.check_sample()
-    verified = set(plan.sample)
-    for needed, why in (("config.json", "its hyperparameters"), ("tokenizer.model", "its vocabulary")):
-        if needed not in m.target.files:
-            raise InputNotFoundError(
-                f"{plan.delta.root}: the delta carries no {needed}, {why} in a LLaMA GGUF (BPE-only tokenizers "
-                "such as Llama 3's are not supported)",
-                path=plan.delta.root,
-            )
     with StagedFile(out) as staged:
-        folder = _model_folder(staged, m.target.name)
-        for rel in _MODEL_FILES:  # the carried files the metadata is read from, checked as they are copied
-            if rel in m.target.files:
-                plan.copy_carried(rel, folder / rel)
-        hp = _Hparams.of(_read_json(folder / "config.json"), folder / "config.json")
-        specs = {s.name: _Shape(s.target.dtype, s.target.shape) for s in plan.steps}
-        working = _working_quant(quant, {s.dtype for s in specs.values()})
-        planned = {t.source: t for t in _plan(list(specs.items()), hp, working, meta_order=False)}
-        check_free_space(out, _space_needed(list(planned.values()), quant))
-        written = staged.file if quant in QUANTS else staged.path / f"{working}.gguf"
-        stream = _Stream(written, list(planned.values()), hp, folder, working)
+        prepared = _prepare_apply(base, delta, quant, staged.path, sample=True)
+        plan = prepared.apply
+        verified = set(plan.sample)
+        planned = {t.source: t for t in prepared.planned}
+        check_free_space(out, _space_needed(prepared.planned, quant))
+        written = staged.file if quant in QUANTS else staged.path / f"{prepared.working}.gguf"
+        bar = progress(sum(t.nbytes for t in plan.specs), "apply")
+        stream = _Stream(written, _writer(prepared, bar))
         try:
-            bar = progress(sum(t.nbytes for t in plan.specs), "apply")
             with RangeReader() as reader, ThreadPoolExecutor(2, thread_name_prefix="deltakit-gguf") as pool:
                 for step, data in rebuilt_tensors(plan, reader, verified, bar, scratch=staged.path):
                     t = planned.get(step.name)
@@ -662,7 +1135,7 @@ def apply_to_gguf(
         finally:
             stream.close()
         result = _finish(staged, written, quant)
-        types = _types(result, quant, list(planned.values()))
+        types = _types(result, quant, prepared.planned)
         report = GGUFReport(out, quant, "delta", len(planned), result.stat().st_size, types)
         staged.commit()
     return report

@@ -26,7 +26,7 @@ from ..engine import (
 from ..engine.make import DEFAULT_LEVEL
 from ..errors import DeltakitError
 from ..formats.peft import is_adapter
-from ..gguf import KQUANTS, QUANTS, apply_to_gguf
+from ..gguf import KQUANTS, QUANTS, apply_to_gguf, check_gguf
 from ..inspection import Inspection, inspect_path
 from ..legacy import LEGACY_KINDS, LegacyReport, apply_legacy_delta, make_delta_from_legacy
 from ..manifest import FORMAT_VERSION, MANIFEST_NAME, READABLE_FORMATS, load_manifest
@@ -281,6 +281,15 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         _print_gguf(gguf, f"rebuilt {args.delta} onto {args.base} as", time.perf_counter() - start)
         if args.json:
             _emit({"command": "apply", "kind": "deltakit", "dry_run": False, **_jsonable(gguf), "verified": True})
+        return 0
+    if args.to == "gguf":  # a dry run: what the real run checks before writing, nothing written
+        check_output_free(Path(args.out))
+        checked = check_gguf(args.base, delta=args.delta, quant=args.quant or "f16", sample=True)
+        _say(checked.describe())
+        _say(f"dry run: nothing written; would write {args.out}")
+        if args.json:
+            _emit({"command": "apply", "kind": "deltakit", "dry_run": True, "out": args.out, "checks": "ok",
+                   **_jsonable(checked)})  # fmt: skip
         return 0
     if args.dry_run:
         check_output_free(Path(args.out), replace=args.force)

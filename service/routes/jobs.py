@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Response, status
 from fastapi.responses import StreamingResponse
 
-from deltakit.errors import DeltakitError, InputNotFoundError, OutputExistsError
+from deltakit.errors import DeltakitError, InputNotFoundError, OutputExistsError, UnsupportedInputError
+from deltakit.gguf import check_gguf
 
 from ..deps import Read, RunnerDep, StoreDep, Write
+from ..jobs import Runner
 from ..schemas import JobOut, JobRequest, Problem
 from ..store import ACTIVE, KeyReused, Store
 
@@ -37,6 +39,23 @@ def _job(store: Store, job_id: str) -> JobOut:
     return JobOut.of(job)
 
 
+def _check_gguf(runner: Runner, params: dict[str, Any]) -> None:
+    """What a GGUF job (convert, or apply to gguf) checks before writing, checked at submission; the
+    problem names registered models, never the server's paths."""
+    quant = str(params.get("quant") or "f16")
+    try:
+        if "model" in params:
+            check_gguf(runner.resolve(str(params["model"]), kind="model").path, quant=quant)
+        else:
+            base = runner.resolve(str(params["base"]), kind="model").path
+            check_gguf(base, delta=runner.resolve(str(params["delta"]), kind="delta").path, quant=quant)
+    except InputNotFoundError as e:  # a file the model lacks: the request cannot be carried out (422)
+        raise UnsupportedInputError(runner.public(str(e))) from e
+    except DeltakitError as e:
+        e.message = runner.public(e.message)
+        raise
+
+
 @router.post("", status_code=status.HTTP_202_ACCEPTED, dependencies=[Write])
 def create_job(
     request: JobRequest,
@@ -55,6 +74,8 @@ def create_job(
     for field, kind in (("base", "model"), ("target", "model"), ("model", "model"), ("delta", "delta")):
         if field in params:
             runner.resolve(str(params[field]), kind=kind)  # 404 or 403 now, not a failed job later
+    if request.kind == "convert" or (request.kind == "apply" and params.get("to") == "gguf"):
+        _check_gguf(runner, params)  # 422 now for what the job would refuse, not a failed job later
     if request.output is not None and runner.registry.get(request.output) is not None:
         raise OutputExistsError(f"{request.output!r} is already a registered name; choose another output name")
     try:
