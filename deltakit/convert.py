@@ -508,6 +508,7 @@ def convert(
     dtype: str | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     meta_shards: int | None = None,
+    replace: bool = False,
     progress: ProgressFactory = no_progress,
 ) -> ConvertReport:
     """Convert a Meta or HF checkpoint to HF (``to="hf"``) or Meta (``to="meta"``) layout.
@@ -519,13 +520,15 @@ def convert(
             by default each keeps its own.
         shard_size: the most bytes per HF output file.
         meta_shards: model-parallel shards for Meta output; by default Meta's count for the model size.
+        replace: replace an existing folder at ``out`` once the new one is complete (until then the old
+            one stays as it was).
 
     Raises:
         IntegrityError: a file disagrees with Meta's ``checklist.chk``.
         FormatError: a shard is missing or ``params.json`` does not match the tensors.
     """
     source, out = Path(source), Path(out)
-    check_output_free(out)
+    check_output_free(out, replace=replace)
     if to not in ("hf", "meta"):
         raise UnsupportedInputError(f"unknown target layout {to!r}; choose hf or meta")
     if dtype is not None and dtype not in DTYPE_NAMES:
@@ -581,7 +584,7 @@ def convert(
             files["config.json"] = json.dumps(config, indent=2) + "\n"
 
     total = sum(math.prod(rows.shape) * itemsize(_out_dtype(rows, out_dtype)) for _, rows in sources)
-    with RangeReader() as reader, StagedFolder(out) as staged:
+    with RangeReader() as reader, StagedFolder(out, replace=replace) as staged:
         bar = progress(total, "convert")
         if meta_out is None:
             specs, digests, written = _write_hf(reader, sources, staged.path, out_dtype, shard_size, bar)

@@ -993,13 +993,20 @@ def check_gguf(
 
 
 def convert_to_gguf(
-    source: str | Path, out: str | Path, *, quant: str = "f16", progress: ProgressFactory = no_progress
+    source: str | Path,
+    out: str | Path,
+    *,
+    quant: str = "f16",
+    replace: bool = False,
+    progress: ProgressFactory = no_progress,
 ) -> GGUFReport:
     """Write a LLaMA checkpoint (safetensors, ``.bin`` or Meta's ``consolidated.NN.pth``) as one GGUF file.
 
     Args:
         quant: ``f32``, ``f16``, ``bf16``, ``q8_0``, ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``; or a K-quant
             (``q4_k_m``...), which needs the ``kquants`` extra.
+        replace: replace an existing file at ``out`` once the new one is complete (until then the old
+            one stays as it was).
 
     Raises:
         UnsupportedInputError: not a LLaMA model, or a K-quant without llama.cpp's quantizer.
@@ -1008,7 +1015,7 @@ def convert_to_gguf(
     """
     source, out = Path(source), Path(out)
     _check_quant(quant)
-    with StagedFile(out) as staged:
+    with StagedFile(out, replace=replace) as staged:
         if _is_meta(source):
             check_meta_checklist(source)
         prepared = _prepare_convert(source, quant, staged.path)
@@ -1097,11 +1104,13 @@ def apply_to_gguf(
     out: str | Path,
     *,
     quant: str = "f16",
+    replace: bool = False,
     progress: ProgressFactory = no_progress,
 ) -> GGUFReport:
     """Rebuild the delta's fine-tune from ``base`` straight into one GGUF file, with no model folder
     between: every tensor is checked against the manifest's digest before any of it is converted,
-    and a wrong base is refused (sampled digests) before anything is written.
+    and a wrong base is refused (sampled digests) before anything is written. With ``replace``, an
+    existing file at ``out`` is replaced once the new one is complete and verified.
 
     Raises:
         BaseMismatchError: the base is not the one the delta was made from.
@@ -1112,7 +1121,7 @@ def apply_to_gguf(
 
     out = Path(out)
     _check_quant(quant)
-    with StagedFile(out) as staged:
+    with StagedFile(out, replace=replace) as staged:
         prepared = _prepare_apply(base, delta, quant, staged.path, sample=True)
         plan = prepared.apply
         verified = set(plan.sample)

@@ -22,7 +22,15 @@ from .errors import NoSpaceError, OutputExistsError
 from .files import describe_mode
 from .units import human_bytes
 
-__all__ = ["StagedFolder", "check_free_space", "check_output_free", "fsync_path", "remove_abandoned"]
+__all__ = [
+    "StagedFile",
+    "StagedFolder",
+    "check_free_space",
+    "check_output_file_free",
+    "check_output_free",
+    "fsync_path",
+    "remove_abandoned",
+]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +56,16 @@ def check_output_free(out: Path, *, replace: bool = False) -> None:
             f"{out} exists and is not empty; deltakit never overwrites it: choose another --out or remove it yourself",
             path=out,
         )
+
+
+def check_output_file_free(out: Path, *, replace: bool = False) -> None:
+    """Refuse an output file's path where anything is, or with ``replace`` anything but a file."""
+    out = Path(out)
+    if out.exists() and not out.is_symlink() and not out.is_file():
+        what = describe_mode(out.stat().st_mode)
+        raise OutputExistsError(f"{out} exists and is {what}, not a file; choose another --out", path=out)
+    if out.is_symlink() or (out.exists() and not replace):
+        raise OutputExistsError(f"{out} exists; deltakit never overwrites it: choose another --out", path=out)
 
 
 def check_free_space(out: Path, need: int) -> None:
@@ -240,12 +258,7 @@ class StagedFile(StagedFolder):
     """
 
     def _check_final(self) -> None:
-        final = self.final
-        if final.exists() and not final.is_symlink() and not final.is_file():
-            what = describe_mode(final.stat().st_mode)
-            raise OutputExistsError(f"{final} exists and is {what}, not a file; choose another --out", path=final)
-        if final.is_symlink() or (final.exists() and not self.replace):
-            raise OutputExistsError(f"{final} exists; deltakit never overwrites it: choose another --out", path=final)
+        check_output_file_free(self.final, replace=self.replace)
 
     def __enter__(self) -> StagedFile:
         super().__enter__()

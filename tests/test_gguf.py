@@ -223,3 +223,24 @@ def test_the_cli_writes_gguf_from_convert_and_apply(models, tmp_path):
     refused = deltakit_cli("convert", target, "--quant", "q8_0", "--out", tmp_path / "x")
     assert refused.returncode == 2 and "--quant is for --to gguf" in refused.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "c.gguf"]
+
+
+def test_force_replaces_a_gguf_only_once_the_new_one_is_verified(models, tmp_path):
+    _, base, target, delta = models
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"mine")
+    with pytest.raises(BaseMismatchError):
+        apply_to_gguf(target, delta, out, replace=True)
+    assert out.read_bytes() == b"mine" and list(tmp_path.iterdir()) == [out], "the old file stays whole"
+    apply_to_gguf(base, delta, out, replace=True)
+    assert out.read_bytes()[:4] == b"GGUF" and list(tmp_path.iterdir()) == [out]
+    converted = deltakit_cli("convert", target, "--to", "gguf", "--out", out, "-q")
+    assert converted.returncode == 1 and "exists" in converted.stderr
+    converted = deltakit_cli("convert", target, "--to", "gguf", "--out", out, "-q", "--force")
+    assert converted.returncode == 0, converted.stderr
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "old").write_text("x")
+    converted = deltakit_cli("convert", target, "--out", folder, "-q", "--force")
+    assert converted.returncode == 0, converted.stderr
+    assert not (folder / "old").exists() and (folder / "config.json").is_file()

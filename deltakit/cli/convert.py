@@ -13,7 +13,7 @@ from ..convert import DTYPE_NAMES, convert
 from ..engine import DEFAULT_SHARD_SIZE
 from ..gguf import KQUANTS, QUANTS, convert_to_gguf
 from ..units import human_bytes, parse_size
-from ._common import _emit, _jsonable, _positive, _print_gguf, _progress, _say, _UsageError
+from ._common import _add_force, _emit, _jsonable, _positive, _print_gguf, _progress, _say, _UsageError
 
 if TYPE_CHECKING:
     from ._common import _Subparsers
@@ -24,7 +24,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if args.to == "gguf":
         if args.dtype is not None or args.meta_shards is not None:
             raise _UsageError("--to gguf takes --quant for the tensors' type, not --dtype or --meta-shards")
-        gguf = convert_to_gguf(args.source, args.out, quant=args.quant or "f16", progress=_progress(args))
+        gguf = convert_to_gguf(
+            args.source, args.out, quant=args.quant or "f16", replace=args.force, progress=_progress(args)
+        )
         _print_gguf(gguf, f"converted {args.source} ({gguf.source_kind}) to", time.perf_counter() - start)
         if args.json:
             _emit({"command": "convert", **_jsonable(gguf)})
@@ -38,6 +40,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         shard_size=args.shard_size,
         meta_shards=args.meta_shards,
+        replace=args.force,
         progress=_progress(args),
     )
     _say(
@@ -60,6 +63,7 @@ def add_convert_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> Non
     )
     p.add_argument("source", help="a Meta folder (consolidated.NN.pth + params.json) or an HF checkpoint")
     p.add_argument("--out", required=True, help="folder to create (a file, model.gguf, for --to gguf)")
+    _add_force(p, "output")
     p.add_argument(
         "--to", choices=["hf", "meta", "gguf"], default="hf", help="output layout (hf); gguf: one file for llama.cpp"
     )

@@ -31,7 +31,7 @@ from ..inspection import Inspection, inspect_path
 from ..legacy import LEGACY_KINDS, LegacyReport, apply_legacy_delta, make_delta_from_legacy
 from ..manifest import FORMAT_VERSION, MANIFEST_NAME, READABLE_FORMATS, load_manifest
 from ..registry import Registry
-from ..staging import check_output_free
+from ..staging import check_output_file_free, check_output_free
 from ..units import human_bytes, parse_size
 from ._common import _add_force, _emit, _jsonable, _print_gguf, _progress, _say, _UsageError, _zstd_level
 
@@ -277,13 +277,15 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         raise _UsageError("--ray rebuilds a deltakit delta into a model folder; the rest runs on one machine")
     if args.to == "gguf" and not args.dry_run:
         start = time.perf_counter()
-        gguf = apply_to_gguf(args.base, args.delta, args.out, quant=args.quant or "f16", progress=_progress(args))
+        gguf = apply_to_gguf(
+            args.base, args.delta, args.out, quant=args.quant or "f16", replace=args.force, progress=_progress(args)
+        )
         _print_gguf(gguf, f"rebuilt {args.delta} onto {args.base} as", time.perf_counter() - start)
         if args.json:
             _emit({"command": "apply", "kind": "deltakit", "dry_run": False, **_jsonable(gguf), "verified": True})
         return 0
     if args.to == "gguf":  # a dry run: what the real run checks before writing, nothing written
-        check_output_free(Path(args.out))
+        check_output_file_free(Path(args.out), replace=args.force)
         checked = check_gguf(args.base, delta=args.delta, quant=args.quant or "f16", sample=True)
         _say(checked.describe())
         _say(f"dry run: nothing written; would write {args.out}")
