@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .codecs.frames import CODERS, MAX_FRAME_BYTES, SPLITS, Frame, stream_count
-from .dtypes import ITEMSIZE, is_float, itemsize
+from .dtypes import ITEMSIZE, is_float, itemsize, shape_fault
 from .errors import InputNotFoundError, ManifestError
 from .hashing import fingerprint
 
@@ -265,17 +265,23 @@ class _Reader:
             raise self.fail(where, f"unknown dtype {value!r}")
         return str(value)
 
-    def shape(self, value: Any, where: str) -> tuple[int, ...]:
+    def shape(self, value: Any, dtype: str, where: str) -> tuple[int, ...]:
+        """A shape apply can write: what the safetensors header reader accepts, by the same rules."""
         if not isinstance(value, list):
             raise self.fail(where, "must be a list of non-negative integers")
-        return tuple(self.count(d, where) for d in value)
+        shape = tuple(self.count(d, where) for d in value)
+        fault = shape_fault(shape, dtype)
+        if fault is not None:
+            raise self.fail(where, fault)
+        return shape
 
     def tensor(self, name: str, value: Any, where: str) -> TensorRecord:
         where = f"{where}[{name!r}]"
         obj = self.obj(value, where)
+        dtype = self.dtype(self.get(obj, "dtype", str, where), f"{where}.dtype")
         return TensorRecord(
-            dtype=self.dtype(self.get(obj, "dtype", str, where), f"{where}.dtype"),
-            shape=self.shape(self.get(obj, "shape", list, where), f"{where}.shape"),
+            dtype=dtype,
+            shape=self.shape(self.get(obj, "shape", list, where), dtype, f"{where}.shape"),
             digest=self.digest(self.get(obj, "digest", str, where), f"{where}.digest"),
         )
 
