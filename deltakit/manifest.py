@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .codecs.frames import CODERS, MAX_FRAME_BYTES, SPLITS, Frame, stream_count
+from .codecs.frames import CODERS, MAX_FRAME_BYTES, MIN_FRAME_BYTES, SPLITS, Frame, stream_count
 from .dtypes import ITEMSIZE, is_float, itemsize, shape_fault
 from .errors import InputNotFoundError, ManifestError
 from .hashing import fingerprint
@@ -349,6 +349,13 @@ class _Reader:
         frames: list[Frame] = []
         position = 0
         table = self.get(obj, "frames", list, where)
+        most = -(-numel * widest // MIN_FRAME_BYTES) + 1
+        if len(table) > most:
+            raise self.fail(
+                f"{where}.frames",
+                f"{len(table)} frames for {numel} elements; at most {most} "
+                f"(one per {MIN_FRAME_BYTES} bytes of {widest}-byte elements, plus one)",
+            )
         self.frames += len(table)
         if self.frames > MAX_FRAMES:
             raise self.fail(f"{where}.frames", f"brings the manifest past {MAX_FRAMES} frames")

@@ -297,3 +297,44 @@ def test_a_payload_stream_cut_to_the_zstd_magic_is_named_with_its_tensor_and_off
     assert (err.value.tensor, err.value.actual) == (name, start)
     assert name in str(err.value) and f"bytes {start} to" in str(err.value)
     assert not (delta.parent / "out").exists()
+
+
+@pytest.fixture
+def stored_package(tmp_path, make_pair):
+    """A delta of one 4096-element F16 tensor of noise: every frame is stored, so its frame table can
+    be cut anywhere and the payload still agrees with it."""
+    rng = np.random.default_rng(11)
+    base, target = (
+        {"w": torch.from_numpy(rng.integers(0, 1 << 16, 4096, dtype=np.uint16).view(np.float16).copy())}
+        for _ in range(2)
+    )
+    base_dir, target_dir = make_pair(base, target)
+    make_delta(base_dir, target_dir, tmp_path / "delta")
+    assert all(
+        f[1] == "stored"
+        for f in json.loads((tmp_path / "delta/deltakit.json").read_text())["target"]["tensors"]["w"]["frames"]
+    )
+    return base_dir, target_dir, tmp_path / "delta"
+
+
+def test_a_frame_table_of_one_element_frames_is_refused_while_the_manifest_is_read(stored_package):
+    base_dir, _, delta = stored_package
+    edit_manifest(delta, lambda ts: ts["w"].update(frames=[[1, "stored"]] * 4096))
+    with pytest.raises(
+        ManifestError, match=r"target\.tensors\['w'\]\.frames: 4096 frames for 4096 elements; at most 2"
+    ):
+        apply_delta(base_dir, delta, delta.parent / "out")
+    assert not (delta.parent / "out").exists()
+
+
+def test_a_tensor_may_hold_one_frame_per_min_frame_bytes_plus_one(stored_package, monkeypatch):
+    base_dir, target_dir, delta = stored_package
+    monkeypatch.setattr("deltakit.manifest.MIN_FRAME_BYTES", 1024)  # 8192 bytes: at most 8 + 1 frames
+    # uneven frames: the rule counts frames, whatever their sizes
+    edit_manifest(delta, lambda ts: ts["w"].update(frames=[[1, "stored"]] * 8 + [[4088, "stored"]]))
+    apply_delta(base_dir, delta, delta.parent / "out")
+    assert (delta.parent / "out/model.safetensors").read_bytes() == (target_dir / "model.safetensors").read_bytes()
+    edit_manifest(delta, lambda ts: ts["w"].update(frames=[[1, "stored"]] * 9 + [[4087, "stored"]]))
+    with pytest.raises(ManifestError, match="10 frames for 4096 elements; at most 9"):
+        apply_delta(base_dir, delta, delta.parent / "out2")
+    assert not (delta.parent / "out2").exists()

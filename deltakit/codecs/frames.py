@@ -20,6 +20,7 @@ __all__ = [
     "BLOCK_BYTES",
     "CODERS",
     "MAX_FRAME_BYTES",
+    "MIN_FRAME_BYTES",
     "SPLITS",
     "CorruptFrame",
     "Frame",
@@ -32,6 +33,11 @@ __all__ = [
 # A frame decodes to at most this many bytes: the size of one read-ahead buffer, so a frame (and the
 # base elements beside it) always fits the buffers apply already holds.
 MAX_FRAME_BYTES = 8 << 20
+# A tensor's frame table holds at most ceil(elements * widest itemsize / MIN_FRAME_BYTES) + 1 frames:
+# every frame costs apply a read, a decode call and a record, so a table of tiny frames would cost
+# far more than the bytes it rebuilds. make's frames cover MAX_FRAME_BYTES each but the last of a
+# segment (a rows tensor has two), which leaves this rule 8x to spare.
+MIN_FRAME_BYTES = 1 << 20
 CODERS = ("zstd", "stored")
 SPLITS = ("bytes", "none")
 
