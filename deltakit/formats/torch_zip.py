@@ -26,7 +26,7 @@ from ..dtypes import ITEMSIZE
 from ..errors import DeltakitError, FormatError, InputNotFoundError, UnsafePickleError, UnsupportedInputError
 from .safetensors import TensorInfo, TensorSpec
 
-__all__ = ["MAX_PICKLE_BYTES", "TorchZipWriter", "read_torch_zip"]
+__all__ = ["MAX_PICKLE_BYTES", "MAX_PICKLE_OPS", "TorchZipWriter", "read_torch_zip"]
 
 # A 65B model's data.pkl is well under 1 MB; a pickle this large is not a state dict.
 MAX_PICKLE_BYTES = 64 << 20
@@ -119,6 +119,11 @@ _OPCODES = {
 }  # fmt: skip
 
 
+# torch.save spends about 32 pickle operations a tensor: this cap allows some 65,000 tensors in one
+# file (a 65B model has 723 in all) while bounding what a hostile pickle makes the unpickler build:
+# at most one object per operation, a few hundred MB and a second or two at the cap.
+MAX_PICKLE_OPS = 1 << 21
+
 # A state dict is a few levels deep (a checkpoint dict, the state dict, a tensor's arguments); a
 # pickle nesting deeper is built to exhaust the C stack of whatever walks it later.
 MAX_NESTING = 32
@@ -144,6 +149,7 @@ class _StateDictUnpickler(pickle._Unpickler):  # the pure-Python one: its dispat
 
     def __init__(self, file: io.BytesIO) -> None:
         super().__init__(file)
+        self._ops = 0  # operations run so far, against MAX_PICKLE_OPS
         self._depth: dict[int, int] = {}  # id of each container built so far -> its nesting depth
         self._sealed: set[int] = set()
         self._alive: list[Any] = []  # holds every container, so that no id is reused while loading
@@ -291,6 +297,26 @@ class _StateDictUnpickler(pickle._Unpickler):  # the pure-Python one: its dispat
         if not 0 <= numel < _MAX_DIM or len(key) > 64:
             raise UnsafePickleError("storage reference out of range")
         return _StorageRef(key, storage_type.dtype, numel)
+
+
+def _counted(op: Callable[[Any], None]) -> Callable[[_StateDictUnpickler], None]:
+    """``op``, refused once the pickle has run ``MAX_PICKLE_OPS`` operations: every object the
+    unpickler builds costs one, so this bounds its time and memory by far less than the size cap."""
+
+    def counted(self: _StateDictUnpickler) -> None:
+        self._ops += 1
+        if self._ops > MAX_PICKLE_OPS:
+            raise UnsafePickleError(
+                f"data.pkl runs more than {MAX_PICKLE_OPS} operations; "
+                "a state dict needs about 32 a tensor: it is not a state dict"
+            )
+        op(self)
+
+    return counted
+
+
+# every opcode the unpickler accepts goes through the count
+_StateDictUnpickler.dispatch = {code: _counted(op) for code, op in _StateDictUnpickler.dispatch.items()}
 
 
 def _read_small(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int = 16) -> bytes:
