@@ -16,6 +16,7 @@ from typing import Any
 from .codecs.frames import CODERS, MAX_FRAME_BYTES, MIN_FRAME_BYTES, SPLITS, Frame, stream_count
 from .dtypes import ITEMSIZE, is_float, itemsize, shape_fault
 from .errors import InputNotFoundError, ManifestError
+from .files import read_regular
 from .hashing import fingerprint
 
 __all__ = [
@@ -159,11 +160,16 @@ class Manifest:
 
 
 def load_manifest(folder: str | Path) -> Manifest:
-    """Read ``deltakit.json`` from a delta package folder."""
+    """Read ``deltakit.json`` from a delta package folder.
+
+    Raises:
+        InputNotFoundError: the folder does not exist.
+        UnsupportedInputError: ``deltakit.json`` is a FIFO, device or folder (never read, so never waited on).
+        ManifestError: it is missing, unreadable, oversized or invalid.
+    """
     path = Path(folder) / MANIFEST_NAME
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_MANIFEST_BYTES + 1)
+        raw = read_regular(path, limit=MAX_MANIFEST_BYTES)
         if len(raw) > MAX_MANIFEST_BYTES:
             raise ManifestError(f"{path}: larger than the {MAX_MANIFEST_BYTES} byte cap", path=path)
         text = raw.decode("utf-8")

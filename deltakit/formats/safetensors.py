@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..dtypes import ITEMSIZE, shape_fault
 from ..errors import FormatError, InputNotFoundError, SafetensorsHeaderError
+from ..files import open_regular
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -124,10 +125,11 @@ def read_header(path: str | Path) -> SafetensorsHeader:
     Raises:
         SafetensorsHeaderError: naming the file (and tensor) for any violation of the format.
         InputNotFoundError: if the file does not exist.
+        UnsupportedInputError: a FIFO, device or folder is there (refused without blocking on it).
     """
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             file_size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
