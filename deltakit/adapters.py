@@ -16,6 +16,7 @@ from pathlib import Path
 from .codecs import Bytes, LoraTerm, lora_merge_rows
 from .dtypes import is_float, itemsize, to_torch
 from .errors import FormatError, UnsupportedInputError
+from .files import read_regular_text
 from .formats.checkpoint import RangeReader, is_weight_file, open_checkpoint
 from .formats.peft import Adapter, LoraPair, open_adapter
 from .formats.safetensors import TensorInfo, TensorSpec
@@ -228,7 +229,7 @@ def _carry_files(
     embed = next((s for s in specs if s.name.endswith("embed_tokens.weight")), None)
     config_path = dest / "config.json"
     if embed is not None and config_path.is_file():
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = json.loads(read_regular_text(config_path))
         if isinstance(config, dict) and config.get("vocab_size") not in (None, embed.shape[0]):
             config["vocab_size"] = vocab = embed.shape[0]
             config_path.unlink()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FLOAT_DTYPES", "ITEMSIZE", "is_float", "itemsize", "to_torch"]
+__all__ = ["FLOAT_DTYPES", "ITEMSIZE", "SHAPE_LIMIT", "is_float", "itemsize", "shape_fault", "to_torch"]
 
 ITEMSIZE: dict[str, int] = {
     "F64": 8,
@@ -50,6 +50,31 @@ _TORCH_NAMES = {
     "F8_E4M3": "float8_e4m3fn",
     "F8_E5M2": "float8_e5m2",
 }
+
+
+# safetensors counts dimensions, elements and bytes in 64 bits: each must stay below this.
+SHAPE_LIMIT = 1 << 64
+
+
+def shape_fault(shape: object, dtype: str) -> str | None:
+    """Why ``shape`` cannot describe a ``dtype`` tensor in a safetensors file, or ``None`` if it can.
+
+    The rules of the safetensors header reader, shared with the manifest reader so that no manifest
+    makes apply write a header that safetensors refuses: a list of non-negative integers, each below
+    2^64; the running product of the dimensions (the element count, as the reference computes it) and
+    the byte size below 2^64 too. ``dtype`` must be one of :data:`ITEMSIZE`.
+    """
+    if not isinstance(shape, list | tuple) or not all(type(d) is int and 0 <= d < SHAPE_LIMIT for d in shape):
+        shown = list(shape) if isinstance(shape, list | tuple) else shape
+        return f"shape {shown!r} is not a list of non-negative 64-bit integers"
+    numel = 1
+    for dim in shape:
+        numel *= dim
+        if numel >= SHAPE_LIMIT:
+            return f"shape {list(shape)!r} has more elements than 64 bits can count"
+    if numel * ITEMSIZE[dtype] >= SHAPE_LIMIT:
+        return f"{dtype} {list(shape)!r} has more bytes than 64 bits can count"
+    return None
 
 
 def itemsize(dtype: str) -> int:

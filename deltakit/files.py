@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 from .errors import InputNotFoundError, UnsupportedInputError
 
-__all__ = ["describe_mode", "open_regular", "read_regular", "read_regular_text", "require_regular"]
+__all__ = ["describe_mode", "open_regular", "open_regular_fd", "read_regular", "read_regular_text", "require_regular"]
 
 
 def describe_mode(mode: int) -> str:
@@ -49,9 +49,9 @@ def require_regular(path: str | Path) -> os.stat_result:
     return st
 
 
-@contextmanager
-def open_regular(path: str | Path) -> Iterator[BinaryIO]:
-    """Open ``path`` for binary reading, refusing anything but a regular file without blocking on it.
+def open_regular_fd(path: str | Path) -> int:
+    """A descriptor of ``path`` opened for reading (blocking reads), refusing anything but a regular
+    file without blocking on it; the caller closes it.
 
     The check runs on the opened descriptor, so a file swapped for a FIFO after a ``stat`` is caught too.
 
@@ -69,7 +69,24 @@ def open_regular(path: str | Path) -> Iterator[BinaryIO]:
         if not stat.S_ISREG(st.st_mode):
             raise UnsupportedInputError(f"{path} is {describe_mode(st.st_mode)}, not a regular file", path=path)
         os.set_blocking(fd, True)
-        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextmanager
+def open_regular(path: str | Path, *, buffering: int = -1) -> Iterator[BinaryIO]:
+    """Open ``path`` for binary reading, refusing anything but a regular file without blocking on it
+    (see :func:`open_regular_fd`); ``buffering=0`` gives an unbuffered file, as :func:`open` does.
+
+    Raises:
+        InputNotFoundError: nothing is there.
+        UnsupportedInputError: a FIFO, socket, device or folder is there.
+    """
+    fd = open_regular_fd(path)
+    try:
+        f = os.fdopen(fd, "rb", buffering=buffering)
     except BaseException:
         os.close(fd)
         raise

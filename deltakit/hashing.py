@@ -7,13 +7,16 @@ file format, or torch/transformers versions; files are hashed whole, as the Hub 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import blake3
+
+from .files import open_regular, read_regular_text
 
 __all__ = [
     "HASH_NAME",
@@ -73,7 +76,8 @@ def _hash_file(
     buffer = bytearray(_FILE_CHUNK)
     view = memoryview(buffer)
     size = 0
-    with open(path, "rb", buffering=0) as f, open(copy_to, "xb") if copy_to else nullcontext() as out:
+    with open_regular(path, buffering=0) as opened, open(copy_to, "xb") if copy_to else nullcontext() as out:
+        f = cast(io.FileIO, opened)  # unbuffered: readinto fills the buffer straight from the file
         while n := f.readinto(buffer):
             digest.update(view[:n])
             if out is not None:
@@ -135,7 +139,7 @@ def read_checksum_file(path: str | Path) -> dict[str, str]:
     from .errors import FormatError
 
     sums: dict[str, str] = {}
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_regular_text(path).splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         digest, _, name = line.strip().partition(" ")

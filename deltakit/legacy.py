@@ -34,6 +34,7 @@ from .dtypes import itemsize
 from .engine import MakeReport, checkpoint_digests, make_delta
 from .engine.make import DEFAULT_LEVEL
 from .errors import BaseMismatchError, DeltakitError, FormatError, InputNotFoundError, UnsupportedInputError
+from .files import open_regular, read_regular, require_regular
 from .formats.checkpoint import Checkpoint, RangeReader, is_weight_file, open_checkpoint
 from .formats.safetensors import TensorInfo, TensorSpec
 from .hashing import algorithm_of, file_hexdigest, file_sha256, fingerprint, read_checksum_file
@@ -261,8 +262,7 @@ _XOR_BLOCK = 8 << 20
 
 
 def _is_gzip(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(2) == _GZIP_MAGIC
+    return read_regular(path, limit=1)[:2] == _GZIP_MAGIC
 
 
 def is_xor_release(path: str | Path) -> bool:
@@ -283,13 +283,13 @@ def _promised_size(payload: Path, base: Path) -> int:
     file's is taken; inflating then stops one byte past it, and gzip's own check of the trailer
     catches any other.
     """
-    with open(payload, "rb") as f:
+    with open_regular(payload) as f:
         f.seek(0, 2)
         if f.tell() < 18:  # a gzip header and trailer alone take 18 bytes
             raise FormatError(f"{payload}: too short to be a gzip stream: the file is damaged", path=payload)
         f.seek(-4, 2)
         trailer = int.from_bytes(f.read(4), "little")
-    base_size = base.stat().st_size
+    base_size = require_regular(base).st_size
     wraps = max(0, round((base_size - trailer) / (1 << 32)))
     promised = trailer + wraps * (1 << 32)
     if promised > 2 * base_size + _XOR_GROWTH_SLACK:
@@ -308,7 +308,12 @@ def _xor_file(payload: Path, base: Path, dest: Path, promised: int, bar: Progres
     never inflating more than one byte past ``promised``."""
     written = 0
     try:
-        with gzip.open(payload, "rb") as fin, open(base, "rb") as fbase, open(dest, "xb") as fout:
+        with (
+            open_regular(payload) as fpayload,
+            gzip.GzipFile(fileobj=fpayload, mode="rb") as fin,
+            open_regular(base) as fbase,
+            open(dest, "xb") as fout,
+        ):
             while block := fin.read(min(_XOR_BLOCK, promised + 1 - written)):
                 written += len(block)
                 if written > promised:

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .codecs.frames import CODERS, MAX_FRAME_BYTES, SPLITS, Frame, stream_count
-from .dtypes import ITEMSIZE, is_float, itemsize
+from .codecs.frames import CODERS, MAX_FRAME_BYTES, MIN_FRAME_BYTES, SPLITS, Frame, stream_count
+from .dtypes import ITEMSIZE, is_float, itemsize, shape_fault
 from .errors import InputNotFoundError, ManifestError
+from .files import read_regular
 from .hashing import fingerprint
 
 __all__ = [
@@ -159,11 +160,16 @@ class Manifest:
 
 
 def load_manifest(folder: str | Path) -> Manifest:
-    """Read ``deltakit.json`` from a delta package folder."""
+    """Read ``deltakit.json`` from a delta package folder.
+
+    Raises:
+        InputNotFoundError: the folder does not exist.
+        UnsupportedInputError: ``deltakit.json`` is a FIFO, device or folder (never read, so never waited on).
+        ManifestError: it is missing, unreadable, oversized or invalid.
+    """
     path = Path(folder) / MANIFEST_NAME
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_MANIFEST_BYTES + 1)
+        raw = read_regular(path, limit=MAX_MANIFEST_BYTES)
         if len(raw) > MAX_MANIFEST_BYTES:
             raise ManifestError(f"{path}: larger than the {MAX_MANIFEST_BYTES} byte cap", path=path)
         text = raw.decode("utf-8")
@@ -265,17 +271,23 @@ class _Reader:
             raise self.fail(where, f"unknown dtype {value!r}")
         return str(value)
 
-    def shape(self, value: Any, where: str) -> tuple[int, ...]:
+    def shape(self, value: Any, dtype: str, where: str) -> tuple[int, ...]:
+        """A shape apply can write: what the safetensors header reader accepts, by the same rules."""
         if not isinstance(value, list):
             raise self.fail(where, "must be a list of non-negative integers")
-        return tuple(self.count(d, where) for d in value)
+        shape = tuple(self.count(d, where) for d in value)
+        fault = shape_fault(shape, dtype)
+        if fault is not None:
+            raise self.fail(where, fault)
+        return shape
 
     def tensor(self, name: str, value: Any, where: str) -> TensorRecord:
         where = f"{where}[{name!r}]"
         obj = self.obj(value, where)
+        dtype = self.dtype(self.get(obj, "dtype", str, where), f"{where}.dtype")
         return TensorRecord(
-            dtype=self.dtype(self.get(obj, "dtype", str, where), f"{where}.dtype"),
-            shape=self.shape(self.get(obj, "shape", list, where), f"{where}.shape"),
+            dtype=dtype,
+            shape=self.shape(self.get(obj, "shape", list, where), dtype, f"{where}.shape"),
             digest=self.digest(self.get(obj, "digest", str, where), f"{where}.digest"),
         )
 
@@ -343,6 +355,13 @@ class _Reader:
         frames: list[Frame] = []
         position = 0
         table = self.get(obj, "frames", list, where)
+        most = -(-numel * widest // MIN_FRAME_BYTES) + 1
+        if len(table) > most:
+            raise self.fail(
+                f"{where}.frames",
+                f"{len(table)} frames for {numel} elements; at most {most} "
+                f"(one per {MIN_FRAME_BYTES} bytes of {widest}-byte elements, plus one)",
+            )
         self.frames += len(table)
         if self.frames > MAX_FRAMES:
             raise self.fail(f"{where}.frames", f"brings the manifest past {MAX_FRAMES} frames")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -250,3 +251,52 @@ def test_serve_stops_cleanly_on_sigterm_as_on_ctrl_c(tmp_path, monkeypatch):
     _, err = serve.communicate(timeout=60)
     assert serve.returncode == 0, err
     assert "terminated" not in err and "Application shutdown complete" in err
+
+
+@pytest.mark.parametrize(
+    ("command", "where", "name"),
+    [
+        ("apply", "delta", "deltakit.json"),
+        ("verify", "delta", "deltakit.json"),
+        ("apply", "delta", "delta-00001-of-00001.safetensors"),
+        ("verify", "delta", "delta-00001-of-00001.safetensors"),
+        ("apply", "base", "model.safetensors"),
+        ("verify", "base", "model.safetensors"),
+        ("verify-model", "model", "model.safetensors"),
+    ],
+)
+def test_a_fifo_in_place_of_an_input_fails_promptly_naming_it(pair, tmp_path, command, where, name):
+    """A FIFO blocks whoever opens it for reading until a writer comes: every input is opened without
+    blocking and refused unless it is a regular file. The timeout turns a regression into a failure."""
+    _, base_dir, target_dir, _ = pair
+    folders = {"base": tmp_path / "base", "model": tmp_path / "model", "delta": tmp_path / "delta"}
+    shutil.copytree(base_dir, folders["base"])
+    shutil.copytree(target_dir, folders["model"])
+    deltakit.make_delta(folders["base"], folders["model"], folders["delta"])
+    fifo = folders[where] / name
+    assert fifo.is_file(), f"the package has no {name}"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    args = {
+        "apply": ["apply", "--base", folders["base"], "--delta", folders["delta"], "--out", tmp_path / "out"],
+        "verify": ["verify", folders["delta"], "--base", folders["base"]],
+        "verify-model": ["verify", folders["model"], "--delta", folders["delta"]],
+    }[command]
+    exe = shutil.which("deltakit", path=str(Path(sys.executable).parent))
+    run = subprocess.run(
+        [*([exe] if exe else [sys.executable, "-m", "deltakit"]), *map(str, args), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 1, run.stderr
+    assert not (tmp_path / "out").exists()
+    if (command, where, name) == ("verify", "delta", "delta-00001-of-00001.safetensors"):
+        # verify reports a payload file it cannot check rather than raising: listed with --verbose
+        assert "1 missing" in run.stdout
+        listed = subprocess.run([*run.args[:-1], "--verbose"], capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 1 and f"missing     {name}" in listed.stdout
+        return
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(fifo) in lines[0] and "FIFO" in lines[0], run.stderr

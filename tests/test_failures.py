@@ -469,3 +469,56 @@ def test_a_file_that_shrinks_under_a_read_is_named_and_mapped_reads_give_the_sam
         os.truncate(path, len(data) - 100)
         with pytest.raises(IntegrityError, match=r"weights\.bin.*shrank or is truncated"):
             list(Prefetcher(reader, mapped=bool(mapped)).run([Chunk(0, 0, 0, 0, (Read(path, len(data) - 200, 150),))]))
+
+
+def _refused_without_blocking(read, fifo: Path) -> UnsupportedInputError:
+    """``read()`` must refuse the FIFO ``fifo`` by name at once; if it blocks opening it, a writer is
+    connected to release it, and the test fails instead of hanging."""
+    import threading
+
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            read()
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(20)
+    if worker.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # lets the blocked open return
+        worker.join(5)
+        pytest.fail(f"reading {fifo} blocked on the FIFO")
+    error = outcome[0]
+    assert isinstance(error, UnsupportedInputError), repr(error)
+    assert str(fifo) in str(error) and "FIFO" in str(error)
+    return error
+
+
+def test_library_readers_refuse_a_fifo_by_name_without_blocking(tmp_path, delta):
+    from deltakit.formats import open_checkpoint
+    from deltakit.formats.torch_zip import read_torch_zip
+    from deltakit.hashing import file_sha256, read_checksum_file
+    from deltakit.manifest import load_manifest
+
+    _, base_dir, delta_dir = delta
+    fifos = tmp_path / "fifos"
+    fifos.mkdir()
+    for name in ("x.safetensors", "x.bin", "deltakit.json", "sums.txt", "model.safetensors"):
+        os.mkfifo(fifos / name)
+    _refused_without_blocking(lambda: read_header(fifos / "x.safetensors"), fifos / "x.safetensors")
+    _refused_without_blocking(lambda: read_torch_zip(fifos / "x.bin"), fifos / "x.bin")
+    _refused_without_blocking(lambda: load_manifest(fifos), fifos / "deltakit.json")
+    _refused_without_blocking(lambda: file_sha256(fifos / "sums.txt"), fifos / "sums.txt")
+    _refused_without_blocking(lambda: read_checksum_file(fifos / "sums.txt"), fifos / "sums.txt")
+    _refused_without_blocking(lambda: open_checkpoint(fifos / "x.safetensors"), fifos / "x.safetensors")
+    (fifos / "deltakit.json").unlink()
+    _refused_without_blocking(lambda: open_checkpoint(fifos), fifos / "model.safetensors")
+    payload = next(delta_dir.glob("delta-*.safetensors"))
+    payload.unlink()
+    os.mkfifo(payload)
+    _refused_without_blocking(lambda: apply_delta(base_dir, delta_dir, tmp_path / "out"), payload)
+    assert not (tmp_path / "out").exists()

@@ -258,3 +258,83 @@ def test_a_manifest_of_too_many_frames_is_refused_before_they_are_read(package, 
     monkeypatch.setattr("deltakit.manifest.MAX_FRAMES", 4)  # the real cap is a million; the rule is the same
     with pytest.raises(ManifestError, match="past 4 frames"):
         apply_delta(base_dir, delta, delta.parent / "out")
+
+
+@pytest.mark.parametrize("stream", [b"\x28\xb5\x2f\xfd", b"\x28\xb5\x2f\xfd\x20"], ids=["magic", "magic+1"])
+def test_a_stream_that_is_little_more_than_the_zstd_magic_is_a_corrupt_frame(stream):
+    with pytest.raises(CorruptFrame, match="stream 0: not a zstd frame"):
+        decode_frame(memoryview(stream), Frame(128, "zstd", (len(stream),)), 1, "none")
+
+
+def test_every_cut_of_a_zstd_stream_is_a_corrupt_frame():
+    good = zstd_frame(bytes(range(128)))
+    for end in range(len(good)):
+        with pytest.raises(CorruptFrame, match="stream 0: "):
+            decode_frame(memoryview(good[:end]), Frame(128, "zstd", (end,)), 1, "none")
+    rng = np.random.default_rng(5)
+    for _ in range(300):  # the magic number, then header bytes of any value
+        stream = good[:4] + rng.integers(0, 256, int(rng.integers(0, 12)), dtype=np.uint8).tobytes()
+        with pytest.raises(CorruptFrame, match="stream 0: "):
+            decode_frame(memoryview(stream), Frame(128, "zstd", (len(stream),)), 1, "none")
+
+
+@pytest.mark.parametrize("kept", [4, 5])
+def test_a_payload_stream_cut_to_the_zstd_magic_is_named_with_its_tensor_and_offset(package, kept):
+    """The frame table gives the first stream only the magic number (plus ``kept - 4`` bytes) of its
+    zstd frame, and the second the rest: sizes that add up, a stream that is no zstd frame."""
+    base_dir, delta = package
+    tensors = json.loads((delta / "deltakit.json").read_text())["target"]["tensors"]
+    name = next(n for n, t in tensors.items() if t.get("frames") and t["frames"][0][1] == "zstd")
+
+    def cut(ts: dict) -> None:
+        elements, coder, *streams = ts[name]["frames"][0]
+        ts[name]["frames"][0] = [elements, coder, kept, sum(streams) - kept, *streams[2:]]
+
+    edit_manifest(delta, cut)
+    start = read_header(next(delta.glob("delta-*.safetensors"))).tensors[name].start
+    with pytest.raises(CorruptFrameError, match="not a zstd frame") as err:
+        apply_delta(base_dir, delta, delta.parent / "out")
+    assert (err.value.tensor, err.value.actual) == (name, start)
+    assert name in str(err.value) and f"bytes {start} to" in str(err.value)
+    assert not (delta.parent / "out").exists()
+
+
+@pytest.fixture
+def stored_package(tmp_path, make_pair):
+    """A delta of one 4096-element F16 tensor of noise: every frame is stored, so its frame table can
+    be cut anywhere and the payload still agrees with it."""
+    rng = np.random.default_rng(11)
+    base, target = (
+        {"w": torch.from_numpy(rng.integers(0, 1 << 16, 4096, dtype=np.uint16).view(np.float16).copy())}
+        for _ in range(2)
+    )
+    base_dir, target_dir = make_pair(base, target)
+    make_delta(base_dir, target_dir, tmp_path / "delta")
+    assert all(
+        f[1] == "stored"
+        for f in json.loads((tmp_path / "delta/deltakit.json").read_text())["target"]["tensors"]["w"]["frames"]
+    )
+    return base_dir, target_dir, tmp_path / "delta"
+
+
+def test_a_frame_table_of_one_element_frames_is_refused_while_the_manifest_is_read(stored_package):
+    base_dir, _, delta = stored_package
+    edit_manifest(delta, lambda ts: ts["w"].update(frames=[[1, "stored"]] * 4096))
+    with pytest.raises(
+        ManifestError, match=r"target\.tensors\['w'\]\.frames: 4096 frames for 4096 elements; at most 2"
+    ):
+        apply_delta(base_dir, delta, delta.parent / "out")
+    assert not (delta.parent / "out").exists()
+
+
+def test_a_tensor_may_hold_one_frame_per_min_frame_bytes_plus_one(stored_package, monkeypatch):
+    base_dir, target_dir, delta = stored_package
+    monkeypatch.setattr("deltakit.manifest.MIN_FRAME_BYTES", 1024)  # 8192 bytes: at most 8 + 1 frames
+    # uneven frames: the rule counts frames, whatever their sizes
+    edit_manifest(delta, lambda ts: ts["w"].update(frames=[[1, "stored"]] * 8 + [[4088, "stored"]]))
+    apply_delta(base_dir, delta, delta.parent / "out")
+    assert (delta.parent / "out/model.safetensors").read_bytes() == (target_dir / "model.safetensors").read_bytes()
+    edit_manifest(delta, lambda ts: ts["w"].update(frames=[[1, "stored"]] * 9 + [[4087, "stored"]]))
+    with pytest.raises(ManifestError, match="10 frames for 4096 elements; at most 9"):
+        apply_delta(base_dir, delta, delta.parent / "out2")
+    assert not (delta.parent / "out2").exists()

@@ -371,3 +371,39 @@ def test_a_tensor_name_with_a_lone_surrogate_is_refused_by_file(tmp_path):
     with pytest.raises(FormatError, match="lone surrogate") as caught:
         read_torch_zip(tmp_path / "pytorch_model.bin")
     assert caught.value.path == tmp_path / "pytorch_model.bin"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"N" * 2000,  # Nones on the stack, never used
+        b"}" * 2000,  # empty dicts: the costliest objects one opcode can make
+        b"(" + b"X\x01\x00\x00\x00a" * 2000 + b"l",  # a list of short strings
+        b"}X\x01\x00\x00\x00a](" + b"K\x01" * 2000 + b"es",  # a wide list inside a dict
+    ],
+    ids=["nones", "dicts", "strings", "wide-list"],
+)
+def test_a_pickle_running_more_operations_than_a_state_dict_needs_is_refused(tmp_path, monkeypatch, body):
+    monkeypatch.setattr("deltakit.formats.torch_zip.MAX_PICKLE_OPS", 1000)  # the rule at the real cap is the same
+    with pytest.raises(UnsafePickleError, match="more than 1000 operations") as caught:
+        read_torch_zip(raw_archive(tmp_path / "x.bin", b"\x80\x02" + body + b"."))
+    assert caught.value.path == tmp_path / "x.bin" and str(caught.value).startswith(f"{tmp_path / 'x.bin'}: ")
+
+
+def test_the_operation_cap_holds_at_its_real_size(tmp_path):
+    from deltakit.formats.torch_zip import MAX_PICKLE_OPS
+
+    with pytest.raises(UnsafePickleError, match=f"more than {MAX_PICKLE_OPS} operations"):
+        read_torch_zip(raw_archive(tmp_path / "x.bin", b"\x80\x02" + b"N" * (MAX_PICKLE_OPS + 1) + b"}."))
+
+
+def test_the_operation_cap_counts_what_torch_save_writes_per_tensor(tmp_path, monkeypatch):
+    """torch.save spends about 32 operations a tensor: a state dict within the cap reads, a larger one
+    is refused (the real cap allows tens of thousands of tensors in one file)."""
+    monkeypatch.setattr("deltakit.formats.torch_zip.MAX_PICKLE_OPS", 32 * 20)
+    tensors = {f"layers.{i}.weight": torch.zeros(2, 2, dtype=torch.float16) for i in range(40)}
+    small = save_bin(tmp_path / "small", dict(list(tensors.items())[:15]))
+    assert len(read_torch_zip(small / "pytorch_model.bin")) == 15
+    large = save_bin(tmp_path / "large", tensors)
+    with pytest.raises(UnsafePickleError, match="operations"):
+        read_torch_zip(large / "pytorch_model.bin")

@@ -20,6 +20,7 @@ __all__ = [
     "BLOCK_BYTES",
     "CODERS",
     "MAX_FRAME_BYTES",
+    "MIN_FRAME_BYTES",
     "SPLITS",
     "CorruptFrame",
     "Frame",
@@ -32,6 +33,11 @@ __all__ = [
 # A frame decodes to at most this many bytes: the size of one read-ahead buffer, so a frame (and the
 # base elements beside it) always fits the buffers apply already holds.
 MAX_FRAME_BYTES = 8 << 20
+# A tensor's frame table holds at most ceil(elements * widest itemsize / MIN_FRAME_BYTES) + 1 frames:
+# every frame costs apply a read, a decode call and a record, so a table of tiny frames would cost
+# far more than the bytes it rebuilds. make's frames cover MAX_FRAME_BYTES each but the last of a
+# segment (a rows tensor has two), which leaves this rule 8x to spare.
+MIN_FRAME_BYTES = 1 << 20
 CODERS = ("zstd", "stored")
 SPLITS = ("bytes", "none")
 
@@ -229,11 +235,20 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
+def _frame_parameters(source: memoryview, stream: int) -> zstandard.FrameParameters:
+    """The header fields of the zstd frame ``source`` starts with; a header cut short or malformed
+    (a stream of little more than the magic number) is a corrupt frame, not a zstandard error."""
+    try:
+        return zstandard.get_frame_parameters(source)
+    except zstandard.ZstdError as e:
+        raise CorruptFrame(f"stream {stream}: not a zstd frame ({e})") from e
+
+
 def _frame_length(source: memoryview, stream: int) -> int:
     """The bytes one zstd frame takes (RFC 8878 section 3.1.1), walked block header by block header:
     python-zstandard tells a frame's decoded size but not where it ends."""
+    params = _frame_parameters(source, stream)
     try:
-        params = zstandard.get_frame_parameters(source)
         position = zstandard.frame_header_size(source)
     except zstandard.ZstdError as e:
         raise CorruptFrame(f"stream {stream}: not a zstd frame ({e})") from e
@@ -258,7 +273,7 @@ def _decompress_into(source: memoryview, out: Bytes, stream: int) -> None:
     """
     if bytes(source[:4]) != _ZSTD_MAGIC:
         raise CorruptFrame(f"stream {stream}: not a zstd frame (it must start with the zstd magic number)")
-    params = zstandard.get_frame_parameters(source)
+    params = _frame_parameters(source, stream)
     if params.content_size != out.size:
         declared = "no size" if params.content_size == zstandard.CONTENTSIZE_UNKNOWN else f"{params.content_size} bytes"
         raise CorruptFrame(f"stream {stream}: declares {declared}, the frame needs {out.size}")

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 
 from ..errors import FormatError, InputNotFoundError, IntegrityError, UnsupportedInputError
+from ..files import open_regular_fd, read_regular_text
 from ..manifest import MANIFEST_NAME
 from .safetensors import TensorInfo, read_header
 from .torch_zip import read_torch_zip
@@ -60,7 +61,10 @@ class Checkpoint:
 
 
 def _walk_files(root: Path) -> list[str]:
-    """Relative paths of regular files under root, hidden files and folders skipped, sorted."""
+    """Relative paths of the files under root, hidden files and folders skipped, sorted.
+
+    A FIFO, socket or device is listed too, so that whoever reads it refuses it by name; a link
+    that leads nowhere is not."""
     found: list[str] = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -68,14 +72,16 @@ def _walk_files(root: Path) -> list[str]:
             if name.startswith("."):
                 continue
             full = Path(folder) / name
-            if full.is_file():
+            if full.exists() and not full.is_dir():
                 found.append(full.relative_to(root).as_posix())
     return sorted(found)
 
 
 def _read_index(index_path: Path) -> dict[str, str]:
     try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
+        index = json.loads(read_regular_text(index_path))
+    except UnsupportedInputError:
+        raise
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FormatError(f"{index_path}: cannot read the shard index: {e}", path=index_path) from e
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -140,7 +146,7 @@ def _indexed(folder: Path, index_path: Path, reader: Reader) -> tuple[dict[str, 
     weight_map = _read_index(index_path)
     shards = [folder / name for name in sorted(set(weight_map.values()))]
     for shard in shards:
-        if not shard.is_file():
+        if not shard.exists():  # a FIFO or a folder there is refused by name when it is read
             raise InputNotFoundError(
                 f"{index_path.name} lists {shard.name}, which is missing from {folder}", path=shard
             )
@@ -166,7 +172,7 @@ def _indexed(folder: Path, index_path: Path, reader: Reader) -> tuple[dict[str, 
 def _folder_tensors(path: Path, top: list[str]) -> tuple[dict[str, TensorInfo], tuple[Path, ...]]:
     for layout in _LAYOUTS:
         index_path = path / layout.index
-        if index_path.is_file():
+        if index_path.exists():
             return _indexed(path, index_path, layout.reader)
         shards = [path / name for name in top if fnmatch(name, layout.pattern)]
         if shards:
@@ -205,7 +211,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.exists():
         raise InputNotFoundError(f"{path}: no such file or folder", path=path)
-    if path.is_file():
+    if not path.is_dir():  # a file, or a FIFO or device that its reader refuses by name
         return Checkpoint(path, path.parent, _collect([path], _reader_for(path)), (path,), (), ())
     if (path / MANIFEST_NAME).exists():
         raise UnsupportedInputError(f"{path} is a deltakit delta package, not a model checkpoint", path=path)
@@ -244,7 +250,7 @@ class RangeReader:
         with self._lock:
             fd = self._fds.get(path)
             if fd is None:
-                fd = os.open(path, os.O_RDONLY)
+                fd = open_regular_fd(path)
                 self._fds[path] = fd
             return fd
 

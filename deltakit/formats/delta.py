@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FormatError, InputNotFoundError, IntegrityError
+from ..files import require_regular
 from ..manifest import PAYLOAD_TAGS, Manifest, TargetTensor, load_manifest
 from .safetensors import TensorInfo, read_header
 
@@ -53,6 +54,7 @@ def open_delta(path: str | Path) -> DeltaPackage:
 
     Raises:
         InputNotFoundError: the folder, or a payload file or carried file it lists, is missing.
+        UnsupportedInputError: one of them is a FIFO, device or folder, not a regular file.
         ManifestError: ``deltakit.json`` is missing or malformed.
         IntegrityError: a file's size differs from the manifest's (truncated, or another file).
         FormatError: a payload header is invalid or disagrees with the manifest.
@@ -64,9 +66,9 @@ def open_delta(path: str | Path) -> DeltaPackage:
     payload: dict[str, TensorInfo] = {}
     for name, record in manifest.payload.items():
         file = root / name
-        if not file.is_file():
+        if not file.exists():
             raise InputNotFoundError(f"{root}: payload file {name} is missing", path=file)
-        size = file.stat().st_size
+        size = require_regular(file).st_size  # a FIFO there is refused by name, never waited on
         if size != record.size:
             raise IntegrityError(
                 f"{file}: {size} bytes, but the manifest records {record.size} (truncated or replaced)",
@@ -118,14 +120,15 @@ def open_delta(path: str | Path) -> DeltaPackage:
         )
     for rel, record in manifest.target.files.items():
         file = root / FILES_DIR / rel
-        if not file.is_file():
+        if not file.exists():
             raise InputNotFoundError(f"{root}: carried file {FILES_DIR}/{rel} is missing", path=file)
-        if file.stat().st_size != record.size:
+        size = require_regular(file).st_size
+        if size != record.size:
             raise IntegrityError(
-                f"{file}: {file.stat().st_size} bytes, but the manifest records {record.size}",
+                f"{file}: {size} bytes, but the manifest records {record.size}",
                 path=file,
                 expected=record.size,
-                actual=file.stat().st_size,
+                actual=size,
             )
     ordered = {n: payload[n] for n in manifest.target.tensors if n in payload}
     return DeltaPackage(root, manifest, ordered)

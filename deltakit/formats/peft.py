@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FormatError, InputNotFoundError, UnsupportedInputError
+from ..files import read_regular_text
 from .safetensors import TensorInfo, read_header
 from .torch_zip import read_torch_zip
 
@@ -59,7 +60,8 @@ class Adapter:
 
 
 def is_adapter(path: str | Path) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).is_file()
+    config = Path(path) / ADAPTER_CONFIG  # a FIFO there makes an adapter that open_adapter refuses by name
+    return config.exists() and not config.is_dir()
 
 
 # A module name is matched against a rank_pattern or alpha_pattern key as peft does
@@ -148,7 +150,7 @@ class _Ranks:
 def _weights_file(root: Path) -> tuple[Path, dict[str, TensorInfo]]:
     for name, reader in (("adapter_model.safetensors", None), ("adapter_model.bin", read_torch_zip)):
         path = root / name
-        if path.is_file():
+        if path.exists():  # a FIFO or folder there is refused by name when read
             return path, (read_header(path).tensors if reader is None else reader(path))
     raise InputNotFoundError(f"{root}: adapter_model.safetensors or adapter_model.bin is missing", path=root)
 
@@ -163,7 +165,9 @@ def open_adapter(path: str | Path) -> Adapter:
     root = Path(path)
     config_path = root / ADAPTER_CONFIG
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = json.loads(read_regular_text(config_path))
+    except UnsupportedInputError:
+        raise
     except FileNotFoundError as e:
         raise InputNotFoundError(f"{root}: no {ADAPTER_CONFIG}; not a PEFT adapter", path=root) from e
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -218,5 +222,5 @@ def open_adapter(path: str | Path) -> Adapter:
         pairs[f"{module}.weight"] = LoraPair(f"{module}.weight", a, b, scale, transposed)
 
     skip = {ADAPTER_CONFIG, weights_path.name, "README.md"}
-    extra = tuple(sorted(p.name for p in root.iterdir() if p.is_file() and p.name not in skip))
+    extra = tuple(sorted(p.name for p in root.iterdir() if p.exists() and not p.is_dir() and p.name not in skip))
     return Adapter(root, config, pairs, replacements, extra)

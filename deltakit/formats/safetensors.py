@@ -18,8 +18,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..dtypes import ITEMSIZE
+from ..dtypes import ITEMSIZE, shape_fault
 from ..errors import FormatError, InputNotFoundError, SafetensorsHeaderError
+from ..files import open_regular
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -100,9 +101,6 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return result
 
 
-_U64 = 1 << 64
-
-
 def _valid_unicode(text: str) -> bool:
     try:
         text.encode("utf-8")
@@ -127,10 +125,11 @@ def read_header(path: str | Path) -> SafetensorsHeader:
     Raises:
         SafetensorsHeaderError: naming the file (and tensor) for any violation of the format.
         InputNotFoundError: if the file does not exist.
+        UnsupportedInputError: a FIFO, device or folder is there (refused without blocking on it).
     """
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             file_size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
@@ -172,17 +171,15 @@ def read_header(path: str | Path) -> SafetensorsHeader:
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if not isinstance(dtype, str) or dtype not in ITEMSIZE:
             raise _fail(path, f"unknown or unsupported dtype {dtype!r}", name)
-        if not isinstance(shape, list) or not all(_is_uint(d) and d < _U64 for d in shape):
+        if not isinstance(shape, list):
             raise _fail(path, f"shape {shape!r} is not a list of non-negative 64-bit integers", name)
         if not _valid_unicode(name):
             raise _fail(
                 path, "tensor name is not valid Unicode (a lone surrogate)", name.encode("utf-8", "replace").decode()
             )
-        numel = 1
-        for dim in shape:  # as the reference does: the running product must fit in 64 bits
-            numel *= dim
-            if numel >= _U64:
-                raise _fail(path, f"shape {shape!r} has more elements than 64 bits can count", name)
+        fault = shape_fault(shape, dtype)
+        if fault is not None:
+            raise _fail(path, fault, name)
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
             raise _fail(path, f"data_offsets {offsets!r} is not a pair of non-negative integers", name)
         begin, end = offsets

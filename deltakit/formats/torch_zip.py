@@ -20,13 +20,14 @@ import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, BinaryIO, ClassVar
 
 from ..dtypes import ITEMSIZE
 from ..errors import DeltakitError, FormatError, InputNotFoundError, UnsafePickleError, UnsupportedInputError
+from ..files import open_regular
 from .safetensors import TensorInfo, TensorSpec
 
-__all__ = ["MAX_PICKLE_BYTES", "TorchZipWriter", "read_torch_zip"]
+__all__ = ["MAX_PICKLE_BYTES", "MAX_PICKLE_OPS", "TorchZipWriter", "read_torch_zip"]
 
 # A 65B model's data.pkl is well under 1 MB; a pickle this large is not a state dict.
 MAX_PICKLE_BYTES = 64 << 20
@@ -119,6 +120,11 @@ _OPCODES = {
 }  # fmt: skip
 
 
+# torch.save spends about 32 pickle operations a tensor: this cap allows some 65,000 tensors in one
+# file (a 65B model has 723 in all) while bounding what a hostile pickle makes the unpickler build:
+# at most one object per operation, a few hundred MB and a second or two at the cap.
+MAX_PICKLE_OPS = 1 << 21
+
 # A state dict is a few levels deep (a checkpoint dict, the state dict, a tensor's arguments); a
 # pickle nesting deeper is built to exhaust the C stack of whatever walks it later.
 MAX_NESTING = 32
@@ -144,6 +150,7 @@ class _StateDictUnpickler(pickle._Unpickler):  # the pure-Python one: its dispat
 
     def __init__(self, file: io.BytesIO) -> None:
         super().__init__(file)
+        self._ops = 0  # operations run so far, against MAX_PICKLE_OPS
         self._depth: dict[int, int] = {}  # id of each container built so far -> its nesting depth
         self._sealed: set[int] = set()
         self._alive: list[Any] = []  # holds every container, so that no id is reused while loading
@@ -293,6 +300,26 @@ class _StateDictUnpickler(pickle._Unpickler):  # the pure-Python one: its dispat
         return _StorageRef(key, storage_type.dtype, numel)
 
 
+def _counted(op: Callable[[Any], None]) -> Callable[[_StateDictUnpickler], None]:
+    """``op``, refused once the pickle has run ``MAX_PICKLE_OPS`` operations: every object the
+    unpickler builds costs one, so this bounds its time and memory by far less than the size cap."""
+
+    def counted(self: _StateDictUnpickler) -> None:
+        self._ops += 1
+        if self._ops > MAX_PICKLE_OPS:
+            raise UnsafePickleError(
+                f"data.pkl runs more than {MAX_PICKLE_OPS} operations; "
+                "a state dict needs about 32 a tensor: it is not a state dict"
+            )
+        op(self)
+
+    return counted
+
+
+# every opcode the unpickler accepts goes through the count
+_StateDictUnpickler.dispatch = {code: _counted(op) for code, op in _StateDictUnpickler.dispatch.items()}
+
+
 def _read_small(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int = 16) -> bytes:
     """At most ``limit`` bytes of an entry: a compressed entry is never inflated past what is asked
     (``ZipFile.read`` would inflate a whole chunk at once, whatever its header promises)."""
@@ -317,7 +344,7 @@ def _descriptor_agrees(tail: bytes, info: zipfile.ZipInfo) -> bool:
     )
 
 
-def _data_start(archive: Path, raw: io.BufferedReader, info: zipfile.ZipInfo, limit: int) -> int:
+def _data_start(archive: Path, raw: BinaryIO, info: zipfile.ZipInfo, limit: int) -> int:
     """Where an entry's bytes start, from its local header, checked against the central directory.
 
     The local header's extra field may differ from the central directory's (torch pads it to align
@@ -368,33 +395,35 @@ def read_torch_zip(path: str | Path) -> dict[str, TensorInfo]:
     Raises:
         UnsafePickleError: the pickle asks for anything beyond tensors and plain containers.
         UnsupportedInputError: the legacy (pre-zip) format, a compressed entry, a big-endian file,
-            or a tensor stored non-contiguously.
+            a tensor stored non-contiguously, or a FIFO, device or folder in place of the file.
         FormatError: the archive or pickle is malformed; the message names the file and tensor.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputNotFoundError(f"{path}: no such file", path=path)
     try:
-        return _read_torch_zip(path)
+        with open_regular(path) as archive_file, open_regular(path) as raw:
+            return _read_torch_zip(path, archive_file, raw)
     except UnsafePickleError as e:
         if e.path is not None:
             raise
         raise UnsafePickleError(f"{path}: {e}", path=path, actual=e.actual) from e
+    except InputNotFoundError as e:
+        raise InputNotFoundError(f"{path}: no such file", path=path) from e
     except DeltakitError:
         raise
     except Exception as e:  # a damaged archive fails in many ways inside zipfile, zlib and struct
         raise FormatError(f"{path}: damaged or unreadable archive: {type(e).__name__}: {e}", path=path) from e
 
 
-def _read_torch_zip(path: Path) -> dict[str, TensorInfo]:
-    if not zipfile.is_zipfile(path):
+def _read_torch_zip(path: Path, archive_file: BinaryIO, raw: BinaryIO) -> dict[str, TensorInfo]:
+    """``read_torch_zip`` on ``path``, opened twice: once for zipfile, once for its raw bytes."""
+    if not zipfile.is_zipfile(archive_file):
         raise UnsupportedInputError(
             f"{path}: not a zip archive; this is the legacy torch.save format (torch < 1.6): "
             "load and save it again with a current torch",
             path=path,
         )
     try:
-        with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+        with zipfile.ZipFile(archive_file) as archive:
             entries = {info.filename: info for info in archive.infolist()}
             pickles = [name for name in entries if name.endswith("/data.pkl") and name.count("/") == 1]
             if len(pickles) != 1:
@@ -462,7 +491,7 @@ def _entry_limits(archive: zipfile.ZipFile) -> dict[str, int]:
 
 def _locate(
     path: Path,
-    raw: io.BufferedReader,
+    raw: BinaryIO,
     entries: dict[str, zipfile.ZipInfo],
     limits: dict[str, int],
     prefix: str,
