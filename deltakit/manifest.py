@@ -46,6 +46,10 @@ ENCODINGS = {
 ROW_CODECS = {1: frozenset({"xor", "add"}), 2: frozenset({"xor", "sub", "add"})}
 # A 70B model's manifest is about 1 MB; anything near this cap is not a manifest.
 MAX_MANIFEST_BYTES = 64 << 20
+# Every array or object a real manifest holds spans more than this many bytes (the smallest, a frame
+# record such as [8388608, "stored"], spans 20); a text of empty ones ("[[],[],...]") costs json.loads
+# 16 s and 1.8 GB at 63 MiB, so the count is checked first.
+MIN_BYTES_PER_CONTAINER = 8
 # Frames in one manifest: 8 TB of model at 8 MiB a frame. The cap bounds what parsing a hostile
 # manifest of tiny frames costs (about 300 MB and a few seconds at the cap).
 MAX_FRAMES = 1 << 20
@@ -148,6 +152,15 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str, *, source: str = MANIFEST_NAME) -> Manifest:
         """Parse and validate a manifest; every problem is a :class:`ManifestError` naming the field."""
+        containers = text.count("[") + text.count("{")
+        if containers * MIN_BYTES_PER_CONTAINER > len(text):
+            raise ManifestError(
+                f"{source}: {containers} JSON arrays and objects in {len(text)} characters; a manifest's records "
+                f"each span at least {MIN_BYTES_PER_CONTAINER}",
+                path=source,
+                expected=f"at most {len(text) // MIN_BYTES_PER_CONTAINER}",
+                actual=containers,
+            )
         try:
             data = json.loads(text)
         except (ValueError, RecursionError) as e:

@@ -293,10 +293,11 @@ def test_a_fifo_in_place_of_an_input_fails_promptly_naming_it(pair, tmp_path, co
     assert run.returncode == 1, run.stderr
     assert not (tmp_path / "out").exists()
     if (command, where, name) == ("verify", "delta", "delta-00001-of-00001.safetensors"):
-        # verify reports a payload file it cannot check rather than raising: listed with --verbose
-        assert "1 missing" in run.stdout
+        # verify reports a payload file it cannot check rather than raising: named, with what is there
+        assert "1 differ" in run.stdout
         listed = subprocess.run([*run.args[:-1], "--verbose"], capture_output=True, text=True, timeout=60)
-        assert listed.returncode == 1 and f"missing     {name}" in listed.stdout
+        assert listed.returncode == 1
+        assert f"mismatched  {name}: expected a regular file, found a FIFO" in listed.stdout, listed.stdout
         return
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and str(fifo) in lines[0] and "FIFO" in lines[0], run.stderr

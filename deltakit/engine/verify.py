@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..files import describe_mode
 from ..formats.checkpoint import Checkpoint, RangeReader, open_checkpoint
 from ..formats.delta import FILES_DIR, open_delta
 from ..hashing import file_sha256
@@ -69,7 +70,10 @@ def _check_files(
     for rel, record in records.items():
         path = folder / rel
         if not path.is_file():
-            missing.append(prefix + rel)
+            if path.exists():  # a FIFO or a folder under the file's name: named, never opened
+                mismatched.append(Mismatch(prefix + rel, "a regular file", describe_mode(path.stat().st_mode)))
+            else:
+                missing.append(prefix + rel)
             continue
         digest, _ = file_sha256(path, on_bytes=bar.update)
         if digest != record.sha256:
