@@ -109,7 +109,9 @@ def paired_chunks(owner: int, primary: TensorInfo, secondary: TensorInfo | None)
     shared = math.prod(secondary.shape)
     for a, b in element_ranges(0, shared, max(p_item, s_item)):
         yield Chunk(owner, 0, a, b, (read_range(primary, p_item, a, b), read_range(secondary, s_item, a, b)))
-    for a, b in element_ranges(shared, math.prod(primary.shape), p_item, at_least_one=False):
+    # the new rows are sized by the wider item too: a format 2 frame's elements are bounded by the wider
+    # of the target's and the base's (cast) item sizes, for every segment (docs/FORMAT.md, section 4)
+    for a, b in element_ranges(shared, math.prod(primary.shape), max(p_item, s_item), at_least_one=False):
         yield Chunk(owner, 1, a, b, (read_range(primary, p_item, a, b),))
 
 

@@ -145,6 +145,19 @@ def test_base_in_another_dtype_is_cast_round_to_nearest_even(tmp_path, make_pair
     assert set(report.cast) == set(base32)
 
 
+def test_new_rows_of_a_cast_tensor_are_framed_by_the_wider_item(tmp_path, make_pair):
+    """An fp16 fine-tune of an fp32 base that grows by more than 8 MiB / 4 elements: make framed the new
+    rows by the target's 2-byte item, into frames the manifest reader (rightly) refuses, so apply
+    refused make's own package."""
+    base = {"model.embed_tokens.weight": random_tensor((16, 1024), torch.float32, 3)}
+    grown = random_tensor((2100 * 2, 1024), torch.float16, 4)  # 4.3M new elements: over 2M a frame
+    target = {"model.embed_tokens.weight": torch.cat([base["model.embed_tokens.weight"].half(), grown])}
+    base_dir, target_dir = make_pair(base, target)
+    report = roundtrip(tmp_path, base_dir, target_dir)
+    assert report.manifest.target.tensors["model.embed_tokens.weight"].encoding == "rows"
+    assert_same_tensors(load_checkpoint(tmp_path / "out"), target)
+
+
 def test_add_codec_rebuild_matches_the_manifest_and_reports_inexact_elements(tmp_path, make_pair):
     base = llama_like(torch.bfloat16)
     target = finetune_of(base, extra_vocab=3)
