@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .errors import FormatError, InputNotFoundError, OutputExistsError, UnsupportedInputError
+from .files import read_regular_text
 from .formats.checkpoint import open_checkpoint
 from .manifest import MANIFEST_NAME, load_manifest
 from .progress import ProgressFactory, no_progress
@@ -97,7 +98,7 @@ class Registry:
 
     def _read(self) -> dict[str, Entry]:
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            data = json.loads(read_regular_text(self.path))
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
             entries = {name: Entry(**fields) for name, fields in data.items()}
