@@ -6,16 +6,30 @@ each input file is therefore opened without blocking, checked to be a regular fi
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from .errors import InputNotFoundError, UnsupportedInputError
+from .errors import FormatError, InputNotFoundError, UnsupportedInputError
 
-__all__ = ["describe_mode", "open_regular", "open_regular_fd", "read_regular", "read_regular_text", "require_regular"]
+__all__ = [
+    "MAX_JSON_BYTES",
+    "describe_mode",
+    "json_object",
+    "open_regular",
+    "open_regular_fd",
+    "read_json_object",
+    "read_regular",
+    "read_regular_text",
+    "require_regular",
+]
+
+# The largest JSON file deltakit reads as an input (configs, indexes, tokenizer files).
+MAX_JSON_BYTES = 64 << 20
 
 
 def describe_mode(mode: int) -> str:
@@ -104,3 +118,37 @@ def read_regular(path: str | Path, *, limit: int | None = None) -> bytes:
 def read_regular_text(path: str | Path) -> str:
     """The UTF-8 text of the regular file ``path``."""
     return read_regular(path).decode("utf-8")
+
+
+def json_object(data: bytes, shown: str | Path) -> dict[str, Any]:
+    """``data`` parsed as one JSON object; ``shown`` names it in the error.
+
+    Raises:
+        FormatError: not UTF-8, not JSON, or not an object.
+    """
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise FormatError(f"{shown}: cannot read: {e}", path=shown) from e
+    if not isinstance(value, dict):
+        raise FormatError(f"{shown}: not a JSON object but {type(value).__name__}", path=shown)
+    return value
+
+
+def read_json_object(path: str | Path, *, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    """The JSON object in the regular file ``path``, of at most ``limit`` bytes.
+
+    Raises:
+        InputNotFoundError: nothing is there.
+        UnsupportedInputError: a FIFO, socket, device or folder is there.
+        FormatError: larger than ``limit``, not UTF-8, not JSON, or not an object.
+    """
+    try:
+        data = read_regular(path, limit=limit)
+    except OSError as e:
+        if isinstance(e, InputNotFoundError):
+            raise
+        raise FormatError(f"{path}: cannot read: {e.strerror or e}", path=path) from e
+    if len(data) > limit:
+        raise FormatError(f"{path}: larger than the {limit} byte cap of a JSON file deltakit reads", path=path)
+    return json_object(data, path)

@@ -522,3 +522,20 @@ def test_library_readers_refuse_a_fifo_by_name_without_blocking(tmp_path, delta)
     os.mkfifo(payload)
     _refused_without_blocking(lambda: apply_delta(base_dir, delta_dir, tmp_path / "out"), payload)
     assert not (tmp_path / "out").exists()
+
+
+def test_json_inputs_are_read_into_named_errors(tmp_path):
+    from deltakit.errors import FormatError, InputNotFoundError
+    from deltakit.files import read_json_object
+
+    with pytest.raises(InputNotFoundError):
+        read_json_object(tmp_path / "config.json")
+    for text, found in (("[1]", "not a JSON object but list"), ("{", "cannot read"), ("\xff", "cannot read")):
+        (tmp_path / "config.json").write_bytes(text.encode("latin-1"))
+        with pytest.raises(FormatError, match=found) as caught:
+            read_json_object(tmp_path / "config.json")
+        assert caught.value.path == tmp_path / "config.json"
+    (tmp_path / "config.json").write_text('{"a": "' + "x" * 100 + '"}')
+    with pytest.raises(FormatError, match="byte cap"):
+        read_json_object(tmp_path / "config.json", limit=50)
+    assert read_json_object(tmp_path / "config.json", limit=200) == {"a": "x" * 100}
