@@ -52,6 +52,9 @@ class DeltakitError(Exception):
         tensor: the tensor concerned, if any.
         expected: what deltakit required (a digest, a dtype, a shape...).
         actual: what it found instead.
+        argument: the parameter of the call that the error is about, by its Python name (``out``,
+            ``quant``, ``base``...), so that a face can say what to change in its own words: the CLI
+            names its flag (``--out``), the service its JSON field (``output``).
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class DeltakitError(Exception):
         tensor: str | None = None,
         expected: object = None,
         actual: object = None,
+        argument: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -69,6 +73,7 @@ class DeltakitError(Exception):
         self.tensor = tensor
         self.expected = expected
         self.actual = actual
+        self.argument = argument
 
     def __str__(self) -> str:
         return self.message
