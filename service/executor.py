@@ -80,7 +80,9 @@ class _RemoteBar:
                 raise JobStopped
 
     def close(self) -> None:
-        self._tracker.update.remote(self._key, self._done)
+        # waited for: the task may end right after, and the service reads the tracker once it has; an
+        # update still in flight then was lost (a job ended "succeeded" with its bar short of its total)
+        self._ray.get(self._tracker.update.remote(self._key, self._done))
 
 
 def _run_on_worker(
