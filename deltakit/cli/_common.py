@@ -15,7 +15,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ..progress import ProgressFactory, tqdm_progress
-from ..units import human_bytes
+from ..units import human_bytes, parse_size
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -37,6 +37,14 @@ def _zstd_level(text: str) -> int:
     if not 1 <= value <= 22:
         raise argparse.ArgumentTypeError(f"must be a zstd level from 1 to 22: {text!r}")
     return value
+
+
+def _size(text: str) -> int:
+    """A byte size (``5GB``, ``512MiB``); the library's words for a bad one become argparse's usage error."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def _port(text: str) -> int:

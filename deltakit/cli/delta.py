@@ -32,8 +32,8 @@ from ..legacy import LEGACY_KINDS, LegacyReport, apply_legacy_delta, make_delta_
 from ..manifest import FORMAT_VERSION, MANIFEST_NAME, READABLE_FORMATS, load_manifest
 from ..registry import Registry
 from ..staging import check_output_file_free, check_output_free
-from ..units import human_bytes, parse_size
-from ._common import _add_force, _emit, _jsonable, _print_gguf, _progress, _say, _UsageError, _zstd_level
+from ..units import human_bytes
+from ._common import _add_force, _emit, _jsonable, _print_gguf, _progress, _say, _size, _UsageError, _zstd_level
 
 if TYPE_CHECKING:
     from ._common import _Subparsers
@@ -417,9 +417,7 @@ def add_make_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--codec", choices=["xor", "add"], default="xor", help="xor: lossless (default); add: task vector")
     p.add_argument("--name", help="the target's name in the manifest (default: its folder name)")
     p.add_argument("--base-name", help="the base's name in the manifest (default: its folder name)")
-    p.add_argument(
-        "--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE, help="payload file size before coding (5GB)"
-    )
+    p.add_argument("--shard-size", type=_size, default=DEFAULT_SHARD_SIZE, help="payload file size before coding (5GB)")
     p.add_argument(
         "--format",
         type=int,
@@ -461,7 +459,7 @@ def add_apply_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", required=True, help="model folder to create (must not exist, or be empty)")
     _add_force(p, "model")
-    p.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE, help="output file size (5GB)")
+    p.add_argument("--shard-size", type=_size, default=DEFAULT_SHARD_SIZE, help="output file size (5GB)")
     p.add_argument("--dry-run", action="store_true", help="check and print the plan; write nothing")
     p.add_argument(
         "--legacy",
