@@ -25,6 +25,7 @@ from .convert import add_convert_parser
 from .delta import add_apply_parser, add_demo_parser, add_inspect_parser, add_make_parser, add_verify_parser
 from .hub import add_hub_parsers
 from .registry import add_registry_parsers
+from .service import add_service_parsers
 
 if TYPE_CHECKING:
     from ._common import _Subparsers
@@ -84,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     add_inspect_parser(sub, common)
     add_hub_parsers(sub, common)
     add_registry_parsers(sub, common)
+    add_service_parsers(sub, common)
     add_demo_parser(sub, common)
     return parser
 

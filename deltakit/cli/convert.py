@@ -13,7 +13,9 @@ from ..convert import DTYPE_NAMES, convert
 from ..engine import DEFAULT_SHARD_SIZE
 from ..gguf import KQUANTS, QUANTS, convert_to_gguf
 from ..units import human_bytes
-from ._common import _add_force, _emit, _jsonable, _positive, _print_gguf, _progress, _say, _size, _UsageError
+from ._common import _add_force, _emit, _jsonable, _positive, _progress, _say, _size, _UsageError
+from ._names import LOCAL
+from .reports import _print_gguf
 
 if TYPE_CHECKING:
     from ._common import _Subparsers
@@ -74,4 +76,4 @@ def add_convert_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> Non
         "--meta-shards", type=_positive, help="model-parallel shards for --to meta (Meta's count by default)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the report goes to stderr)")
-    p.set_defaults(run=_cmd_convert)
+    p.set_defaults(run=_cmd_convert, resolve={"source": LOCAL})
