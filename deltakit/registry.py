@@ -24,7 +24,7 @@ from .formats.checkpoint import open_checkpoint
 from .manifest import MANIFEST_NAME, load_manifest
 from .progress import ProgressFactory, no_progress
 
-__all__ = ["Entry", "Registry", "deltakit_home", "service_roots"]
+__all__ = ["Entry", "Registry", "StaleNameError", "deltakit_home", "service_roots"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,14 @@ def service_roots(home: Path | None = None) -> list[Path]:
     if isinstance(listed, list):
         roots += [Path(r) for r in listed if isinstance(r, str)]
     return [r.resolve() for r in roots]
+
+
+class StaleNameError(InputNotFoundError):
+    """A registered ``name`` whose file or folder (``path``) no longer exists."""
+
+    def __init__(self, message: str, *, name: str, path: str) -> None:
+        super().__init__(message, path=path, argument="name")
+        self.name = name
 
 
 @dataclass(frozen=True)
@@ -140,7 +148,8 @@ class Registry:
 
         if not _NAME.match(name):
             raise UnsupportedInputError(
-                f"{name!r} is not a valid name: letters, digits, '.', '_' and '-', starting with a letter or digit"
+                f"{name!r} is not a valid name: letters, digits, '.', '_' and '-', starting with a letter or digit",
+                argument="name",
             )
         path = Path(path).resolve()
         if not path.exists():
@@ -148,10 +157,17 @@ class Registry:
         if hub_id is not None:
             from .hub import check_repo_id
 
-            check_repo_id(hub_id, f"--hub-id {hub_id!r}", "give the model's id on the Hub, ORG/NAME")
+            try:
+                check_repo_id(hub_id, f"the Hub id {hub_id!r}", "expected the model's id on the Hub, ORG/NAME")
+            except UnsupportedInputError as e:
+                raise UnsupportedInputError(str(e), argument="hub_id") from e
         if (path / MANIFEST_NAME).is_file():
             if hub_id is not None:
-                raise UnsupportedInputError("--hub-id names a model on the Hub; a delta package has no use for one")
+                raise UnsupportedInputError(
+                    f"{path} is a delta package, which has no use for a Hub id (a Hub id names a model on the Hub)",
+                    path=path,
+                    argument="hub_id",
+                )
             m = load_manifest(path)
             size = sum(f.size for f in m.payload.values())
             entry = Entry(name, str(path), "delta", m.target.fingerprint, m.base.fingerprint, size, time.time())
@@ -172,10 +188,11 @@ class Registry:
             if earlier is not None and earlier.fingerprint != entry.fingerprint and not force:
                 raise OutputExistsError(
                     f"{name!r} is already registered to another {earlier.kind}: {earlier.path}, fingerprint "
-                    f"{earlier.fingerprint[:16]}...; pass --force to replace it",
+                    f"{earlier.fingerprint[:16]}...",
                     path=earlier.path,
                     expected=earlier.fingerprint,
                     actual=entry.fingerprint,
+                    argument="name",
                 )
             entries[name] = entry
         return entry
@@ -185,11 +202,11 @@ class Registry:
     ) -> Entry:
         """Register something whose fingerprint is already known (a model a job just built and checked)."""
         if not _NAME.match(name):
-            raise UnsupportedInputError(f"{name!r} is not a valid name")
+            raise UnsupportedInputError(f"{name!r} is not a valid name", argument="name")
         entry = Entry(name, str(Path(path).resolve()), kind, fingerprint, base_fingerprint, size, time.time())
         with self._locked() as entries:
             if name in entries:
-                raise OutputExistsError(f"{name!r} is already registered", path=entries[name].path)
+                raise OutputExistsError(f"{name!r} is already registered", path=entries[name].path, argument="name")
             entries[name] = entry
         return entry
 
@@ -219,10 +236,8 @@ class Registry:
             )
         if entry is not None:
             if not Path(entry.path).exists():
-                raise InputNotFoundError(
-                    f"{name!r} is registered at {entry.path}, which no longer exists; "
-                    f"`deltakit registry remove {name}` forgets it",
-                    path=entry.path,
+                raise StaleNameError(
+                    f"{name!r} is registered at {entry.path}, which no longer exists", name=str(name), path=entry.path
                 )
             return Path(entry.path)
         if Path(name).exists():

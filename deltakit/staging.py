@@ -1,6 +1,7 @@
 """Build an output folder under a temporary name and rename it into place only when complete.
 
-Whatever fails, the final path is either absent or holds the complete result: never a half.
+Whatever fails, the final path is either absent or holds the complete result: never a half. Every
+caller passes its own ``out`` here, so the errors name it as ``argument="out"``.
 """
 
 from __future__ import annotations
@@ -50,11 +51,10 @@ def check_output_free(out: Path, *, replace: bool = False) -> None:
     out = Path(out)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         what = "a symbolic link" if out.is_symlink() else describe_mode(out.stat().st_mode)
-        raise OutputExistsError(f"{out} exists and is {what}, not a folder; choose another --out", path=out)
+        raise OutputExistsError(f"{out} exists and is {what}, not a folder", path=out, argument="out")
     if out.is_dir() and not replace and any(out.iterdir()):
         raise OutputExistsError(
-            f"{out} exists and is not empty; deltakit never overwrites it: choose another --out or remove it yourself",
-            path=out,
+            f"{out} exists and is not empty, and deltakit never overwrites it", path=out, argument="out"
         )
 
 
@@ -63,9 +63,9 @@ def check_output_file_free(out: Path, *, replace: bool = False) -> None:
     out = Path(out)
     if out.exists() and not out.is_symlink() and not out.is_file():
         what = describe_mode(out.stat().st_mode)
-        raise OutputExistsError(f"{out} exists and is {what}, not a file; choose another --out", path=out)
+        raise OutputExistsError(f"{out} exists and is {what}, not a file", path=out, argument="out")
     if out.is_symlink() or (out.exists() and not replace):
-        raise OutputExistsError(f"{out} exists; deltakit never overwrites it: choose another --out", path=out)
+        raise OutputExistsError(f"{out} exists, and deltakit never overwrites it", path=out, argument="out")
 
 
 def check_free_space(out: Path, need: int) -> None:
@@ -74,11 +74,11 @@ def check_free_space(out: Path, need: int) -> None:
     free = shutil.disk_usage(existing).free
     if need > free:
         raise NoSpaceError(
-            f"{out} needs {human_bytes(need)} and {existing} has {human_bytes(free)} free: free some space or "
-            "choose another --out",
+            f"{out} needs {human_bytes(need)} and {existing} has {human_bytes(free)} free: free some space",
             path=out,
             expected=need,
             actual=free,
+            argument="out",
         )
 
 
@@ -146,8 +146,9 @@ class StagedFolder:
             # a write's own error names no file: say which output filled the disk, now that it is removed
             raise NoSpaceError(
                 f"{self.final}: the disk filled up while writing it ({exc.strerror or exc}); what was written is "
-                "removed: free some space or choose another --out",
+                "removed: free some space",
                 path=self.final,
+                argument="out",
             ) from exc
 
     def _unlock(self) -> None:
@@ -284,14 +285,18 @@ class StagedFile(StagedFolder):
             os.link(self.file, self.final)
         except FileExistsError as e:
             raise OutputExistsError(
-                f"{self.final} appeared while it was being made; deltakit never overwrites it", path=self.final
+                f"{self.final} appeared while it was being made; deltakit never overwrites it",
+                path=self.final,
+                argument="out",
             ) from e
         except OSError as e:  # a filesystem without hard links (vfat, some FUSE): check, then rename
             if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
                 raise
             if self.final.exists() or self.final.is_symlink():
                 raise OutputExistsError(
-                    f"{self.final} appeared while it was being made; deltakit never overwrites it", path=self.final
+                    f"{self.final} appeared while it was being made; deltakit never overwrites it",
+                    path=self.final,
+                    argument="out",
                 ) from e
             os.rename(self.file, self.final)
         self._committed = True  # the whole file is under its name from here on, whatever follows

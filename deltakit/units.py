@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import re
 
 __all__ = ["human_bytes", "parse_size"]
@@ -13,16 +12,17 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 def parse_size(text: str) -> int:
     """``5GB`` -> 5_000_000_000, ``512MiB`` -> 536_870_912, ``1000`` -> 1000 (decimal units, as HF writes them).
 
-    Raises ``argparse.ArgumentTypeError`` so it serves directly as an argparse ``type``.
+    Raises:
+        ValueError: ``text`` is not a size, or not a positive one.
     """
     match = _SIZE.match(text)
     if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 5GB, 500MB, 2GiB, 1000000)")
+        raise ValueError(f"not a size: {text!r} (examples: 5GB, 500MB, 2GiB, 1000000)")
     number, unit = float(match.group(1)), (match.group(2) or "B").upper()
     power = 0 if unit == "B" else "KMGT".index(unit[0]) + 1
     size = int(number * (1024 if "I" in unit else 1000) ** power)
     if size <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+        raise ValueError(f"size must be positive: {text!r}")
     return size
 
 

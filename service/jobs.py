@@ -31,6 +31,7 @@ from deltakit.registry import Entry, Registry
 from deltakit.staging import remove_abandoned
 
 from .executor import RayExecutor
+from .problems import problem_fields
 from .settings import Settings
 from .store import Job, Store
 
@@ -298,7 +299,8 @@ class Runner:
             self.store.finish(job_id, "failed", error=_INTERRUPTED)
         except DeltakitError as e:
             log.warning("job %s failed: %s", job_id, e)  # the operator's log keeps the server's paths
-            self.store.finish(job_id, "failed", error={"type": type(e).__name__, "detail": self.public(str(e))})
+            error = {"type": type(e).__name__, **problem_fields(e, self.public(str(e)))}
+            self.store.finish(job_id, "failed", error=error)
         except Exception as e:  # a bug: recorded on the job, never a crashed worker
             log.exception("job %s failed unexpectedly", job_id)
             self.store.finish(job_id, "failed", error={"type": "InternalError", "detail": self.public(str(e))})

@@ -21,6 +21,7 @@ from deltakit.registry import Registry
 
 from .deps import Read
 from .jobs import NameOutsideRoots, Runner
+from .problems import problem_fields
 from .routes import health, jobs, metrics, models
 from .routes.jobs import JobFinished
 from .settings import Settings, load_settings
@@ -35,8 +36,15 @@ _STATUS: list[tuple[type[Exception], int]] = [
 ]
 
 
-def _problem(status: int, type_: str, title: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"type": type_, "title": title, "status": status, "detail": detail}
+def _problem(
+    status: int,
+    type_: str,
+    title: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {"type": type_, "title": title, "status": status, "detail": detail, **(extra or {})}
     return JSONResponse(body, status_code=status, media_type="application/problem+json", headers=headers)
 
 
@@ -46,7 +54,9 @@ async def _deltakit_error(request: Request, exc: Exception) -> JSONResponse:
     runner = getattr(request.app.state, "runner", None)
     if status == 507 and runner is not None:
         detail = runner.public(detail)  # a store's or output's disk: no server path goes out
-    return _problem(status, type(exc).__name__, "the request cannot be carried out", detail)
+    assert isinstance(exc, DeltakitError)
+    fields = problem_fields(exc, detail)
+    return _problem(status, type(exc).__name__, "the request cannot be carried out", fields.pop("detail"), extra=fields)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

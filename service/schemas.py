@@ -111,9 +111,11 @@ class ModelOut(BaseModel):
 
 
 class Problem(BaseModel):
-    """An error, as RFC 9457 problem details: ``type`` is the deltakit error class."""
+    """An error, as RFC 9457 problem details: ``type`` is the deltakit error class; ``field``, where
+    the error is about one, the request's field to change."""
 
     type: str
     title: str
     status: int
     detail: str
+    field: str | None = None

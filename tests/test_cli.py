@@ -301,3 +301,53 @@ def test_a_fifo_in_place_of_an_input_fails_promptly_naming_it(pair, tmp_path, co
         return
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and str(fifo) in lines[0] and "FIFO" in lines[0], run.stderr
+
+
+def test_library_errors_state_facts_and_the_cli_adds_its_flags(pair, tmp_path, monkeypatch):
+    """staging and the registry name the argument (argument="out"), never a flag; the CLI turns it into
+    the running command's flag and the advice that fits."""
+    from deltakit import OutputExistsError
+    from deltakit.registry import Registry, StaleNameError
+    from deltakit.staging import check_output_file_free, check_output_free
+    from deltakit.units import parse_size
+
+    _, base_dir, target_dir, _ = pair
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_bytes(b"x")
+    for check in (check_output_free, check_output_file_free):
+        with pytest.raises(OutputExistsError) as refused:
+            check(tmp_path / "full")
+        assert refused.value.argument == "out" and "--" not in str(refused.value), refused.value
+    with pytest.raises(ValueError, match="not a size: 'lots'"):
+        parse_size("lots")
+
+    made = deltakit_cli("make", "--base", base_dir, "--target", target_dir, "--out", tmp_path / "full", "-q")
+    assert made.returncode == 1 and "not empty" in made.stderr and "choose another --out" in made.stderr
+    converted = deltakit_cli("convert", base_dir, "--to", "gguf", "--out", tmp_path / "full" / "x", "-q")
+    assert converted.returncode == 1 and "choose another --out" in converted.stderr, converted.stderr
+
+    monkeypatch.setenv("DELTAKIT_HOME", str(tmp_path / "home"))
+    delta = deltakit.make_delta(base_dir, target_dir, tmp_path / "delta", format=1).out
+    moved = shutil.copytree(base_dir, tmp_path / "moved")
+    Registry(tmp_path / "home").add("moved", moved)
+    shutil.rmtree(moved)
+    with pytest.raises(StaleNameError) as stale:
+        Registry(tmp_path / "home").resolve("moved")
+    assert stale.value.argument == "name" and "deltakit" not in str(stale.value)
+    applied = deltakit_cli("apply", "--base", "moved", "--delta", delta, "--out", tmp_path / "o", "-q")
+    assert applied.returncode == 1 and "`deltakit registry remove moved` forgets it" in applied.stderr
+    hub_id = deltakit_cli("registry", "add", "x", delta, "--hub-id", "org/x", "-q")
+    assert hub_id.returncode == 1 and "no use for a Hub id" in hub_id.stderr and "--hub-id" in hub_id.stderr
+
+
+def test_the_advice_names_the_running_commands_flag():
+    from deltakit import DeltakitError, OutputExistsError
+    from deltakit.cli.advice import _advice
+
+    flags = {"out": "--out", "source": "SOURCE"}
+    assert (
+        _advice(OutputExistsError("o exists", argument="out"), flags) == "; choose another --out or remove it yourself"
+    )
+    assert _advice(OutputExistsError("o exists", argument="out"), {}) == "", "no flag, no advice about one"
+    assert _advice(DeltakitError("bad", argument="source"), flags) == "; check SOURCE"
+    assert _advice(DeltakitError("bad"), flags) == ""

@@ -453,6 +453,19 @@ def test_job_errors_name_registered_models_never_server_paths(home):
     assert "llama-7b/model.safetensors" in error["detail"], error
 
 
+def test_a_job_error_about_a_request_field_names_that_field_never_a_cli_flag(home):
+    """The library says which argument an error is about (out); the service names its own field."""
+    root, tokens, _ = home
+    settings = Settings(home=root)
+    settings.models_dir.joinpath("p").mkdir(parents=True)
+    settings.models_dir.joinpath("p", "keep.txt").write_text("not ours")  # there, but registered to no name
+    with LiveServer(settings) as url, client(url, tokens["write"]) as http:
+        job = {"kind": "apply", "base": "llama-7b", "delta": "panda-7b", "output": "p"}
+        error = wait(http, http.post("/v1/jobs", json=job).json()["id"])["error"]
+    assert error["type"] == "OutputExistsError" and error["field"] == "output", error
+    assert error["detail"].endswith("; choose another output") and "--" not in error["detail"], error
+
+
 def test_a_hostile_checkpoint_fails_its_job_and_the_service_lives_on(home):
     """A .bin whose pickle nests a million deep once crashed the interpreter, and with it the service."""
     import zipfile

@@ -18,13 +18,15 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn, cast
 
 from .. import __version__
-from ..errors import DeltakitError, RawWeightsError
+from ..errors import DeltakitError
 from ._common import _Output, _terminate, _Terminated, _UsageError
 from ._names import _resolve_names
+from .advice import _advice, _flags
 from .convert import add_convert_parser
 from .delta import add_apply_parser, add_demo_parser, add_inspect_parser, add_make_parser, add_verify_parser
 from .hub import add_hub_parsers
 from .registry import add_registry_parsers
+from .service import add_service_parsers
 
 if TYPE_CHECKING:
     from ._common import _Subparsers
@@ -32,19 +34,6 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 log = logging.getLogger("deltakit")
-
-
-# What to try, after the library's facts, for the errors a flag can answer.
-_ADVICE: dict[type[DeltakitError], str] = {
-    RawWeightsError: "check which is --base and which is --target; --allow-raw stores such tensors anyway",
-}
-
-
-def _advice(error: DeltakitError) -> str:
-    for kind, advice in _ADVICE.items():
-        if isinstance(error, kind):
-            return f"; {advice}"
-    return ""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,6 +47,15 @@ class _Parser(argparse.ArgumentParser):
             if close:
                 message += f"; did you mean {close[0]!r}?"
         super().error(message)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        """Also records, as ``flags``, the flag of each argument of the command that ran, for advice."""
+        parsed, extras = super().parse_known_args(args, namespace)
+        if not hasattr(parsed, "flags"):  # the innermost parser, the command's own, returns first
+            parsed.flags = _flags(self)
+        return parsed, extras
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     add_inspect_parser(sub, common)
     add_hub_parsers(sub, common)
     add_registry_parsers(sub, common)
+    add_service_parsers(sub, common)
     add_demo_parser(sub, common)
     return parser
 
@@ -112,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as e:
         parser.error(str(e))
     except DeltakitError as e:
-        print(f"deltakit: error: {e}{_advice(e)}", file=sys.stderr)
+        print(f"deltakit: error: {e}{_advice(e, getattr(args, 'flags', {}))}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # output that must be read (a token) met a closed stdout: the command failed
         print("deltakit: error: standard output was closed before the command could write its result", file=sys.stderr)

@@ -15,12 +15,10 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ..progress import ProgressFactory, tqdm_progress
-from ..units import human_bytes
+from ..units import parse_size
 
 if TYPE_CHECKING:
     from typing import TypeAlias
-
-    from ..gguf import GGUFReport
 
     _Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 
@@ -37,6 +35,14 @@ def _zstd_level(text: str) -> int:
     if not 1 <= value <= 22:
         raise argparse.ArgumentTypeError(f"must be a zstd level from 1 to 22: {text!r}")
     return value
+
+
+def _size(text: str) -> int:
+    """A byte size (``5GB``, ``512MiB``); the library's words for a bad one become argparse's usage error."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def _port(text: str) -> int:
@@ -110,10 +116,3 @@ class _Terminated(BaseException):
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
     raise _Terminated
-
-
-def _print_gguf(report: GGUFReport, what: str, seconds: float) -> None:
-    """What a GGUF output holds, on stderr."""
-    _say(f"{what} {report.out} ({report.quant}) in {seconds:.1f}s")
-    _say(f"  tensors   {report.tensors}: " + ", ".join(f"{n} {t}" for t, n in report.types.items()))
-    _say(f"  written   {human_bytes(report.bytes_written)}")

@@ -13,10 +13,14 @@ from ..errors import HubError, InputNotFoundError
 from ..hub import FetchedDelta, fetch_delta, fetch_model, is_repo_spec, parse_repo_spec
 from ..registry import Registry
 from ._common import _say
-from .delta import _cmd_inspect, _cmd_verify
-from .registry import _cmd_registry_add, _cmd_registry_remove, _cmd_serve, _cmd_token_create
 
-_PATH_ARGUMENTS = ("base", "target", "path", "source", "from_legacy")
+# What a command's argument names, and so where it is looked up. Each parser declares its own, in the
+# order they resolve: ``p.set_defaults(resolve={"base": MODEL, "delta": DELTA})``.
+MODEL = "model"  # a registered name, a path, or a Hub model repo id (fetched; checked later, where used)
+DELTA = "delta"  # a registered name, a path, or a Hub delta repo id (fetched, every file checked)
+DELTA_OR_MODEL = "delta or model"  # as DELTA for a Hub repo with a deltakit.json, else as MODEL
+SUBJECT = "subject"  # verify's PATH: a delta (DELTA), or with --delta the model checked against it (MODEL)
+LOCAL = "local"  # a registered name or a path; never a Hub repo id
 
 
 def _not_a_local_typo(name: str) -> None:
@@ -63,27 +67,35 @@ def _resolve_model(registry: Registry, name: str) -> str:
 
 
 def _resolve_names(args: argparse.Namespace) -> None:
-    """Registered names become their paths; deltas may also be Hub repo ids; anything else must exist."""
-    if args.run in (_cmd_registry_add, _cmd_registry_remove, _cmd_serve, _cmd_token_create):
+    """The arguments the command declared (``resolve``) become paths; a command that declares none,
+    such as ``registry add``, takes its names as they are.
+
+    A declared ``base`` also sets ``args.base_hub_id``, for model cards: the Hub id it is registered
+    with, or the one it was named by."""
+    declared: dict[str, str] = getattr(args, "resolve", {})
+    if not declared:
         return
     registry = Registry()
     base = getattr(args, "base", None)
-    if base is not None:  # the base's Hub id, for a model card: registered with it, or named by it
+    if "base" in declared and base is not None:
         entry = registry.get(base)
         spec = is_repo_spec(base) and not Path(base).exists()
         args.base_hub_id = entry.hub_id if entry is not None else parse_repo_spec(base)[0] if spec else None
-    for attribute in _PATH_ARGUMENTS:
+    for attribute, role in declared.items():
         value = getattr(args, attribute, None)
-        if value is not None:
-            if args.run is _cmd_verify and attribute == "path" and getattr(args, "delta", None) is None:
-                setattr(args, attribute, _resolve_delta(registry, value))
-            elif args.run is _cmd_inspect and attribute == "path":
-                setattr(args, attribute, _resolve(registry, value, _fetch_delta_or_model))
-            elif attribute in ("base", "target") or (args.run is _cmd_verify and attribute == "path"):
-                setattr(args, attribute, _resolve_model(registry, value))
-            else:
-                setattr(args, attribute, str(registry.resolve(value)))
-    if getattr(args, "delta", None) is not None:
-        deltas = args.delta if isinstance(args.delta, list) else [args.delta]
-        resolved = [_resolve_delta(registry, d) for d in deltas]
-        args.delta = resolved if isinstance(args.delta, list) else resolved[0]
+        if isinstance(value, list):
+            setattr(args, attribute, [_resolve_as(registry, role, v, args) for v in value])
+        elif value is not None:
+            setattr(args, attribute, _resolve_as(registry, role, value, args))
+
+
+def _resolve_as(registry: Registry, role: str, name: str, args: argparse.Namespace) -> str:
+    if role == SUBJECT:
+        role = DELTA if getattr(args, "delta", None) is None else MODEL
+    if role == MODEL:
+        return _resolve_model(registry, name)
+    if role == DELTA:
+        return _resolve_delta(registry, name)
+    if role == DELTA_OR_MODEL:
+        return _resolve(registry, name, _fetch_delta_or_model)
+    return str(registry.resolve(name))

@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING
 from ..convert import DTYPE_NAMES, convert
 from ..engine import DEFAULT_SHARD_SIZE
 from ..gguf import KQUANTS, QUANTS, convert_to_gguf
-from ..units import human_bytes, parse_size
-from ._common import _add_force, _emit, _jsonable, _positive, _print_gguf, _progress, _say, _UsageError
+from ..units import human_bytes
+from ._common import _add_force, _emit, _jsonable, _positive, _progress, _say, _size, _UsageError
+from ._names import LOCAL
+from .reports import _print_gguf
 
 if TYPE_CHECKING:
     from ._common import _Subparsers
@@ -69,9 +71,9 @@ def add_convert_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> Non
     )
     p.add_argument("--quant", choices=[*QUANTS, *KQUANTS], help="with --to gguf: the GGUF's type (f16)")
     p.add_argument("--dtype", choices=list(DTYPE_NAMES), help="cast float tensors (round to nearest even)")
-    p.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE, help="HF output file size (5GB)")
+    p.add_argument("--shard-size", type=_size, default=DEFAULT_SHARD_SIZE, help="HF output file size (5GB)")
     p.add_argument(
         "--meta-shards", type=_positive, help="model-parallel shards for --to meta (Meta's count by default)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the report goes to stderr)")
-    p.set_defaults(run=_cmd_convert)
+    p.set_defaults(run=_cmd_convert, resolve={"source": LOCAL})

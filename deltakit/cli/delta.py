@@ -1,6 +1,6 @@
-"""The delta commands, make, apply, verify, inspect and demo: their parsers, handlers and report printers.
+"""The delta commands, make, apply, verify, inspect and demo: their handlers and parsers.
 
-Each handler calls one library function and prints its report; release (in hub.py) reuses the printers.
+Each handler calls one library function and prints its report with reports.py.
 """
 
 from __future__ import annotations
@@ -8,15 +8,14 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..adapters import MergeReport, merge_adapters
+from ..adapters import merge_adapters
 from ..engine import (
     DEFAULT_SHARD_SIZE,
     ApplyReport,
-    MakeReport,
-    VerifyReport,
     apply_delta,
     make_delta,
     plan_apply,
@@ -27,144 +26,28 @@ from ..engine.make import DEFAULT_LEVEL
 from ..errors import DeltakitError
 from ..formats.peft import is_adapter
 from ..gguf import KQUANTS, QUANTS, apply_to_gguf, check_gguf
-from ..inspection import Inspection, inspect_path
-from ..legacy import LEGACY_KINDS, LegacyReport, apply_legacy_delta, make_delta_from_legacy
+from ..inspection import inspect_path
+from ..legacy import LEGACY_KINDS, apply_legacy_delta, make_delta_from_legacy
 from ..manifest import FORMAT_VERSION, MANIFEST_NAME, READABLE_FORMATS, load_manifest
 from ..registry import Registry
 from ..staging import check_output_file_free, check_output_free
-from ..units import human_bytes, parse_size
-from ._common import _add_force, _emit, _jsonable, _print_gguf, _progress, _say, _UsageError, _zstd_level
+from ._common import _add_force, _emit, _jsonable, _progress, _say, _size, _UsageError, _zstd_level
+from ._names import DELTA, DELTA_OR_MODEL, LOCAL, MODEL, SUBJECT
+from .reports import (
+    _make_dict,
+    _print_apply,
+    _print_gguf,
+    _print_inspect,
+    _print_legacy,
+    _print_make,
+    _print_merge,
+    _print_plan,
+    _print_verify,
+    _report_dict,
+)
 
 if TYPE_CHECKING:
     from ._common import _Subparsers
-
-# -------------------------------------------------------------------------------------------------
-# Reports as text
-
-
-def _print_make(report: MakeReport, seconds: float) -> None:
-    m = report.manifest
-    _say(f"wrote delta {report.out}  ({m.target.name} from {m.base.name}) in {seconds:.1f}s")
-    _say("  tensors   " + ", ".join(f"{n} {e}" for e, n in report.encodings.items()))
-    ratio = report.payload_bytes / report.target_bytes if report.target_bytes else 0.0
-    sizes = f"{human_bytes(report.payload_bytes)} for {human_bytes(report.target_bytes)} of target"
-    _say(f"  payload   {sizes} ({ratio:.0%})")
-    _say(f"  files     {report.files} carried under files/")
-    _say(f"  base      fingerprint {m.base.fingerprint}")
-    _say(f"  target    fingerprint {m.target.fingerprint}")
-    if report.raw_tensors:
-        _say(f"  raw       {len(report.raw_tensors)} tensors stored as they are (copies of fine-tuned weights):")
-        for name, why in report.raw_tensors.items():
-            _say(f"              {name}: {why}")
-    if report.cast:
-        _say(f"  cast      {len(report.cast)} base tensors cast to the target's dtype first")
-    if report.dropped:
-        _say(f"  dropped   {len(report.dropped)} base tensors absent from the target: " + ", ".join(report.dropped))
-    if "add" in report.encodings or ("rows" in report.encodings and report.inexact_tensors):
-        _say(
-            f"  add       {report.inexact_elements} elements in {len(report.inexact_tensors)} tensors rebuild "
-            "differently from the fine-tune; the manifest records the rebuild's digests"
-        )
-    if report.ignored_weight_files:
-        _say("  ignored   weight files in other formats: " + ", ".join(report.ignored_weight_files))
-
-
-def _print_apply(report: ApplyReport, seconds: float) -> None:
-    _say(f"rebuilt {report.target_name} into {report.out} in {seconds:.1f}s: all digests match")
-    _say("  tensors   " + ", ".join(f"{n} {e}" for e, n in report.encodings.items()))
-    _say(f"  written   {human_bytes(report.bytes_written)} in {', '.join(report.shards)}")
-    _say(f"  files     {', '.join(report.files) or 'none'}")
-    _say(f"  target    fingerprint {report.fingerprint}")
-
-
-# How each kind of check in a VerifyReport's counts reads in its summary line.
-_CHECKED = {
-    "payload files": "{} payload file(s) by SHA-256",
-    "carried files": "{} carried file(s) by SHA-256",
-    "payload tensors": "the payload's headers for all {} tensors (their digests are checked as they are applied)",
-    "base tensors": "{} base tensor(s) by BLAKE3",
-    "model tensors": "{} tensor(s) by BLAKE3",
-}
-
-
-def _print_verify(report: VerifyReport, *, details: bool = True) -> None:
-    """One summary line saying what was checked; then, with ``details``, what is missing, differs or is
-    extra (50 of each)."""
-    if report.ok:
-        checked = [_CHECKED[kind].format(n) for kind, n in report.counts.items() if kind in _CHECKED]
-        _say(f"OK: {report.subject}: checked " + ("; ".join(checked) or f"{report.checked} tensors and files"))
-    else:
-        counts = {"missing": len(report.missing), "differ": len(report.mismatched)}
-        found = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
-        _say(f"FAILED: {report.subject}: {found} of {report.checked} tensors and files")
-    if not details:
-        if not report.ok:
-            _say("  (--verbose or --json lists them)")
-        return
-    for name in report.missing[:50]:
-        _say(f"  missing     {name}")
-    for item in report.mismatched[:50]:
-        _say(f"  mismatched  {item.name}: expected {item.expected}, found {item.actual}")
-    for name in report.extra[:50]:
-        _say(f"  extra       {name} (not in the manifest)")
-    hidden = max(0, len(report.missing) - 50) + max(0, len(report.mismatched) - 50) + max(0, len(report.extra) - 50)
-    if hidden:
-        _say(f"  ... and {hidden} more")
-
-
-def _print_inspect(info: Inspection, *, all_tensors: bool) -> None:
-    _say(f"{info.path}: {info.description}" + (f" ({info.legacy_kind})" if info.legacy_kind else ""))
-    _say(f"  apply       {info.apply}")
-    if info.kind == "delta":
-        _say(f"  created by  {info.created_by}")
-        _say(f"  base        {info.base_name}  fingerprint {info.base_fingerprint}")
-        _say(f"  target      {info.target_name}  fingerprint {info.target_fingerprint}")
-        _say("  encodings   " + ", ".join(f"{n} {e}" for e, n in (info.encodings or {}).items()))
-        ratio = f" ({(info.payload_bytes or 0) / info.target_bytes:.1%} of the target)" if info.target_bytes else ""
-        _say(f"  payload     {human_bytes(info.payload_bytes or 0)}{ratio}")
-        if info.dropped:
-            _say(f"  dropped     {', '.join(info.dropped)}")
-    elif info.fingerprint:
-        _say(f"  fingerprint {info.fingerprint}")
-    by_dtype = ", ".join(f"{d} {human_bytes(b)}" for d, b in info.bytes_by_dtype.items())
-    _say(f"  tensors     {len(info.tensors)}, {human_bytes(info.total_bytes)}" + (f": {by_dtype}" if by_dtype else ""))
-    _say(f"  files       {', '.join(info.files) or 'none'}")
-    shown = info.tensors if all_tensors else info.tensors[:20]
-    for t in shown:
-        encoding = f"  {t.encoding}" if t.encoding else ""
-        _say(f"    {t.name}  {t.dtype} {list(t.shape)}  {human_bytes(t.nbytes)}{encoding}")
-    if len(shown) < len(info.tensors):
-        _say(f"    ... {len(info.tensors) - len(shown)} more (--all lists every tensor)")
-
-
-def _print_legacy(report: LegacyReport, seconds: float) -> None:
-    article = "an" if report.kind[0] in "aeiou" else "a"
-    _say(f"rebuilt {report.out} from {article} {report.kind} delta in {seconds:.1f}s")
-    _say(f"  tensors   {report.tensors}" + (f"; rows grown: {', '.join(report.grown)}" if report.grown else ""))
-    _say(f"  written   {human_bytes(report.bytes_written)} in {', '.join(report.shards)}")
-    _say(f"  files     {', '.join(report.files) or 'none'}")
-    if report.kind == "oasst-xor":
-        _say(
-            "  checked   against the published checksums"
-            if report.verified
-            else "  WARNING   not verified: an XOR release rebuilds plausible weights from any base; pass "
-            "--checksums with the sums from the release's model card"
-        )
-    _say(f"  result    fingerprint {report.fingerprint} (legacy deltas carry no digests to check it against)")
-
-
-def _print_merge(report: MergeReport, seconds: float) -> None:
-    _say(f"merged {', '.join(report.adapters)} into {report.out} in {seconds:.1f}s")
-    _say(f"  tensors   {report.tensors}: {len(report.merged)} with LoRA updates, {len(report.replaced)} replaced whole")
-    _say(f"  written   {human_bytes(report.bytes_written)} in {', '.join(report.shards)}")
-    _say(f"  files     {', '.join(report.files) or 'none'}")
-    if report.vocab_size is not None:
-        _say(f"  config    vocab_size set to {report.vocab_size}, the merged embedding's rows")
-    _say(f"  result    fingerprint {report.fingerprint} (adapters carry no digests to check it against)")
-
-
-# -------------------------------------------------------------------------------------------------
-# Commands
 
 
 def _cmd_make(args: argparse.Namespace) -> int:
@@ -196,18 +79,6 @@ def _cmd_make(args: argparse.Namespace) -> int:
     return 0
 
 
-def _make_dict(report: MakeReport) -> dict[str, object]:
-    """What a CI step needs of a make: the package, its format, both fingerprints, sizes, encodings."""
-    m = report.manifest
-    return {
-        **_jsonable(report),
-        "format": m.format,
-        "base": {"name": m.base.name, "fingerprint": m.base.fingerprint},
-        "target": {"name": m.target.name, "fingerprint": m.target.fingerprint},
-        "payload_files": {name: {"sha256": f.sha256, "size": f.size} for name, f in m.payload.items()},
-    }
-
-
 def _choose_base(args: argparse.Namespace) -> None:
     """``apply`` without ``--base``: the registered model whose fingerprint the delta's manifest names."""
     if args.base is not None:
@@ -226,99 +97,138 @@ def _choose_base(args: argparse.Namespace) -> None:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
+    """Find the base if none was named, pick the mode the deltas and flags ask for, run it."""
     _choose_base(args)
+    return _apply_mode(args)(args)
+
+
+def _apply_mode(args: argparse.Namespace) -> Callable[[argparse.Namespace], int]:
+    """The function for what ``--delta`` holds and the flags ask: LoRA adapters, a legacy delta, or a
+    deltakit delta into GGUF, as a dry run, on Ray, or plainly. Refuses flags the mode cannot honour.
+
+    For every mode but LoRA, ``args.delta`` becomes the one delta's path.
+    """
     if args.quant is not None and args.to != "gguf":
         raise _UsageError("--quant is for --to gguf")
     adapters = [d for d in args.delta if is_adapter(d)]
     if args.to == "gguf" and (adapters or len(args.delta) > 1 or args.legacy != "auto"):
         raise _UsageError("--to gguf takes one deltakit delta; rebuild others to a folder, then deltakit convert it")
+    if len(args.delta) > 1 and len(adapters) != len(args.delta):  # a mix, or several deltakit deltas
+        raise _UsageError("several --delta are for LoRA adapters only; deltakit deltas apply one at a time")
     if adapters:
-        if len(adapters) != len(args.delta):
-            raise _UsageError("several --delta are for LoRA adapters only; deltakit deltas apply one at a time")
         if args.dry_run:
             raise _UsageError("--dry-run is for deltakit deltas; adapters have no plan to print yet")
-        start = time.perf_counter()
-        merged = merge_adapters(
-            args.base, adapters, args.out, shard_size=args.shard_size, replace=args.force, progress=_progress(args)
-        )
-        _print_merge(merged, time.perf_counter() - start)
-        if args.json:
-            _emit({"command": "apply", "kind": "lora", **_jsonable(merged)})
-        return 0
-    if len(args.delta) > 1:
-        raise _UsageError("several --delta are for LoRA adapters only; deltakit deltas apply one at a time")
+        return _apply_lora
     args.delta = args.delta[0]
     if args.legacy != "auto" or (not (Path(args.delta) / MANIFEST_NAME).exists() and Path(args.delta).is_dir()):
         if args.dry_run:
             raise _UsageError("--dry-run is for deltakit deltas; legacy deltas have no plan to print yet")
-        kind = None if args.legacy == "auto" else args.legacy
-        start = time.perf_counter()
-        legacy = apply_legacy_delta(
-            args.base,
-            args.delta,
-            args.out,
-            kind=kind,
-            checksums=args.checksums,
-            shard_size=args.shard_size,
-            replace=args.force,
-            progress=_progress(args),
-        )
-        _print_legacy(legacy, time.perf_counter() - start)
-        if kind is None and legacy.kind != "oasst-xor":
-            other = "alpaca" if legacy.kind == "fastchat" else "fastchat"
-            _say(
-                f"  note      {args.delta} has no deltakit.json: read as a {legacy.kind} delta "
-                f"(--legacy {other} if it is not)"
-            )
-        if args.json:
-            _emit({"command": "apply", **_jsonable(legacy)})
-        return 0
-    if args.ray is not None and (args.to == "gguf" or adapters or args.legacy != "auto"):
+        return _apply_legacy
+    if args.ray is not None and args.to == "gguf":
         raise _UsageError("--ray rebuilds a deltakit delta into a model folder; the rest runs on one machine")
-    if args.to == "gguf" and not args.dry_run:
-        start = time.perf_counter()
-        gguf = apply_to_gguf(
-            args.base, args.delta, args.out, quant=args.quant or "f16", replace=args.force, progress=_progress(args)
-        )
-        _print_gguf(gguf, f"rebuilt {args.delta} onto {args.base} as", time.perf_counter() - start)
-        if args.json:
-            _emit({"command": "apply", "kind": "deltakit", "dry_run": False, **_jsonable(gguf), "verified": True})
-        return 0
-    if args.to == "gguf":  # a dry run: what the real run checks before writing, nothing written
-        check_output_file_free(Path(args.out), replace=args.force)
-        checked = check_gguf(args.base, delta=args.delta, quant=args.quant or "f16", sample=True)
-        _say(checked.describe())
-        _say(f"dry run: nothing written; would write {args.out}")
-        if args.json:
-            _emit({"command": "apply", "kind": "deltakit", "dry_run": True, "out": args.out, "checks": "ok",
-                   **_jsonable(checked)})  # fmt: skip
-        return 0
+    if args.to == "gguf":
+        return _apply_gguf_dry_run if args.dry_run else _apply_gguf
     if args.dry_run:
-        check_output_free(Path(args.out), replace=args.force)
-        plan = plan_apply(args.base, args.delta, shard_size=args.shard_size)
-        plan.check_sample()  # the cheap checks a real apply starts with: a wrong base fails here too
-        _say(plan.describe())
-        _say(f"dry run: nothing written; would write {args.out}")
-        if args.json:
-            _emit({"command": "apply", "kind": "deltakit", "dry_run": True, "out": args.out, "checks": "ok"})
-        return 0
-    start = time.perf_counter()
-    if args.ray is not None:
-        from ..cluster import apply_delta_on_ray
+        return _apply_dry_run
+    return _apply_on_ray if args.ray is not None else _apply_plain
 
-        report = apply_delta_on_ray(
-            args.base,
-            args.delta,
-            args.out,
-            address=args.ray or None,
-            shard_size=args.shard_size,
-            replace=args.force,
-            progress=_progress(args),
+
+def _apply_lora(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    merged = merge_adapters(
+        args.base, args.delta, args.out, shard_size=args.shard_size, replace=args.force, progress=_progress(args)
+    )
+    _print_merge(merged, time.perf_counter() - start)
+    if args.json:
+        _emit({"command": "apply", "kind": "lora", **_jsonable(merged)})
+    return 0
+
+
+def _apply_legacy(args: argparse.Namespace) -> int:
+    kind = None if args.legacy == "auto" else args.legacy
+    start = time.perf_counter()
+    legacy = apply_legacy_delta(
+        args.base,
+        args.delta,
+        args.out,
+        kind=kind,
+        checksums=args.checksums,
+        shard_size=args.shard_size,
+        replace=args.force,
+        progress=_progress(args),
+    )
+    _print_legacy(legacy, time.perf_counter() - start)
+    if kind is None and legacy.kind != "oasst-xor":
+        other = "alpaca" if legacy.kind == "fastchat" else "fastchat"
+        _say(
+            f"  note      {args.delta} has no deltakit.json: read as a {legacy.kind} delta "
+            f"(--legacy {other} if it is not)"
         )
-    else:
-        report = apply_delta(
-            args.base, args.delta, args.out, shard_size=args.shard_size, replace=args.force, progress=_progress(args)
-        )
+    if args.json:
+        _emit({"command": "apply", **_jsonable(legacy)})
+    return 0
+
+
+def _apply_gguf(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    gguf = apply_to_gguf(
+        args.base, args.delta, args.out, quant=args.quant or "f16", replace=args.force, progress=_progress(args)
+    )
+    _print_gguf(gguf, f"rebuilt {args.delta} onto {args.base} as", time.perf_counter() - start)
+    if args.json:
+        _emit({"command": "apply", "kind": "deltakit", "dry_run": False, **_jsonable(gguf), "verified": True})
+    return 0
+
+
+def _apply_gguf_dry_run(args: argparse.Namespace) -> int:
+    """What the real run checks before writing; nothing written."""
+    check_output_file_free(Path(args.out), replace=args.force)
+    checked = check_gguf(args.base, delta=args.delta, quant=args.quant or "f16", sample=True)
+    _say(checked.describe())
+    _say(f"dry run: nothing written; would write {args.out}")
+    if args.json:
+        _emit({"command": "apply", "kind": "deltakit", "dry_run": True, "out": args.out, "checks": "ok",
+               **_jsonable(checked)})  # fmt: skip
+    return 0
+
+
+def _apply_dry_run(args: argparse.Namespace) -> int:
+    """The plan, after the cheap checks a real apply starts with (a wrong base fails here too); nothing written."""
+    check_output_free(Path(args.out), replace=args.force)
+    plan = plan_apply(args.base, args.delta, shard_size=args.shard_size)
+    plan.check_sample()
+    _print_plan(plan)
+    _say(f"dry run: nothing written; would write {args.out}")
+    if args.json:
+        _emit({"command": "apply", "kind": "deltakit", "dry_run": True, "out": args.out, "checks": "ok"})
+    return 0
+
+
+def _apply_on_ray(args: argparse.Namespace) -> int:
+    from ..cluster import apply_delta_on_ray
+
+    start = time.perf_counter()
+    report = apply_delta_on_ray(
+        args.base,
+        args.delta,
+        args.out,
+        address=args.ray or None,
+        shard_size=args.shard_size,
+        replace=args.force,
+        progress=_progress(args),
+    )
+    return _applied(args, report, start)
+
+
+def _apply_plain(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    report = apply_delta(
+        args.base, args.delta, args.out, shard_size=args.shard_size, replace=args.force, progress=_progress(args)
+    )
+    return _applied(args, report, start)
+
+
+def _applied(args: argparse.Namespace, report: ApplyReport, start: float) -> int:
     _print_apply(report, time.perf_counter() - start)
     if args.json:
         _emit({"command": "apply", "kind": "deltakit", "dry_run": False, **_jsonable(report), "verified": True})
@@ -337,17 +247,6 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     else:
         _print_verify(report, details=args.verbose)
     return 0 if report.ok else 1
-
-
-def _report_dict(report: VerifyReport) -> dict[str, object]:
-    return {
-        "ok": report.ok,
-        "subject": report.subject,
-        "checked": report.checked,
-        "missing": list(report.missing),
-        "extra": list(report.extra),
-        "mismatched": [{"name": m.name, "expected": m.expected, "actual": m.actual} for m in report.mismatched],
-    }
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -417,9 +316,7 @@ def add_make_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--codec", choices=["xor", "add"], default="xor", help="xor: lossless (default); add: task vector")
     p.add_argument("--name", help="the target's name in the manifest (default: its folder name)")
     p.add_argument("--base-name", help="the base's name in the manifest (default: its folder name)")
-    p.add_argument(
-        "--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE, help="payload file size before coding (5GB)"
-    )
+    p.add_argument("--shard-size", type=_size, default=DEFAULT_SHARD_SIZE, help="payload file size before coding (5GB)")
     p.add_argument(
         "--format",
         type=int,
@@ -444,7 +341,7 @@ def add_make_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
         "the target has fewer rows than the base (refused otherwise: it publishes whole weights)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the report goes to stderr)")
-    p.set_defaults(run=_cmd_make)
+    p.set_defaults(run=_cmd_make, resolve={"base": MODEL, "target": MODEL, "from_legacy": LOCAL})
 
 
 def add_apply_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
@@ -461,7 +358,7 @@ def add_apply_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", required=True, help="model folder to create (must not exist, or be empty)")
     _add_force(p, "model")
-    p.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE, help="output file size (5GB)")
+    p.add_argument("--shard-size", type=_size, default=DEFAULT_SHARD_SIZE, help="output file size (5GB)")
     p.add_argument("--dry-run", action="store_true", help="check and print the plan; write nothing")
     p.add_argument(
         "--legacy",
@@ -486,7 +383,7 @@ def add_apply_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
         "mounts); needs the ray extra",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the report goes to stderr)")
-    p.set_defaults(run=_cmd_apply)
+    p.set_defaults(run=_cmd_apply, resolve={"base": MODEL, "delta": DELTA})
 
 
 def add_verify_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
@@ -500,7 +397,7 @@ def add_verify_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None
     p.add_argument("--base", help="also check that this base is the one the delta was made from")
     p.add_argument("--delta", help="check PATH, a model, against this delta's target digests")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(run=_cmd_verify)
+    p.set_defaults(run=_cmd_verify, resolve={"base": MODEL, "path": SUBJECT, "delta": DELTA})
 
 
 def add_inspect_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
@@ -510,7 +407,7 @@ def add_inspect_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> Non
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.add_argument("--all", action="store_true", help="list every tensor")
     p.add_argument("--fingerprint", action="store_true", help="hash a checkpoint's tensors to fingerprint it")
-    p.set_defaults(run=_cmd_inspect)
+    p.set_defaults(run=_cmd_inspect, resolve={"path": DELTA_OR_MODEL})
 
 
 def add_demo_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:

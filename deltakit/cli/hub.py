@@ -14,41 +14,15 @@ from typing import TYPE_CHECKING
 
 from ..engine import make_delta, verify_delta
 from ..errors import UnsupportedInputError
-from ..hub import CardMetadata, PublishReport, fetch_delta, publish_delta
+from ..hub import CardMetadata, fetch_delta, publish_delta
 from ..manifest import load_manifest
 from ..registry import Registry
-from ..units import human_bytes
 from ._common import _emit, _jsonable, _progress, _say
-from .delta import _make_dict, _print_make, _print_verify, _report_dict
+from ._names import LOCAL, MODEL
+from .reports import _make_dict, _print_make, _print_publish, _print_verify, _publish_dict, _report_dict
 
 if TYPE_CHECKING:
     from ._common import _Subparsers
-
-
-def _print_publish(report: PublishReport) -> None:
-    where = f"{report.repo_id}@{report.revision}"
-    sizes = dict(report.files)
-    if report.dry_run:
-        _say(f"would upload {len(report.files)} files ({human_bytes(sum(sizes.values()))}) to {where}")
-        for name, size in report.files:
-            _say(f"  {name}  {human_bytes(size)}")
-        return
-    if not report.changed:
-        _say(f"nothing changed: {where} already holds this package (commit {report.head})")
-    else:
-        sent = sum(sizes.get(name, 0) for name in report.uploaded)
-        kept = f"; {len(report.unchanged)} already there" if report.unchanged else ""
-        _say(f"uploaded {len(report.uploaded)} files ({human_bytes(sent)}) to {where}{kept}")
-        for name in report.uploaded:
-            _say(f"  {name}  {human_bytes(sizes.get(name, 0))}")
-        for name in report.deleted:
-            _say(f"  deleted {name} (the new package does not list it)")
-        if report.pull_request:
-            _say(f"pull request {report.pull_request}")
-        elif report.commit:
-            _say(f"commit {report.commit}: {report.commit_url}")
-    if report.tag:
-        _say(f"tagged {report.head} as {report.tag}: users can pin {report.repo_id}@{report.tag}")
 
 
 def _card_metadata(args: argparse.Namespace, delta: Path) -> CardMetadata:
@@ -88,10 +62,6 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     if args.json:
         _emit({"command": "publish", **_publish_dict(report)})
     return 0
-
-
-def _publish_dict(report: PublishReport) -> dict[str, object]:
-    return {**_jsonable(report), "files": dict(report.files), "changed": report.changed}
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
@@ -183,7 +153,7 @@ def add_hub_parsers(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("publish", parents=[common, hub], help="verify a delta and upload it with a model card")
     p.add_argument("path", help="the delta package")
-    p.set_defaults(run=_cmd_publish)
+    p.set_defaults(run=_cmd_publish, resolve={"path": LOCAL})
 
     p = sub.add_parser("release", parents=[common, hub], help="make, verify and publish in one step")
     p.add_argument("--base", required=True, help="base checkpoint, or a registered name")
@@ -191,7 +161,7 @@ def add_hub_parsers(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="where the delta package is kept (default: a temporary folder)")
     p.add_argument("--name", help="the target's name in the manifest")
     p.add_argument("--base-name", help="the base's name in the manifest")
-    p.set_defaults(run=_cmd_release)
+    p.set_defaults(run=_cmd_release, resolve={"base": MODEL, "target": MODEL})
 
     p = sub.add_parser(
         "download", parents=[common], help="fetch a delta from the Hub into the cache, every file checked"

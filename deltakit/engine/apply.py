@@ -47,7 +47,6 @@ from ..streaming import (
     read_range,
     write_index,
 )
-from ..units import human_bytes
 from .digests import copy_hashed, hash_tensor
 
 log = logging.getLogger(__name__)
@@ -166,26 +165,6 @@ class ApplyPlan:
             shards=tuple(s.name for s in self.shards),
             fingerprint=m.target.fingerprint,
         )
-
-    def describe(self) -> str:
-        """A human-readable account of the plan, for ``--dry-run`` (after :meth:`check_sample`)."""
-        m = self.manifest
-        counts = Counter(s.target.encoding for s in self.steps)
-        lines = [
-            f"delta    {self.delta.root}  ({m.target.name} from {m.base.name})",
-            f"base     {self.base.root}  fingerprint {m.base.fingerprint[:16]}... (expected)",
-            f"checks   names, dtypes and shapes of {len(self.steps)} tensors: ok; "
-            f"digests of {', '.join(self.sample) or 'none'}: ok",
-            f"tensors  {len(self.steps)}: " + ", ".join(f"{n} {e}" for e, n in sorted(counts.items())),
-            f"reads    {human_bytes(self.read_bytes)} (base and payload)",
-            f"writes   {human_bytes(self.write_bytes)} in {len(self.shards)} file(s)"
-            + (" + model.safetensors.index.json" if len(self.shards) > 1 else ""),
-            f"files    {len(m.target.files)} carried: " + ", ".join(sorted(m.target.files)),
-        ]
-        for shard in self.shards:
-            names = [s.name for s in self.steps if self.shards[s.shard] is shard]
-            lines.append(f"  {shard.name}: {len(names)} tensors, {human_bytes(shard.layout.size)}")
-        return "\n".join(lines)
 
 
 @dataclass(frozen=True)

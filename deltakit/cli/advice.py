@@ -1,0 +1,53 @@
+"""The one place the CLI turns a library error into advice: the error's type and the argument it is
+about (``argument="out"``) pick a line, worded with the running command's own flag (``--out``).
+
+Library messages state facts; what to try is the CLI's to say, since only it knows its flags (the
+service says it in terms of its request's fields instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import DeltakitError, NoSpaceError, OutputExistsError, RawWeightsError
+from ..registry import StaleNameError
+
+# (error type, the argument it is about or None for any, advice). The first row that matches speaks;
+# {flag} is the command's flag for the argument (a row needing one is skipped where the command has
+# none), {error} the error itself. An error about an argument that no row covers gets "check {flag}".
+_ADVICE: tuple[tuple[type[DeltakitError], str | None, str], ...] = (
+    (RawWeightsError, None, "check which is --base and which is --target; --allow-raw stores such tensors anyway"),
+    (StaleNameError, "name", "`deltakit registry remove {error.name}` forgets it"),
+    (OutputExistsError, "out", "choose another {flag} or remove it yourself"),
+    (OutputExistsError, "name", "pass --force to replace it"),
+    (NoSpaceError, "out", "or choose another {flag}"),
+)
+
+
+def _advice(error: DeltakitError, flags: dict[str, str]) -> str:
+    """What to try after ``error``'s own words, as ``"; ..."``, or ``""`` where the CLI has nothing to add.
+
+    Args:
+        flags: the running command's flag (or metavar) for each argument, by its destination.
+    """
+    flag = flags.get(error.argument) if error.argument is not None else None
+    for kind, argument, advice in _ADVICE:
+        if not isinstance(error, kind) or (argument is not None and error.argument != argument):
+            continue
+        if "{flag}" in advice and flag is None:
+            continue
+        return "; " + advice.format(flag=flag, error=error)
+    return f"; check {flag}" if flag is not None else ""
+
+
+def _flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each argument's flag, by destination: its long option (``--out``), else its metavar (``PATH``)."""
+    flags = {}
+    for action in parser._actions:
+        if action.option_strings:
+            flags[action.dest] = next(
+                (o for o in action.option_strings if o.startswith("--")), action.option_strings[0]
+            )
+        elif action.dest != argparse.SUPPRESS:
+            flags[action.dest] = str(action.metavar or action.dest.upper())
+    return flags
