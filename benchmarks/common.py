@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: the machine they ran on, the commit measured, and writing
-each script's own section of BENCHMARKS.md."""
+"""What the benchmark scripts share: the machine they ran on, the commit measured, running a command
+as its own measured process, and writing each script's own section of BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -58,6 +58,68 @@ def machine(paths: Sequence[str] = ("deltakit",)) -> dict[str, object]:
         "deltakit": deltakit.__version__,
         "deltakit_source": source_commit(paths),
     }
+
+
+# Reads that warm the page cache go in chunks of this many bytes.
+READ_CHUNK = 8 << 20
+
+
+class StepFailed(RuntimeError):
+    """A measured command exited with a non-zero status; the message holds the end of its log."""
+
+
+# Linux gives an exec'd process the high-water RSS of the memory it replaced, so a child spawned from this
+# (large) process would report at least our own peak. A tiny launcher, without torch, spawns and reaps each
+# command instead, and prints its exit status, ru_maxrss (KiB) and wall seconds.
+_LAUNCHER = """
+import os, sys, time
+log = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+io = [(os.POSIX_SPAWN_DUP2, log, 1), (os.POSIX_SPAWN_DUP2, log, 2)]
+start = time.perf_counter()
+pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ, file_actions=io)
+_, status, usage = os.wait4(pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss, time.perf_counter() - start)
+"""
+
+
+def run_cli(args: Sequence[str], log: Path, cgroup: Path | None = None) -> tuple[float, int]:
+    """Run ``python -m deltakit.cli ARGS`` and return (wall seconds, peak RSS in bytes) of that process alone;
+    with ``cgroup``, in that (blkio) cgroup."""
+    return run_process([sys.executable, "-m", "deltakit.cli", *args], log, cgroup)
+
+
+def run_process(
+    command: Sequence[str], log: Path, cgroup: Path | None = None, env: dict[str, str] | None = None
+) -> tuple[float, int]:
+    """Run ``command`` (its output to ``log``) and return (wall seconds, peak RSS in bytes) of that process alone."""
+    launcher = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(log), *command]
+
+    def enter() -> None:
+        if cgroup is not None:
+            (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+    done = subprocess.run(launcher, capture_output=True, text=True, check=True, preexec_fn=enter, env=env)
+    code, maxrss_kib, wall = done.stdout.split()
+    if int(code) != 0:
+        raise StepFailed(f"{' '.join(command)} exited {code}:\n{log.read_text(errors='replace')[-3000:]}")
+    return float(wall), int(maxrss_kib) * 1024
+
+
+def read_all(paths: Sequence[Path]) -> int:
+    """Read files start to end (to warm the page cache); returns the bytes read."""
+    buffer = bytearray(READ_CHUNK)
+    total = 0
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buffer):
+                total += n
+    return total
+
+
+def settle(warm: Sequence[Path] = ()) -> None:
+    """Untimed, before each timed step: flush every dirty page (ours and others'), then read ``warm``."""
+    os.sync()
+    read_all(warm)
 
 
 def record(path: Path, section: str, begin: str, end: str) -> None:

@@ -16,8 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from apply import run_cli, settle
-from common import LLAMA_7B, add_shape_arguments, machine, record, shape_from, write_pair_and_delta
+from common import LLAMA_7B, add_shape_arguments, machine, record, run_cli, settle, shape_from, write_pair_and_delta
 
 ROOT = Path(__file__).resolve().parent.parent
 

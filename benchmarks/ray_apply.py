@@ -30,8 +30,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from apply import run_cli, settle
-from common import LLAMA_1_9GB, add_shape_arguments, machine, record, shape_from, write_pair_and_delta
+from common import LLAMA_1_9GB, add_shape_arguments, machine, record, run_cli, settle, shape_from, write_pair_and_delta
 
 from deltakit.examples import LlamaShape
 

@@ -28,8 +28,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from apply import run_cli, run_process, settle
-from common import LLAMA_1_9GB, add_shape_arguments, machine, record, shape_from, write_pair_and_delta
+from common import (
+    LLAMA_1_9GB,
+    add_shape_arguments,
+    machine,
+    record,
+    run_cli,
+    run_process,
+    settle,
+    shape_from,
+    write_pair_and_delta,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))

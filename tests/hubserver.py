@@ -244,7 +244,7 @@ class _Repo:
         )
 
 
-class HubError(Exception):
+class HubHTTPError(Exception):
     """An HTTP error answer: status, message, and the ``X-Error-Code`` the client dispatches on."""
 
     def __init__(self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None):
@@ -255,8 +255,8 @@ class HubError(Exception):
         self.headers = headers or {}
 
 
-def _repo_not_found(repo_id: str, status: int = 404) -> HubError:
-    return HubError(status, f"Repository not found: {repo_id}", "RepoNotFound")
+def _repo_not_found(repo_id: str, status: int = 404) -> HubHTTPError:
+    return HubHTTPError(status, f"Repository not found: {repo_id}", "RepoNotFound")
 
 
 # ------------------------------------------------------------------------------------------------------ storage
@@ -328,7 +328,7 @@ class _Store:
             found = [cid for cid in repo.commits if cid.startswith(revision)]
             if len(found) == 1:
                 return found[0]
-        raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        raise HubHTTPError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
 
     def new_commit(
         self, repo: _Repo, branch: str, files: dict[str, FileEntry], title: str, description: str = ""
@@ -436,13 +436,13 @@ class _Handler(BaseHTTPRequestHandler):
             reply = hub._route(self, method, segments, query, body)
             if reply is not None:  # None: the route wrote its own answer (file downloads)
                 self.send_json(*reply)
-        except HubError as e:
+        except HubHTTPError as e:
             self.send_error_json(e)
         except ConnectionError:  # the client went away
             self.close_connection = True
         except Exception as e:  # a bug in the fake: answer, and drop the connection to stay in sync
             self.close_connection = True
-            self.send_error_json(HubError(500, f"FakeHub internal error: {e!r}"))
+            self.send_error_json(HubHTTPError(500, f"FakeHub internal error: {e!r}"))
 
     def iter_body(self) -> Iterator[bytes]:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -487,7 +487,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def send_error_json(self, error: HubError) -> None:
+    def send_error_json(self, error: HubHTTPError) -> None:
         message = " ".join(error.message.split()).encode("latin-1", "replace").decode("latin-1")
         headers = {"X-Error-Message": message, **error.headers}
         if error.code is not None:
@@ -501,7 +501,9 @@ class _Handler(BaseHTTPRequestHandler):
         if (range_header := self.headers.get("Range")) is not None:
             parsed = _parse_range(range_header, total)
             if parsed is None:
-                raise HubError(416, f"Range not satisfiable: {range_header}", headers={"Content-Range": f"*/{total}"})
+                raise HubHTTPError(
+                    416, f"Range not satisfiable: {range_header}", headers={"Content-Range": f"*/{total}"}
+                )
             start, end = parsed
             status = 206
             headers = {**headers, "Content-Range": f"bytes {start}-{end}/{total}"}
@@ -656,12 +658,12 @@ class FakeHub:
         with self._store.lock:
             self._throttles.append([fragment, times, retry_after])
 
-    def _throttled(self, path: str) -> HubError | None:
+    def _throttled(self, path: str) -> HubHTTPError | None:
         with self._store.lock:
             for rule in self._throttles:
                 if rule[0] in path and rule[1] > 0:
                     rule[1] -= 1
-                    return HubError(429, "Too Many Requests", headers={"Retry-After": str(rule[2])})
+                    return HubHTTPError(429, "Too Many Requests", headers={"Retry-After": str(rule[2])})
         return None
 
     def tamper(self, repo_id: str, path: str, data: bytes, *, revision: str = "main", repo_type: str = "model") -> None:
@@ -745,12 +747,12 @@ class FakeHub:
         if token is None:
             return False
         if token != self.token:
-            raise HubError(401, "Invalid credentials in Authorization header")
+            raise HubHTTPError(401, "Invalid credentials in Authorization header")
         return True
 
     def _require_write(self, handler: _Handler) -> None:
         if not self._authenticated(handler):
-            raise HubError(401, "Unauthorized: this operation needs a token (Authorization: Bearer ...)")
+            raise HubHTTPError(401, "Unauthorized: this operation needs a token (Authorization: Bearer ...)")
 
     def _readable(self, handler: _Handler, repo_type: str, repo_id: str) -> _Repo:
         authed = self._authenticated(handler)
@@ -780,7 +782,7 @@ class FakeHub:
             if method == "POST" and "/".join(rest).endswith(_LFS_BATCH_SUFFIX):
                 repo_id = unquote("/".join(rest))[: -len(_LFS_BATCH_SUFFIX)]
                 return self._lfs_batch(h, repo_type, repo_id, _json_body(body))
-        raise HubError(404, f"FakeHub has no route for {method} /{'/'.join(segs)}")
+        raise HubHTTPError(404, f"FakeHub has no route for {method} /{'/'.join(segs)}")
 
     def _route_api(self, h: _Handler, method: str, segs: list[str], query: dict[str, str], body: bytes) -> Reply:
         match method, segs:
@@ -797,9 +799,9 @@ class FakeHub:
             case _, [plural, *rest] if plural in _TYPE_BY_PLURAL and rest:
                 repo_id, tail = _split_repo(rest)
                 if not _REPO_ID.match(repo_id):
-                    raise HubError(400, f"Invalid repo id: {repo_id}")
+                    raise HubHTTPError(400, f"Invalid repo id: {repo_id}")
                 return self._route_repo(h, method, _TYPE_BY_PLURAL[plural], repo_id, tail, query, body)
-        raise HubError(404, f"FakeHub has no route for {method} /api/{'/'.join(segs)}")
+        raise HubHTTPError(404, f"FakeHub has no route for {method} /api/{'/'.join(segs)}")
 
     def _route_repo(
         self, h: _Handler, method: str, rt: str, repo_id: str, tail: list[str], query: dict[str, str], body: bytes
@@ -834,12 +836,12 @@ class FakeHub:
                 return self._settings(h, rt, repo_id, _json_body(body))
             case "GET", ["xet-read-token" | "xet-write-token" as action]:
                 return self._xet_token(h, rt, repo_id, write=action == "xet-write-token")
-        raise HubError(404, f"FakeHub has no route for {method} {rt} {repo_id} {'/'.join(tail)}")
+        raise HubHTTPError(404, f"FakeHub has no route for {method} {rt} {repo_id} {'/'.join(tail)}")
 
     # account and repos
     def _whoami(self, h: _Handler) -> Reply:
         if not self._authenticated(h) or self.token is None:
-            raise HubError(401, "Invalid credentials in Authorization header")
+            raise HubHTTPError(401, "Invalid credentials in Authorization header")
         auth = {"type": "access_token", "accessToken": {"displayName": "fakehub", "role": "write"}}
         return 200, {"type": "user", "name": USER, "fullname": USER, "orgs": [], "auth": auth}, {}
 
@@ -849,7 +851,7 @@ class FakeHub:
         repo_id = f"{org}/{name}" if org else str(name)
         repo_type = payload.get("type") or "model"
         if repo_type not in _URL_PREFIX or not _REPO_ID.match(repo_id):
-            raise HubError(400, f"Invalid repo: {repo_type} {repo_id}")
+            raise HubHTTPError(400, f"Invalid repo: {repo_type} {repo_id}")
         url = self._url(repo_type, repo_id)
         if (repo_type, repo_id) in self._store.repos:
             return 409, {"error": "You already created this repo", "url": url}, {"X-Error-Message": "Repo exists"}
@@ -960,7 +962,7 @@ class FakeHub:
         files = repo.commits[commit_id].files
         dirs = self._dirs(files)
         if path and path not in dirs:
-            raise HubError(
+            raise HubHTTPError(
                 404, f"Entry not found: {path}", "EntryNotFound", {"X-Repo-Commit": commit_id}
             )  # a file, or nothing
         prefix = f"{path}/" if path else ""
@@ -1027,11 +1029,11 @@ class FakeHub:
         repo = self._writable(h, rt, repo_id)
         if method == "DELETE":
             if name not in repo.branches or name == "main":
-                raise HubError(404 if name != "main" else 403, f"Cannot delete branch {name}", "RevisionNotFound")
+                raise HubHTTPError(404 if name != "main" else 403, f"Cannot delete branch {name}", "RevisionNotFound")
             del repo.branches[name]
         else:
             if name in repo.branches:
-                raise HubError(409, f"Reference already exists: refs/heads/{name}")
+                raise HubHTTPError(409, f"Reference already exists: refs/heads/{name}")
             repo.branches[name] = self._store.resolve(repo, payload.get("startingPoint") or "main")
         self._store.save(repo)
         return 200, {}, {}
@@ -1040,11 +1042,11 @@ class FakeHub:
         repo = self._writable(h, rt, repo_id)
         if method == "DELETE":
             if repo.tags.pop(rev, None) is None:
-                raise HubError(404, f"Tag not found: {rev}", "RevisionNotFound")
+                raise HubHTTPError(404, f"Tag not found: {rev}", "RevisionNotFound")
         else:
             tag = str(payload.get("tag"))
             if tag in repo.tags:
-                raise HubError(409, f"Tag already exists: {tag}")
+                raise HubHTTPError(409, f"Tag already exists: {tag}")
             repo.tags[tag] = self._store.resolve(repo, rev)
         self._store.save(repo)
         return 200, {}, {}
@@ -1067,7 +1069,7 @@ class FakeHub:
     def _lfs_batch(self, h: _Handler, rt: str, repo_id: str, payload: dict[str, Any]) -> Reply:
         repo = self._writable(h, rt, repo_id)
         if payload.get("operation") != "upload":
-            raise HubError(400, "FakeHub's LFS batch endpoint only does uploads")
+            raise HubHTTPError(400, "FakeHub's LFS batch endpoint only does uploads")
         objects = []
         for obj in payload.get("objects", []):
             oid, size = str(obj["oid"]), int(obj["size"])
@@ -1119,12 +1121,12 @@ class FakeHub:
                     if allowed:
                         f.write(chunk)
             if target is None:
-                raise HubError(403, "Unknown or expired upload URL")
+                raise HubHTTPError(403, "Unknown or expired upload URL")
             if not allowed:
-                raise HubError(self._fail_status, "Simulated storage failure (FakeHub.fail_uploads_after)")
+                raise HubHTTPError(self._fail_status, "Simulated storage failure (FakeHub.fail_uploads_after)")
             rt, repo_id, oid, expected_size = target
             if size != expected_size or digest.hexdigest() != oid:
-                raise HubError(400, f"Uploaded content does not match: sha256 {digest.hexdigest()}, {size} bytes")
+                raise HubHTTPError(400, f"Uploaded content does not match: sha256 {digest.hexdigest()}, {size} bytes")
             with self._store.lock:
                 stored = True
                 self._store.adopt(tmp, oid)
@@ -1208,7 +1210,7 @@ class FakeHub:
         data = b"".join(h.iter_body())
         with self._store.lock:
             if ticket not in self._parts:
-                raise HubError(403, "Unknown or expired upload URL")
+                raise HubHTTPError(403, "Unknown or expired upload URL")
             part = self.root / "tmp" / f"{ticket}.{number}"
             part.write_bytes(data)
             self._parts[ticket][number] = part
@@ -1220,22 +1222,22 @@ class FakeHub:
         with self._store.lock:
             target, parts = self._tickets.get(ticket), self._parts.get(ticket)
             if target is None or parts is None:
-                raise HubError(403, "Unknown or expired upload URL")
+                raise HubHTTPError(403, "Unknown or expired upload URL")
             rt, repo_id, oid, size = target
             listed = payload.get("parts") or []
             if payload.get("oid") != oid or [p.get("partNumber") for p in listed] != sorted(parts):
-                raise HubError(400, "The completion request does not list the uploaded parts")
+                raise HubHTTPError(400, "The completion request does not list the uploaded parts")
             digest, joined = hashlib.sha256(), self.root / "tmp" / f"{ticket}.joined"
             with joined.open("wb") as out:
                 for item in listed:
                     data = parts[item["partNumber"]].read_bytes()
                     if item.get("etag", "").strip('"') != hashlib.md5(data).hexdigest():
-                        raise HubError(400, f"Part {item['partNumber']}: the ETag does not match what was received")
+                        raise HubHTTPError(400, f"Part {item['partNumber']}: the ETag does not match what was received")
                     digest.update(data)
                     out.write(data)
             if joined.stat().st_size != size or digest.hexdigest() != oid:
                 joined.unlink()
-                raise HubError(400, f"Uploaded content does not match: sha256 {digest.hexdigest()}")
+                raise HubHTTPError(400, f"Uploaded content does not match: sha256 {digest.hexdigest()}")
             self._store.adopt(joined, oid)
             repo = self._store.get(rt, repo_id)
             repo.lfs_oids.add(oid)
@@ -1254,18 +1256,18 @@ class FakeHub:
         branch = rev.removeprefix("refs/heads/")
         if branch not in repo.branches:
             self._store.resolve(repo, rev)  # 404 RevisionNotFound for unknown revisions
-            raise HubError(400, f"Can only commit to a branch, not to {rev}")
+            raise HubHTTPError(400, f"Can only commit to a branch, not to {rev}")
         lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
         if not lines or lines[0].get("key") != "header":
-            raise HubError(400, "The commit payload must start with a header line")
+            raise HubHTTPError(400, "The commit payload must start with a header line")
         header = lines[0]["value"]
         summary = header.get("summary") or ""
         if not summary:
-            raise HubError(400, "A commit needs a summary")
+            raise HubHTTPError(400, "A commit needs a summary")
         head = repo.branches[branch]
         parent = header.get("parentCommit")
         if parent and not head.startswith(str(parent).lower()):
-            raise HubError(412, f"A commit has happened since {parent}: {branch} is at {head}")
+            raise HubHTTPError(412, f"A commit has happened since {parent}: {branch} is at {head}")
         tree = dict(repo.commits[head].files)
         for line in lines[1:]:
             self._apply(repo, tree, line["key"], line["value"], head)
@@ -1273,7 +1275,7 @@ class FakeHub:
         if card is not None and card != repo.commits[head].files.get("README.md"):
             errors, _ = hubcard.check(self._store.object_path(card.sha256).read_text(errors="replace"))
             if errors:
-                raise HubError(400, "Invalid metadata in README.md.\n" + "\n".join(f"- {e}" for e in errors))
+                raise HubHTTPError(400, "Invalid metadata in README.md.\n" + "\n".join(f"- {e}" for e in errors))
         commit = self._store.new_commit(repo, branch, tree, summary, header.get("description") or "")
         url = f"{self._url(rt, repo_id)}/commit/{commit.id}"
         return 200, {"success": True, "commitOid": commit.id, "commitUrl": url, "hookOutput": ""}, {}
@@ -1281,9 +1283,9 @@ class FakeHub:
     def _validate_yaml(self, h: _Handler, body: dict[str, Any]) -> Reply | None:
         content = body.get("content")
         if not isinstance(content, str):
-            raise HubError(400, '"content" must be a string')
+            raise HubHTTPError(400, '"content" must be a string')
         if body.get("repoType", "model") not in ("model", "dataset", "space"):
-            raise HubError(400, '"repoType" must be one of [model, dataset, space]')
+            raise HubHTTPError(400, '"repoType" must be one of [model, dataset, space]')
         errors, warnings = hubcard.check(content)
         status = 400 if errors else 200
         if h.headers.get("Accept") == "text/plain":  # what RepoCard.validate asks for, and raises with
@@ -1298,7 +1300,7 @@ class FakeHub:
         repo = self._writable(h, rt, repo_id)
         target = rev.removeprefix("refs/heads/")
         if target not in repo.branches:
-            raise HubError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+            raise HubHTTPError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
         number = 1 + sum(1 for name in repo.branches if name.startswith("refs/pr/"))
         ref = f"refs/pr/{number}"
         repo.branches[ref] = repo.branches[target]
@@ -1310,35 +1312,35 @@ class FakeHub:
         path = str(value.get("path", "")).strip("/")
         if key == "file":
             if value.get("encoding", "base64") != "base64":
-                raise HubError(400, f"Unsupported encoding for {path}")
+                raise HubHTTPError(400, f"Unsupported encoding for {path}")
             tree[path] = self._store.entry_for(base64.b64decode(value["content"]), lfs=False)
         elif key == "lfsFile" and str(value["oid"]) not in repo.lfs_oids and str(value["oid"]) in self.xet.by_sha256:
             xet_file = self.xet.by_sha256[str(value["oid"])]  # uploaded through Xet: the shard named its sha256
             if value.get("size") not in (None, xet_file.size):
-                raise HubError(422, f"Xet file {xet_file.hash} has {xet_file.size} bytes, not {value['size']}")
+                raise HubHTTPError(422, f"Xet file {xet_file.hash} has {xet_file.size} bytes, not {value['size']}")
             sha = self._store.put_bytes(self.xet.plain(xet_file))  # served as it is when Xet is off
             pointer = lfs_pointer(sha, xet_file.size)
             tree[path] = FileEntry(sha, xet_file.size, lfs=True, oid=git_blob_sha1(pointer), xet_hash=xet_file.hash)
         elif key == "lfsFile":
             oid = str(value["oid"])
             if oid not in repo.lfs_oids:
-                raise HubError(422, f"LFS object {oid} for {path} was never uploaded to {repo.repo_id}")
+                raise HubHTTPError(422, f"LFS object {oid} for {path} was never uploaded to {repo.repo_id}")
             size = self._store.object_path(oid).stat().st_size
             if value.get("size") not in (None, size):
-                raise HubError(422, f"LFS object {oid} has {size} bytes, not {value['size']}")
+                raise HubHTTPError(422, f"LFS object {oid} has {size} bytes, not {value['size']}")
             pointer = lfs_pointer(oid, size)
             tree[path] = FileEntry(sha256=oid, size=size, lfs=True, oid=git_blob_sha1(pointer))
         elif key == "deletedFile":
             if tree.pop(path, None) is None:
-                raise HubError(404, "A file with this name doesn't exist", "EntryNotFound", {"X-Repo-Commit": head})
+                raise HubHTTPError(404, "A file with this name doesn't exist", "EntryNotFound", {"X-Repo-Commit": head})
         elif key == "deletedFolder":
             gone = [p for p in tree if p.startswith(path + "/")]
             if not gone:
-                raise HubError(404, "A folder with this name doesn't exist", "EntryNotFound")
+                raise HubHTTPError(404, "A folder with this name doesn't exist", "EntryNotFound")
             for p in gone:
                 del tree[p]
         else:
-            raise HubError(400, f"FakeHub does not implement commit operation {key!r}")
+            raise HubHTTPError(400, f"FakeHub does not implement commit operation {key!r}")
 
     # download
     def _resolve(self, h: _Handler, rt: str, repo_id: str, revision: str, path: str) -> None:
@@ -1347,7 +1349,7 @@ class FakeHub:
             commit_id = self._store.resolve(repo, revision)
             entry = repo.commits[commit_id].files.get(path)
             if entry is None:
-                raise HubError(404, f"Entry not found: {path}", "EntryNotFound", {"X-Repo-Commit": commit_id})
+                raise HubHTTPError(404, f"Entry not found: {path}", "EntryNotFound", {"X-Repo-Commit": commit_id})
             served = repo.tampered.get(commit_id, {}).get(path, entry.sha256)
         headers = {
             "Content-Type": "application/octet-stream",
@@ -1366,9 +1368,9 @@ def _json_body(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body or b"{}")
     except json.JSONDecodeError as e:
-        raise HubError(400, f"Malformed JSON body: {e}") from e
+        raise HubHTTPError(400, f"Malformed JSON body: {e}") from e
     if not isinstance(data, dict):
-        raise HubError(400, "Expected a JSON object")
+        raise HubHTTPError(400, "Expected a JSON object")
     return data
 
 

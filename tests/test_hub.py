@@ -69,8 +69,8 @@ def test_model_card_carries_the_metadata_and_the_rebuild_command(delta):
         ({"base_model": "base"}, None),  # a canonical model id without an org is a Hub id too
         ({"base_model": "/models/llama-7b"}, "base_model '/models/llama-7b' is not a Hub repo id"),
         ({"base_model": "a/b/c"}, "is not a Hub repo id"),
-        ({"base_model": "org/llama", "license": "other"}, "license 'other' needs --license-name"),
-        ({"base_model": "org/llama", "license": "other", "license_name": "x"}, "and --license-link"),
+        ({"base_model": "org/llama", "license": "other"}, "license 'other' needs a license_name"),
+        ({"base_model": "org/llama", "license": "other", "license_name": "x"}, "and a license_link"),
         ({"base_model": "org/llama", "license": "Apache 2"}, "not a Hub license id"),
         ({"base_model": "org/llama", "license": "mit", "language": ("English",)}, "not an ISO 639 code"),
         ({"base_model": "org/llama", "license": "mit", "datasets": ("a b",)}, "dataset 'a b' is not a Hub repo id"),
@@ -84,6 +84,28 @@ def test_card_metadata_the_hub_would_refuse_is_refused_before_anything_is_sent(f
         return
     with pytest.raises(UnsupportedInputError, match=message):
         CardMetadata(**fields)
+
+
+@pytest.mark.parametrize(
+    ("fields", "argument"),
+    [
+        ({"base_model": "a/b/c"}, "base_model"),
+        ({"base_model": "org/llama", "license": "other"}, "license_name"),
+        ({"base_model": "org/llama", "license": "other", "license_name": "x"}, "license_link"),
+        ({"base_model": "org/llama", "license": "mit", "license_name": "Llama License"}, "license_name"),
+        ({"base_model": "org/llama", "license": "Apache 2"}, "license"),
+        ({"base_model": "org/llama", "license": "mit", "language": ("English",)}, "language"),
+        ({"base_model": "org/llama", "license": "mit", "datasets": ("a b",)}, "datasets"),
+    ],
+)
+def test_card_metadata_errors_state_facts_and_name_the_field(fields, argument):
+    """The CLI turns ``argument`` into its flag; the message itself names no flag."""
+    from deltakit import UnsupportedInputError
+
+    with pytest.raises(UnsupportedInputError) as caught:
+        CardMetadata(**fields)
+    assert caught.value.argument == argument
+    assert "--" not in str(caught.value), str(caught.value)
 
 
 def test_the_card_base_model_comes_from_the_flag_the_base_name_or_the_registry(tmp_path, delta, hub, monkeypatch):
@@ -339,7 +361,7 @@ def test_no_connection_is_one_hub_error_and_a_mistyped_path_is_not_sent_to_the_h
 
     from test_cli import deltakit_cli
 
-    from deltakit.hub import _fetch_errors
+    from deltakit.hub.fetch import _fetch_errors
 
     client = importlib.import_module("httpx2" if importlib.util.find_spec("httpx2") else "httpx")
     with pytest.raises(HubError, match="org/name: the Hub cannot be reached"), _fetch_errors("org/name"):
@@ -656,7 +678,7 @@ def test_the_card_reads_config_json_without_blocking_on_a_fifo(tmp_path, delta):
     """A FIFO where the package's config.json should be is no config, not a publish that hangs."""
     import threading
 
-    from deltakit.hub import _Local, _target_config
+    from deltakit.hub.publish import _Local, _target_config
 
     _, delta_dir, manifest = delta
     config = delta_dir / "files" / "config.json"
