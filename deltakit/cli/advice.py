@@ -21,6 +21,15 @@ _ADVICE: tuple[tuple[type[DeltakitError], str | None, str], ...] = (
     (OutputExistsError, "out", "choose another {flag} or remove it yourself"),
     (OutputExistsError, "name", "pass --force to replace it"),
     (NoSpaceError, "out", "or choose another {flag}"),
+    # the model card's fields (publish, release)
+    (DeltakitError, "base_model", "pass the base's Hub id with --base-model ORG/NAME, or registry add --hub-id"),
+    (DeltakitError, "license", "pass a Hub license id with --license (apache-2.0, llama2, other)"),
+    (DeltakitError, "license_name", "with --license other, pass --license-name (llama-license) and --license-link"),
+    (DeltakitError, "license_link", "with --license other, pass --license-name (llama-license) and --license-link"),
+    (DeltakitError, "language", "--language takes ISO 639 codes (en, zh)"),
+    (DeltakitError, "datasets", "--dataset takes Hub dataset ids, ORG/NAME"),
+    (DeltakitError, "repo_id", "check --repo (ORG/NAME)"),
+    (DeltakitError, "revision", "check --repo and --revision"),
 )
 
 
