@@ -151,16 +151,20 @@ def convert(
     source, out = Path(source), Path(out)
     check_output_free(out, replace=replace)
     if to not in ("hf", "meta"):
-        raise UnsupportedInputError(f"unknown target layout {to!r}; choose hf or meta")
+        raise UnsupportedInputError(f"unknown target layout {to!r}; choose hf or meta", argument="to")
     if dtype is not None and dtype not in DTYPE_NAMES:
-        raise UnsupportedInputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
+        raise UnsupportedInputError(
+            f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_NAMES)}", argument="dtype"
+        )
     out_dtype = DTYPE_NAMES[dtype] if dtype else None
     is_meta = llama.is_meta_checkpoint(source)
     files: dict[str, Path | str] = {}  # output name -> a file to copy, or text to write
 
     if is_meta:
         if to == "meta":
-            raise UnsupportedInputError(f"{source} is already a Meta checkpoint; convert to hf, or reshard as hf")
+            raise UnsupportedInputError(
+                f"{source} is already a Meta checkpoint; convert to hf, or reshard as hf", path=source, argument="to"
+            )
         llama.check_meta_checklist(source)
         sources, shape = llama.meta_to_hf(source)
         params = llama.read_params(source / "params.json")
@@ -181,7 +185,9 @@ def convert(
             config = read_json_object(ckpt.root / "config.json")
             shape = llama.hf_shape(config, ckpt.root)
             if meta_shards is not None and meta_shards < 1:
-                raise UnsupportedInputError(f"meta_shards must be at least 1, not {meta_shards}")
+                raise UnsupportedInputError(
+                    f"meta_shards must be at least 1, not {meta_shards}", argument="meta_shards"
+                )
             count = meta_shards or llama.META_SHARDS.get(shape.dim, 1)
             meta_out = llama.hf_to_meta(ckpt.tensors, shape, count, ckpt.root)
             params = llama.meta_params(shape, config)

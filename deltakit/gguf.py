@@ -51,7 +51,7 @@ __all__ = ["KQUANTS", "QUANTS", "GGUFCheck", "GGUFReport", "apply_to_gguf", "che
 
 log = logging.getLogger(__name__)
 
-# --quant: llama.cpp's names. These are made here, in numpy, with gguf's quantizers ...
+# GGUF types, by llama.cpp's names. These are made here, in numpy, with gguf's quantizers ...
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 # ... and these by llama.cpp's C quantizer (llama_model_quantize), from a GGUF of the source's own precision.
 KQUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
@@ -71,6 +71,23 @@ _MODEL_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+# ... and those of them that hold JSON, each of which must be one object.
+_JSON_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "added_tokens.json",
+    "special_tokens_map.json",
+    "chat_template.json",
+)
+_AHEAD = 2  # blocks encoded ahead of the one being written: both cores busy, a few blocks in memory
+_FILE_LIMIT = 64 << 20  # the largest metadata file read (LLaMA's tokenizer.json: 1.8 MB)
+_CARD_YAML_LIMIT = 1 << 20  # a model card's YAML front matter (real ones: a few KiB)
+_CARD_YAML_NODES = 100_000
+_TICK = 4096  # tokens between progress ticks, through which a job's cancellation arrives
+# A folder name llama.cpp reads a model's name from: anything else becomes "model".
+_FOLDER_NAME = re.compile(r"^[\w.+-][\w .+-]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -399,9 +416,6 @@ def _blocks(reader: RangeReader, t: _Planned, pool: ThreadPoolExecutor) -> Itera
         yield ahead.popleft().result()
 
 
-_AHEAD = 2  # blocks encoded ahead of the one being written: both cores busy, a few blocks in memory
-
-
 # -------------------------------------------------------------------------------------------------
 # Metadata and vocabulary, in the order llama.cpp's converter writes them
 
@@ -580,13 +594,20 @@ def _check_quant(quant: str) -> None:
     if quant in QUANTS:
         return
     if quant not in KQUANTS:
-        raise UnsupportedInputError(f"unknown --quant {quant!r}; choose one of {', '.join(QUANTS + KQUANTS)}")
+        raise UnsupportedInputError(
+            f"unknown GGUF type {quant!r}; deltakit writes {', '.join(QUANTS + KQUANTS)}",
+            expected=QUANTS + KQUANTS,
+            actual=quant,
+            argument="quant",
+        )
     try:
         import llama_cpp  # noqa: F401
     except ImportError as e:
         raise UnsupportedInputError(
-            f"--quant {quant} needs llama.cpp's own quantizer, which is not installed: {KQUANTS_EXTRA} "
-            f"(it builds llama.cpp), or choose one of {', '.join(QUANTS)}"
+            f"GGUF type {quant} is made by llama.cpp's own quantizer, which is not installed: {KQUANTS_EXTRA} "
+            f"installs it (it builds llama.cpp); {', '.join(QUANTS)} need no quantizer of llama.cpp's",
+            actual=quant,
+            argument="quant",
         ) from e
 
 
@@ -657,21 +678,6 @@ class _Files:
 
     def show(self, rel: str) -> Path:
         return self.shown.get(rel, self.folder / rel)
-
-
-_FILE_LIMIT = 64 << 20  # the largest metadata file read (LLaMA's tokenizer.json: 1.8 MB)
-_CARD_YAML_LIMIT = 1 << 20  # a model card's YAML front matter (real ones: a few KiB)
-_CARD_YAML_NODES = 100_000
-_TICK = 4096  # tokens between progress ticks, through which a job's cancellation arrives
-_JSON_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "added_tokens.json",
-    "special_tokens_map.json",
-    "chat_template.json",
-)
 
 
 def _json_file(files: _Files, rel: str) -> dict[str, Any]:
@@ -805,9 +811,6 @@ def _model_folder(parent: Path, name: str) -> Path:
     if not _FOLDER_NAME.match(name) or name in (".", ".."):
         name = "model"
     return parent / "model-files" / name
-
-
-_FOLDER_NAME = re.compile(r"^[\w.+-][\w .+-]{0,127}$")
 
 
 def _space_needed(planned: Sequence[_Planned], quant: str) -> int:

@@ -285,7 +285,9 @@ def hf_to_meta(
     """An HF checkpoint's tensors under Meta's names, per model-parallel shard, q/k rows in Meta's
     rotary order."""
     if shape.heads % shards or shape.kv_heads % shards:
-        raise UnsupportedInputError(f"{shape.heads} heads do not split into {shards} model-parallel shards")
+        raise UnsupportedInputError(
+            f"{shape.heads} heads do not split into {shards} model-parallel shards", argument="meta_shards"
+        )
     out: list[list[tuple[str, Rows]]] = [[] for _ in range(shards)]
     for meta_name, hf_name, axis in name_map(shape.layers):
         info = tensors.get(hf_name)
@@ -297,6 +299,7 @@ def hf_to_meta(
                 f"{hf_name!r} has {info.shape[axis]} along dimension {axis}, which does not split into "
                 f"{shards} model-parallel shards",
                 tensor=hf_name,
+                argument="meta_shards",
             )
         for s in range(shards):
             part: Rows = whole
