@@ -391,12 +391,12 @@ def _plan(sources: Sequence[tuple[str, Rows]], hp: _Hparams, quant: str, *, meta
 def _encode(block: Bytes, dtype: str, rows: int, width: int, qtype: gguf_module.GGMLQuantizationType) -> Bytes:
     """``rows`` rows of ``width`` elements in GGUF's type: widened to float32 where llama.cpp does (bf16
     always, exactly), then gguf's own quantize."""
+    import gguf
+
     if dtype == "BF16":
         values = (block.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     else:
         values = block.view(np.float16 if dtype == "F16" else np.float32)
-    import gguf
-
     data = gguf.quants.quantize(values.reshape(rows, width), qtype)
     return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
 
@@ -604,8 +604,8 @@ def _check_quant(quant: str) -> None:
         import llama_cpp  # noqa: F401
     except ImportError as e:
         raise UnsupportedInputError(
-            f"GGUF type {quant} is made by llama.cpp's own quantizer, which is not installed: {KQUANTS_EXTRA} "
-            f"installs it (it builds llama.cpp); {', '.join(QUANTS)} need no quantizer of llama.cpp's",
+            f"GGUF type {quant} needs llama.cpp's own quantizer, which is not installed ({KQUANTS_EXTRA} builds "
+            f"it); the types deltakit makes without it are {', '.join(QUANTS)}",
             actual=quant,
             argument="quant",
         ) from e
