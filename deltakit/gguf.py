@@ -4,9 +4,10 @@ llama.cpp's own Python package ``gguf`` writes the file (header, metadata, tenso
 (its numpy quantizers are bit-identical to llama.cpp's reference C ones). This module decides what goes
 in, the way llama.cpp's ``convert_hf_to_gguf.py`` does for a LLaMA model: tensor names, the q/k rows put
 back in Meta's rotary order, each tensor's type, the hyperparameters, the SentencePiece vocabulary and the
-special tokens. Tensors go through in row blocks, so memory stays bounded; from a delta, each tensor is
-checked against the manifest's digest before a byte of it is converted. K-quants (``q4_k_m``...) need
-llama.cpp's C quantizer, which the ``kquants`` extra installs. docs/GGUF.md says where the output differs
+special tokens; what is the family's own (architecture, defaults, shapes) comes from
+:mod:`deltakit.families`. Tensors go through in row blocks, so memory stays bounded; from a delta, each
+tensor is checked against the manifest's digest before a byte of it is converted. K-quants (``q4_k_m``...)
+need llama.cpp's C quantizer, which the ``kquants`` extra installs. docs/GGUF.md says where the output differs
 from llama.cpp's and why.
 """
 
