@@ -16,7 +16,7 @@ from pathlib import Path
 from .codecs import Bytes, LoraTerm, lora_merge_rows
 from .dtypes import is_float, itemsize, to_torch
 from .errors import FormatError, UnsupportedInputError
-from .files import read_regular_text
+from .files import read_json_object
 from .formats.checkpoint import RangeReader, is_weight_file, open_checkpoint
 from .formats.peft import Adapter, LoraPair, open_adapter
 from .formats.safetensors import TensorInfo, TensorSpec
@@ -228,9 +228,9 @@ def _carry_files(
     vocab = None
     embed = next((s for s in specs if s.name.endswith("embed_tokens.weight")), None)
     config_path = dest / "config.json"
-    if embed is not None and config_path.is_file():
-        config = json.loads(read_regular_text(config_path))
-        if isinstance(config, dict) and config.get("vocab_size") not in (None, embed.shape[0]):
+    if embed is not None and "config.json" in sources:
+        config = read_json_object(sources["config.json"])  # the file just copied, so an error names it
+        if config.get("vocab_size") not in (None, embed.shape[0]):
             config["vocab_size"] = vocab = embed.shape[0]
             config_path.unlink()
             config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -4,9 +4,10 @@ llama.cpp's own Python package ``gguf`` writes the file (header, metadata, tenso
 (its numpy quantizers are bit-identical to llama.cpp's reference C ones). This module decides what goes
 in, the way llama.cpp's ``convert_hf_to_gguf.py`` does for a LLaMA model: tensor names, the q/k rows put
 back in Meta's rotary order, each tensor's type, the hyperparameters, the SentencePiece vocabulary and the
-special tokens. Tensors go through in row blocks, so memory stays bounded; from a delta, each tensor is
-checked against the manifest's digest before a byte of it is converted. K-quants (``q4_k_m``...) need
-llama.cpp's C quantizer, which the ``kquants`` extra installs. docs/GGUF.md says where the output differs
+special tokens; what is the family's own (architecture, defaults, shapes) comes from
+:mod:`deltakit.families`. Tensors go through in row blocks, so memory stays bounded; from a delta, each
+tensor is checked against the manifest's digest before a byte of it is converted. K-quants (``q4_k_m``...)
+need llama.cpp's C quantizer, which the ``kquants`` extra installs. docs/GGUF.md says where the output differs
 from llama.cpp's and why.
 """
 
@@ -20,7 +21,7 @@ import os
 import re
 import tempfile
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,44 +30,35 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .codecs import Bytes
-from .convert import (
-    _LLAMA_TOKENIZER_CONFIG,
-    _MAX_LAYERS,
-    _hf_config,
-    _meta_to_hf,
-    _read_json,
-    _Rotary,
-    _row_blocks,
-    _Rows,
-    _rows_and_width,
-    _Whole,
-)
-from .convert import _check_checklist as check_meta_checklist
+from .convert import torch_dtype_name
 from .dtypes import itemsize
 from .errors import DeltakitError, FormatError, InputNotFoundError, IntegrityError, UnsupportedInputError
-from .files import read_regular, require_regular
+from .families import Family, family_of, llama
+from .files import json_object, read_regular, require_regular
 from .formats.checkpoint import RangeReader, open_checkpoint
 from .formats.delta import FILES_DIR
+from .formats.safetensors import TensorInfo
 from .progress import ProgressBar, ProgressFactory, no_progress
+from .rows import Rotary, Rows, Whole, row_blocks, rows_and_width
 from .staging import StagedFile, check_free_space
 from .units import human_bytes
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # gguf is imported where it is used: it costs a CLI start some 70 ms
     import gguf as gguf_module
+
+    from .engine.apply import ApplyPlan
 
 __all__ = ["KQUANTS", "QUANTS", "GGUFCheck", "GGUFReport", "apply_to_gguf", "check_gguf", "convert_to_gguf"]
 
 log = logging.getLogger(__name__)
 
-# --quant: llama.cpp's names. These are made here, in numpy, with gguf's quantizers ...
+# GGUF types, by llama.cpp's names. These are made here, in numpy, with gguf's quantizers ...
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 # ... and these by llama.cpp's C quantizer (llama_model_quantize), from a GGUF of the source's own precision.
 KQUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 KQUANTS_EXTRA = "pip install 'deltakit-llm[kquants]'"
 _NARROW = ("q4_0", "q4_1", "q5_0", "q5_1")
 
-_ARCHITECTURES = ("LlamaForCausalLM", "LLaMAForCausalLM")
-_DROPPED = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")  # as llama.cpp drops them
 # The files of a model folder that the GGUF's metadata and vocabulary are read from.
 _MODEL_FILES = (
     "config.json",
@@ -80,6 +72,23 @@ _MODEL_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+# ... and those of them that hold JSON, each of which must be one object.
+_JSON_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "added_tokens.json",
+    "special_tokens_map.json",
+    "chat_template.json",
+)
+_AHEAD = 2  # blocks encoded ahead of the one being written: both cores busy, a few blocks in memory
+_FILE_LIMIT = 64 << 20  # the largest metadata file read (LLaMA's tokenizer.json: 1.8 MB)
+_CARD_YAML_LIMIT = 1 << 20  # a model card's YAML front matter (real ones: a few KiB)
+_CARD_YAML_NODES = 100_000
+_TICK = 4096  # tokens between progress ticks, through which a job's cancellation arrives
+# A folder name llama.cpp reads a model's name from: anything else becomes "model".
+_FOLDER_NAME = re.compile(r"^[\w.+-][\w .+-]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -92,12 +101,6 @@ class GGUFReport:
     tensors: int
     bytes_written: int
     types: dict[str, int]
-
-
-def _gguf() -> Any:
-    import gguf
-
-    return gguf
 
 
 # -------------------------------------------------------------------------------------------------
@@ -129,7 +132,7 @@ _CONFIG_FIELDS = (
     _Field("hidden_size", "int", 1, 1 << 20, required=True),
     _Field("intermediate_size", "int", 1, 1 << 22, required=True),
     _Field("num_attention_heads", "int", 1, 1 << 14, required=True),
-    _Field("num_hidden_layers", "int", 1, _MAX_LAYERS, required=True),
+    _Field("num_hidden_layers", "int", 1, llama.MAX_LAYERS, required=True),
     _Field("num_key_value_heads", "int", 1, 1 << 14),
     _Field("head_dim", "int", 1, 1 << 16),
     _Field("vocab_size", "int", 1, 1 << 24),
@@ -219,22 +222,23 @@ class _Hparams:
 
     config: dict[str, Any]
     where: Path
+    family: Family
 
     @classmethod
     def of(cls, config: dict[str, Any], where: Path) -> _Hparams:
         """Check every field the GGUF is made from against ``_CONFIG_FIELDS``, in one place, before
         anything is planned."""
         _check_fields(config, _CONFIG_FIELDS, where)
-        arch = (config.get("architectures") or [None])[0]
-        if arch not in _ARCHITECTURES and not (arch is None and config.get("model_type") == "llama"):
+        family = family_of(config)
+        if family is None:
+            arch = (config.get("architectures") or [None])[0]
             raise UnsupportedInputError(
                 f"{where}: architecture {arch!r} is not LLaMA; deltakit writes GGUF for LLaMA-family models "
                 "(LlamaForCausalLM) only",
                 path=where,
             )
         hp = dict(config)
-        # LlamaConfig's defaults (transformers' configuration_llama.py), where the file leaves them out
-        for key, default in (("vocab_size", 32000), ("max_position_embeddings", 2048), ("rms_norm_eps", 1e-6)):
+        for key, default in family.config_defaults:  # transformers' defaults, where the file leaves them out
             if hp.get(key) is None:
                 hp[key] = default
         if hp.get("num_key_value_heads") is None:
@@ -262,7 +266,7 @@ class _Hparams:
             raise FormatError(f"{where}: num_key_value_heads {kv} must divide {heads} heads", path=where)
         if hp["head_dim"] % 2:
             raise FormatError(f"{where}: head_dim {hp['head_dim']} must be even (rotary pairs)", path=where)
-        return cls(hp, where)
+        return cls(hp, where, family)
 
     def __getitem__(self, key: str) -> Any:
         return self.config[key]
@@ -271,7 +275,7 @@ class _Hparams:
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-def _check_tensors(sources: Sequence[tuple[str, _Rows]], hp: _Hparams) -> None:
+def _check_tensors(sources: Sequence[tuple[str, Rows]], hp: _Hparams) -> None:
     """Every hyperparameter bounded by the tensors actually present: the layers config.json counts are
     the layers there are, and each tensor has the shape the config gives it (llama.cpp would refuse
     the file when loading it, or read it wrong)."""
@@ -286,21 +290,7 @@ def _check_tensors(sources: Sequence[tuple[str, _Rows]], hp: _Hparams) -> None:
             actual=len(layers),
         )
     e, f, v, d = hp["hidden_size"], hp["intermediate_size"], hp["vocab_size"], hp["head_dim"]
-    q, kv = hp["num_attention_heads"] * d, hp["num_key_value_heads"] * d
-    wanted = {
-        "model.embed_tokens.weight": (v, e),
-        "lm_head.weight": (v, e),
-        "model.norm.weight": (e,),
-        "self_attn.q_proj.weight": (q, e),
-        "self_attn.k_proj.weight": (kv, e),
-        "self_attn.v_proj.weight": (kv, e),
-        "self_attn.o_proj.weight": (e, q),
-        "mlp.gate_proj.weight": (f, e),
-        "mlp.up_proj.weight": (f, e),
-        "mlp.down_proj.weight": (e, f),
-        "input_layernorm.weight": (e,),
-        "post_attention_layernorm.weight": (e,),
-    }
+    wanted = hp.family.tensor_shapes(hp.config)
     shapes = dict((name, rows.shape) for name, rows in sources)
     if "model.embed_tokens.weight" not in shapes:
         raise FormatError(
@@ -331,8 +321,8 @@ class _Planned:
 
     name: str
     source: str  # the checkpoint's name for it
-    rows: _Rows
-    qtype: Any  # gguf.GGMLQuantizationType
+    rows: Rows
+    qtype: gguf_module.GGMLQuantizationType
     nbytes: int
 
     @property
@@ -340,7 +330,7 @@ class _Planned:
         return self.rows.shape
 
 
-def _qtype(name: str, shape: tuple[int, ...], quant: str, *, head: bool) -> Any:
+def _qtype(name: str, shape: tuple[int, ...], quant: str, *, head: bool) -> gguf_module.GGMLQuantizationType:
     """llama.cpp's choice (convert_hf_to_gguf.py prepare_tensors): 1-D tensors, norms and non-weights
     stay F32; the rest take the requested type, or F16 where a row does not split into its blocks.
 
@@ -348,7 +338,8 @@ def _qtype(name: str, shape: tuple[int, ...], quant: str, *, head: bool) -> Any:
     than the 4- and 5-bit types: Q6_K there, which needs its C quantizer; Q8_0 here, as llama.cpp does
     itself where Q6_K's 256-wide blocks do not fit.
     """
-    g = _gguf()
+    import gguf as g
+
     q = g.GGMLQuantizationType
     if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
         return q.F32
@@ -360,21 +351,24 @@ def _qtype(name: str, shape: tuple[int, ...], quant: str, *, head: bool) -> Any:
     return wanted
 
 
-def _nbytes(shape: tuple[int, ...], qtype: Any) -> int:
-    block, size = _gguf().GGML_QUANT_SIZES[qtype]
+def _nbytes(shape: tuple[int, ...], qtype: gguf_module.GGMLQuantizationType) -> int:
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
     return int(math.prod(shape) // block * size)
 
 
-def _plan(sources: Sequence[tuple[str, _Rows]], hp: _Hparams, quant: str, *, meta_order: bool) -> list[_Planned]:
+def _plan(sources: Sequence[tuple[str, Rows]], hp: _Hparams, quant: str, *, meta_order: bool) -> list[_Planned]:
     """The GGUF's tensors, in ``sources``' order; ``meta_order``: q/k rows are in Meta's rotary order
     already (a Meta checkpoint), else they are put back in it as llama.cpp does."""
-    g = _gguf()
+    import gguf as g
+
     _check_tensors(sources, hp)  # before the name map, whose size follows num_hidden_layers
-    names = g.get_tensor_name_map(g.MODEL_ARCH.LLAMA, hp["num_hidden_layers"])
+    names = g.get_tensor_name_map(g.MODEL_ARCH[hp.family.gguf_arch], hp["num_hidden_layers"])
     tied = not any(source == "lm_head.weight" for source, _ in sources)
     planned = []
     for source, rows in sources:
-        if source.endswith(_DROPPED):
+        if source.endswith(hp.family.dropped):
             continue
         name = names.get_name(source, try_suffixes=(".weight", ".bias"))
         if name is None:
@@ -386,7 +380,7 @@ def _plan(sources: Sequence[tuple[str, _Rows]], hp: _Hparams, quant: str, *, met
             raise UnsupportedInputError(f"tensor {source!r} is {rows.dtype}; GGUF conversion takes float tensors")
         if source.endswith(("q_proj.weight", "k_proj.weight")) and not meta_order:
             heads = hp["num_attention_heads"] if "q_proj" in source else hp["num_key_value_heads"]
-            rows = _Rotary(rows, heads, to_hf=False)
+            rows = Rotary(rows, heads, to_hf=False)
         elif source.endswith(("q_proj.bias", "k_proj.bias")):
             raise UnsupportedInputError(f"tensor {source!r}: q/k biases are not LLaMA's", tensor=source)
         head = name == ("token_embd.weight" if tied else "output.weight")
@@ -395,23 +389,25 @@ def _plan(sources: Sequence[tuple[str, _Rows]], hp: _Hparams, quant: str, *, met
     return planned
 
 
-def _encode(block: Bytes, dtype: str, rows: int, width: int, qtype: Any) -> Bytes:
+def _encode(block: Bytes, dtype: str, rows: int, width: int, qtype: gguf_module.GGMLQuantizationType) -> Bytes:
     """``rows`` rows of ``width`` elements in GGUF's type: widened to float32 where llama.cpp does (bf16
     always, exactly), then gguf's own quantize."""
+    import gguf
+
     if dtype == "BF16":
         values = (block.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     else:
         values = block.view(np.float16 if dtype == "F16" else np.float32)
-    data = _gguf().quants.quantize(values.reshape(rows, width), qtype)
+    data = gguf.quants.quantize(values.reshape(rows, width), qtype)
     return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
 
 
 def _blocks(reader: RangeReader, t: _Planned, pool: ThreadPoolExecutor) -> Iterator[Bytes]:
     """The tensor in GGUF's type, a block of whole rows at a time (quantization blocks never cross rows),
     encoded on ``pool``'s threads a few blocks ahead (numpy lets go of the GIL), yielded in order."""
-    _, width = _rows_and_width(t.shape)
+    _, width = rows_and_width(t.shape)
     ahead: deque[Future[Bytes]] = deque()
-    for first, last in _row_blocks(t.rows):
+    for first, last in row_blocks(t.rows):
         if last > first:
             data = t.rows.read(reader, first, last)
             ahead.append(pool.submit(_encode, data, t.rows.dtype, last - first, width, t.qtype))
@@ -419,9 +415,6 @@ def _blocks(reader: RangeReader, t: _Planned, pool: ThreadPoolExecutor) -> Itera
                 yield ahead.popleft().result()
     while ahead:
         yield ahead.popleft().result()
-
-
-_AHEAD = 2  # blocks encoded ahead of the one being written: both cores busy, a few blocks in memory
 
 
 # -------------------------------------------------------------------------------------------------
@@ -433,9 +426,9 @@ def _vocab_sentencepiece(
 ) -> tuple[list[bytes], list[float], list[int]]:
     """llama.cpp's ``_create_vocab_sentencepiece``: the SentencePiece pieces, ids past them as
     ``[PAD{id}]``, then added_tokens.json and tokenizer_config.json's added_tokens_decoder over them."""
+    from gguf import TokenType as types  # NORMAL 1, UNKNOWN 2, CONTROL 3, USER_DEFINED 4, UNUSED 5, BYTE 6
     from sentencepiece import SentencePieceProcessor
 
-    types = _gguf().TokenType  # NORMAL 1, UNKNOWN 2, CONTROL 3, USER_DEFINED 4, UNUSED 5, BYTE 6
     folder, shown = files.folder, files.show("tokenizer.model")
     path = folder / "tokenizer.model"
     if not path.is_file():
@@ -497,7 +490,7 @@ def _looks_special(text: str) -> bool:
     )
 
 
-def _write_metadata(writer: Any, hp: _Hparams, files: _Files, ftype: int, bar: ProgressBar) -> None:
+def _write_metadata(writer: gguf_module.GGUFWriter, hp: _Hparams, files: _Files, ftype: int, bar: ProgressBar) -> None:
     """Every key llama.cpp's converter writes for a LLaMA model, in its order (the tensor infos must
     be in ``writer`` already: the size label counts their parameters). ``files`` were checked as they
     were staged; what gguf's own readers still find wrong in them is refused naming them."""
@@ -514,8 +507,11 @@ def _write_metadata(writer: Any, hp: _Hparams, files: _Files, ftype: int, bar: P
         ) from e
 
 
-def _write_metadata_unchecked(writer: Any, hp: _Hparams, files: _Files, ftype: int, bar: ProgressBar) -> None:
-    g = _gguf()
+def _write_metadata_unchecked(
+    writer: gguf_module.GGUFWriter, hp: _Hparams, files: _Files, ftype: int, bar: ProgressBar
+) -> None:
+    import gguf as g
+
     folder = files.folder
     total, shared, expert, experts = writer.get_total_parameter_count()
     metadata = g.Metadata.load(None, folder, None, total)
@@ -588,7 +584,9 @@ def _write_metadata_unchecked(writer: Any, hp: _Hparams, files: _Files, ftype: i
 
 
 def _ftype(quant: str) -> int:
-    file_type: int = getattr(_gguf().LlamaFileType, "ALL_F32" if quant == "f32" else f"MOSTLY_{quant.upper()}")
+    import gguf
+
+    file_type: int = getattr(gguf.LlamaFileType, "ALL_F32" if quant == "f32" else f"MOSTLY_{quant.upper()}")
     return file_type
 
 
@@ -597,13 +595,20 @@ def _check_quant(quant: str) -> None:
     if quant in QUANTS:
         return
     if quant not in KQUANTS:
-        raise UnsupportedInputError(f"unknown --quant {quant!r}; choose one of {', '.join(QUANTS + KQUANTS)}")
+        raise UnsupportedInputError(
+            f"unknown GGUF type {quant!r}; deltakit writes {', '.join(QUANTS + KQUANTS)}",
+            expected=QUANTS + KQUANTS,
+            actual=quant,
+            argument="quant",
+        )
     try:
         import llama_cpp  # noqa: F401
     except ImportError as e:
         raise UnsupportedInputError(
-            f"--quant {quant} needs llama.cpp's own quantizer, which is not installed: {KQUANTS_EXTRA} "
-            f"(it builds llama.cpp), or choose one of {', '.join(QUANTS)}"
+            f"GGUF type {quant} needs llama.cpp's own quantizer, which is not installed ({KQUANTS_EXTRA} builds "
+            f"it); the types deltakit makes without it are {', '.join(QUANTS)}",
+            actual=quant,
+            argument="quant",
         ) from e
 
 
@@ -651,8 +656,9 @@ class _Stream:
 def _writer(prepared: _Prepared, bar: ProgressBar) -> gguf_module.GGUFWriter:
     """The GGUF's header, metadata and tensor index, in memory: everything a conversion refuses in its
     inputs is refused here, before a byte is written."""
-    g = _gguf()
-    writer: gguf_module.GGUFWriter = g.GGUFWriter(path=None, arch=g.MODEL_ARCH_NAMES[g.MODEL_ARCH.LLAMA])
+    import gguf as g
+
+    writer = g.GGUFWriter(path=None, arch=g.MODEL_ARCH_NAMES[g.MODEL_ARCH[prepared.hp.family.gguf_arch]])
     for t in prepared.planned:
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
     _write_metadata(writer, prepared.hp, prepared.files, _ftype(prepared.working), bar)
@@ -675,35 +681,10 @@ class _Files:
         return self.shown.get(rel, self.folder / rel)
 
 
-_FILE_LIMIT = 64 << 20  # the largest metadata file read (LLaMA's tokenizer.json: 1.8 MB)
-_CARD_YAML_LIMIT = 1 << 20  # a model card's YAML front matter (real ones: a few KiB)
-_CARD_YAML_NODES = 100_000
-_TICK = 4096  # tokens between progress ticks, through which a job's cancellation arrives
-_JSON_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "added_tokens.json",
-    "special_tokens_map.json",
-    "chat_template.json",
-)
-
-
 def _json_file(files: _Files, rel: str) -> dict[str, Any]:
     """A staged JSON file, already checked to be an object."""
     data: dict[str, Any] = json.loads((files.folder / rel).read_text(encoding="utf-8"))
     return data
-
-
-def _json_object(data: bytes, shown: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise FormatError(f"{shown}: cannot read: {e}", path=shown) from e
-    if not isinstance(value, dict):
-        raise FormatError(f"{shown}: not a JSON object but {type(value).__name__}", path=shown)
-    return value
 
 
 def _check_tokenizer_json(tokenizer: dict[str, Any], shown: Path) -> None:
@@ -790,7 +771,7 @@ def _check_card(data: bytes, shown: Path) -> None:
 
 def _check_file(rel: str, data: bytes, shown: Path) -> None:
     if rel in _JSON_FILES:
-        value = _json_object(data, shown)
+        value = json_object(data, shown)
         if rel == "tokenizer.json":
             _check_tokenizer_json(value, shown)
     elif rel == "README.md":
@@ -833,9 +814,6 @@ def _model_folder(parent: Path, name: str) -> Path:
     return parent / "model-files" / name
 
 
-_FOLDER_NAME = re.compile(r"^[\w.+-][\w .+-]{0,127}$")
-
-
 def _space_needed(planned: Sequence[_Planned], quant: str) -> int:
     """The GGUF's bytes; for a K-quant, the working GGUF and the (smaller) quantized one side by side."""
     size = sum(t.nbytes for t in planned)
@@ -846,7 +824,7 @@ def _quiet(level: int, text: bytes, user_data: object) -> None:
     pass
 
 
-_QUIET: Any = None
+_QUIET: object = None
 
 
 def _quantize_with_llama_cpp(source: Path, out: Path, quant: str) -> None:
@@ -869,7 +847,9 @@ def _types(path: Path, quant: str, planned: Sequence[_Planned]) -> dict[str, int
     """Tensors per GGUF type: as planned, or for a K-quant, as llama.cpp's quantizer chose them."""
     if quant in QUANTS:
         return dict(sorted(Counter(t.qtype.name for t in planned).items()))
-    reader = _gguf().GGUFReader(path)  # it parses the whole vocabulary too: only for what it alone knows
+    import gguf
+
+    reader = gguf.GGUFReader(path)  # it parses the whole vocabulary too: only for what it alone knows
     return dict(sorted(Counter(t.tensor_type.name for t in reader.tensors).items()))
 
 
@@ -882,11 +862,48 @@ def _finish(staged: StagedFile, written: Path, quant: str) -> Path:
     return staged.file
 
 
+# A tensor as it goes into the file: its plan, its bytes in GGUF's type, and the bar that counts them.
+_Tensor = tuple[_Planned, Iterator[Bytes], ProgressBar]
+# The tensors of one output, made with the reader and encoding pool _write_gguf opens, under its bar.
+_Tensors = Callable[[RangeReader, ThreadPoolExecutor, ProgressBar], Iterator[_Tensor]]
+
+
+def _write_gguf(
+    staged: StagedFile,
+    prepared: _Prepared,
+    quant: str,
+    tensors: _Tensors,
+    *,
+    progress: ProgressFactory,
+    total: int,
+    label: str,
+) -> GGUFReport:
+    """The steps every GGUF output ends with: check the disk has room, write the header, metadata and
+    index, stream ``tensors`` under a bar of ``total`` bytes, quantize a K-quant, report, commit."""
+    planned = prepared.planned
+    check_free_space(staged.final, _space_needed(planned, quant))
+    written = staged.file if quant in QUANTS else staged.path / f"{prepared.working}.gguf"
+    bar = progress(total, label)
+    stream = _Stream(written, _writer(prepared, bar))
+    try:
+        with RangeReader() as reader, ThreadPoolExecutor(2, thread_name_prefix="deltakit-gguf") as pool:
+            for t, blocks, counted in tensors(reader, pool, bar):
+                stream.tensor(t, blocks, counted)
+        bar.close()
+    finally:
+        stream.close()
+    result = _finish(staged, written, quant)
+    types = _types(result, quant, planned)
+    report = GGUFReport(staged.final, quant, prepared.kind, len(planned), result.stat().st_size, types)
+    staged.commit()
+    return report
+
+
 # -------------------------------------------------------------------------------------------------
 # convert: any LLaMA checkpoint deltakit reads
 
 
-def _llama_cpp_order(ckpt_tensors: dict[str, Any]) -> list[str]:
+def _llama_cpp_order(ckpt_tensors: dict[str, TensorInfo]) -> list[str]:
     """llama.cpp's reading order: weight files by name, and within a safetensors file, names sorted."""
     by_file: dict[Path, list[str]] = {}
     for name, info in ckpt_tensors.items():
@@ -896,10 +913,6 @@ def _llama_cpp_order(ckpt_tensors: dict[str, Any]) -> list[str]:
         names = by_file[path]
         order += sorted(names) if path.suffix == ".safetensors" else names
     return order
-
-
-def _is_meta(source: Path) -> bool:
-    return source.is_dir() and (source / "params.json").is_file() and any(source.glob("consolidated.*.pth"))
 
 
 @dataclass(frozen=True)
@@ -912,27 +925,27 @@ class _Prepared:
     hp: _Hparams
     planned: list[_Planned]
     working: str
-    apply: Any = None  # engine.apply.ApplyPlan
+    apply: ApplyPlan | None = None
 
 
 def _prepare_convert(source: Path, quant: str, staging: Path) -> _Prepared:
-    is_meta = _is_meta(source)
+    is_meta = llama.is_meta_checkpoint(source)
     files: dict[str, tuple[bytes, Path]] = {}
     if is_meta:
-        hf_sources, shape = _meta_to_hf(source)
+        hf_sources, shape = llama.meta_to_hf(source)
         # the rows as Meta stores them: GGUF keeps Meta's rotary order, so no permutation either way
-        sources = [(n, r.inner if isinstance(r, _Rotary) else r) for n, r in hf_sources]
-        params = _read_json(source / "params.json")
-        config = _hf_config(shape, params.get("model", params), hf_sources, sources[0][1].dtype)
+        sources = [(n, r.inner if isinstance(r, Rotary) else r) for n, r in hf_sources]
+        params = llama.read_params(source / "params.json")
+        config = llama.hf_config(shape, params, hf_sources, torch_dtype_name(sources[0][1].dtype))
         files["config.json"] = (config.encode(), source / "params.json")
         if (source / "tokenizer.model").is_file():
             files["tokenizer.model"] = (_read_limited(source / "tokenizer.model"), source / "tokenizer.model")
-            tokenizer_config = json.dumps(_LLAMA_TOKENIZER_CONFIG, indent=2) + "\n"
+            tokenizer_config = json.dumps(llama.TOKENIZER_CONFIG, indent=2) + "\n"
             files["tokenizer_config.json"] = (tokenizer_config.encode(), source / "tokenizer.model")
         folder = _model_folder(staging, source.resolve().name)
     else:
         ckpt = open_checkpoint(source)
-        sources = [(n, _Whole(ckpt.tensors[n])) for n in _llama_cpp_order(ckpt.tensors)]
+        sources = [(n, Whole(ckpt.tensors[n])) for n in _llama_cpp_order(ckpt.tensors)]
         for rel in _MODEL_FILES:
             path = ckpt.root / rel
             if os.path.lexists(path):
@@ -941,7 +954,7 @@ def _prepare_convert(source: Path, quant: str, staging: Path) -> _Prepared:
             raise InputNotFoundError(f"{ckpt.root / 'config.json'} is missing", path=ckpt.root / "config.json")
         name = ckpt.root.name if ckpt.root.name not in ("", ".", "..") else ckpt.root.resolve().name
         folder = staging / "model-files" / (name or "model")  # the folder's own name, as llama.cpp reads it
-    hp = _Hparams.of(_json_object(files["config.json"][0], files["config.json"][1]), files["config.json"][1])
+    hp = _Hparams.of(json_object(*files["config.json"]), files["config.json"][1])
     staged = _stage_files(folder, files)
     working = _working_quant(quant, {rows.dtype for _, rows in sources})
     planned = _plan(sources, hp, working, meta_order=is_meta)
@@ -1016,27 +1029,16 @@ def convert_to_gguf(
     source, out = Path(source), Path(out)
     _check_quant(quant)
     with StagedFile(out, replace=replace) as staged:
-        if _is_meta(source):
-            check_meta_checklist(source)
+        if llama.is_meta_checkpoint(source):
+            llama.check_meta_checklist(source)
         prepared = _prepare_convert(source, quant, staged.path)
-        planned = prepared.planned
-        check_free_space(out, _space_needed(planned, quant))
-        written = staged.file if quant in QUANTS else staged.path / f"{prepared.working}.gguf"
-        bar = progress(sum(t.nbytes for t in planned), "gguf")
-        stream = _Stream(written, _writer(prepared, bar))
-        try:
-            with RangeReader() as reader, ThreadPoolExecutor(2, thread_name_prefix="deltakit-gguf") as pool:
-                for t in planned:
-                    stream.tensor(t, _blocks(reader, t, pool), bar)
-            bar.close()
-        finally:
-            stream.close()
-        result = _finish(staged, written, quant)
-        report = GGUFReport(
-            out, quant, prepared.kind, len(planned), result.stat().st_size, _types(result, quant, planned)
-        )
-        staged.commit()
-    return report
+
+        def tensors(reader: RangeReader, pool: ThreadPoolExecutor, bar: ProgressBar) -> Iterator[_Tensor]:
+            for t in prepared.planned:
+                yield t, _blocks(reader, t, pool), bar
+
+        total = sum(t.nbytes for t in prepared.planned)
+        return _write_gguf(staged, prepared, quant, tensors, progress=progress, total=total, label="gguf")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1052,11 +1054,11 @@ class _Held:
     shape: tuple[int, ...]
 
     def read(self, reader: RangeReader, first: int, last: int) -> Bytes:
-        row = _rows_and_width(self.shape)[1] * itemsize(self.dtype)
+        row = rows_and_width(self.shape)[1] * itemsize(self.dtype)
         return self.data[first * row : last * row]
 
 
-def _read_carried(plan: Any, rel: str) -> tuple[bytes, Path]:
+def _read_carried(plan: ApplyPlan, rel: str) -> tuple[bytes, Path]:
     """A file the delta carries, read from the package (never a FIFO, never past its recorded size)
     and checked against the manifest's SHA-256; shown as the package's own path."""
     record = plan.manifest.target.files[rel]
@@ -1090,7 +1092,7 @@ def _prepare_apply(base: str | Path, delta: str | Path, quant: str, staging: Pat
                 path=plan.delta.root,
             )
     files = {rel: _read_carried(plan, rel) for rel in _MODEL_FILES if rel in m.target.files}
-    hp = _Hparams.of(_json_object(*files["config.json"]), files["config.json"][1])
+    hp = _Hparams.of(json_object(*files["config.json"]), files["config.json"][1])
     staged = _stage_files(_model_folder(staging, m.target.name), files)
     specs = {s.name: _Shape(s.target.dtype, s.target.shape) for s in plan.steps}
     working = _working_quant(quant, {s.dtype for s in specs.values()})
@@ -1124,30 +1126,21 @@ def apply_to_gguf(
     with StagedFile(out, replace=replace) as staged:
         prepared = _prepare_apply(base, delta, quant, staged.path, sample=True)
         plan = prepared.apply
-        verified = set(plan.sample)
+        assert plan is not None  # _prepare_apply always plans
         planned = {t.source: t for t in prepared.planned}
-        check_free_space(out, _space_needed(prepared.planned, quant))
-        written = staged.file if quant in QUANTS else staged.path / f"{prepared.working}.gguf"
-        bar = progress(sum(t.nbytes for t in plan.specs), "apply")
-        stream = _Stream(written, _writer(prepared, bar))
-        try:
-            with RangeReader() as reader, ThreadPoolExecutor(2, thread_name_prefix="deltakit-gguf") as pool:
-                for step, data in rebuilt_tensors(plan, reader, verified, bar, scratch=staged.path):
-                    t = planned.get(step.name)
-                    if t is None:  # dropped, as llama.cpp drops it (rotary inv_freq): checked all the same
-                        continue
-                    held = _Held(data, step.target.dtype, step.target.shape)
-                    rows: _Rows = _Rotary(held, t.rows.heads, to_hf=False) if isinstance(t.rows, _Rotary) else held
-                    blocks = _blocks(reader, _Planned(t.name, t.source, rows, t.qtype, t.nbytes), pool)
-                    stream.tensor(t, blocks, no_progress(t.nbytes, "gguf"))  # apply's bar counts this tensor
-            bar.close()
-        finally:
-            stream.close()
-        result = _finish(staged, written, quant)
-        types = _types(result, quant, prepared.planned)
-        report = GGUFReport(out, quant, "delta", len(planned), result.stat().st_size, types)
-        staged.commit()
-    return report
+
+        def tensors(reader: RangeReader, pool: ThreadPoolExecutor, bar: ProgressBar) -> Iterator[_Tensor]:
+            for step, data in rebuilt_tensors(plan, reader, set(plan.sample), bar, scratch=staged.path):
+                t = planned.get(step.name)
+                if t is None:  # dropped, as llama.cpp drops it (rotary inv_freq): checked all the same
+                    continue
+                held = _Held(data, step.target.dtype, step.target.shape)
+                rows: Rows = Rotary(held, t.rows.heads, to_hf=False) if isinstance(t.rows, Rotary) else held
+                blocks = _blocks(reader, _Planned(t.name, t.source, rows, t.qtype, t.nbytes), pool)
+                yield t, blocks, no_progress(t.nbytes, "gguf")  # apply's bar counts this tensor as rebuilt
+
+        total = sum(t.nbytes for t in plan.specs)
+        return _write_gguf(staged, prepared, quant, tensors, progress=progress, total=total, label="apply")
 
 
 @dataclass(frozen=True)

@@ -204,3 +204,16 @@ def test_params_json_out_of_bounds_is_a_named_error(tmp_path, edits, message):
         convert(tmp_path / "meta", tmp_path / "hf")
     assert caught.value.path == params_path
     assert not (tmp_path / "hf").exists()
+
+
+def test_the_family_registry_finds_llama_by_architecture_or_model_type():
+    from deltakit.families import FAMILIES, family_of
+    from deltakit.families.llama import LLAMA
+
+    assert LLAMA in FAMILIES
+    assert family_of({"architectures": ["LlamaForCausalLM"]}) is LLAMA
+    assert family_of({"architectures": ["LLaMAForCausalLM"], "model_type": "other"}) is LLAMA
+    assert family_of({"model_type": "llama"}) is LLAMA
+    assert family_of({"architectures": [], "model_type": "llama"}) is LLAMA
+    assert family_of({"architectures": ["GPT2LMHeadModel"], "model_type": "llama"}) is None
+    assert family_of({"model_type": "gpt2"}) is None and family_of({}) is None

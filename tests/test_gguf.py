@@ -200,13 +200,15 @@ def test_what_cannot_become_a_llama_gguf_is_refused_by_name(models, tmp_path):
     (other / "tokenizer.model").unlink()
     with pytest.raises(InputNotFoundError, match=r"tokenizer\.model is missing"):
         convert_to_gguf(other, tmp_path / "b.gguf")
-    with pytest.raises(UnsupportedInputError, match="unknown --quant 'q3_0'"):
+    with pytest.raises(UnsupportedInputError, match="unknown GGUF type 'q3_0'") as caught:
         convert_to_gguf(target, tmp_path / "c.gguf", quant="q3_0")
+    assert caught.value.argument == "quant" and "--quant" not in str(caught.value)
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        with pytest.raises(UnsupportedInputError, match=r"pip install 'deltakit-llm\[kquants\]'"):
+        with pytest.raises(UnsupportedInputError, match=r"pip install 'deltakit-llm\[kquants\]'") as caught:
             convert_to_gguf(target, tmp_path / "d.gguf", quant="q4_k_m")
+        assert caught.value.argument == "quant" and "--quant" not in str(caught.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt"]
 
 

@@ -217,3 +217,18 @@ def test_lora_weights_that_overflow_the_model_dtype_are_a_named_error(tmp_path):
         merge_adapters(base_dir, [adapter], tmp_path / "out")
     assert caught.value.tensor and "q_proj" in caught.value.tensor
     assert not (tmp_path / "out").exists()
+
+
+def test_a_malformed_config_json_is_a_named_error(tmp_path):
+    """The merged model's config.json is read to follow a grown embedding: a malformed one is a
+    FormatError naming the file (it was an uncaught JSONDecodeError, an "internal error" in the CLI)."""
+    from deltakit import FormatError
+
+    base_dir, adapter = _adapter_with(tmp_path)
+    (base_dir / "config.json").write_text('{"vocab_size": 100,')
+    with pytest.raises(FormatError, match=r"config\.json: cannot read") as caught:
+        merge_adapters(base_dir, [adapter], tmp_path / "out")
+    assert caught.value.path == base_dir / "config.json"
+    assert not (tmp_path / "out").exists()
+    result = deltakit_cli("apply", "--base", base_dir, "--delta", adapter, "--out", tmp_path / "o")
+    assert result.returncode == 1 and "internal error" not in result.stderr and "config.json" in result.stderr

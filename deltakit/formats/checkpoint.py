@@ -8,7 +8,6 @@ range by range, through :class:`RangeReader`, whatever the format.
 from __future__ import annotations
 
 import contextlib
-import json
 import mmap
 import os
 import threading
@@ -19,7 +18,7 @@ from pathlib import Path
 from types import TracebackType
 
 from ..errors import FormatError, InputNotFoundError, IntegrityError, UnsupportedInputError
-from ..files import open_regular_fd, read_regular_text
+from ..files import open_regular_fd, read_json_object
 from ..manifest import MANIFEST_NAME
 from .safetensors import TensorInfo, read_header
 from .torch_zip import read_torch_zip
@@ -78,13 +77,7 @@ def _walk_files(root: Path) -> list[str]:
 
 
 def _read_index(index_path: Path) -> dict[str, str]:
-    try:
-        index = json.loads(read_regular_text(index_path))
-    except UnsupportedInputError:
-        raise
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise FormatError(f"{index_path}: cannot read the shard index: {e}", path=index_path) from e
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    weight_map = read_json_object(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):

@@ -8,7 +8,6 @@ may store whole tensors that replace the base's (``modules_to_save``, resized em
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FormatError, InputNotFoundError, UnsupportedInputError
-from ..files import read_regular_text
+from ..files import read_json_object
 from .safetensors import TensorInfo, read_header
 from .torch_zip import read_torch_zip
 
@@ -165,15 +164,11 @@ def open_adapter(path: str | Path) -> Adapter:
     root = Path(path)
     config_path = root / ADAPTER_CONFIG
     try:
-        config = json.loads(read_regular_text(config_path))
-    except UnsupportedInputError:
-        raise
-    except FileNotFoundError as e:
+        config = read_json_object(config_path)
+    except InputNotFoundError as e:
         raise InputNotFoundError(f"{root}: no {ADAPTER_CONFIG}; not a PEFT adapter", path=root) from e
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise FormatError(f"{config_path}: cannot read: {e}", path=config_path) from e
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        kind = config.get("peft_type") if isinstance(config, dict) else None
+    if config.get("peft_type") != "LORA":
+        kind = config.get("peft_type")
         raise UnsupportedInputError(f"{config_path}: peft_type is {kind!r}; only LORA adapters are merged", path=root)
     for flag in ("use_dora", "lora_bias", "use_qalora"):
         if config.get(flag):

@@ -1,0 +1,25 @@
+"""Model families: one module each, holding its name maps, hyperparameters and vocabulary rules;
+this registry finds a config's family. A new family is one new module and one line in ``FAMILIES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .family import Family
+from .llama import LLAMA
+
+__all__ = ["FAMILIES", "Family", "family_of"]
+
+FAMILIES: tuple[Family, ...] = (LLAMA,)
+
+
+def family_of(config: Mapping[str, Any]) -> Family | None:
+    """The family a config.json describes: by its first ``architectures`` entry, or where there is
+    none, by its ``model_type``; None for a family deltakit does not know."""
+    arch = (config.get("architectures") or [None])[0]
+    for family in FAMILIES:
+        if arch in family.architectures or (arch is None and config.get("model_type") in family.model_types):
+            return family
+    return None
