@@ -41,7 +41,6 @@ from .formats.safetensors import TensorInfo
 from .progress import ProgressBar, ProgressFactory, no_progress
 from .rows import Rotary, Rows, Whole, row_blocks, rows_and_width
 from .staging import StagedFile, check_free_space
-from .units import human_bytes
 
 if TYPE_CHECKING:  # gguf is imported where it is used: it costs a CLI start some 70 ms
     import gguf as gguf_module
@@ -971,11 +970,6 @@ class GGUFCheck:
     tensors: int
     bytes_planned: int
     types: dict[str, int]
-
-    def describe(self) -> str:
-        types = ", ".join(f"{name} {count}" for name, count in self.types.items())
-        size = human_bytes(self.bytes_planned)
-        return f"gguf     {self.quant} from {self.source_kind}: {self.tensors} tensors ({types}), {size}"
 
 
 def check_gguf(

@@ -21,6 +21,10 @@ _ADVICE: tuple[tuple[type[DeltakitError], str | None, str], ...] = (
     (OutputExistsError, "out", "choose another {flag} or remove it yourself"),
     (OutputExistsError, "name", "pass --force to replace it"),
     (NoSpaceError, "out", "or choose another {flag}"),
+    # conversions
+    (DeltakitError, "quant", "choose another {flag}: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 need no extra"),
+    (DeltakitError, "to", "choose another {flag}"),
+    (DeltakitError, "meta_shards", "choose a {flag} that divides the model's head count"),
     # the model card's fields (publish, release)
     (DeltakitError, "base_model", "pass the base's Hub id with --base-model ORG/NAME, or registry add --hub-id"),
     (DeltakitError, "license", "pass a Hub license id with --license (apache-2.0, llama2, other)"),

@@ -37,6 +37,7 @@ from .reports import (
     _make_dict,
     _print_apply,
     _print_gguf,
+    _print_gguf_check,
     _print_inspect,
     _print_legacy,
     _print_make,
@@ -184,7 +185,7 @@ def _apply_gguf_dry_run(args: argparse.Namespace) -> int:
     """What the real run checks before writing; nothing written."""
     check_output_file_free(Path(args.out), replace=args.force)
     checked = check_gguf(args.base, delta=args.delta, quant=args.quant or "f16", sample=True)
-    _say(checked.describe())
+    _print_gguf_check(checked)
     _say(f"dry run: nothing written; would write {args.out}")
     if args.json:
         _emit({"command": "apply", "kind": "deltakit", "dry_run": True, "out": args.out, "checks": "ok",

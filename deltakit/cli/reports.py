@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from ..adapters import MergeReport
     from ..engine import ApplyReport, MakeReport, VerifyReport
     from ..engine.apply import ApplyPlan
-    from ..gguf import GGUFReport
+    from ..gguf import GGUFCheck, GGUFReport
     from ..hub import PublishReport
     from ..inspection import Inspection
     from ..legacy import LegacyReport
@@ -56,6 +56,13 @@ def _print_apply(report: ApplyReport, seconds: float) -> None:
     _say(f"  written   {human_bytes(report.bytes_written)} in {', '.join(report.shards)}")
     _say(f"  files     {', '.join(report.files) or 'none'}")
     _say(f"  target    fingerprint {report.fingerprint}")
+
+
+def _print_gguf_check(check: GGUFCheck) -> None:
+    """What a GGUF conversion would write, for ``apply --to gguf --dry-run``."""
+    types = ", ".join(f"{name} {count}" for name, count in check.types.items())
+    _say(f"gguf     {check.quant} from {check.source_kind}: {check.tensors} tensors ({types}), "
+         f"{human_bytes(check.bytes_planned)}")  # fmt: skip
 
 
 def _print_plan(plan: ApplyPlan) -> None:
