@@ -35,7 +35,7 @@ from common import decode_throughput, machine, record
 
 from deltakit.engine import plan_apply
 from deltakit.examples import LlamaShape, write_llama_pair
-from deltakit.streaming import DIRECT_ALIGN, set_direct
+from deltakit.writing import DIRECT_ALIGN, set_direct
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK = 8 << 20

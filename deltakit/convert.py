@@ -26,9 +26,11 @@ from .formats.checkpoint import RangeReader, open_checkpoint
 from .formats.safetensors import TensorInfo, TensorSpec
 from .formats.torch_zip import TorchZipWriter, read_torch_zip
 from .hashing import algorithm_of, file_hexdigest, file_sha256, fingerprint, read_checksum_file
+from .layout import DEFAULT_SHARD_SIZE
 from .progress import ProgressBar, ProgressFactory, no_progress
+from .reading import CHUNK_BYTES, Chunk
 from .staging import StagedFolder, check_output_free
-from .streaming import CHUNK_BYTES, DEFAULT_SHARD_SIZE, Chunk, write_model
+from .writing import write_model
 
 __all__ = ["DTYPE_NAMES", "ConvertReport", "convert"]
 

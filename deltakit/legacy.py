@@ -38,11 +38,13 @@ from .files import open_regular, read_regular, require_regular
 from .formats.checkpoint import Checkpoint, RangeReader, is_weight_file, open_checkpoint
 from .formats.safetensors import TensorInfo, TensorSpec
 from .hashing import algorithm_of, file_hexdigest, file_sha256, fingerprint, read_checksum_file
+from .layout import DEFAULT_SHARD_SIZE
 from .manifest import FORMAT_VERSION
 from .progress import ProgressBar, ProgressFactory, no_progress
+from .reading import Chunk, as_bytes, element_ranges, paired_chunks
 from .staging import StagedFolder, check_free_space, check_output_free
-from .streaming import DEFAULT_SHARD_SIZE, Chunk, as_bytes, element_ranges, paired_chunks, write_model
 from .units import human_bytes
+from .writing import write_model
 
 __all__ = [
     "LEGACY_KINDS",

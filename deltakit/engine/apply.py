@@ -26,28 +26,16 @@ from ..formats.checkpoint import Checkpoint, RangeReader, open_checkpoint
 from ..formats.delta import FILES_DIR, DeltaPackage, open_delta
 from ..formats.safetensors import TensorInfo, TensorSpec
 from ..hashing import TensorHasher
+from ..layout import DEFAULT_SHARD_SIZE, OutputShard, plan_output, write_index
 from ..manifest import (
     Manifest,
     TargetTensor,
 )
 from ..progress import ProgressBar, ProgressFactory, no_progress
+from ..reading import Arena, Chunk, Prefetcher, Read, as_bytes, element_ranges, read_range
 from ..staging import StagedFolder, check_free_space, check_output_free
-from ..streaming import (
-    DEFAULT_SHARD_SIZE,
-    Arena,
-    Chunk,
-    OutputShard,
-    OutputWriter,
-    Prefetcher,
-    Read,
-    as_bytes,
-    element_ranges,
-    open_output_shards,
-    plan_output,
-    read_range,
-    write_index,
-)
 from ..units import human_bytes
+from ..writing import OutputWriter, open_output_shards
 from .digests import copy_hashed, hash_tensor
 
 log = logging.getLogger(__name__)

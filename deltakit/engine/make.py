@@ -25,6 +25,7 @@ from ..formats.checkpoint import Checkpoint, RangeReader, open_checkpoint
 from ..formats.delta import FILES_DIR, payload_file_name
 from ..formats.safetensors import SafetensorsWriter, TensorInfo, TensorSpec
 from ..hashing import TensorHasher, file_sha256
+from ..layout import DEFAULT_SHARD_SIZE, plan_shards
 from ..manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -38,17 +39,8 @@ from ..manifest import (
     TensorRecord,
 )
 from ..progress import ProgressFactory, no_progress
+from ..reading import Arena, Chunk, Prefetcher, as_bytes, element_ranges, paired_chunks
 from ..staging import StagedFolder, check_output_free
-from ..streaming import (
-    DEFAULT_SHARD_SIZE,
-    Arena,
-    Chunk,
-    Prefetcher,
-    as_bytes,
-    element_ranges,
-    paired_chunks,
-    plan_shards,
-)
 from ..units import human_bytes
 from .digests import carry_files, default_name, fingerprint_of, hash_tensor
 
