@@ -147,10 +147,13 @@ def _check_looks_like_differences(reader: RangeReader, pairs: Sequence[tuple[str
     if base_size and delta_size > 0.5 * base_size:
         raise UnsupportedInputError(
             f"{d.path.parent} does not look like a delta: its {name!r} is as large as the base's "
-            f"(mean |x| {delta_size:.3g} against {base_size:.3g}), so it is probably a full model; "
-            "pass the legacy kind explicitly (--legacy fastchat or alpaca) to apply it anyway",
+            f"(mean |x| {delta_size:.3g} against {base_size:.3g}), so it is probably a full model, "
+            "and no legacy kind was given",
             path=d.path,
             tensor=name,
+            expected=f"mean |x| at most {0.5 * base_size:.3g}",
+            actual=f"{delta_size:.3g}",
+            argument="kind",
         )
 
 
@@ -217,7 +220,12 @@ def apply_legacy_delta(
             _check_looks_like_differences(reader, pairs)
         kind = detect_legacy_kind(delta_ckpt)
     if kind not in LEGACY_KINDS:
-        raise UnsupportedInputError(f"unknown legacy delta kind {kind!r}; choose one of {', '.join(LEGACY_KINDS)}")
+        raise UnsupportedInputError(
+            f"unknown legacy delta kind {kind!r}; choose one of {', '.join(LEGACY_KINDS)}",
+            expected=LEGACY_KINDS,
+            actual=kind,
+            argument="kind",
+        )
     dtype = _DTYPE[kind]
     specs = [TensorSpec(name, dtype, d.shape) for name, _, d in pairs]
     steps = [_Step(name, b, d) for name, b, d in pairs]
