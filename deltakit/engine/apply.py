@@ -117,6 +117,7 @@ class ApplyPlan:
                         tensor=name,
                         expected=want,
                         actual=got,
+                        argument="base",
                     )
                 log.debug("base tensor %s matches", name)
 
@@ -137,6 +138,7 @@ class ApplyPlan:
                 path=source,
                 expected=record.sha256,
                 actual=copied.sha256,
+                argument="delta",
             )
 
     def finish_folder(self, folder: Path) -> None:
@@ -228,6 +230,7 @@ def plan_apply(
                 f"{m.base.name!r} (fingerprint {m.base.fingerprint[:16]}...)",
                 path=ckpt.root,
                 tensor=name,
+                argument="base",
             )
         if (have.dtype, have.shape) != (want.dtype, want.shape):
             raise BaseMismatchError(
@@ -237,6 +240,7 @@ def plan_apply(
                 tensor=name,
                 expected=f"{want.dtype} {list(want.shape)}",
                 actual=f"{have.dtype} {list(have.shape)}",
+                argument="base",
             )
     specs = [TensorSpec(n, t.dtype, t.shape) for n, t in m.target.tensors.items()]
     shards, shard_of = plan_output(specs, shard_size)
@@ -260,7 +264,9 @@ def plan_apply(
     clash = sorted(weight_names & set(m.target.files))
     if clash:
         raise UnsupportedInputError(
-            f"{package.root}: carried file {clash[0]!r} would overwrite a rebuilt weight file", path=package.root
+            f"{package.root}: carried file {clash[0]!r} would overwrite a rebuilt weight file",
+            path=package.root,
+            argument="delta",
         )
     return ApplyPlan(ckpt, package, tuple(steps), tuple(shards), _choose_sample(steps))
 
@@ -301,6 +307,7 @@ def _decode_frame(step: ApplyStep, chunk: Chunk, coded: memoryview, base_bits: B
             path=step.payload.path,
             tensor=step.name,
             actual=offset,
+            argument="delta",
         ) from e
 
 
@@ -452,6 +459,7 @@ def _check_rebuilt(m: Manifest, step: ApplyStep, base_hash: TensorHasher, got: s
                 tensor=step.name,
                 expected=want,
                 actual=base_got,
+                argument="base",
             )
     if got != step.target.digest:
         raise IntegrityError(
@@ -461,6 +469,7 @@ def _check_rebuilt(m: Manifest, step: ApplyStep, base_hash: TensorHasher, got: s
             tensor=step.name,
             expected=step.target.digest,
             actual=got,
+            argument="delta",
         )
 
 
