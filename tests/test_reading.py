@@ -38,3 +38,23 @@ def test_reads_are_handed_to_the_kernel_ahead_of_the_chunks_being_read(tmp_path,
         if kind == "read":
             furthest = max(o for k, o in events[:i] if k == "hint")
             assert furthest >= min(offset + 3000, 19000), (offset, furthest)
+
+
+def test_chunks_come_in_one_run_per_tensor_and_a_run_ends_once_the_next_tensors_first_chunk_is_read():
+    """The loop make, apply and write_model share: a tensor is finished after its last chunk, when
+    exactly one chunk of the next tensor has been read (so the last chunk's buffers are still valid)."""
+    from deltakit.reading import by_tensor
+
+    owners = [0, 0, 1, 2, 2, 2]
+    pulled: list[int] = []
+
+    def chunks():
+        for k, owner in enumerate(owners):
+            pulled.append(k)
+            yield Chunk(owner, 0, k, k + 1, ())
+
+    runs = []
+    for owner, run in by_tensor(chunks(), lambda chunk: chunk.owner):
+        runs.append((owner, [chunk.first for chunk in run]))
+        assert len(pulled) == min(len(owners), sum(len(r) for _, r in runs) + 1)
+    assert runs == [(0, [0, 1]), (1, [2]), (2, [3, 4, 5])]
