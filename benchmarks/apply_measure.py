@@ -20,7 +20,7 @@ from common import READ_CHUNK, ROOT, decode_throughput, machine, run_cli, run_pr
 
 from deltakit.engine import plan_apply
 from deltakit.examples import LlamaShape, write_llama_pair
-from deltakit.streaming import DIRECT_ALIGN, set_direct, write_all
+from deltakit.writing import DIRECT_ALIGN, set_direct, write_all
 
 # The script that runs a cold run's I/O floor in its own process (``apply.py --io-floor``).
 SCRIPT = Path(__file__).resolve().with_name("apply.py")

@@ -145,7 +145,7 @@ def decode_throughput(delta: Path, base: Path, *, threads: int, repeat: int = 3)
 
     from deltakit.engine.apply import _apply_chunks, _decode_chunk, plan_apply  # the very code apply runs
     from deltakit.formats.checkpoint import RangeReader
-    from deltakit.streaming import Arena
+    from deltakit.reading import Arena
 
     plan = plan_apply(base, delta)
     work = []

@@ -21,17 +21,11 @@ from .formats.checkpoint import RangeReader, is_weight_file, open_checkpoint
 from .formats.peft import Adapter, LoraPair, open_adapter
 from .formats.safetensors import TensorInfo, TensorSpec
 from .hashing import file_sha256, fingerprint
+from .layout import DEFAULT_SHARD_SIZE
 from .progress import ProgressFactory, no_progress
+from .reading import CHUNK_BYTES, Chunk, as_bytes, element_ranges, read_range
 from .staging import StagedFolder, check_output_free
-from .streaming import (
-    CHUNK_BYTES,
-    DEFAULT_SHARD_SIZE,
-    Chunk,
-    as_bytes,
-    element_ranges,
-    read_range,
-    write_model,
-)
+from .writing import write_model
 
 __all__ = ["MergeReport", "merge_adapters"]
 

@@ -27,9 +27,9 @@ from typing import Any
 
 from .engine.apply import ApplyPlan, ApplyReport, apply_shard, plan_apply
 from .errors import ClusterError, DeltakitError, IntegrityError, UnsupportedInputError
+from .layout import DEFAULT_SHARD_SIZE
 from .progress import ProgressFactory, no_progress
 from .staging import StagedFolder, check_free_space, check_output_free
-from .streaming import DEFAULT_SHARD_SIZE
 
 __all__ = ["RAY_EXTRA", "ClusterOptions", "apply_delta_on_ray", "connect"]
 

@@ -24,10 +24,12 @@ from .formats.checkpoint import RangeReader, open_checkpoint
 from .formats.safetensors import TensorSpec
 from .formats.torch_zip import TorchZipWriter
 from .hashing import file_hexdigest, file_sha256, fingerprint
+from .layout import DEFAULT_SHARD_SIZE
 from .progress import ProgressBar, ProgressFactory, no_progress
+from .reading import Chunk
 from .rows import Rows, Whole, row_blocks
 from .staging import StagedFolder, check_output_free
-from .streaming import DEFAULT_SHARD_SIZE, Chunk, write_model
+from .writing import write_model
 
 __all__ = ["DTYPE_NAMES", "ConvertReport", "convert", "torch_dtype_name"]
 

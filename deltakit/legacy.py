@@ -38,11 +38,13 @@ from .files import open_regular, read_regular, require_regular
 from .formats.checkpoint import Checkpoint, RangeReader, is_weight_file, open_checkpoint
 from .formats.safetensors import TensorInfo, TensorSpec
 from .hashing import algorithm_of, file_hexdigest, file_sha256, fingerprint, read_checksum_file
+from .layout import DEFAULT_SHARD_SIZE
 from .manifest import FORMAT_VERSION
 from .progress import ProgressBar, ProgressFactory, no_progress
+from .reading import Chunk, as_bytes, element_ranges, paired_chunks
 from .staging import StagedFolder, check_free_space, check_output_free
-from .streaming import DEFAULT_SHARD_SIZE, Chunk, as_bytes, element_ranges, paired_chunks, write_model
 from .units import human_bytes
+from .writing import write_model
 
 __all__ = [
     "LEGACY_KINDS",
@@ -145,10 +147,13 @@ def _check_looks_like_differences(reader: RangeReader, pairs: Sequence[tuple[str
     if base_size and delta_size > 0.5 * base_size:
         raise UnsupportedInputError(
             f"{d.path.parent} does not look like a delta: its {name!r} is as large as the base's "
-            f"(mean |x| {delta_size:.3g} against {base_size:.3g}), so it is probably a full model; "
-            "pass the legacy kind explicitly (--legacy fastchat or alpaca) to apply it anyway",
+            f"(mean |x| {delta_size:.3g} against {base_size:.3g}), so it is probably a full model, "
+            "and no legacy kind was given",
             path=d.path,
             tensor=name,
+            expected=f"mean |x| at most {0.5 * base_size:.3g}",
+            actual=f"{delta_size:.3g}",
+            argument="kind",
         )
 
 
@@ -215,7 +220,12 @@ def apply_legacy_delta(
             _check_looks_like_differences(reader, pairs)
         kind = detect_legacy_kind(delta_ckpt)
     if kind not in LEGACY_KINDS:
-        raise UnsupportedInputError(f"unknown legacy delta kind {kind!r}; choose one of {', '.join(LEGACY_KINDS)}")
+        raise UnsupportedInputError(
+            f"unknown legacy delta kind {kind!r}; choose one of {', '.join(LEGACY_KINDS)}",
+            expected=LEGACY_KINDS,
+            actual=kind,
+            argument="kind",
+        )
     dtype = _DTYPE[kind]
     specs = [TensorSpec(name, dtype, d.shape) for name, _, d in pairs]
     steps = [_Step(name, b, d) for name, b, d in pairs]

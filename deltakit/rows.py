@@ -18,7 +18,7 @@ from .dtypes import itemsize
 from .errors import FormatError
 from .formats.checkpoint import RangeReader
 from .formats.safetensors import TensorInfo
-from .streaming import CHUNK_BYTES
+from .reading import CHUNK_BYTES
 
 __all__ = ["Concat", "Rotary", "Rows", "Slice", "Whole", "row_blocks", "rows_and_width"]
 

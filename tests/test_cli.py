@@ -187,7 +187,7 @@ def test_sigterm_during_apply_exits_143_and_leaves_nothing(pair):
     out = tmp / "sig-out"
     # tiny chunks: an apply that takes long enough to be signalled while it streams
     apply = run_patched(
-        "import deltakit.streaming as s; s.CHUNK_BYTES = 16",
+        "import deltakit.reading as s; s.CHUNK_BYTES = 16",
         "apply",
         "--base",
         base_dir,

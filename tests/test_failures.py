@@ -319,7 +319,7 @@ def test_a_disk_that_fills_up_mid_write_is_named(tmp_path, delta, monkeypatch):
     def full(fd, view, offset=None):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("deltakit.streaming.write_all", full)
+    monkeypatch.setattr("deltakit.writing.write_all", full)
     with pytest.raises(NoSpaceError, match="the disk filled up while writing it") as err:
         apply_delta(base_dir, delta_dir, tmp_path / "out")
     assert err.value.path == tmp_path / "out" and str(tmp_path / "out") in str(err.value)
@@ -331,14 +331,14 @@ def test_a_disk_that_fills_up_under_a_direct_write_is_named(tmp_path, delta, mon
     filesystem takes it): ENOSPC there names the output too, and leaves nothing."""
     import errno
 
-    from deltakit import NoSpaceError, streaming
+    from deltakit import NoSpaceError, writing
 
     _, base_dir, delta_dir = delta
-    write_all = streaming.write_all
+    write_all = writing.write_all
 
     probe = os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        if not streaming.set_direct(probe, True):
+        if not writing.set_direct(probe, True):
             pytest.skip("this filesystem refuses O_DIRECT")
     finally:
         os.close(probe)
@@ -346,13 +346,13 @@ def test_a_disk_that_fills_up_under_a_direct_write_is_named(tmp_path, delta, mon
     refused = []
 
     def full_when_direct(fd, view, offset=None):
-        if streaming.fcntl.fcntl(fd, streaming.fcntl.F_GETFL) & os.O_DIRECT:
+        if writing.fcntl.fcntl(fd, writing.fcntl.F_GETFL) & os.O_DIRECT:
             refused.append(offset)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         write_all(fd, view, offset)
 
-    monkeypatch.setattr(streaming, "DIRECT_BLOCK", 16384)
-    monkeypatch.setattr(streaming, "write_all", full_when_direct)
+    monkeypatch.setattr(writing, "DIRECT_BLOCK", 16384)
+    monkeypatch.setattr(writing, "write_all", full_when_direct)
     with pytest.raises(NoSpaceError, match="the disk filled up while writing it") as err:
         apply_delta(base_dir, delta_dir, tmp_path / "out")
     assert refused and err.value.path == tmp_path / "out"
@@ -449,7 +449,7 @@ def test_a_file_that_shrinks_under_a_read_is_named_and_mapped_reads_give_the_sam
     import mmap
 
     from deltakit.formats.checkpoint import RangeReader
-    from deltakit.streaming import Chunk, Prefetcher, Read
+    from deltakit.reading import Chunk, Prefetcher, Read
 
     if mapped == "unmappable":
 

@@ -238,7 +238,7 @@ def test_a_corrupt_frame_is_named_with_its_tensor_and_offset_and_leaves_nothing(
 
 @pytest.mark.parametrize("codec", ["xor", "sub", "add"])
 def test_codecs_write_only_where_their_buffer_says(codec):
-    from deltakit.streaming import Arena
+    from deltakit.reading import Arena
 
     rng = np.random.default_rng(3)
     target, base = rng.integers(0, 256, 4096, dtype=np.uint8), rng.integers(0, 256, 4096, dtype=np.uint8)

@@ -194,7 +194,7 @@ def test_add_codec_keeps_integer_tensors_exact_with_xor(tmp_path, make_pair):
 
 def test_tensor_identical_in_its_first_chunks_then_different(tmp_path, make_pair, monkeypatch):
     # a tensor equal to the base for its first chunks must still encode those chunks once it differs
-    monkeypatch.setattr("deltakit.streaming.CHUNK_BYTES", 256)
+    monkeypatch.setattr("deltakit.reading.CHUNK_BYTES", 256)
     monkeypatch.setattr("deltakit.manifest.MIN_FRAME_BYTES", 32)  # so that apply reads frames that small
     base = {"w": random_tensor((64, 16), torch.float32, 3)}
     changed = base["w"].clone()
@@ -208,7 +208,7 @@ def test_tensor_identical_in_its_first_chunks_then_different(tmp_path, make_pair
 
 
 def test_many_chunks_per_tensor(tmp_path, make_pair, monkeypatch):
-    monkeypatch.setattr("deltakit.streaming.CHUNK_BYTES", 1024)
+    monkeypatch.setattr("deltakit.reading.CHUNK_BYTES", 1024)
     monkeypatch.setattr("deltakit.manifest.MIN_FRAME_BYTES", 32)  # so that apply reads frames that small
     base = llama_like(torch.float16, vocab=300, hidden=32)
     target = finetune_of(base, extra_vocab=45)

@@ -160,7 +160,7 @@ def test_only_registered_names_inside_the_roots_come_in(home, tmp_path):
 def small_chunks(root: Path, monkeypatch) -> None:
     """Many small chunks, a job that takes a while: format 2 frames are cut when the delta is made,
     so the delta is made again with them."""
-    monkeypatch.setattr("deltakit.streaming.CHUNK_BYTES", 256)
+    monkeypatch.setattr("deltakit.reading.CHUNK_BYTES", 256)
     monkeypatch.setattr("deltakit.manifest.MIN_FRAME_BYTES", 32)  # so that apply reads frames that small
     shutil.rmtree(root / "data" / "panda-7b-delta")
     make_delta(root / "data" / "llama-7b", root / "data" / "panda-7b", root / "data" / "panda-7b-delta")

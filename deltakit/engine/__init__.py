@@ -7,7 +7,7 @@ One module per job: :mod:`.make`, :mod:`.apply`, :mod:`.verify`; :mod:`.digests`
 
 from __future__ import annotations
 
-from ..streaming import DEFAULT_SHARD_SIZE
+from ..layout import DEFAULT_SHARD_SIZE
 from .apply import ApplyPlan, ApplyReport, ApplyStep, apply_delta, plan_apply
 from .digests import checkpoint_digests
 from .make import MakeReport, make_delta

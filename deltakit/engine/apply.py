@@ -14,7 +14,6 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -26,32 +25,24 @@ from ..formats.checkpoint import Checkpoint, RangeReader, open_checkpoint
 from ..formats.delta import FILES_DIR, DeltaPackage, open_delta
 from ..formats.safetensors import TensorInfo, TensorSpec
 from ..hashing import TensorHasher
+from ..layout import DEFAULT_SHARD_SIZE, OutputShard, plan_output, write_index
 from ..manifest import (
     Manifest,
     TargetTensor,
 )
 from ..progress import ProgressBar, ProgressFactory, no_progress
+from ..reading import Arena, Chunk, Prefetcher, Read, as_bytes, by_tensor, element_ranges, read_range
 from ..staging import StagedFolder, check_free_space, check_output_free
-from ..streaming import (
-    DEFAULT_SHARD_SIZE,
-    Arena,
-    Chunk,
-    OutputShard,
-    OutputWriter,
-    Prefetcher,
-    Read,
-    as_bytes,
-    element_ranges,
-    open_output_shards,
-    plan_output,
-    read_range,
-    write_index,
-)
+from ..writing import OutputWriter, open_output_shards
 from .digests import copy_hashed, hash_tensor
 
 log = logging.getLogger(__name__)
 
 _SAMPLE_CAP_BYTES = 1 << 30
+_SAMPLE_PATTERN = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings)\.|(^|\.)(layers|h|blocks)\.0\.")
+# Tensors up to this size are rebuilt in memory for a consumer that needs them whole (a 7B's largest,
+# the embedding with a grown vocabulary, is 0.4 GB in fp16); larger ones go through a scratch file.
+MEMORY_TENSOR_BYTES = 512 << 20
 
 
 @dataclass(frozen=True)
@@ -125,6 +116,7 @@ class ApplyPlan:
                         tensor=name,
                         expected=want,
                         actual=got,
+                        argument="base",
                     )
                 log.debug("base tensor %s matches", name)
 
@@ -145,6 +137,7 @@ class ApplyPlan:
                 path=source,
                 expected=record.sha256,
                 actual=copied.sha256,
+                argument="delta",
             )
 
     def finish_folder(self, folder: Path) -> None:
@@ -179,9 +172,6 @@ class ApplyReport:
     files: tuple[str, ...]
     shards: tuple[str, ...]
     fingerprint: str
-
-
-_SAMPLE_PATTERN = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings)\.|(^|\.)(layers|h|blocks)\.0\.")
 
 
 def _choose_sample(steps: Sequence[ApplyStep]) -> tuple[str, ...]:
@@ -219,6 +209,7 @@ def plan_apply(
                 f"{m.base.name!r} (fingerprint {m.base.fingerprint[:16]}...)",
                 path=ckpt.root,
                 tensor=name,
+                argument="base",
             )
         if (have.dtype, have.shape) != (want.dtype, want.shape):
             raise BaseMismatchError(
@@ -228,6 +219,7 @@ def plan_apply(
                 tensor=name,
                 expected=f"{want.dtype} {list(want.shape)}",
                 actual=f"{have.dtype} {list(have.shape)}",
+                argument="base",
             )
     specs = [TensorSpec(n, t.dtype, t.shape) for n, t in m.target.tensors.items()]
     shards, shard_of = plan_output(specs, shard_size)
@@ -251,7 +243,9 @@ def plan_apply(
     clash = sorted(weight_names & set(m.target.files))
     if clash:
         raise UnsupportedInputError(
-            f"{package.root}: carried file {clash[0]!r} would overwrite a rebuilt weight file", path=package.root
+            f"{package.root}: carried file {clash[0]!r} would overwrite a rebuilt weight file",
+            path=package.root,
+            argument="delta",
         )
     return ApplyPlan(ckpt, package, tuple(steps), tuple(shards), _choose_sample(steps))
 
@@ -292,6 +286,7 @@ def _decode_frame(step: ApplyStep, chunk: Chunk, coded: memoryview, base_bits: B
             path=step.payload.path,
             tensor=step.name,
             actual=offset,
+            argument="delta",
         ) from e
 
 
@@ -443,6 +438,7 @@ def _check_rebuilt(m: Manifest, step: ApplyStep, base_hash: TensorHasher, got: s
                 tensor=step.name,
                 expected=want,
                 actual=base_got,
+                argument="base",
             )
     if got != step.target.digest:
         raise IntegrityError(
@@ -452,28 +448,35 @@ def _check_rebuilt(m: Manifest, step: ApplyStep, base_hash: TensorHasher, got: s
             tensor=step.name,
             expected=step.target.digest,
             actual=got,
+            argument="delta",
         )
 
 
-def _rebuilt_chunks(
+def _rebuilt_runs(
     steps: Sequence[ApplyStep], reader: RangeReader, verified: set[str], bar: ProgressBar, *, mapped: bool = False
-) -> Iterator[tuple[int, Bytes, TensorHasher]]:
-    """Every chunk of ``steps`` rebuilt, in order: the step's index, the chunk's output bytes (valid
-    until the chunk after next is asked for), and the hasher of that step's base bytes, which has
-    seen the chunk's base bytes (unless the tensor was checked already, in ``verified``)."""
+) -> Iterator[tuple[ApplyStep, Iterator[Bytes], TensorHasher]]:
+    """Every step rebuilt, in order: the step, its chunks' output bytes (each valid until the chunk
+    after next is asked for), and the hasher of its base bytes, which has seen every base byte of the
+    chunks gone by (unless the tensor was checked already, in ``verified``). Take a step's chunks to
+    their end before asking for the next step."""
 
     def work(chunk: Chunk, views: list[memoryview], arena: Arena) -> Bytes:  # on a reading thread
         return _decode_chunk(steps[chunk.owner], chunk, views, arena)
 
-    current, base_hash = -1, TensorHasher()
-    for chunk, views, rebuilt in Prefetcher(reader, mapped=mapped).map(_apply_chunks(steps), work):
-        step = steps[chunk.owner]
-        if chunk.owner != current:
-            current, base_hash = chunk.owner, TensorHasher()
-        if step.base is not None and chunk.segment == 0 and step.name not in verified:
-            base_hash.update(views[0])
-        yield chunk.owner, rebuilt, base_hash
-        bar.update(rebuilt.size)
+    def rebuilt(
+        step: ApplyStep, run: Iterator[tuple[Chunk, list[memoryview], Bytes]], base_hash: TensorHasher
+    ) -> Iterator[Bytes]:
+        hashes_base = step.base is not None and step.name not in verified
+        for chunk, views, data in run:
+            if hashes_base and chunk.segment == 0:
+                base_hash.update(views[0])
+            yield data
+            bar.update(data.size)
+
+    chunks = Prefetcher(reader, mapped=mapped).map(_apply_chunks(steps), work)
+    for owner, run in by_tensor(chunks, lambda item: item[0].owner):
+        base_hash = TensorHasher()
+        yield steps[owner], rebuilt(steps[owner], run, base_hash), base_hash
 
 
 def rebuilt_tensors(
@@ -486,51 +489,27 @@ def rebuilt_tensors(
     ``scratch`` and read back mapped, so memory stays bounded whatever the model. The bytes yielded are
     valid until the next tensor is asked for.
     """
-    m = plan.manifest
-    steps = plan.steps
-    current, filled = -1, 0
-    base_hash = out_hash = TensorHasher()
-    held: Bytes = np.empty(0, dtype=np.uint8)
-    spill: Any = None
-
-    def finish(index: int) -> Bytes:
-        _check_rebuilt(m, steps[index], base_hash, out_hash.hexdigest(), verified)
-        if spill is None:
-            return held
-        spill.flush()
-        return np.memmap(spill, dtype=np.uint8, mode="r", shape=(filled,)) if filled else held[:0]
-
-    try:
-        for index, rebuilt, tensor_base_hash in _rebuilt_chunks(steps, reader, verified, bar):
-            if index != current:
-                if current >= 0:
-                    yield steps[current], finish(current)
-                if spill is not None:
-                    spill.close()
-                    spill = None
-                current, filled, out_hash = index, 0, TensorHasher()
-                size = math.prod(steps[current].target.shape) * itemsize(steps[current].target.dtype)
-                if size > MEMORY_TENSOR_BYTES:
-                    spill = tempfile.TemporaryFile(dir=scratch, prefix=".deltakit-tensor-")  # noqa: SIM115 - closed below
-                else:
-                    held = np.empty(size, dtype=np.uint8)
-            base_hash = tensor_base_hash
-            out_hash.update(rebuilt.data)
-            if spill is not None:
-                spill.write(rebuilt)
-            else:
-                held[filled : filled + rebuilt.size] = rebuilt
-            filled += rebuilt.size
-        if current >= 0:
-            yield steps[current], finish(current)
-    finally:
-        if spill is not None:
-            spill.close()
-
-
-# Tensors up to this size are rebuilt in memory for a consumer that needs them whole (a 7B's largest,
-# the embedding with a grown vocabulary, is 0.4 GB in fp16); larger ones go through a scratch file.
-MEMORY_TENSOR_BYTES = 512 << 20
+    for step, chunks, base_hash in _rebuilt_runs(plan.steps, reader, verified, bar):
+        out_hash = TensorHasher()
+        size = math.prod(step.target.shape) * itemsize(step.target.dtype)
+        filled = 0
+        if size <= MEMORY_TENSOR_BYTES:
+            held = np.empty(size, dtype=np.uint8)
+            for data in chunks:
+                out_hash.update(data.data)
+                held[filled : filled + data.size] = data
+                filled += data.size
+            _check_rebuilt(plan.manifest, step, base_hash, out_hash.hexdigest(), verified)
+            yield step, held
+            continue
+        with tempfile.TemporaryFile(dir=scratch, prefix=".deltakit-tensor-") as spill:
+            for data in chunks:
+                out_hash.update(data.data)
+                spill.write(data.data)
+                filled += data.size
+            _check_rebuilt(plan.manifest, step, base_hash, out_hash.hexdigest(), verified)
+            spill.flush()
+            yield step, np.memmap(spill, dtype=np.uint8, mode="r", shape=(filled,)) if filled else np.empty(0, np.uint8)
 
 
 def _stream_apply(
@@ -543,28 +522,17 @@ def _stream_apply(
 ) -> dict[str, str]:
     """Rebuild ``steps`` (by default the whole plan) into the shard files ``fds`` (indexed by shard;
     only the steps' own need be open), checking each tensor's digests as it ends; returns them."""
-    m = plan.manifest
     steps = plan.steps if steps is None else steps
-    current = -1
-    base_hash = out_hash = TensorHasher()
     writer = OutputWriter(fds)
     digests: dict[str, str] = {}
-
-    def finish(index: int) -> None:
-        writer.wait()  # the tensor's last chunk is hashed
-        digests[steps[index].name] = out_hash.hexdigest()
-        _check_rebuilt(m, steps[index], base_hash, digests[steps[index].name], verified)
-
     try:
-        for index, rebuilt, tensor_base_hash in _rebuilt_chunks(steps, reader, verified, bar, mapped=True):
-            if index != current:
-                if current >= 0:
-                    finish(current)
-                current, out_hash = index, TensorHasher()
-            base_hash = tensor_base_hash
-            writer.submit(steps[index].shard, rebuilt, out_hash)
-        if current >= 0:
-            finish(current)
+        for step, chunks, base_hash in _rebuilt_runs(steps, reader, verified, bar, mapped=True):
+            out_hash = TensorHasher()
+            for data in chunks:
+                writer.submit(step.shard, data, out_hash)
+            writer.wait()  # the tensor's last chunk is hashed
+            digests[step.name] = out_hash.hexdigest()
+            _check_rebuilt(plan.manifest, step, base_hash, digests[step.name], verified)
         writer.finish()
     finally:
         writer.close()

@@ -16,9 +16,7 @@ from ..manifest import (
     TensorRecord,
 )
 from ..progress import ProgressBar, ProgressFactory, no_progress
-from ..streaming import (
-    CHUNK_BYTES,
-)
+from ..reading import CHUNK_BYTES
 
 
 def default_name(ckpt: Checkpoint) -> str:

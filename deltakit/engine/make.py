@@ -25,6 +25,7 @@ from ..formats.checkpoint import Checkpoint, RangeReader, open_checkpoint
 from ..formats.delta import FILES_DIR, payload_file_name
 from ..formats.safetensors import SafetensorsWriter, TensorInfo, TensorSpec
 from ..hashing import TensorHasher, file_sha256
+from ..layout import DEFAULT_SHARD_SIZE, plan_shards
 from ..manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -38,17 +39,8 @@ from ..manifest import (
     TensorRecord,
 )
 from ..progress import ProgressFactory, no_progress
+from ..reading import Arena, Chunk, Prefetcher, as_bytes, by_tensor, element_ranges, paired_chunks
 from ..staging import StagedFolder, check_output_free
-from ..streaming import (
-    DEFAULT_SHARD_SIZE,
-    Arena,
-    Chunk,
-    Prefetcher,
-    as_bytes,
-    element_ranges,
-    paired_chunks,
-    plan_shards,
-)
 from ..units import human_bytes
 from .digests import carry_files, default_name, fingerprint_of, hash_tensor
 
@@ -59,6 +51,8 @@ DEFAULT_LEVEL = 1  # measured: on fine-tune low bytes, zstd 1 codes smaller and 
 SMALLEST_LEVEL = 19
 MIN_SAVING = 1 / 16  # a frame that codes less than this much smaller is stored: decoding it would cost more
 _SAMPLE_BYTES = 256 << 10  # measured: as good a choice as 1 MiB on the real fine-tune, a quarter of the work
+# A delta that would store more than this share of the target's bytes raw is no delta of that base.
+MAX_RAW_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -124,10 +118,6 @@ def _classify(name: str, target: TensorInfo, base: TensorInfo | None, codec: Cod
     return _MakeStep(name, target, None, "raw", None, f"base shape {list(base.shape)}, target {list(target.shape)}")
 
 
-# A delta that would store more than this share of the target's bytes raw is no delta of that base.
-MAX_RAW_SHARE = 0.5
-
-
 def _refuse_raw_weights(steps: Sequence[_MakeStep], base: Checkpoint, target: Checkpoint) -> None:
     """Refuse a delta that would publish whole weights: a fine-tune adds vocabulary rows and never
     drops them, so a target with fewer rows than its base is the base itself, named as the target; and
@@ -174,10 +164,8 @@ class _PayloadShards:
     as the stream has moved on to the next shard, so only the last one's hash is left at the end.
     """
 
-    # Flushed to disk behind the writing every this many bytes, so that the final fsync waits for
-    # little (measured on the 1.9 GB pair: without it, 0.7 s of a 5.4 s make was that wait, both
-    # cores idle). apply's output is flushed differently (streaming.OutputWriter): it drops the
-    # pages it wrote, which nothing reads back; these are read back for the payload's SHA-256.
+    # Flushed behind the writing, so the final fsync waits for little (make in BENCHMARKS.md); kept in
+    # the page cache, unlike apply's output (writing.OutputWriter): read back for the SHA-256.
     WRITEBACK_BYTES = 64 << 20
 
     def __init__(self, folder: Path, specs: Sequence[TensorSpec], shard_size: int, version: int) -> None:
@@ -344,6 +332,19 @@ def _split_of(step: _MakeStep) -> str:
     return "bytes" if itemsize(step.target.dtype) > 1 else "none"
 
 
+def _read_pair(reader: RangeReader, step: _MakeStep, first: int, last: int) -> list[memoryview]:
+    """The target's and the base's bytes of elements [first, last), read into fresh memory: the views
+    of a chunk of the shared elements, as the prefetcher gives them."""
+    assert step.base is not None
+    views = []
+    for info in (step.target, step.base):
+        item = itemsize(info.dtype)
+        view = memoryview(bytearray((last - first) * item))
+        reader.read_into(info.path, info.start + first * item, view)
+        views.append(view)
+    return views
+
+
 def _choose_transform(
     step: _MakeStep,
     reader: RangeReader,
@@ -375,11 +376,7 @@ def _choose_transform(
             views = [v[first * item : last * item] for v, item in zip(chunk, (t_item, b_item), strict=True)]
         else:
             first = (shared - count) * k // max(1, samples - 1) if samples > 1 else (shared - count) // 2
-            views = []
-            for info, item in ((step.target, t_item), (step.base, b_item)):
-                view = memoryview(bytearray(count * item))
-                reader.read_into(info.path, info.start + first * item, view)
-                views.append(view)
+            views = _read_pair(reader, step, first, first + count)
         target_bits, base_bits = _chunk_bits(step, 0, views)
         for name in sizes:
             frame, _ = encode_frame(
@@ -486,9 +483,19 @@ def make_delta(
         {'xor': 289, 'rows': 2, 'copy': 1}
     """
     if codec not in MAKE_CODECS:
-        raise UnsupportedInputError(f"unknown codec {codec!r}; choose one of {', '.join(MAKE_CODECS)}")
+        raise UnsupportedInputError(
+            f"unknown codec {codec!r}; choose one of {', '.join(MAKE_CODECS)}",
+            expected=MAKE_CODECS,
+            actual=codec,
+            argument="codec",
+        )
     if format not in READABLE_FORMATS:
-        raise UnsupportedInputError(f"unknown package format {format}; choose one of {READABLE_FORMATS}")
+        raise UnsupportedInputError(
+            f"unknown package format {format}; choose one of {READABLE_FORMATS}",
+            expected=READABLE_FORMATS,
+            actual=format,
+            argument="format",
+        )
     out = Path(out)
     check_output_free(out, replace=replace)
     if format >= 2:
@@ -509,15 +516,17 @@ def make_delta(
 
     with StagedFolder(out, replace=replace) as staged:
         shards = _PayloadShards(staged.path, specs, shard_size, format)
+        stream = _MakeStream(steps, shards, coding, samples)
         try:
-            target_records, base_digests, inexact = _stream_make(steps, base_ckpt, shards, coding, samples, progress)
+            stream.run(base_ckpt, progress)
         except BaseException:
             shards.abort()
             raise
         payload = shards.finish()
         files = carry_files(target_ckpt, staged.path / FILES_DIR)
+        target_records, inexact = stream.records, stream.inexact
         base_records = {
-            n: TensorRecord(info.dtype, info.shape, base_digests[n]) for n, info in base_ckpt.tensors.items()
+            n: TensorRecord(info.dtype, info.shape, stream.base_digests[n]) for n, info in base_ckpt.tensors.items()
         }
         manifest = Manifest(
             created_by=f"deltakit {__version__}",
@@ -568,41 +577,94 @@ def _chunk_bits(step: _MakeStep, segment: int, views: list[memoryview]) -> tuple
     return target_bits, base_bits
 
 
-def _stream_make(
-    steps: list[_MakeStep],
-    base_ckpt: Checkpoint,
-    shards: _PayloadShards,
-    coding: _Coding,
-    samples: int,
-    progress: ProgressFactory,
-) -> tuple[dict[str, TargetTensor], dict[str, str], dict[str, int]]:
-    """Stream every step's chunks: code them on the reading threads (choosing each tensor's transform
-    from ``samples`` samples on the way, none for no choice), hash and write them in order."""
-    records: dict[str, TargetTensor] = {}
-    base_digests: dict[str, str] = {}
-    inexact: dict[str, int] = {}
-    total = sum(s.target.nbytes for s in steps)
-    bar = progress(total, "make")
-    state: _MakeState | None = None
+class _MakeStream:
+    """One pass over every step's chunks: coded on the reading threads (each tensor's transform chosen
+    from ``samples`` samples as its first chunk is coded; none for no choice), hashed and written in
+    order. Collects each target tensor's record, each base tensor's digest, and inexact elements."""
 
-    def finish(state: _MakeState) -> None:
+    def __init__(self, steps: list[_MakeStep], shards: _PayloadShards, coding: _Coding, samples: int) -> None:
+        self.steps = steps  # a step's transform is chosen in place, before its first chunk comes out
+        self.shards, self.coding, self.samples = shards, coding, samples
+        self.records: dict[str, TargetTensor] = {}
+        self.base_digests: dict[str, str] = {}
+        self.inexact: dict[str, int] = {}
+
+    def run(self, base_ckpt: Checkpoint, progress: ProgressFactory) -> None:
+        bar = progress(sum(s.target.nbytes for s in self.steps), "make")
+        with RangeReader() as reader:
+            chooser = _Chooser(self.steps, reader, self.coding, self.samples)
+
+            def work(chunk: Chunk, views: list[memoryview], arena: Arena) -> _Encoded:  # on a reading thread
+                return self.coding.encode(chooser.step(chunk, views), chunk.segment, views, arena.take)
+
+            chunks = Prefetcher(reader, mapped=True).map(_make_chunks(self.steps), work)
+            for owner, run in by_tensor(chunks, lambda item: item[0].owner):
+                state = self._start(self.steps[owner])
+                for chunk, views, encoded in run:
+                    state.target_hash.update(views[0])  # while the chunk before is written
+                    if len(views) > 1:
+                        state.base_hash.update(views[1])
+                    self.shards.wait()  # before the next chunk is asked for, which may recycle this one's memory
+                    if state.started or not encoded.identical:
+                        if not state.started:
+                            self._catch_up(state, chunk.first, reader)
+                        self._emit(state, encoded, behind=True)
+                    bar.update(len(views[0]))
+                self._finish(state)
+            for name, info in base_ckpt.tensors.items():
+                if name not in self.base_digests:
+                    self.base_digests[name] = hash_tensor(reader, info)
+        bar.close()
+
+    def _start(self, step: _MakeStep) -> _MakeState:
+        state = _MakeState(step)
+        if step.codec is not None and not step.codec.exact:
+            state.rebuild_hash = TensorHasher()
+        if step.encoding in ("raw", "rows"):
+            self.shards.begin(step.name)
+            state.started = True
+        return state
+
+    def _catch_up(self, state: _MakeState, upto: int, reader: RangeReader) -> None:
+        """The tensor was identical to the base up to element ``upto``: start its payload, and encode
+        that prefix now."""
+        step = state.step
+        assert step.base is not None
+        self.shards.begin(step.name)
+        state.started = True
+        widest = max(itemsize(step.target.dtype), itemsize(step.base.dtype))
+        for a, b in element_ranges(0, upto, widest):
+            self._emit(state, self.coding.encode(step, 0, _read_pair(reader, step, a, b)))
+
+    def _emit(self, state: _MakeState, encoded: _Encoded, *, behind: bool = False) -> None:
+        if behind:
+            self.shards.write_behind(encoded.pieces)
+        else:
+            self.shards.write(encoded.pieces)
+        if encoded.frame is not None and encoded.frame.elements:
+            state.frames.append(encoded.frame)
+        if state.rebuild_hash is not None and encoded.rebuilt is not None:
+            state.inexact += encoded.inexact
+            state.rebuild_hash.update(encoded.rebuilt.data)
+
+    def _finish(self, state: _MakeState) -> None:
         step = state.step
         source = state.target_hash.hexdigest()
         if step.base is not None:
-            base_digests[step.name] = state.base_hash.hexdigest()
+            self.base_digests[step.name] = state.base_hash.hexdigest()
         encoding = step.encoding
         if encoding not in ("raw", "rows") and not state.started:
             encoding = "copy"
         elif not state.started:  # raw or rows: always written (zero-size tensors included)
-            shards.begin(step.name)
+            self.shards.begin(step.name)
         if encoding != "copy":
-            shards.end()
+            self.shards.end()
         digest = source
         if state.rebuild_hash is not None and encoding != "copy":
             digest = state.rebuild_hash.hexdigest()
         t = step.target
-        framed = coding.version >= 2 and encoding != "copy"
-        records[step.name] = TargetTensor(
+        framed = self.coding.version >= 2 and encoding != "copy"
+        self.records[step.name] = TargetTensor(
             dtype=t.dtype,
             shape=t.shape,
             digest=digest,
@@ -616,66 +678,4 @@ def _stream_make(
             frames=tuple(state.frames) if framed else None,
         )
         if state.rebuild_hash is not None and encoding != "copy":
-            inexact[step.name] = state.inexact
-
-    def emit(state: _MakeState, encoded: _Encoded, *, behind: bool = False) -> None:
-        if behind:
-            shards.write_behind(encoded.pieces)
-        else:
-            shards.write(encoded.pieces)
-        if encoded.frame is not None and encoded.frame.elements:
-            state.frames.append(encoded.frame)
-        if state.rebuild_hash is not None and encoded.rebuilt is not None:
-            state.inexact += encoded.inexact
-            state.rebuild_hash.update(encoded.rebuilt.data)
-
-    def catch_up(state: _MakeState, upto: int, reader: RangeReader) -> None:
-        """The tensor was identical to the base up to element ``upto``: encode that prefix now."""
-        step = state.step
-        assert step.base is not None
-        t_item, b_item = itemsize(step.target.dtype), itemsize(step.base.dtype)
-        for a, b in element_ranges(0, upto, max(t_item, b_item)):
-            views = []
-            for info, item in ((step.target, t_item), (step.base, b_item)):
-                view = memoryview(bytearray((b - a) * item))
-                reader.read_into(info.path, info.start + a * item, view)
-                views.append(view)
-            emit(state, coding.encode(step, 0, views))
-
-    with RangeReader() as reader:
-        chooser = _Chooser(steps, reader, coding, samples)
-
-        def work(chunk: Chunk, views: list[memoryview], arena: Arena) -> _Encoded:  # on a reading thread
-            return coding.encode(chooser.step(chunk, views), chunk.segment, views, arena.take)
-
-        for chunk, views, encoded in Prefetcher(reader, mapped=True).map(_make_chunks(steps), work):
-            step = steps[chunk.owner]
-            if state is None or state.step is not step:
-                if state is not None:
-                    finish(state)
-                state = _MakeState(step)
-                if step.codec is not None and not step.codec.exact:
-                    state.rebuild_hash = TensorHasher()
-                if step.encoding in ("raw", "rows"):
-                    shards.begin(step.name)
-                    state.started = True
-            state.target_hash.update(views[0])  # while the chunk before is written
-            if len(views) > 1:
-                state.base_hash.update(views[1])
-            shards.wait()  # before the next chunk is asked for, which may recycle that chunk's memory
-            if not state.started:
-                if encoded.identical:
-                    bar.update(len(views[0]))
-                    continue
-                shards.begin(step.name)
-                state.started = True
-                catch_up(state, chunk.first, reader)
-            emit(state, encoded, behind=True)
-            bar.update(len(views[0]))
-        if state is not None:
-            finish(state)
-        for name, info in base_ckpt.tensors.items():
-            if name not in base_digests:
-                base_digests[name] = hash_tensor(reader, info)
-    bar.close()
-    return records, base_digests, inexact
+            self.inexact[step.name] = state.inexact

@@ -1,43 +1,10 @@
-"""The read pipeline shared by make and apply: what it asks of the kernel, and in what order."""
+"""The write-behind shared by apply, convert and merge: direct writes in aligned blocks, exact bytes."""
 
 from __future__ import annotations
 
 import os
 
-from deltakit import streaming
-from deltakit.formats.checkpoint import RangeReader
-from deltakit.streaming import Chunk, Prefetcher, Read
-
-
-def test_reads_are_handed_to_the_kernel_ahead_of_the_chunks_being_read(tmp_path, monkeypatch):
-    """Each chunk's ranges are hinted (WILLNEED) once, in order, before any thread reads them, and
-    the hints run READAHEAD_BYTES ahead: from a disk, reading then overlaps with decoding."""
-    monkeypatch.setattr(streaming, "READAHEAD_BYTES", 3000)
-    data = os.urandom(20 * 1000)
-    path = tmp_path / "weights.bin"
-    path.write_bytes(data)
-    chunks = [Chunk(k, 0, 0, 0, (Read(path, k * 1000, 1000),)) for k in range(20)]
-    events: list[tuple[str, int]] = []
-    with RangeReader() as reader:
-        hint, read_into = reader.will_need, reader.read_into
-
-        def hinted(p, offset, length):
-            events.append(("hint", offset))
-            hint(p, offset, length)
-
-        def read(p, offset, view):
-            events.append(("read", offset))
-            read_into(p, offset, view)
-
-        monkeypatch.setattr(reader, "will_need", hinted)
-        monkeypatch.setattr(reader, "read_into", read)
-        got = [bytes(views[0]) for _, views in Prefetcher(reader).run(chunks)]
-    assert got == [data[k * 1000 : (k + 1) * 1000] for k in range(20)]
-    assert [offset for kind, offset in events if kind == "hint"] == [k * 1000 for k in range(20)]
-    for i, (kind, offset) in enumerate(events):
-        if kind == "read":
-            furthest = max(o for k, o in events[:i] if k == "hint")
-            assert furthest >= min(offset + 3000, 19000), (offset, furthest)
+from deltakit import writing
 
 
 def _write_through(tmp_path, pieces, headers):
@@ -50,9 +17,9 @@ def _write_through(tmp_path, pieces, headers):
     fds = []
     for k, header in enumerate(headers):
         fds.append(os.open(tmp_path / f"shard-{k}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-        streaming.write_all(fds[-1], memoryview(header))
+        writing.write_all(fds[-1], memoryview(header))
     hashers = [TensorHasher() for _ in pieces]
-    writer = streaming.OutputWriter(fds)
+    writer = writing.OutputWriter(fds)
     try:
         for (shard, data), hasher in zip(pieces, hashers, strict=True):
             writer.submit(shard, np.frombuffer(data, dtype=np.uint8), hasher)
@@ -67,7 +34,7 @@ def _write_through(tmp_path, pieces, headers):
 def _direct_works(folder) -> bool:
     fd = os.open(folder / "probe", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        return streaming.set_direct(fd, True)
+        return writing.set_direct(fd, True)
     finally:
         os.close(fd)
         os.unlink(folder / "probe")
@@ -97,16 +64,16 @@ def test_the_output_goes_to_disk_directly_in_aligned_blocks(tmp_path, monkeypatc
     import blake3
     import pytest
 
-    monkeypatch.setattr(streaming, "DIRECT_BLOCK", 65_536)
+    monkeypatch.setattr(writing, "DIRECT_BLOCK", 65_536)
     blocks: list[tuple[int, int, bool]] = []
-    write_block = streaming._write_block
+    write_block = writing._write_block
 
     def spy(fd, view, offset):
-        direct = bool(streaming.fcntl.fcntl(fd, streaming.fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0))
+        direct = bool(writing.fcntl.fcntl(fd, writing.fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0))
         blocks.append((offset, len(view), direct))
         write_block(fd, view, offset)
 
-    monkeypatch.setattr(streaming, "_write_block", spy)
+    monkeypatch.setattr(writing, "_write_block", spy)
     pieces, expected = _pieces_and_files(_HEADERS, _SIZES)
     files, digests = _write_through(tmp_path, pieces, _HEADERS)
     assert files == expected
@@ -120,8 +87,8 @@ def test_the_output_goes_to_disk_directly_in_aligned_blocks(tmp_path, monkeypatc
 
 def test_without_direct_writes_the_output_is_the_same(tmp_path, monkeypatch):
     """A filesystem (or OS) that refuses O_DIRECT gets every byte the ordinary way: the same files."""
-    monkeypatch.setattr(streaming, "DIRECT_BLOCK", 65_536)
-    monkeypatch.setattr(streaming, "set_direct", lambda fd, on: False)
+    monkeypatch.setattr(writing, "DIRECT_BLOCK", 65_536)
+    monkeypatch.setattr(writing, "set_direct", lambda fd, on: False)
     pieces, expected = _pieces_and_files(_HEADERS, _SIZES, seed=1)
     files, _ = _write_through(tmp_path, pieces, _HEADERS)
     assert files == expected
@@ -132,18 +99,18 @@ def test_a_direct_write_refused_midway_falls_back_to_ordinary_writes(tmp_path, m
     and the rest of the file, the ordinary way: nothing is lost, nothing fails."""
     import errno
 
-    monkeypatch.setattr(streaming, "DIRECT_BLOCK", 65_536)
-    write_all = streaming.write_all
+    monkeypatch.setattr(writing, "DIRECT_BLOCK", 65_536)
+    write_all = writing.write_all
     refused = []
 
     def picky(fd, view, offset=None):
-        flags = streaming.fcntl.fcntl(fd, streaming.fcntl.F_GETFL)
+        flags = writing.fcntl.fcntl(fd, writing.fcntl.F_GETFL)
         if offset is not None and flags & getattr(os, "O_DIRECT", 0) and len(refused) < 1:
             refused.append(offset)
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         write_all(fd, view, offset)
 
-    monkeypatch.setattr(streaming, "write_all", picky)
+    monkeypatch.setattr(writing, "write_all", picky)
     pieces, expected = _pieces_and_files(_HEADERS, _SIZES, seed=2)
     files, _ = _write_through(tmp_path, pieces, _HEADERS)
     assert files == expected
