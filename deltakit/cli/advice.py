@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import DeltakitError, NoSpaceError, OutputExistsError, RawWeightsError
+from ..errors import (
+    BaseMismatchError,
+    DeltakitError,
+    IntegrityError,
+    NoSpaceError,
+    OutputExistsError,
+    RawWeightsError,
+)
 from ..registry import StaleNameError
 
 # (error type, the argument it is about or None for any, advice). The first row that matches speaks;
@@ -21,6 +28,10 @@ _ADVICE: tuple[tuple[type[DeltakitError], str | None, str], ...] = (
     (OutputExistsError, "out", "choose another {flag} or remove it yourself"),
     (OutputExistsError, "name", "pass --force to replace it"),
     (NoSpaceError, "out", "or choose another {flag}"),
+    # apply and make
+    (BaseMismatchError, "base", "check {flag}: it must be the model the delta was made from, converted the same way"),
+    (IntegrityError, "delta", "fetch or copy the delta again"),
+    (DeltakitError, "kind", "name the delta's kind with --legacy (fastchat, alpaca or oasst-xor) to apply it anyway"),
     # conversions
     (DeltakitError, "quant", "choose another {flag}: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 need no extra"),
     (DeltakitError, "to", "choose another {flag}"),
