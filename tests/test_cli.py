@@ -351,3 +351,13 @@ def test_the_advice_names_the_running_commands_flag():
     assert _advice(OutputExistsError("o exists", argument="out"), {}) == "", "no flag, no advice about one"
     assert _advice(DeltakitError("bad", argument="source"), flags) == "; check SOURCE"
     assert _advice(DeltakitError("bad"), flags) == ""
+
+
+def test_ray_is_refused_for_what_it_cannot_fan_out(pair, tmp_path):
+    """--ray with a legacy delta (or LoRA adapters) ran on one machine, the flag silently dropped."""
+    _, base_dir, _, _ = pair
+    legacy = tmp_path / "legacy-release"
+    legacy.mkdir()  # a folder without deltakit.json is read as a legacy delta
+    run = deltakit_cli("apply", "--base", base_dir, "--delta", legacy, "--out", tmp_path / "o", "--ray", "auto")
+    assert run.returncode == 2 and "--ray rebuilds a deltakit delta" in run.stderr, run.stderr
+    assert not (tmp_path / "o").exists()

@@ -116,17 +116,22 @@ def _apply_mode(args: argparse.Namespace) -> Callable[[argparse.Namespace], int]
         raise _UsageError("--to gguf takes one deltakit delta; rebuild others to a folder, then deltakit convert it")
     if len(args.delta) > 1 and len(adapters) != len(args.delta):  # a mix, or several deltakit deltas
         raise _UsageError("several --delta are for LoRA adapters only; deltakit deltas apply one at a time")
+    on_ray = "--ray rebuilds a deltakit delta into a model folder; the rest runs on one machine"
     if adapters:
         if args.dry_run:
             raise _UsageError("--dry-run is for deltakit deltas; adapters have no plan to print yet")
+        if args.ray is not None:
+            raise _UsageError(on_ray)
         return _apply_lora
     args.delta = args.delta[0]
     if args.legacy != "auto" or (not (Path(args.delta) / MANIFEST_NAME).exists() and Path(args.delta).is_dir()):
         if args.dry_run:
             raise _UsageError("--dry-run is for deltakit deltas; legacy deltas have no plan to print yet")
+        if args.ray is not None:
+            raise _UsageError(on_ray)
         return _apply_legacy
     if args.ray is not None and args.to == "gguf":
-        raise _UsageError("--ray rebuilds a deltakit delta into a model folder; the rest runs on one machine")
+        raise _UsageError(on_ray)
     if args.to == "gguf":
         return _apply_gguf_dry_run if args.dry_run else _apply_gguf
     if args.dry_run:
