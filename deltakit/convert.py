@@ -12,13 +12,14 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .codecs import Bytes, cast_bits
 from .dtypes import is_float, itemsize
-from .errors import UnsupportedInputError
-from .families import llama
+from .errors import FormatError, UnsupportedInputError
+from .families import llama, llama3
 from .files import read_json_object
 from .formats.checkpoint import RangeReader, open_checkpoint
 from .formats.safetensors import TensorSpec
@@ -123,6 +124,29 @@ def _write_checklist(folder: Path) -> None:
     (folder / "checklist.chk").write_text("".join(lines), encoding="utf-8")
 
 
+def _llama3_hf_files(
+    source: Path, shape: llama.LlamaShape, params: dict[str, Any], sources: Sequence[tuple[str, Rows]], torch_dtype: str
+) -> dict[str, Path | str | bytes]:
+    """A Llama 3 or 3.1 Meta checkpoint's HF files: config, generation config and, from its tiktoken
+    ``tokenizer.model``, the fast tokenizer transformers' script writes."""
+    vocab = dict(sources)["model.embed_tokens.weight"].shape[0]
+    files: dict[str, Path | str | bytes] = {
+        "config.json": llama3.hf_config(shape, params, sources, torch_dtype),
+        "generation_config.json": llama3.generation_config(vocab),
+    }
+    if (source / "tokenizer.model").is_file():
+        tokens = llama3.read_tiktoken(source / "tokenizer.model")
+        if len(tokens) + len(llama3.special_tokens(scaled_rope=False)) != vocab:
+            raise FormatError(
+                f"tokenizer.model holds {len(tokens)} tokens, which with Llama 3's 256 special tokens are not "
+                f"the embedding's {vocab} rows",
+                path=source / "tokenizer.model",
+            )
+        files["tokenizer.json"] = llama3.tokenizer_json(tokens, params)
+        files["tokenizer_config.json"] = llama3.tokenizer_config(params)
+    return files
+
+
 def convert(
     source: str | Path,
     out: str | Path,
@@ -160,7 +184,7 @@ def convert(
         )
     out_dtype = DTYPE_NAMES[dtype] if dtype else None
     is_meta = llama.is_meta_checkpoint(source)
-    files: dict[str, Path | str] = {}  # output name -> a file to copy, or text to write
+    files: dict[str, Path | str | bytes] = {}  # output name -> a file to copy, or text or bytes to write
 
     if is_meta:
         if to == "meta":
@@ -171,11 +195,14 @@ def convert(
         sources, shape = llama.meta_to_hf(source)
         params = llama.read_params(source / "params.json")
         first_dtype = out_dtype or sources[0][1].dtype
-        files["config.json"] = llama.hf_config(shape, params, sources, torch_dtype_name(first_dtype))
-        files["generation_config.json"] = json.dumps(llama.GENERATION_CONFIG, indent=2) + "\n"
-        if (source / "tokenizer.model").is_file():
-            files["tokenizer.model"] = source / "tokenizer.model"
-            if dict(sources)["model.embed_tokens.weight"].shape[0] <= llama.SENTENCEPIECE_VOCAB_MAX:
+        vocab = dict(sources)["model.embed_tokens.weight"].shape[0]
+        if llama3.is_llama3_vocab(vocab):
+            files.update(_llama3_hf_files(source, shape, params, sources, torch_dtype_name(first_dtype)))
+        else:
+            files["config.json"] = llama.hf_config(shape, params, sources, torch_dtype_name(first_dtype))
+            files["generation_config.json"] = json.dumps(llama.GENERATION_CONFIG, indent=2) + "\n"
+            if (source / "tokenizer.model").is_file():
+                files["tokenizer.model"] = source / "tokenizer.model"
                 files["tokenizer_config.json"] = json.dumps(llama.TOKENIZER_CONFIG, indent=2) + "\n"
         meta_out: list[list[tuple[str, Rows]]] | None = None
     else:
@@ -192,9 +219,19 @@ def convert(
                 )
             count = meta_shards or llama.META_SHARDS.get(shape.dim, 1)
             meta_out = llama.hf_to_meta(ckpt.tensors, shape, count, ckpt.root)
-            params = llama.meta_params(shape, config)
-            files = {"params.json": json.dumps(params) + "\n"}
-            if (ckpt.root / "tokenizer.model").is_file():
+            files = {}
+            embed = ckpt.tensors.get("model.embed_tokens.weight")
+            if embed is not None and llama3.is_llama3_vocab(embed.shape[0]):
+                intermediate = ckpt.tensors["model.layers.0.mlp.gate_proj.weight"].shape[0]
+                params = llama3.meta_params(shape, config, intermediate)
+                if (ckpt.root / "tokenizer.json").is_file():
+                    tiktoken = llama3.tiktoken_from_tokenizer_json(ckpt.root / "tokenizer.json")
+                    if tiktoken is not None:
+                        files["tokenizer.model"] = tiktoken
+            else:
+                params = llama.meta_params(shape, config)
+            files["params.json"] = json.dumps(params) + "\n"
+            if "tokenizer.model" not in files and (ckpt.root / "tokenizer.model").is_file():
                 files["tokenizer.model"] = ckpt.root / "tokenizer.model"
         elif out_dtype is not None and "config.json" in files:
             config = read_json_object(ckpt.root / "config.json")
@@ -216,6 +253,8 @@ def convert(
             target.parent.mkdir(parents=True, exist_ok=True)
             if isinstance(content, Path):
                 file_sha256(content, copy_to=target)
+            elif isinstance(content, bytes):
+                target.write_bytes(content)
             else:
                 target.write_text(content, encoding="utf-8")
         if meta_out is not None:

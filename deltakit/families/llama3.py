@@ -1,0 +1,299 @@
+"""Llama 3 and 3.1: what sets them apart from Llama 1 and 2 (a 128256-token byte-level BPE vocabulary,
+RoPE theta 500000 and, from 3.1, Llama 3 rope scaling).
+
+Each part of this module is a section of its own, so that Meta conversion and GGUF each keep theirs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import FormatError
+from ..files import read_json_object
+from ..rows import Rows
+from .llama import SENTENCEPIECE_VOCAB_MAX, LlamaShape
+
+# =================================================================================================
+# Meta's original checkpoints: params.json and the tiktoken tokenizer.model <-> Hugging Face's files,
+# as transformers' convert_llama_weights_to_hf.py (--llama_version 3 or 3.1) writes them
+# =================================================================================================
+
+__all__ = [
+    "BOS_TOKEN",
+    "EOS_TOKEN",
+    "META_CONTEXT",
+    "generation_config",
+    "hf_config",
+    "is_llama3_vocab",
+    "meta_params",
+    "read_tiktoken",
+    "special_tokens",
+    "tiktoken_from_tokenizer_json",
+    "tokenizer_config",
+    "tokenizer_json",
+]
+
+BOS_TOKEN = "<|begin_of_text|>"
+EOS_TOKEN = "<|end_of_text|>"
+# Meta's context lengths, as transformers' script records them: 8192 for Llama 3, 131072 from 3.1
+META_CONTEXT = {False: 8192, True: 131072}
+# Llama 3's split pattern (tiktoken's, as transformers' TikTokenConverter writes it)
+_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+_SPECIAL_TOKENS = 256
+# the tiktoken file of a tokenizer larger than this is not Llama 3's; bounds what is read
+_MAX_TIKTOKEN_BYTES = 64 << 20
+
+
+def is_llama3_vocab(rows: int) -> bool:
+    """An embedding of ``rows`` tokens is Llama 3's BPE kind, not Llama 1 and 2's SentencePiece."""
+    return rows > SENTENCEPIECE_VOCAB_MAX
+
+
+def _scaled_rope(params: dict[str, Any]) -> bool:
+    return params.get("use_scaled_rope") is True
+
+
+def special_tokens(*, scaled_rope: bool) -> list[str]:
+    """The 256 special tokens after the BPE ranks: Llama 3's names, or 3.1's (which uses a few more)."""
+    if scaled_rope:
+        named = [BOS_TOKEN, EOS_TOKEN, "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+                 "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>",
+                 "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]  # fmt: skip
+        first = 3
+    else:
+        named = [BOS_TOKEN, EOS_TOKEN, "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+                 "<|reserved_special_token_2|>", "<|reserved_special_token_3|>", "<|start_header_id|>",
+                 "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]  # fmt: skip
+        first = 5
+    return named + [f"<|reserved_special_token_{i}|>" for i in range(first, first + _SPECIAL_TOKENS - len(named))]
+
+
+def hf_config(shape: LlamaShape, params: dict[str, Any], sources: Sequence[tuple[str, Rows]], torch_dtype: str) -> str:
+    """The ``config.json`` of the HF model converted from a Llama 3 or 3.1 Meta checkpoint of ``params``."""
+    by_name = dict(sources)
+    vocab = by_name["model.embed_tokens.weight"].shape[0]
+    scaled = _scaled_rope(params)
+    config: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": vocab - _SPECIAL_TOKENS,
+        "eos_token_id": vocab - _SPECIAL_TOKENS + 1,
+        "hidden_act": "silu",
+        "hidden_size": shape.dim,
+        "initializer_range": 0.02,
+        "intermediate_size": by_name["model.layers.0.mlp.gate_proj.weight"].shape[0],
+        "max_position_embeddings": META_CONTEXT[scaled],
+        "mlp_bias": False,
+        "model_type": "llama",
+        "num_attention_heads": shape.heads,
+        "num_hidden_layers": shape.layers,
+        "num_key_value_heads": shape.kv_heads,
+        "pretraining_tp": 1,
+        "rms_norm_eps": params.get("norm_eps", 1e-5),
+        "rope_scaling": None,
+        "rope_theta": params.get("rope_theta", 500000.0),
+        "tie_word_embeddings": False,
+        "torch_dtype": torch_dtype,
+        "use_cache": True,
+        "vocab_size": vocab,
+    }
+    if scaled:  # Llama 3.1's, as transformers' script and Meta's HF repositories state it
+        config["rope_scaling"] = {
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": META_CONTEXT[False],
+            "rope_type": "llama3",
+        }
+    return json.dumps(config, indent=2) + "\n"
+
+
+def generation_config(vocab: int) -> str:
+    """``generation_config.json`` as transformers' script writes it for a base (not instruct) model."""
+    bos = vocab - _SPECIAL_TOKENS
+    config = {"bos_token_id": bos, "do_sample": True, "eos_token_id": bos + 1, "temperature": 0.6, "top_p": 0.9}
+    return json.dumps(config, indent=2) + "\n"
+
+
+def tokenizer_config(params: dict[str, Any]) -> str:
+    """``tokenizer_config.json``: a fast tokenizer that adds BOS (its post-processor does), as
+    transformers' script writes it."""
+    config = {
+        "bos_token": BOS_TOKEN,
+        "clean_up_tokenization_spaces": True,
+        "eos_token": EOS_TOKEN,
+        "model_input_names": ["input_ids", "attention_mask"],
+        "model_max_length": META_CONTEXT[_scaled_rope(params)],
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    return json.dumps(config, indent=2) + "\n"
+
+
+def read_tiktoken(path: Path) -> list[bytes]:
+    """A tiktoken ``tokenizer.model``: one ``BASE64 RANK`` line per token, ranks 0, 1, 2... in order;
+    returns the tokens' bytes by rank."""
+    if path.stat().st_size > _MAX_TIKTOKEN_BYTES:
+        raise FormatError(f"{path} is over {_MAX_TIKTOKEN_BYTES} bytes: not a Llama 3 tokenizer", path=path)
+    tokens: list[bytes] = []
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            if len(fields) != 2 or int(fields[1]) != len(tokens):
+                raise ValueError
+            tokens.append(base64.b64decode(fields[0], validate=True))
+        except (ValueError, binascii.Error):
+            raise FormatError(
+                f"{path}, line {number}: expected 'BASE64 {len(tokens)}', a tiktoken rank in order", path=path
+            ) from None
+    if len(set(tokens)) != len(tokens):
+        raise FormatError(f"{path} lists a token twice", path=path)
+    return tokens
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's byte-level alphabet: byte b shown as one printable character."""
+    shown = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in shown}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def _merges(tokens: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
+    """Every split of each token into two ranked tokens, by the token's rank, then by the parts' ranks
+    (as transformers' TikTokenConverter lists them)."""
+    rank = {token: i for i, token in enumerate(tokens)}
+    merges: list[tuple[bytes, bytes]] = []
+    for token in tokens:
+        local = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in rank and token[i:] in rank]
+        local.sort(key=lambda pair: (rank[pair[0]], rank[pair[1]]))
+        merges += local
+    return merges
+
+
+def tokenizer_json(tokens: Sequence[bytes], params: dict[str, Any]) -> str:
+    """The fast tokenizer's ``tokenizer.json`` for tiktoken ``tokens``, the special tokens after them
+    and a post-processor that adds BOS: the file transformers' script writes, read the same way."""
+    chars = _byte_chars()
+
+    def shown(token: bytes) -> str:
+        return "".join(chars[b] for b in token)
+
+    bos_id = len(tokens)
+    added = [
+        {"id": bos_id + i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True}
+        for i, name in enumerate(special_tokens(scaled_rope=_scaled_rope(params)))
+    ]  # fmt: skip
+    byte_level = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    document = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": _PATTERN}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            ],
+        },
+        "post_processor": {
+            "type": "Sequence",
+            "processors": [
+                byte_level | {"trim_offsets": False},
+                {
+                    "type": "TemplateProcessing",
+                    "single": [
+                        {"SpecialToken": {"id": BOS_TOKEN, "type_id": 0}},
+                        {"Sequence": {"id": "A", "type_id": 0}},
+                    ],
+                    "pair": [
+                        {"SpecialToken": {"id": BOS_TOKEN, "type_id": 0}},
+                        {"Sequence": {"id": "A", "type_id": 0}},
+                        {"SpecialToken": {"id": BOS_TOKEN, "type_id": 1}},
+                        {"Sequence": {"id": "B", "type_id": 1}},
+                    ],
+                    "special_tokens": {BOS_TOKEN: {"id": BOS_TOKEN, "ids": [bos_id], "tokens": [BOS_TOKEN]}},
+                },
+            ],
+        },
+        "decoder": byte_level,
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": True,
+            "vocab": {shown(token): i for i, token in enumerate(tokens)},
+            "merges": [[shown(a), shown(b)] for a, b in _merges(tokens)],
+        },
+    }
+    return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+
+
+def tiktoken_from_tokenizer_json(path: Path) -> bytes | None:
+    """Meta's ``tokenizer.model`` back from a Llama 3 ``tokenizer.json``: its byte-level BPE vocabulary
+    below the first added token, one ``BASE64 RANK`` line per token; None where the file is not such a
+    tokenizer."""
+    document = read_json_object(path)
+    model = document.get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        return None
+    added = document.get("added_tokens") or []
+    first_added = min((t.get("id", 0) for t in added if isinstance(t, dict)), default=len(model["vocab"]))
+    byte_of = {c: b for b, c in enumerate(_byte_chars())}
+    tokens: dict[int, bytes] = {}
+    for text, rank in model["vocab"].items():
+        if type(rank) is not int or rank >= first_added:
+            continue
+        if any(c not in byte_of for c in text):
+            return None  # not byte-level
+        tokens[rank] = bytes(byte_of[c] for c in text)
+    if sorted(tokens) != list(range(len(tokens))):
+        raise FormatError(f"{path}: the BPE ranks below {first_added} are not 0, 1, 2...", path=path)
+    lines = (base64.b64encode(tokens[r]) + b" " + str(r).encode() + b"\n" for r in range(len(tokens)))
+    return b"".join(lines)
+
+
+def meta_params(shape: LlamaShape, config: dict[str, Any], intermediate: int) -> dict[str, Any]:
+    """Meta's ``params.json`` for a Llama 3 or 3.1 HF model: Meta's fields, with an FFN multiplier and
+    multiple that give back ``intermediate`` under Meta's formula."""
+    hidden = int(2 * (4 * shape.dim) / 3)
+    multiplier, multiple = 1.0, intermediate
+    for m, k in ((1.3, 1024), (1.3, 4096), (1.2, 4096), (1.5, 256), (1.0, 256), (1.0, 1024)):
+        if k * ((int(m * hidden) + k - 1) // k) == intermediate:
+            multiplier, multiple = m, k
+            break
+    scaling = config.get("rope_scaling")
+    params: dict[str, Any] = {
+        "dim": shape.dim,
+        "ffn_dim_multiplier": multiplier,
+        "multiple_of": multiple,
+        "n_heads": shape.heads,
+        "n_kv_heads": shape.kv_heads,
+        "n_layers": shape.layers,
+        "norm_eps": config.get("rms_norm_eps", 1e-5),
+        "rope_theta": config.get("rope_theta", 500000.0),
+        "use_scaled_rope": isinstance(scaling, dict) and scaling.get("rope_type") == "llama3",
+        "vocab_size": config.get("vocab_size"),
+    }
+    return params

