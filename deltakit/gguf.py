@@ -33,7 +33,7 @@ from .codecs import Bytes
 from .convert import torch_dtype_name
 from .dtypes import itemsize
 from .errors import DeltakitError, FormatError, InputNotFoundError, IntegrityError, UnsupportedInputError
-from .families import Family, family_of, llama
+from .families import FAMILIES, Family, family_of, llama
 from .files import json_object, read_regular, require_regular
 from .formats.checkpoint import RangeReader, open_checkpoint
 from .formats.delta import FILES_DIR
@@ -231,12 +231,15 @@ class _Hparams:
         family = family_of(config)
         if family is None:
             arch = (config.get("architectures") or [None])[0]
+            known = ", ".join(f.architectures[0] for f in FAMILIES)
             raise UnsupportedInputError(
-                f"{where}: architecture {arch!r} is not LLaMA; deltakit writes GGUF for LLaMA-family models "
-                "(LlamaForCausalLM) only",
+                f"{where}: architecture {arch!r} is not LLaMA or a kin deltakit knows; deltakit writes GGUF "
+                f"for {known} only",
                 path=where,
             )
         hp = dict(config)
+        if "num_key_value_heads" in hp and hp["num_key_value_heads"] is None:  # null, not absent: as transformers
+            hp["num_key_value_heads"] = hp["num_attention_heads"]  # reads it, before a family's default of 8
         for key, default in family.config_defaults:  # transformers' defaults, where the file leaves them out
             if hp.get(key) is None:
                 hp[key] = default

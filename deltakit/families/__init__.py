@@ -9,10 +9,11 @@ from typing import Any
 
 from .family import Family
 from .llama import LLAMA
+from .mistral import MISTRAL
 
 __all__ = ["FAMILIES", "Family", "family_of"]
 
-FAMILIES: tuple[Family, ...] = (LLAMA,)
+FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL)
 
 
 def family_of(config: Mapping[str, Any]) -> Family | None:
