@@ -81,6 +81,8 @@ _JSON_FILES = (
     "special_tokens_map.json",
     "chat_template.json",
 )
+# The file each kind of vocabulary (a family's ``vocabulary``) is read from.
+_VOCABULARY_FILES = {"sentencepiece": "tokenizer.model", "bpe": "tokenizer.json"}
 _AHEAD = 2  # blocks encoded ahead of the one being written: both cores busy, a few blocks in memory
 _FILE_LIMIT = 64 << 20  # the largest metadata file read (LLaMA's tokenizer.json: 1.8 MB)
 _CARD_YAML_LIMIT = 1 << 20  # a model card's YAML front matter (real ones: a few KiB)
@@ -155,6 +157,8 @@ _ROPE_FIELDS = (
         _Field(name, "number", -1e6, 1e6)
         for name in ("extrapolation_factor", "attention_factor", "attn_factor", "beta_fast", "beta_slow")
     ),
+    _Field("low_freq_factor", "number", 0, 1e6, open_low=True),
+    _Field("high_freq_factor", "number", 0, 1e6, open_low=True),
 )
 _KINDS = {
     "int": "an integer",
@@ -253,12 +257,13 @@ class _Hparams:
         rope.setdefault("rope_theta", hp.get("rope_theta", 10000.0))
         if "rope_type" not in rope and "type" in rope:
             rope["rope_type"] = rope["type"]
-        if rope.get("rope_type") == "llama3":
+        if rope.get("rope_type") == "llama3" and not family.extra_tensors({**hp, "rope_parameters": rope}):
             raise UnsupportedInputError(
-                f"{where}: Llama 3 models (llama3 rope, a BPE tokenizer) are not supported by deltakit's GGUF "
-                "writer; convert the rebuilt model with llama.cpp's convert_hf_to_gguf.py",
+                f"{where}: llama3 rope scaling is Llama 3's, and this config is not of a family deltakit writes it for",
                 path=where,
             )
+        if rope.get("rope_type") == "llama3":
+            _check_fields(rope, (_Field("original_max_position_embeddings", "int", 1, _U32),), where, f"{rope_key}.")
         if rope.get("rope_type") == "yarn" and rope.get("factor") is not None:
             _check_fields(rope, (_Field("original_max_position_embeddings", "int", 1, _U32, required=True),), where,
                           f"{rope_key}.")  # fmt: skip
@@ -369,6 +374,10 @@ def _plan(sources: Sequence[tuple[str, Rows]], hp: _Hparams, quant: str, *, meta
     names = g.get_tensor_name_map(g.MODEL_ARCH[hp.family.gguf_arch], hp["num_hidden_layers"])
     tied = not any(source == "lm_head.weight" for source, _ in sources)
     planned = []
+    for extra, values in hp.family.extra_tensors(hp.config):  # computed from the config, first in the file
+        held = _Held(np.ascontiguousarray(values, dtype=np.float32).reshape(-1).view(np.uint8), "F32", values.shape)
+        qtype = _qtype(extra, held.shape, quant, head=False)
+        planned.append(_Planned(extra, extra, held, qtype, _nbytes(held.shape, qtype)))
     for source, rows in sources:
         if source.endswith(hp.family.dropped):
             continue
@@ -436,7 +445,7 @@ def _vocab_sentencepiece(
     if not path.is_file():
         raise InputNotFoundError(
             f"{shown} is missing: a LLaMA GGUF carries the SentencePiece vocabulary, and deltakit reads it from "
-            "tokenizer.model (BPE-only tokenizers such as Llama 3's are not supported)",
+            "tokenizer.model",
             path=shown,
         )
     sp = SentencePieceProcessor()
@@ -480,6 +489,139 @@ def _vocab_sentencepiece(
             kinds[i] = int(types.USER_DEFINED)
         tokens[i], scores[i] = content.encode(), -1000.0
     return tokens, scores, kinds
+
+
+# llama.cpp's check text (convert_hf_to_gguf.py, get_vocab_base_pre): the SHA-256 of the ids a tokenizer
+# gives it names the pre-tokenizer llama.cpp must split text with.
+_CHECK_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\U0001f680 (normal) \U0001f636\u200d\U0001f32b\ufe0f (multiple "
+    "emojis concatenated) \u2705 \U0001f999\U0001f999 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 "
+    "\u1780\u17b6\u1793\u17cb\u178f\u17c2\u1796\u17b7\u179f\u17c1\u179f\u17a2\u17b6\u1785\U0001f601 ?\u6211\u60f3"
+    "\u5728apple\u5de5\u4f5c1314151\u5929\uff5e ------======= \u043d\u0435\u0449\u043e \u043d\u0430 "
+    "\u0411\u044a\u043b\u0433\u0430\u0440\u0441\u043a\u0438 "
+    "\x27\x27\x27\x27\x27\x27```````\x22\x22\x22\x22......!!!!!!?????? I've been "
+    "'told he's there, 'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+# The entries of llama.cpp's table (get_vocab_base_pre) for the tokenizers of the families deltakit writes.
+_PRE_TOKENIZER_HASHES = {
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # meta-llama/Meta-Llama-3-8B
+    "c136ed14d01c2745d4f60a9596ae66800e2b61fa45643e72436041855ad4089d": "smaug-bpe",  # Llama 3's first tokenizer.json
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen/Qwen1.5-7B
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen/Qwen3-Embedding-0.6B
+}
+
+
+def _clean_up_spaces(text: str) -> str:
+    """transformers' ``clean_up_tokenization``, which its decode applies where tokenizer_config.json asks."""
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):  # fmt: skip
+        text = text.replace(before, after)
+    return text
+
+
+def _vocab_bpe(files: _Files, hp: _Hparams, bar: ProgressBar) -> tuple[list[str], list[int], str]:
+    """llama.cpp's ``get_vocab_base`` for a byte-level BPE tokenizer.json: every id up to config.json's
+    vocab_size (``[PAD{id}]``, UNUSED, where the tokenizer has none), added tokens CONTROL when special
+    or special-looking and USER_DEFINED otherwise, and the pre-tokenizer's name from the ids the
+    tokenizer gives llama.cpp's check text; one llama.cpp would not recognise, or not as this family's,
+    is refused."""
+    from gguf import TokenType as types
+    from tokenizers import Tokenizer
+
+    shown, path = files.show("tokenizer.json"), files.folder / "tokenizer.json"
+    family = hp.family
+    if not path.is_file():
+        raise InputNotFoundError(
+            f"{shown} is missing: a {family.name} GGUF carries the BPE vocabulary, and deltakit reads it from "
+            "tokenizer.json",
+            path=shown,
+        )
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # the Rust library's panics are BaseExceptions
+        raise FormatError(f"{shown}: not a tokenizer the tokenizers library reads ({str(e)[:200]})", path=shown) from e
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    vocab_size = hp["vocab_size"]
+    top = max(vocab.values(), default=-1)
+    if top >= vocab_size:
+        raise FormatError(
+            f"{shown}: token id {top} is past config.json's vocab_size {vocab_size}",
+            path=shown,
+            expected=vocab_size,
+            actual=top + 1,
+        )
+    ids = tokenizer.encode(_CHECK_TEXT).ids
+    digest = hashlib.sha256(str(ids).encode()).hexdigest()
+    pre = _PRE_TOKENIZER_HASHES.get(digest)
+    if pre not in family.pre_tokenizers:
+        known = f"llama.cpp's {pre!r}" if pre else "no pre-tokenizer llama.cpp recognises"
+        raise UnsupportedInputError(
+            f"{shown}: this tokenizer splits text as {known} (check-text hash {digest[:16]}...), not as a "
+            f"{family.name} tokenizer does ({', '.join(family.pre_tokenizers)}); deltakit writes the GGUF "
+            "vocabularies llama.cpp's converter writes for the families it supports",
+            path=shown,
+            expected=family.pre_tokenizers,
+            actual=pre,
+        )
+    config = _json_file(files, "tokenizer_config.json") if (files.folder / "tokenizer_config.json").is_file() else {}
+    clean_up = config.get("clean_up_tokenization_spaces") is True
+    decoder = tokenizer.get_added_tokens_decoder()
+    added = {token.content for token in decoder.values()}
+    reverse = {i: text for text, i in vocab.items()}
+    tokens: list[str] = []
+    kinds: list[int] = []
+    for i in range(vocab_size):
+        if i % _TICK == 0:
+            bar.update(0)  # a job's cancellation arrives through its bar
+        text = reverse.get(i)
+        if text is None:
+            tokens.append(f"[PAD{i}]")
+            kinds.append(int(types.UNUSED))
+            continue
+        kind = types.NORMAL
+        if text in added and i in decoder:
+            token = decoder[i]
+            if not token.normalized:  # llama.cpp takes added tokens as the tokenizer round-trips them
+                text = tokenizer.decode(tokenizer.encode(text, add_special_tokens=False).ids, skip_special_tokens=False)
+                text = _clean_up_spaces(text) if clean_up else text
+            if token.special or _looks_special(text):
+                kind = types.CONTROL
+            else:
+                text, kind = text.replace("▁", " "), types.USER_DEFINED
+        tokens.append(text)
+        kinds.append(int(kind))
+    return tokens, kinds, pre
+
+
+def _post_processor_adds(special: gguf_module.SpecialVocab, files: _Files) -> None:
+    """add_bos/add_eos as llama.cpp's own gguf-py decides them, which is newer than the gguf on PyPI:
+    what tokenizer.json's post-processor adds wins over tokenizer_config.json's ``add_*_token``, and a
+    ByteLevel processor means no BOS or EOS unless a template adds them."""
+    tokenizer = _json_file(files, "tokenizer.json")
+    config = _json_file(files, "tokenizer_config.json") if (files.folder / "tokenizer_config.json").is_file() else {}
+    adds: dict[str, bool] = {}
+    post = tokenizer.get("post_processor") or {}
+    for processor in post.get("processors", [post]):
+        kind = processor.get("type")
+        if kind == "ByteLevel":
+            adds.setdefault("bos", False)
+            adds.setdefault("eos", False)
+        elif kind == "RobertaProcessing":
+            adds.update(bos=True, eos=True, sep=True)
+        elif kind == "TemplateProcessing":
+            single = processor.get("single", [])
+            if len(single) > 1:
+                if first := single[0].get("SpecialToken", {}).get("id"):
+                    named = (config.get("bos_token"), config.get("cls_token"))
+                    adds["bos"] = not config or first in named or not all(named)
+                if single[-1].get("SpecialToken", {}).get("id"):
+                    adds["eos"] = True
+    merged = dict(adds)
+    for kind, value in special.add_special_token.items():
+        merged.setdefault(kind, value)
+    special.add_special_token = merged
 
 
 def _looks_special(text: str) -> bool:
@@ -564,14 +706,25 @@ def _write_metadata_unchecked(
         space = _json_file(files, "tokenizer_config.json").get("add_prefix_space")
         if isinstance(space, bool):
             writer.add_add_space_prefix(space)
-    tokens, scores, kinds = _vocab_sentencepiece(files, hp["vocab_size"], bar)
-    bar.update(0)
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(kinds)
-    g.SpecialVocab(folder, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+    if hp.family.vocabulary == "bpe":  # llama.cpp's _set_vocab_gpt2
+        bpe_tokens, kinds, pre = _vocab_bpe(files, hp, bar)
+        bar.update(0)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(bpe_tokens)
+        writer.add_token_types(kinds)
+        special = g.SpecialVocab(folder, load_merges=True)
+        _post_processor_adds(special, files)
+        special.add_to_gguf(writer, quiet=True)
+    else:
+        tokens, scores, kinds = _vocab_sentencepiece(files, hp["vocab_size"], bar)
+        bar.update(0)
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(kinds)
+        g.SpecialVocab(folder, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
     if hp["vocab_size"] == 32016:  # CodeLlama's infill tokens, as llama.cpp marks them
         special = g.SpecialVocab(folder, load_merges=False, special_token_types=["prefix", "suffix", "middle", "eot"])
         for kind, token in (("prefix", 32007), ("suffix", 32008), ("middle", 32009), ("eot", 32010)):
@@ -1081,15 +1234,19 @@ def _prepare_apply(base: str | Path, delta: str | Path, quant: str, staging: Pat
         plan.warm_up()
         plan.check_sample()
     m = plan.manifest
-    for needed, why in (("config.json", "its hyperparameters"), ("tokenizer.model", "its vocabulary")):
-        if needed not in m.target.files:
-            raise InputNotFoundError(
-                f"{plan.delta.root}: the delta carries no {needed}, {why} in a LLaMA GGUF (BPE-only tokenizers "
-                "such as Llama 3's are not supported)",
-                path=plan.delta.root,
-            )
+    if "config.json" not in m.target.files:
+        raise InputNotFoundError(
+            f"{plan.delta.root}: the delta carries no config.json, the model's hyperparameters in a GGUF",
+            path=plan.delta.root,
+        )
     files = {rel: _read_carried(plan, rel) for rel in _MODEL_FILES if rel in m.target.files}
     hp = _Hparams.of(json_object(*files["config.json"]), files["config.json"][1])
+    needed = _VOCABULARY_FILES[hp.family.vocabulary]
+    if needed not in m.target.files:
+        raise InputNotFoundError(
+            f"{plan.delta.root}: the delta carries no {needed}, the vocabulary of a {hp.family.name} GGUF",
+            path=plan.delta.root,
+        )
     staged = _stage_files(_model_folder(staging, m.target.name), files)
     specs = {s.name: _Shape(s.target.dtype, s.target.shape) for s in plan.steps}
     working = _working_quant(quant, {s.dtype for s in specs.values()})
@@ -1127,6 +1284,9 @@ def apply_to_gguf(
         planned = {t.source: t for t in prepared.planned}
 
         def tensors(reader: RangeReader, pool: ThreadPoolExecutor, bar: ProgressBar) -> Iterator[_Tensor]:
+            for extra in prepared.planned:
+                if isinstance(extra.rows, _Held):  # computed from the config (rope_freqs), not rebuilt
+                    yield extra, _blocks(reader, extra, pool), no_progress(extra.nbytes, "gguf")
             for step, data in rebuilt_tensors(plan, reader, set(plan.sample), bar, scratch=staged.path):
                 t = planned.get(step.name)
                 if t is None:  # dropped, as llama.cpp drops it (rotary inv_freq): checked all the same

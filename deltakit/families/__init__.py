@@ -9,18 +9,23 @@ from typing import Any
 
 from .family import Family
 from .llama import LLAMA
+from .llama3 import LLAMA3
 from .mistral import MISTRAL
 
 __all__ = ["FAMILIES", "Family", "family_of"]
 
-FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL)
+# The first family that both names the architecture and claims the config is the model's: Llama 3
+# before Llama 1 and 2, which share its architecture name.
+FAMILIES: tuple[Family, ...] = (LLAMA3, LLAMA, MISTRAL)
 
 
 def family_of(config: Mapping[str, Any]) -> Family | None:
     """The family a config.json describes: by its first ``architectures`` entry, or where there is
-    none, by its ``model_type``; None for a family deltakit does not know."""
+    none, by its ``model_type``, and among those the first that claims it; None for a family deltakit
+    does not know."""
     arch = (config.get("architectures") or [None])[0]
     for family in FAMILIES:
-        if arch in family.architectures or (arch is None and config.get("model_type") in family.model_types):
+        named = arch in family.architectures or (arch is None and config.get("model_type") in family.model_types)
+        if named and family.claims(config):
             return family
     return None

@@ -6,7 +6,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 __all__ = ["Family"]
+
+
+def _claims_any(config: Mapping[str, Any]) -> bool:
+    return True
+
+
+def _no_extra_tensors(hp: Mapping[str, Any]) -> list[tuple[str, np.ndarray]]:
+    return []
 
 
 @dataclass(frozen=True)
@@ -22,6 +32,15 @@ class Family:
         dropped: suffixes of checkpoint tensors a GGUF leaves out, as llama.cpp's converter does.
         tensor_shapes: the shape each tensor must have under a config (its defaults filled in), keyed
             by full name outside the layers and by the name within a layer inside them.
+        vocabulary: how its GGUF vocabulary is read: ``sentencepiece`` (tokenizer.model) or ``bpe``
+            (tokenizer.json, a byte-level BPE as llama.cpp's ``_set_vocab_gpt2`` writes it).
+        pre_tokenizers: for ``bpe``, the pre-tokenizer names (llama.cpp's ``tokenizer.ggml.pre``,
+            derived from the tokenizer's output on its check text) this family's GGUF is written with.
+        claims: among families sharing an architecture name, whether a config is this one's (Llama 3
+            and Llama 2 are both ``LlamaForCausalLM``); the first family in the registry that claims
+            it wins.
+        extra_tensors: tensors llama.cpp's converter computes from the config (``rope_freqs``), GGUF
+            name and float32 values, written before the checkpoint's own.
     """
 
     name: str
@@ -31,3 +50,7 @@ class Family:
     config_defaults: tuple[tuple[str, object], ...]
     dropped: tuple[str, ...]
     tensor_shapes: Callable[[Mapping[str, Any]], dict[str, tuple[int, ...]]]
+    vocabulary: str = "sentencepiece"
+    pre_tokenizers: tuple[str, ...] = ()
+    claims: Callable[[Mapping[str, Any]], bool] = _claims_any
+    extra_tensors: Callable[[Mapping[str, Any]], list[tuple[str, np.ndarray]]] = _no_extra_tensors
