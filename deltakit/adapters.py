@@ -1,7 +1,8 @@
 """Merge PEFT LoRA adapters into a base model: ``W + scale * (B @ A)`` in fp32, streamed rows at a time.
 
 Several adapters apply in the order given, as Chinese-LLaMA-Alpaca's Plus models need; whole tensors an
-adapter carries (``modules_to_save``, resized embeddings) replace the base's. Adapters carry no
+adapter carries (``modules_to_save``, resized embeddings) replace the base's; an ``lm_head`` saved whole for a
+base that ties it to the embedding (Llama 3.2 1B/3B, small Qwen) unties the merged model. Adapters carry no
 digests of the merged model, so the report gives the result's fingerprint for others to compare.
 """
 
@@ -38,6 +39,8 @@ class MergeReport:
         merged: tensors changed by low-rank updates.
         replaced: tensors taken whole from an adapter (``modules_to_save``, resized embeddings).
         vocab_size: the ``vocab_size`` written into ``config.json`` when the embedding grew, else None.
+        untied: an adapter's whole ``lm_head`` was written for a base that ties it to the embedding, and
+            ``tie_word_embeddings`` set to false in ``config.json``, as peft's merged model has them.
         fingerprint: the merged model's fingerprint (adapters record none to check it against).
     """
 
@@ -51,6 +54,7 @@ class MergeReport:
     shards: tuple[str, ...]
     fingerprint: str
     vocab_size: int | None
+    untied: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,13 +69,24 @@ def _fits(pair: LoraPair, shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and ((a[1], b[0]) if pair.transposed else (b[0], a[1])) == shape
 
 
+_HEAD = "lm_head.weight"
+
+
+def _ties_embeddings(root: Path, files: Sequence[str]) -> bool:
+    """Whether a base without an lm_head tensor ties it to the embedding: its ``config.json`` does not
+    say otherwise (transformers ties by default)."""
+    return "config.json" in files and read_json_object(root / "config.json").get("tie_word_embeddings") is not False
+
+
 def _plan(
-    base_tensors: dict[str, TensorInfo], adapters: Sequence[Adapter]
+    base_tensors: dict[str, TensorInfo], adapters: Sequence[Adapter], *, tied: bool = False
 ) -> dict[str, tuple[TensorInfo, list[LoraPair]]]:
     plan: dict[str, tuple[TensorInfo, list[LoraPair]]] = {n: (info, []) for n, info in base_tensors.items()}
     for adapter in adapters:
         for name in [*adapter.replacements, *adapter.pairs]:
-            if name not in plan:
+            # peft saves a tied head named in modules_to_save whole: the merged model has its own lm_head
+            unties = tied and name == _HEAD and name in adapter.replacements
+            if name not in plan and not unties:
                 raise UnsupportedInputError(
                     f"adapter {adapter.root} changes {name!r}, which the base lacks: it was made for another "
                     "architecture",
@@ -146,7 +161,9 @@ def merge_adapters(
     check_output_free(out, replace=replace)
     ckpt = open_checkpoint(base)
     loaded = [open_adapter(a) for a in adapters]
-    planned = _plan(ckpt.tensors, loaded)
+    tied = _HEAD not in ckpt.tensors and _ties_embeddings(ckpt.root, ckpt.extra_files)
+    planned = _plan(ckpt.tensors, loaded, tied=tied)
+    untied = tied and _HEAD in planned
     specs = [TensorSpec(n, info.dtype, info.shape) for n, (info, _) in planned.items()]
     steps = [_MergeStep(n, info, tuple(pairs)) for n, (info, pairs) in planned.items()]
     with RangeReader() as reader, StagedFolder(out, replace=replace) as staged:
@@ -156,7 +173,7 @@ def merge_adapters(
         )
         bar.close()
         digests = dict(zip((s.name for s in specs), results, strict=True))
-        files, vocab = _carry_files(ckpt.root, ckpt.extra_files, loaded, staged.path, specs)
+        files, vocab = _carry_files(ckpt.root, ckpt.extra_files, loaded, staged.path, specs, untie=untied)
         staged.commit()
     return MergeReport(
         out=out,
@@ -169,6 +186,7 @@ def merge_adapters(
         shards=tuple(s.name for s in shards),
         fingerprint=fingerprint((s.name, s.dtype, s.shape, digests[s.name]) for s in specs),
         vocab_size=vocab,
+        untied=untied,
     )
 
 
@@ -208,9 +226,16 @@ _TOKENIZER_FILES = (
 
 
 def _carry_files(
-    root: Path, base_files: Sequence[str], adapters: Sequence[Adapter], dest: Path, specs: Sequence[TensorSpec]
+    root: Path,
+    base_files: Sequence[str],
+    adapters: Sequence[Adapter],
+    dest: Path,
+    specs: Sequence[TensorSpec],
+    *,
+    untie: bool = False,
 ) -> tuple[tuple[str, ...], int | None]:
-    """The base's files, then each adapter's tokenizer files over them; ``vocab_size`` follows the embedding."""
+    """The base's files, then each adapter's tokenizer files over them; ``vocab_size`` follows the
+    embedding, and ``tie_word_embeddings`` is false once an adapter's lm_head is written (``untie``)."""
     sources = {rel: root / rel for rel in base_files}
     for adapter in adapters:
         for name in adapter.extra_files:
@@ -224,8 +249,12 @@ def _carry_files(
     config_path = dest / "config.json"
     if embed is not None and "config.json" in sources:
         config = read_json_object(sources["config.json"])  # the file just copied, so an error names it
-        if config.get("vocab_size") not in (None, embed.shape[0]):
+        grew = config.get("vocab_size") not in (None, embed.shape[0])
+        if grew:
             config["vocab_size"] = vocab = embed.shape[0]
+        if untie:
+            config["tie_word_embeddings"] = False
+        if grew or untie:
             config_path.unlink()
             config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return tuple(sorted(sources)), vocab
