@@ -301,6 +301,23 @@ def test_qwen2_and_llama3_adapters_match_peft_in_bf16(tmp_path, family, tied):
     assert config == json.loads((base_dir / "config.json").read_text())
 
 
+def test_a_grown_vocabulary_on_a_tied_model_grows_the_one_embedding(tmp_path):
+    base = tiny_family("qwen2", tied=True)
+    base_dir = save(base, tmp_path / "base")
+    base.resize_token_embeddings(120, mean_resizing=False)  # the head follows: it is the embedding
+    model = lora(base, 3, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"])
+    model.save_pretrained(tmp_path / "adapter")
+    reference = merged_in_fp32(model)
+    assert torch.equal(reference.pop("lm_head.weight"), reference["model.embed_tokens.weight"])
+
+    report = merge_adapters(base_dir, [tmp_path / "adapter"], tmp_path / "out")
+
+    assert_within_one_rounding(load_checkpoint(tmp_path / "out"), reference)
+    assert report.vocab_size == 120 and not report.untied
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["vocab_size"] == 120 and config["tie_word_embeddings"] is True
+
+
 @pytest.mark.parametrize("family", ["qwen2", "llama3"])
 def test_modules_to_save_lm_head_on_a_tied_model_unties_it_as_peft_does(tmp_path, family):
     base = tiny_family(family, tied=True, seed=4)
