@@ -198,3 +198,30 @@ def test_a_fine_tune_that_unties_embeddings_stores_lm_head_raw_and_is_not_refuse
 def test_retying_drops_lm_head(tmp_path):
     report, _ = roundtrip(tmp_path, LLAMA_3_1_8B, replace(LLAMA_3_1_8B, tied=True))
     assert report.dropped == ("lm_head.weight",) and report.raw_tensors == {}
+
+
+@pytest.mark.slow
+def test_the_demo_pair_goes_to_gguf_as_llama_cpps_converter_writes_the_fine_tune(tmp_path):
+    """The demo's model (bf16, a trained SentencePiece vocabulary, 200 added tokens): apply --to gguf
+    gives the file llama.cpp's own converter writes from the fine-tune's folder, key for key and byte
+    for byte."""
+    import llamacpp
+    from test_gguf_llamacpp import fields_and_tensors
+
+    from deltakit.examples import write_llama_pair
+    from deltakit.gguf import apply_to_gguf
+
+    llama = llamacpp.build()
+    base, tuned = write_llama_pair(tmp_path / "demo", noise=1.6e-5, dtype=torch.bfloat16, tokenizer=True)
+    make_delta(base, tuned, tmp_path / "delta")
+    apply_to_gguf(base, tmp_path / "delta", tmp_path / "ours.gguf")
+    theirs = llamacpp.convert_hf(llama, tuned, tmp_path / "theirs.gguf", "f16")
+
+    their_fields, their_tensors = fields_and_tensors(theirs)
+    our_fields, our_tensors = fields_and_tensors(tmp_path / "ours.gguf")
+    assert list(our_fields) == list(their_fields)
+    for key, value in their_fields.items():
+        assert our_fields[key] == value, key
+    assert list(our_tensors) == list(their_tensors)
+    for name, held in their_tensors.items():
+        assert our_tensors[name] == held, name
