@@ -65,6 +65,8 @@ class _MergeStep:
 
 
 def _fits(pair: LoraPair, shape: tuple[int, ...]) -> bool:
+    if pair.a is None:  # a bias
+        return pair.b.shape == shape
     a, b = pair.a.shape, pair.b.shape
     return len(shape) == 2 and ((a[1], b[0]) if pair.transposed else (b[0], a[1])) == shape
 
@@ -98,15 +100,25 @@ def _plan(
         for name, pair in adapter.pairs.items():
             source, pairs = plan[name]
             if not _fits(pair, source.shape) or not is_float(source.dtype):
+                lora = (
+                    f"lora_B's bias {list(pair.b.shape)} does"
+                    if pair.a is None
+                    else f"lora_A {list(pair.a.shape)} and lora_B {list(pair.b.shape)} do"
+                )
                 raise UnsupportedInputError(
                     f"adapter {adapter.root}: {name!r} is {source.dtype} {list(source.shape)} in the base, but "
-                    f"lora_A {list(pair.a.shape)} and lora_B {list(pair.b.shape)} do not fit it "
+                    f"{lora} not fit it "
                     "(an adapter for another architecture or vocabulary?)",
                     path=adapter.root,
                     tensor=name,
                 )
             pairs.append(pair)
     return plan
+
+
+def _matrix(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A bias merges as a one-column matrix (``b`` times a 1 x 1 ``A`` of one)."""
+    return (shape[0], 1) if len(shape) == 1 else shape
 
 
 def _row_ranges(shape: tuple[int, ...]) -> Iterator[tuple[int, int]]:
@@ -120,7 +132,7 @@ def _row_ranges(shape: tuple[int, ...]) -> Iterator[tuple[int, int]]:
 def _chunks(steps: Sequence[_MergeStep]) -> Iterator[Chunk]:
     for i, step in enumerate(steps):
         info, item = step.source, itemsize(step.source.dtype)
-        ranges = _row_ranges(info.shape) if step.pairs else element_ranges(0, math.prod(info.shape), item)
+        ranges = _row_ranges(_matrix(info.shape)) if step.pairs else element_ranges(0, math.prod(info.shape), item)
         for a, b in ranges:
             yield Chunk(i, 0, a, b, (read_range(info, item, a, b),))
 
@@ -134,7 +146,12 @@ def _load_terms(reader: RangeReader, pairs: Sequence[LoraPair]) -> list[LoraTerm
         raw = torch.frombuffer(buffer, dtype=torch.uint8) if info.nbytes else torch.empty(0, dtype=torch.uint8)
         return raw.view(to_torch(info.dtype)).reshape(info.shape).to(torch.float32)
 
-    return [LoraTerm(fp32(p.a), fp32(p.b), p.scale, p.transposed) for p in pairs]
+    return [
+        LoraTerm(torch.ones(1, 1), fp32(p.b).reshape(-1, 1), p.scale, False)
+        if p.a is None
+        else LoraTerm(fp32(p.a), fp32(p.b), p.scale, p.transposed)
+        for p in pairs
+    ]
 
 
 def merge_adapters(
@@ -200,15 +217,15 @@ def _producer(steps: Sequence[_MergeStep], reader: RangeReader) -> Callable[[Chu
             loaded[chunk.owner] = _load_terms(reader, step.pairs)
         data = as_bytes(views[0])
         if step.pairs:
-            first_row = chunk.first // step.source.shape[1]
+            shape = _matrix(step.source.shape)
             try:
-                data = lora_merge_rows(data, step.source.dtype, step.source.shape, first_row, loaded[chunk.owner])
+                data = lora_merge_rows(data, step.source.dtype, shape, chunk.first // shape[1], loaded[chunk.owner])
             except OverflowError as e:
-                adapters = ", ".join(str(pair.a.path) for pair in step.pairs)
+                adapters = ", ".join(str(pair.b.path) for pair in step.pairs)
                 raise FormatError(
                     f"merging {adapters} into {step.name!r} gives infinite or NaN weights ({step.source.dtype} "
                     f"overflows, or the LoRA weights are not finite): check lora_alpha and the adapter's tensors",
-                    path=step.pairs[-1].a.path,
+                    path=step.pairs[-1].b.path,
                     tensor=step.name,
                 ) from e
         return data

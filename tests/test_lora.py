@@ -352,3 +352,30 @@ def test_a_whole_lm_head_for_a_base_that_unties_it_elsewhere_is_still_refused(tm
     (base_dir / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
     with pytest.raises(UnsupportedInputError, match=r"'lm_head\.weight', which the base lacks"):
         merge_adapters(base_dir, [tmp_path / "adapter"], tmp_path / "out")
+
+
+def test_lora_bias_on_qwen2s_qkv_biases_matches_peft(tmp_path):
+    """peft's ``lora_bias``: lora_B carries a bias, and the merge moves the layer's bias by
+    ``scale * lora_B.bias``, here Qwen2's q/k/v biases."""
+    base = tiny_family("qwen2", tied=True, seed=6)
+    base_dir = save(base, tmp_path / "base")
+    model = lora(base, 7, r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"], lora_bias=True)
+    with torch.no_grad():  # peft starts lora_B's bias at zero even without init_lora_weights
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B.default.bias"):
+                p.copy_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(tmp_path / "adapter")
+    reference = merged_in_fp32(model)
+    reference.pop("lm_head.weight")
+
+    report = merge_adapters(base_dir, [tmp_path / "adapter"], tmp_path / "out")
+
+    ours = load_checkpoint(tmp_path / "out")
+    assert_within_one_rounding(ours, reference)
+    assert "model.layers.1.self_attn.v_proj.bias" in report.merged
+    bias = "model.layers.0.self_attn.k_proj.bias"
+    assert not torch.equal(ours[bias], base.state_dict()[bias])
+    from deltakit.inspection import inspect_path
+
+    listed = {t.name for t in inspect_path(tmp_path / "adapter").tensors}
+    assert "base_model.model.model.layers.0.self_attn.k_proj.lora_B.bias" in listed
