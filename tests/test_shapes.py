@@ -225,3 +225,27 @@ def test_the_demo_pair_goes_to_gguf_as_llama_cpps_converter_writes_the_fine_tune
     assert list(our_tensors) == list(their_tensors)
     for name, held in their_tensors.items():
         assert our_tensors[name] == held, name
+
+
+def test_a_qwen_fine_tune_that_shrank_its_padded_vocabulary_is_refused_but_rebuilds_with_allow_raw(tmp_path):
+    """``resize_token_embeddings(len(tokenizer))`` on Qwen2.5 cuts the padded rows (151936 -> 151665):
+    the fine-tune has fewer rows than its base, which make takes for swapped base and target. With
+    ``allow_raw`` the embedding is stored whole and the rebuild is exact; a delta of the first rows
+    would need an encoding the package format lacks."""
+    from deltakit import RawWeightsError
+
+    base = QWEN2_5_0_5B
+    shrunk = replace(base, vocab=base.tokens)
+    base_tensors = base.tensors()
+    target = finetune(base_tensors, shrunk)
+    target["model.embed_tokens.weight"] = target["model.embed_tokens.weight"][: base.tokens].clone()
+    base_dir = write(tmp_path / "base", base, base_tensors)
+    target_dir = write(tmp_path / "target", shrunk, target)
+    with pytest.raises(RawWeightsError, match="base and target look swapped"):
+        make_delta(base_dir, target_dir, tmp_path / "refused")
+
+    report = make_delta(base_dir, target_dir, tmp_path / "delta", allow_raw=True)
+    apply_delta(base_dir, tmp_path / "delta", tmp_path / "out")
+
+    assert_same_tensors(load_checkpoint(tmp_path / "out"), target)
+    assert list(report.raw_tensors) == ["model.embed_tokens.weight"]
