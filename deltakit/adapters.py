@@ -8,6 +8,7 @@ digests of the merged model, so the report gives the result's fingerprint for ot
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -84,10 +85,19 @@ def _plan(
     base_tensors: dict[str, TensorInfo], adapters: Sequence[Adapter], *, tied: bool = False
 ) -> dict[str, tuple[TensorInfo, list[LoraPair]]]:
     plan: dict[str, tuple[TensorInfo, list[LoraPair]]] = {n: (info, []) for n, info in base_tensors.items()}
+    embedding = next((n for n in base_tensors if n.endswith("embed_tokens.weight")), None)
     for adapter in adapters:
-        for name in [*adapter.replacements, *adapter.pairs]:
+        replacements, updates = dict(adapter.replacements), list(adapter.pairs.items())
+        if tied and embedding is not None and _HEAD in adapter.pairs:
+            # peft merges a LoRA on a tied head into the one tensor both modules hold: the embedding moves
+            # with it and the model stays tied; the head's base layer peft saved is that embedding
+            replacements.pop(_HEAD, None)
+            updates = [
+                (embedding, dataclasses.replace(p, target=embedding)) if n == _HEAD else (n, p) for n, p in updates
+            ]
+        for name in [*replacements, *(n for n, _ in updates)]:
             # peft saves a tied head named in modules_to_save whole: the merged model has its own lm_head
-            unties = tied and name == _HEAD and name in adapter.replacements
+            unties = tied and name == _HEAD and name in replacements
             if name not in plan and not unties:
                 raise UnsupportedInputError(
                     f"adapter {adapter.root} changes {name!r}, which the base lacks: it was made for another "
@@ -95,9 +105,9 @@ def _plan(
                     path=adapter.root,
                     tensor=name,
                 )
-        for name, info in adapter.replacements.items():
+        for name, info in replacements.items():
             plan[name] = (info, [])  # a replacement discards earlier adapters' updates to it
-        for name, pair in adapter.pairs.items():
+        for name, pair in updates:
             source, pairs = plan[name]
             if not _fits(pair, source.shape) or not is_float(source.dtype):
                 lora = (

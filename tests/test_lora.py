@@ -341,6 +341,25 @@ def test_modules_to_save_lm_head_on_a_tied_model_unties_it_as_peft_does(tmp_path
     assert torch.equal(loaded.get_output_embeddings().weight, ours["lm_head.weight"])  # not tied back
 
 
+@pytest.mark.parametrize("family", ["qwen2", "llama3"])
+def test_lora_on_a_tied_head_moves_the_embedding_as_peft_does(tmp_path, family):
+    """peft merges a LoRA on the head of a tied model into the one tensor the head and the embedding
+    share: the merged model stays tied, its embedding moved by the head's update."""
+    base = tiny_family(family, tied=True, seed=8)
+    base_dir = save(base, tmp_path / "base")
+    model = lora(base, 9, r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"])
+    model.save_pretrained(tmp_path / "adapter")
+    reference = merged_in_fp32(model)
+    assert torch.equal(reference.pop("lm_head.weight"), reference["model.embed_tokens.weight"])
+
+    report = merge_adapters(base_dir, [tmp_path / "adapter"], tmp_path / "out")
+
+    ours = load_checkpoint(tmp_path / "out")
+    assert_within_one_rounding(ours, reference)
+    assert "model.embed_tokens.weight" in report.merged and report.replaced == () and not report.untied
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is True
+
+
 def test_a_whole_lm_head_for_a_base_that_unties_it_elsewhere_is_still_refused(tmp_path):
     """A base without lm_head whose config says it is untied is another architecture's model."""
     base = tiny_family("qwen2", tied=True)
