@@ -2,7 +2,8 @@
 
 Several adapters apply in the order given, as Chinese-LLaMA-Alpaca's Plus models need; whole tensors an
 adapter carries (``modules_to_save``, resized embeddings) replace the base's; an ``lm_head`` saved whole for a
-base that ties it to the embedding (Llama 3.2 1B/3B, small Qwen) unties the merged model. Adapters carry no
+base that ties it to the embedding (Llama 3.2 1B/3B, small Qwen) unties the merged model, while a LoRA on
+such a tied head moves the embedding the two share; ``lora_bias`` moves the layer's bias. Adapters carry no
 digests of the merged model, so the report gives the result's fingerprint for others to compare.
 """
 
