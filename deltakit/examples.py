@@ -2,12 +2,15 @@
 
 :func:`write_llama_pair` writes a base and a fine-tune of it the way real releases differ: every
 weight nudged, a few left untouched, the vocabulary grown (``embed_tokens`` and ``lm_head`` gain
-rows), and a buffer the fine-tune no longer carries (``rotary_emb.inv_freq``).
+rows), and a buffer the fine-tune no longer carries (``rotary_emb.inv_freq``); with ``tokenizer``, a
+SentencePiece vocabulary like LLaMA's, so the pair also converts to GGUF.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import random
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["LlamaShape", "llama_tensors", "write_llama_pair"]
+__all__ = ["LlamaShape", "llama_tensors", "train_tokenizer", "write_llama_pair"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,38 @@ def llama_tensors(shape: LlamaShape, vocab: int, *, inv_freq: bool) -> Iterator[
         yield f"{p}post_attention_layernorm.weight", (h,)
     yield "model.norm.weight", (h,)
     yield "lm_head.weight", (vocab, h)
+
+
+def train_tokenizer(vocab: int, *, seed: int = 0) -> bytes:
+    """A SentencePiece model like LLaMA's (BPE, byte fallback, ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2) of
+    exactly ``vocab`` pieces, trained on sentences of made-up words: some 50 ms for a thousand pieces.
+
+    Returns:
+        The serialized model, the bytes of a ``tokenizer.model``.
+    """
+    import sentencepiece as spm
+
+    rng = random.Random(seed)
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+    # as many words as pieces: enough merges to reach ``vocab`` (SentencePiece refuses a smaller vocabulary)
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(max(vocab, 100))]
+    sentences = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 14))) for _ in range(4 * max(vocab, 100))]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        vocab_size=vocab,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return model.getvalue()
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -131,6 +166,7 @@ def write_llama_pair(
     seed: int = 0,
     shard_size: int | None = None,
     noise: float = 0.001,
+    tokenizer: bool = False,
 ) -> tuple[Path, Path]:
     """Write ``folder/base`` and ``folder/finetune``, a LLaMA-shaped base and a fine-tune of it.
 
@@ -144,6 +180,9 @@ def write_llama_pair(
             coder can shrink; 1.6e-5 moves them by an ulp or two, as little as a real fine-tune does, and
             compresses as much as the real fine-tune in BENCHMARKS.md (a format 2 payload of 26%
             of the target in fp16).
+        tokenizer: also write a ``tokenizer.model`` of ``shape.vocab`` pieces (:func:`train_tokenizer`) into
+            both, and into the fine-tune an ``added_tokens.json`` naming its ``extra_vocab`` new tokens, as
+            a vocabulary extension has it: what ``convert`` and ``apply --to gguf`` need.
 
     Returns:
         The base and fine-tune folders.
@@ -175,4 +214,10 @@ def write_llama_pair(
     _write_side_files(base_dir, shape, shape.vocab, dtype, "base")
     _write_side_files(tuned_dir, shape, tuned_vocab, dtype, "fine-tune")
     (tuned_dir / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<pad>"}) + "\n")
+    if tokenizer:
+        model = train_tokenizer(shape.vocab, seed=seed)
+        (base_dir / "tokenizer.model").write_bytes(model)
+        (tuned_dir / "tokenizer.model").write_bytes(model)
+        added = {f"<extra_{i}>": shape.vocab + i for i in range(extra_vocab)}
+        (tuned_dir / "added_tokens.json").write_text(json.dumps(added, indent=2) + "\n")
     return base_dir, tuned_dir

@@ -130,7 +130,8 @@ def _inspect_delta(path: Path) -> Inspection:
 
 def _inspect_adapter(path: Path) -> Inspection:
     adapter = open_adapter(path)
-    infos = {p.a.name: p.a for p in adapter.pairs.values()} | {p.b.name: p.b for p in adapter.pairs.values()}
+    infos = {p.a.name: p.a for p in adapter.pairs.values() if p.a is not None}
+    infos |= {p.b.name: p.b for p in adapter.pairs.values()}
     infos |= adapter.replacements
     tensors = _summaries(infos)
     config = adapter.config

@@ -104,6 +104,13 @@ def test_demo_runs_end_to_end(tmp_path):
     result = deltakit_cli("demo", "--dir", tmp_path / "demo")
     assert result.returncode == 0, result.stderr
     assert "OK:" in result.stdout and "side files identical: True" in result.stdout
+    # the demo's model carries a SentencePiece vocabulary, so the delta also goes straight to GGUF
+    assert "apply --base base --delta delta --to gguf" in result.stdout and "(f16)" in result.stderr + result.stdout
+    from gguf import GGUFReader
+
+    tokens = GGUFReader(tmp_path / "demo" / "finetune.gguf").fields["tokenizer.ggml.tokens"]
+    assert len(tokens.data) == 1200  # 1000 SentencePiece pieces and the fine-tune's 200 added tokens
+    assert bytes(tokens.parts[tokens.data[1000]]) == b"<extra_0>"
     again = deltakit_cli("demo", "--dir", tmp_path / "demo")
     assert again.returncode == 1 and "not empty" in again.stderr
 

@@ -232,3 +232,169 @@ def test_a_malformed_config_json_is_a_named_error(tmp_path):
     assert not (tmp_path / "out").exists()
     result = deltakit_cli("apply", "--base", base_dir, "--delta", adapter, "--out", tmp_path / "o")
     assert result.returncode == 1 and "internal error" not in result.stderr and "config.json" in result.stderr
+
+
+# Today's families, in bf16 as they ship: Qwen2 (q/k/v biases), Llama 3 (GQA, llama3 rope scaling);
+# tied embeddings as in Qwen2.5 0.5B and Llama 3.2 1B/3B (no lm_head tensor in the file).
+ATTENTION_AND_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_family(family: str, *, tied: bool, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    sizes = {
+        "vocab_size": 96,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": tied,
+    }
+    if family == "qwen2":
+        config, model_class = transformers.Qwen2Config(**sizes), transformers.Qwen2ForCausalLM
+    else:
+        rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+        config = transformers.LlamaConfig(
+            **sizes,
+            max_position_embeddings=512,
+            rope_scaling={**rope, "original_max_position_embeddings": 128, "rope_theta": 500000.0},
+        )
+        model_class = transformers.LlamaForCausalLM
+    torch.manual_seed(seed)
+    model = model_class(config)
+    with torch.no_grad():  # transformers starts biases at zero; a trained Qwen2's are not
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn_like(p) * 0.1)
+    return model.to(dtype)
+
+
+def merged_in_fp32(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """peft's merge of ``model`` done in fp32 and rounded to ``dtype`` once, which is what deltakit
+    computes. peft merging in bf16 rounds the update to bf16 before adding it, which is far from one
+    rounding where the update cancels the weight (a weight of -0.0034 moved to -7e-6 comes out 0)."""
+    return {k: v.to(dtype) for k, v in model.float().merge_and_unload().state_dict().items()}
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("family", ["qwen2", "llama3"])
+def test_qwen2_and_llama3_adapters_match_peft_in_bf16(tmp_path, family, tied):
+    base = tiny_family(family, tied=tied)
+    base_dir = save(base, tmp_path / "base")
+    assert ("lm_head.weight" in load_checkpoint(base_dir)) is not tied
+    model = lora(base, 2, r=4, lora_alpha=8, target_modules=[*ATTENTION_AND_MLP, "embed_tokens"])
+    model.save_pretrained(tmp_path / "adapter")
+    reference = merged_in_fp32(model)
+
+    report = merge_adapters(base_dir, [tmp_path / "adapter"], tmp_path / "out")
+
+    ours = load_checkpoint(tmp_path / "out")
+    if tied:  # one tensor, saved once: the merged embedding is the head
+        assert torch.equal(reference.pop("lm_head.weight"), reference["model.embed_tokens.weight"])
+    assert_within_one_rounding(ours, reference)
+    assert len(report.merged) == 1 + 2 * len(ATTENTION_AND_MLP) and not report.untied
+    assert report.replaced == ("model.embed_tokens.weight",)  # peft saves a LoRA'd embedding whole too
+    if family == "qwen2":
+        assert torch.equal(
+            ours["model.layers.1.self_attn.k_proj.bias"], base.state_dict()["model.layers.1.self_attn.k_proj.bias"]
+        )
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config == json.loads((base_dir / "config.json").read_text())
+
+
+def test_a_grown_vocabulary_on_a_tied_model_grows_the_one_embedding(tmp_path):
+    base = tiny_family("qwen2", tied=True)
+    base_dir = save(base, tmp_path / "base")
+    base.resize_token_embeddings(120, mean_resizing=False)  # the head follows: it is the embedding
+    model = lora(base, 3, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"])
+    model.save_pretrained(tmp_path / "adapter")
+    reference = merged_in_fp32(model)
+    assert torch.equal(reference.pop("lm_head.weight"), reference["model.embed_tokens.weight"])
+
+    report = merge_adapters(base_dir, [tmp_path / "adapter"], tmp_path / "out")
+
+    assert_within_one_rounding(load_checkpoint(tmp_path / "out"), reference)
+    assert report.vocab_size == 120 and not report.untied
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["vocab_size"] == 120 and config["tie_word_embeddings"] is True
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama3"])
+def test_modules_to_save_lm_head_on_a_tied_model_unties_it_as_peft_does(tmp_path, family):
+    base = tiny_family(family, tied=True, seed=4)
+    base_dir = save(base, tmp_path / "base")
+    model = lora(base, 5, r=4, lora_alpha=8, target_modules=ATTENTION_AND_MLP, modules_to_save=["lm_head"])
+    with torch.no_grad():  # as training moves the head's own copy away from the embedding
+        head = model.base_model.model.lm_head.modules_to_save["default"].weight
+        head.add_(torch.randn_like(head) * 0.05)
+    model.save_pretrained(tmp_path / "adapter")
+    reference = merged_in_fp32(model)
+    assert not torch.equal(reference["lm_head.weight"], reference["model.embed_tokens.weight"])
+
+    result = deltakit_cli("apply", "--base", base_dir, "--delta", tmp_path / "adapter", "--out", tmp_path / "out", "-q")
+
+    assert result.returncode == 0, result.stderr
+    assert "tie_word_embeddings set to false" in result.stdout
+    ours = load_checkpoint(tmp_path / "out")
+    assert_within_one_rounding(ours, reference)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
+    assert torch.equal(loaded.get_output_embeddings().weight, ours["lm_head.weight"])  # not tied back
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama3"])
+def test_lora_on_a_tied_head_moves_the_embedding_as_peft_does(tmp_path, family):
+    """peft merges a LoRA on the head of a tied model into the one tensor the head and the embedding
+    share: the merged model stays tied, its embedding moved by the head's update."""
+    base = tiny_family(family, tied=True, seed=8)
+    base_dir = save(base, tmp_path / "base")
+    model = lora(base, 9, r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"])
+    model.save_pretrained(tmp_path / "adapter")
+    reference = merged_in_fp32(model)
+    assert torch.equal(reference.pop("lm_head.weight"), reference["model.embed_tokens.weight"])
+
+    report = merge_adapters(base_dir, [tmp_path / "adapter"], tmp_path / "out")
+
+    ours = load_checkpoint(tmp_path / "out")
+    assert_within_one_rounding(ours, reference)
+    assert "model.embed_tokens.weight" in report.merged and report.replaced == () and not report.untied
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+def test_a_whole_lm_head_for_a_base_that_unties_it_elsewhere_is_still_refused(tmp_path):
+    """A base without lm_head whose config says it is untied is another architecture's model."""
+    base = tiny_family("qwen2", tied=True)
+    base_dir = save(base, tmp_path / "base")
+    lora(base, 5, r=2, lora_alpha=2, target_modules=["q_proj"], modules_to_save=["lm_head"]).save_pretrained(
+        tmp_path / "adapter"
+    )
+    config = json.loads((base_dir / "config.json").read_text())
+    (base_dir / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    with pytest.raises(UnsupportedInputError, match=r"'lm_head\.weight', which the base lacks"):
+        merge_adapters(base_dir, [tmp_path / "adapter"], tmp_path / "out")
+
+
+def test_lora_bias_on_qwen2s_qkv_biases_matches_peft(tmp_path):
+    """peft's ``lora_bias``: lora_B carries a bias, and the merge moves the layer's bias by
+    ``scale * lora_B.bias``, here Qwen2's q/k/v biases."""
+    base = tiny_family("qwen2", tied=True, seed=6)
+    base_dir = save(base, tmp_path / "base")
+    model = lora(base, 7, r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"], lora_bias=True)
+    with torch.no_grad():  # peft starts lora_B's bias at zero even without init_lora_weights
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B.default.bias"):
+                p.copy_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(tmp_path / "adapter")
+    reference = merged_in_fp32(model)
+    reference.pop("lm_head.weight")
+
+    report = merge_adapters(base_dir, [tmp_path / "adapter"], tmp_path / "out")
+
+    ours = load_checkpoint(tmp_path / "out")
+    assert_within_one_rounding(ours, reference)
+    assert "model.layers.1.self_attn.v_proj.bias" in report.merged
+    bias = "model.layers.0.self_attn.k_proj.bias"
+    assert not torch.equal(ours[bias], base.state_dict()[bias])
+    from deltakit.inspection import inspect_path
+
+    listed = {t.name for t in inspect_path(tmp_path / "adapter").tensors}
+    assert "base_model.model.model.layers.0.self_attn.k_proj.lora_B.bias" in listed

@@ -265,14 +265,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
     from ..examples import write_llama_pair
 
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="deltakit-demo-"))
     if root.exists() and any(root.iterdir()):
         raise DeltakitError(f"{root} is not empty; give the demo a new or empty --dir")
     quiet = argparse.Namespace(quiet=True)
-    _say(f"1. writing a tiny LLaMA-shaped base and a fine-tune with a grown vocabulary under {root}")
-    base, tuned = write_llama_pair(root, noise=1.6e-5)  # weights moved as little as a real fine-tune moves them
+    _say(f"1. writing a tiny LLaMA-shaped base and a fine-tune with a grown vocabulary, in bf16, under {root}")
+    # weights moved as little as a real fine-tune moves them; a SentencePiece vocabulary, for GGUF
+    base, tuned = write_llama_pair(root, noise=1.6e-5, dtype=torch.bfloat16, tokenizer=True)
     _say(f"   base      {base}")
     _say(f"   fine-tune {tuned}")
     _say("\n2. deltakit make --base base --target finetune --out delta")
@@ -288,10 +291,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     _print_verify(report)
     same = all(
         (tuned / name).read_bytes() == (root / "rebuilt" / name).read_bytes()
-        for name in ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json")
+        for name in (
+            "config.json",
+            "generation_config.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "tokenizer.model",
+            "added_tokens.json",
+        )
     )
     _say(f"\nevery tensor of rebuilt/ is bit-identical to finetune/; side files identical: {same}")
-    _say(f"the files are in {root}; try: deltakit inspect {root / 'delta'}")
+    _say("\n5. deltakit apply --base base --delta delta --to gguf --out finetune.gguf")
+    start = time.perf_counter()
+    gguf = apply_to_gguf(base, root / "delta", root / "finetune.gguf", progress=_progress(quiet))
+    _print_gguf(gguf, "rebuilt delta onto base as", time.perf_counter() - start)
+    _say(f"\nthe files are in {root}; try: deltakit inspect {root / 'delta'}")
     return 0 if report.ok and same else 1
 
 

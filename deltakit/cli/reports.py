@@ -170,6 +170,8 @@ def _print_merge(report: MergeReport, seconds: float) -> None:
     _say(f"  files     {', '.join(report.files) or 'none'}")
     if report.vocab_size is not None:
         _say(f"  config    vocab_size set to {report.vocab_size}, the merged embedding's rows")
+    if report.untied:
+        _say("  config    tie_word_embeddings set to false: an adapter's lm_head replaces the tied one")
     _say(f"  result    fingerprint {report.fingerprint} (adapters carry no digests to check it against)")
 
 

@@ -119,9 +119,10 @@ def _classify(name: str, target: TensorInfo, base: TensorInfo | None, codec: Cod
 
 
 def _refuse_raw_weights(steps: Sequence[_MakeStep], base: Checkpoint, target: Checkpoint) -> None:
-    """Refuse a delta that would publish whole weights: a fine-tune adds vocabulary rows and never
-    drops them, so a target with fewer rows than its base is the base itself, named as the target; and
-    a target mostly stored raw shares little with the base it names."""
+    """Refuse a delta that would publish whole weights: a fine-tune adds vocabulary rows and seldom
+    drops them (a Qwen2.5 one resized to its tokenizer does: ``allow_raw`` stores that embedding whole),
+    so a target with fewer rows than its base is likely the base itself, named as the target; and a
+    target mostly stored raw shares little with the base it names."""
     for step in steps:
         held = base.tensors.get(step.name)
         shape = step.target.shape
@@ -133,8 +134,9 @@ def _refuse_raw_weights(steps: Sequence[_MakeStep], base: Checkpoint, target: Ch
         ):
             raise RawWeightsError(
                 f"{step.name} has {shape[0]} rows in the target {target.source} and {held.shape[0]} in the base "
-                f"{base.source}: a fine-tune never has fewer rows than its base, so base and target look swapped, "
-                "and the delta would store the larger one's rows raw",
+                f"{base.source}: a fine-tune seldom has fewer rows than its base, so base and target look swapped "
+                "(unless the fine-tune cut a vocabulary padded past its tokenizer's, as resizing Qwen2.5's "
+                "embedding to the tokenizer's length does), and the delta would store the smaller one's rows raw",
                 path=target.source,
                 tensor=step.name,
                 expected=f"at least {held.shape[0]} rows",

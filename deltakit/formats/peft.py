@@ -2,8 +2,9 @@
 
 An adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or ``.bin``).
 For each adapted module it stores ``lora_A`` (r x in) and ``lora_B`` (out x r), so the merged
-weight is ``W + scale * (B @ A)``, transposed for ``fan_in_fan_out`` layers and embeddings; and it
-may store whole tensors that replace the base's (``modules_to_save``, resized embeddings).
+weight is ``W + scale * (B @ A)``, transposed for ``fan_in_fan_out`` layers and embeddings, and with
+``lora_bias`` the layer's bias moves by ``scale * lora_B.bias``; and it may store whole tensors that
+replace the base's (``modules_to_save``, resized embeddings).
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ __all__ = ["ADAPTER_CONFIG", "Adapter", "LoraPair", "is_adapter", "open_adapter"
 ADAPTER_CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(\.[^.]+)?\.weight$")
+_BIAS_KEY = re.compile(r"^(?P<module>.+)\.lora_B(\.[^.]+)?\.bias$")
 _EMBEDDING_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)(\.[^.]+)?$")
 
 
 @dataclass(frozen=True)
 class LoraPair:
-    """One adapted weight: ``weight += scale * (B @ A)``, transposed when ``transposed``.
+    """One adapted weight: ``weight += scale * (B @ A)``, transposed when ``transposed``; or, where
+    ``a`` is None, one adapted bias (``lora_bias``): ``bias += scale * b``.
 
     Attributes:
         target: the base tensor it changes (``model.layers.0.self_attn.q_proj.weight``).
@@ -37,7 +40,7 @@ class LoraPair:
     """
 
     target: str
-    a: TensorInfo
+    a: TensorInfo | None
     b: TensorInfo
     scale: float
     transposed: bool
@@ -170,7 +173,7 @@ def open_adapter(path: str | Path) -> Adapter:
     if config.get("peft_type") != "LORA":
         kind = config.get("peft_type")
         raise UnsupportedInputError(f"{config_path}: peft_type is {kind!r}; only LORA adapters are merged", path=root)
-    for flag in ("use_dora", "lora_bias", "use_qalora"):
+    for flag in ("use_dora", "use_qalora"):
         if config.get(flag):
             raise UnsupportedInputError(f"{config_path}: {flag} adapters are not merged by deltakit yet", path=root)
     ranks = _Ranks.from_config(config, config_path)
@@ -181,8 +184,13 @@ def open_adapter(path: str | Path) -> Adapter:
     halves: dict[str, dict[str, TensorInfo]] = {}
     embedding_modules: set[str] = set()
     replacements: dict[str, TensorInfo] = {}
+    biases: dict[str, TensorInfo] = {}
     for key, info in tensors.items():
         short = key.removeprefix(_PREFIX)
+        bias = _BIAS_KEY.match(short)
+        if bias is not None:
+            biases[bias["module"]] = info
+            continue
         match = _LORA_KEY.match(short) or _EMBEDDING_KEY.match(short)
         if match is None:
             name = short.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
@@ -215,6 +223,17 @@ def open_adapter(path: str | Path) -> Adapter:
         scale = alpha / math.sqrt(r) if rslora else alpha / r
         transposed = module in embedding_modules or fan_in_fan_out
         pairs[f"{module}.weight"] = LoraPair(f"{module}.weight", a, b, scale, transposed)
+        if module in biases:
+            b_bias = biases.pop(module)
+            if b_bias.shape != (b.shape[0],):
+                raise FormatError(
+                    f"{weights_path}: module {module!r}: lora_B's bias is {list(b_bias.shape)}, not [{b.shape[0]}]",
+                    path=weights_path,
+                )
+            pairs[f"{module}.bias"] = LoraPair(f"{module}.bias", None, b_bias, scale, False)
+    if biases:
+        module = next(iter(biases))
+        raise FormatError(f"{weights_path}: module {module!r} has a lora_B bias but no LoRA pair", path=weights_path)
 
     skip = {ADAPTER_CONFIG, weights_path.name, "README.md"}
     extra = tuple(sorted(p.name for p in root.iterdir() if p.exists() and not p.is_dir() and p.name not in skip))
