@@ -117,3 +117,28 @@ def _run(llama: LlamaCpp, code: str) -> str:
     done = subprocess.run(cmd, capture_output=True, text=True, env=llama.env())
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
+
+
+def fields_and_tensors(path: Path) -> tuple[dict, dict]:
+    """A GGUF file's metadata (key: its types and value, in file order) and tensors (name: type, shape, bytes)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    fields = {
+        k: ([t.name for t in f.types], f.contents()) for k, f in reader.fields.items() if not k.startswith("GGUF.")
+    }
+    tensors = {t.name: (t.tensor_type.name, tuple(int(n) for n in t.shape), bytes(t.data)) for t in reader.tensors}
+    return fields, tensors
+
+
+def assert_same_gguf(ours: Path, theirs: Path) -> None:
+    """Every metadata key, value and type, and every tensor's type, shape and bytes, in the same order."""
+    our_fields, our_tensors = fields_and_tensors(ours)
+    their_fields, their_tensors = fields_and_tensors(theirs)
+    assert list(our_fields) == list(their_fields)  # the same keys, in the same order
+    for key, value in their_fields.items():
+        assert our_fields[key] == value, key
+    assert list(our_tensors) == list(their_tensors)
+    for name, (qtype, shape, data) in their_tensors.items():
+        assert our_tensors[name][:2] == (qtype, shape), name
+        assert our_tensors[name][2] == data, name

