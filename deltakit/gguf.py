@@ -226,6 +226,7 @@ class _Hparams:
     config: dict[str, Any]
     where: Path
     family: Family
+    head_dim_key: bool = True  # key_length and value_length are written, as llama.cpp's converter writes them
 
     @classmethod
     def of(cls, config: dict[str, Any], where: Path) -> _Hparams:
@@ -249,6 +250,7 @@ class _Hparams:
                 hp[key] = default
         if hp.get("num_key_value_heads") is None:
             hp["num_key_value_heads"] = hp["num_attention_heads"]
+        head_dim_key = family.head_dim_stated or hp.get("head_dim") is not None
         if hp.get("head_dim") is None:
             hp["head_dim"] = hp["hidden_size"] // hp["num_attention_heads"]
         rope_key = "rope_parameters" if hp.get("rope_parameters") else "rope_scaling"
@@ -273,7 +275,7 @@ class _Hparams:
             raise FormatError(f"{where}: num_key_value_heads {kv} must divide {heads} heads", path=where)
         if hp["head_dim"] % 2:
             raise FormatError(f"{where}: head_dim {hp['head_dim']} must be even (rotary pairs)", path=where)
-        return cls(hp, where, family)
+        return cls(hp, where, family, head_dim_key)
 
     def __getitem__(self, key: str) -> Any:
         return self.config[key]
@@ -389,10 +391,11 @@ def _plan(sources: Sequence[tuple[str, Rows]], hp: _Hparams, quant: str, *, meta
             )
         if rows.dtype not in ("F16", "BF16", "F32"):
             raise UnsupportedInputError(f"tensor {source!r} is {rows.dtype}; GGUF conversion takes float tensors")
-        if source.endswith(("q_proj.weight", "k_proj.weight")) and not meta_order:
+        rotary = hp.family.rotary_permute
+        if rotary and source.endswith(("q_proj.weight", "k_proj.weight")) and not meta_order:
             heads = hp["num_attention_heads"] if "q_proj" in source else hp["num_key_value_heads"]
             rows = Rotary(rows, heads, to_hf=False)
-        elif source.endswith(("q_proj.bias", "k_proj.bias")):
+        elif rotary and source.endswith(("q_proj.bias", "k_proj.bias")):
             raise UnsupportedInputError(f"tensor {source!r}: q/k biases are not LLaMA's", tensor=source)
         head = name == ("token_embd.weight" if tied else "output.weight")
         qtype = _qtype(name, rows.shape, quant, head=head)
@@ -694,15 +697,18 @@ def _write_metadata_unchecked(
         writer.add_rope_scaling_type(g.RopeScalingType.LONGROPE)
     writer.add_rope_freq_base(rope["rope_theta"])
     writer.add_layer_norm_rms_eps(hp["rms_norm_eps"])
-    writer.add_key_length(hp["head_dim"])
-    writer.add_value_length(hp["head_dim"])
+    if hp.head_dim_key:
+        writer.add_key_length(hp["head_dim"])
+        writer.add_value_length(hp["head_dim"])
     writer.add_file_type(ftype)
-    writer.add_vocab_size(hp["vocab_size"])
-    writer.add_rope_dimension_count(hp["head_dim"])
+    llama_keys = hp.family.llama_keys  # LlamaModel's own; Qwen's are the generic TextModel's
+    if llama_keys:
+        writer.add_vocab_size(hp["vocab_size"])
+        writer.add_rope_dimension_count(hp["head_dim"])
     writer.add_quantization_version(g.GGML_QUANT_VERSION)
 
     tokenizer_config = folder / "tokenizer_config.json"
-    if tokenizer_config.is_file():
+    if llama_keys and tokenizer_config.is_file():
         space = _json_file(files, "tokenizer_config.json").get("add_prefix_space")
         if isinstance(space, bool):
             writer.add_add_space_prefix(space)
@@ -725,12 +731,12 @@ def _write_metadata_unchecked(
         writer.add_token_scores(scores)
         writer.add_token_types(kinds)
         g.SpecialVocab(folder, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
-    if hp["vocab_size"] == 32016:  # CodeLlama's infill tokens, as llama.cpp marks them
+    if llama_keys and hp["vocab_size"] == 32016:  # CodeLlama's infill tokens, as llama.cpp marks them
         special = g.SpecialVocab(folder, load_merges=False, special_token_types=["prefix", "suffix", "middle", "eot"])
         for kind, token in (("prefix", 32007), ("suffix", 32008), ("middle", 32009), ("eot", 32010)):
             special._set_special_token(kind, token)
         special.add_to_gguf(writer, quiet=True)
-    if hp["vocab_size"] == 49152:
+    if llama_keys and hp["vocab_size"] == 49152:
         writer.add_add_bos_token(False)
 
 

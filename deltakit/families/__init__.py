@@ -11,12 +11,13 @@ from .family import Family
 from .llama import LLAMA
 from .llama3 import LLAMA3
 from .mistral import MISTRAL
+from .qwen2 import QWEN2, QWEN3
 
 __all__ = ["FAMILIES", "Family", "family_of"]
 
 # The first family that both names the architecture and claims the config is the model's: Llama 3
 # before Llama 1 and 2, which share its architecture name.
-FAMILIES: tuple[Family, ...] = (LLAMA3, LLAMA, MISTRAL)
+FAMILIES: tuple[Family, ...] = (LLAMA3, LLAMA, MISTRAL, QWEN2, QWEN3)
 
 
 def family_of(config: Mapping[str, Any]) -> Family | None:

@@ -41,6 +41,13 @@ class Family:
             it wins.
         extra_tensors: tensors llama.cpp's converter computes from the config (``rope_freqs``), GGUF
             name and float32 values, written before the checkpoint's own.
+        rotary_permute: q/k rows go back in Meta's rotary order in the GGUF (llama.cpp's LlamaModel
+            ``undo_permute``); such a family has no q/k biases. Qwen's GGUF keeps HF's order.
+        llama_keys: the keys llama.cpp's LlamaModel adds to every model's (``add_space_prefix`` from
+            tokenizer_config.json, ``vocab_size``, ``rope.dimension_count``, CodeLlama's infill tokens).
+        head_dim_stated: transformers' config class always states ``head_dim`` (LlamaConfig, Qwen3Config),
+            so llama.cpp's converter writes ``key_length``/``value_length``; where not (Qwen2Config),
+            only a config.json that states it has them.
     """
 
     name: str
@@ -54,3 +61,6 @@ class Family:
     pre_tokenizers: tuple[str, ...] = ()
     claims: Callable[[Mapping[str, Any]], bool] = _claims_any
     extra_tensors: Callable[[Mapping[str, Any]], list[tuple[str, np.ndarray]]] = _no_extra_tensors
+    rotary_permute: bool = True
+    llama_keys: bool = True
+    head_dim_stated: bool = True
