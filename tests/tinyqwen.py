@@ -9,7 +9,7 @@ import base64
 import json
 from pathlib import Path
 
-from deltakit.families.llama3 import _byte_chars, _merges
+from deltakit.families.llama3 import bpe_merges, byte_chars
 
 RANKS = 151643
 VOCAB = 151936  # Qwen2.5's config.json: 271 rows past the tokenizer's ids
@@ -50,7 +50,7 @@ def qwen_tokenizer_json() -> str:
     """tokenizer.json as Qwen2.5's repositories hold it (the byte-level BPE model, NFC, Qwen's split)."""
     if "json" in _CACHE:
         return _CACHE["json"]
-    chars = _byte_chars()
+    chars = byte_chars()
     tokens = qwen_ranks()
 
     def shown(token: bytes) -> str:
@@ -93,7 +93,7 @@ def qwen_tokenizer_json() -> str:
             "byte_fallback": False,
             "ignore_merges": False,
             "vocab": {shown(token): i for i, token in enumerate(tokens)},
-            "merges": [[shown(a), shown(b)] for a, b in _merges(tokens)],
+            "merges": [[shown(a), shown(b)] for a, b in bpe_merges(tokens)],
         },
     }
     _CACHE["json"] = json.dumps(document, ensure_ascii=False)

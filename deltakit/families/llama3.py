@@ -31,6 +31,8 @@ __all__ = [
     "LLAMA3",
     "META_CONTEXT",
     "PRE_TOKENIZERS",
+    "bpe_merges",
+    "byte_chars",
     "generation_config",
     "hf_config",
     "is_llama3_config",
@@ -172,7 +174,7 @@ def read_tiktoken(path: Path) -> list[bytes]:
     return tokens
 
 
-def _byte_chars() -> list[str]:
+def byte_chars() -> list[str]:
     """GPT-2's byte-level alphabet: byte b shown as one printable character."""
     shown = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars = {b: chr(b) for b in shown}
@@ -184,7 +186,7 @@ def _byte_chars() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
-def _merges(tokens: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
+def bpe_merges(tokens: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
     """Every split of each token into two ranked tokens, by the token's rank, then by the parts' ranks
     (as transformers' TikTokenConverter lists them)."""
     rank = {token: i for i, token in enumerate(tokens)}
@@ -199,7 +201,7 @@ def _merges(tokens: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
 def tokenizer_json(tokens: Sequence[bytes], params: dict[str, Any]) -> str:
     """The fast tokenizer's ``tokenizer.json`` for tiktoken ``tokens``, the special tokens after them
     and a post-processor that adds BOS: the file transformers' script writes, read the same way."""
-    chars = _byte_chars()
+    chars = byte_chars()
 
     def shown(token: bytes) -> str:
         return "".join(chars[b] for b in token)
@@ -255,7 +257,7 @@ def tokenizer_json(tokens: Sequence[bytes], params: dict[str, Any]) -> str:
             "byte_fallback": False,
             "ignore_merges": True,
             "vocab": {shown(token): i for i, token in enumerate(tokens)},
-            "merges": [[shown(a), shown(b)] for a, b in _merges(tokens)],
+            "merges": [[shown(a), shown(b)] for a, b in bpe_merges(tokens)],
         },
     }
     return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
@@ -271,7 +273,7 @@ def tiktoken_from_tokenizer_json(path: Path) -> bytes | None:
         return None
     added = document.get("added_tokens") or []
     first_added = min((t.get("id", 0) for t in added if isinstance(t, dict)), default=len(model["vocab"]))
-    byte_of = {c: b for b, c in enumerate(_byte_chars())}
+    byte_of = {c: b for b, c in enumerate(byte_chars())}
     tokens: dict[int, bytes] = {}
     for text, rank in model["vocab"].items():
         if type(rank) is not int or rank >= first_added:

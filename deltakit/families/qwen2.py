@@ -12,6 +12,7 @@ its ``_set_vocab_gpt2`` writes, ids past the tokenizer's up to config.json's voc
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from .family import Family
@@ -56,17 +57,15 @@ QWEN2 = Family(
     head_dim_stated=False,
 )
 
-QWEN3 = Family(
+# Qwen3 is Qwen2's layers with q/k norms in place of q/k/v biases, and its config class states head_dim
+QWEN3 = replace(
+    QWEN2,
     name="qwen3",
     architectures=("Qwen3ForCausalLM",),
     model_types=("qwen3",),
     gguf_arch="QWEN3",
     # Qwen3Config's defaults: its head_dim is 128 whatever the width, not hidden_size / heads
     config_defaults=(*QWEN2.config_defaults, ("head_dim", 128)),
-    dropped=LLAMA.dropped,
     tensor_shapes=_qwen3_shapes,
-    vocabulary="bpe",
-    pre_tokenizers=PRE_TOKENIZERS,
-    rotary_permute=False,
-    llama_keys=False,
+    head_dim_stated=True,
 )
