@@ -14,6 +14,9 @@ from .settings import Settings
 from .store import Store
 
 _bearer = HTTPBearer(auto_error=False)
+# The page keeps a read token in this cookie; only read routes accept it (a browser sends cookies on its
+# own, so a write needs the Authorization header: no cross-site request can write).
+TOKEN_COOKIE = "deltakit_token"
 
 
 def get_store(request: Request) -> Store:
@@ -47,10 +50,18 @@ def _scope(store: Store, credentials: HTTPAuthorizationCredentials | None) -> st
     return scope
 
 
+def cookie_scope(store: Store, token: str | None) -> str | None:
+    """The scope of the page's cookie token, or None where it is missing or no token."""
+    return store.token_scope(token) if token else None
+
+
 def require_read(
+    request: Request,
     store: Annotated[Store, Depends(get_store)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
+    if credentials is None and (scope := cookie_scope(store, request.cookies.get(TOKEN_COOKIE))) is not None:
+        return scope
     return _scope(store, credentials)
 
 
