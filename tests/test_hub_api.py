@@ -368,6 +368,51 @@ def test_tokens_are_required(hub):
     assert not models.opened  # refused before the store was asked for anything
 
 
+class GatedRepositories(FolderRepositories):
+    """file_path waits for ``gate``, as the store's does while a rebuild runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.waiting = threading.Event(), threading.Event()
+
+    def file_path(self, revision: RepoRevision, path: str, *, progress: ProgressFactory = no_progress) -> Path:
+        self.waiting.set()
+        assert self.gate.wait(30)
+        return super().file_path(revision, path, progress=progress)
+
+
+def test_a_waiting_download_blocks_nothing_else(folders, tmp_path):
+    base, _, _ = folders
+    models = GatedRepositories()
+    models.add(BASE, base)
+    (tmp_path / "home").mkdir()
+    store = Store(tmp_path / "home" / "jobs.sqlite3")
+    token = store.create_token("read")
+    store.close()
+    headers = {"Authorization": f"Bearer {token}"}
+    with LiveHub(tmp_path / "home", models) as endpoint:
+        downloads: list[httpx.Response] = []
+
+        def download() -> None:
+            downloads.append(
+                httpx.get(f"{endpoint}/{BASE}/resolve/main/model.safetensors", headers=headers, timeout=60)
+            )
+
+        waiters = [threading.Thread(target=download) for _ in range(4)]
+        for thread in waiters:
+            thread.start()
+        assert models.waiting.wait(10)
+        info = httpx.get(f"{endpoint}/api/models/{BASE}", headers=headers, timeout=5)  # served meanwhile
+        assert info.status_code == 200 and info.json()["id"] == BASE
+        assert httpx.get(endpoint.removesuffix("/hub") + "/healthz", timeout=5).status_code == 200
+        assert not downloads
+        models.gate.set()
+        for thread in waiters:
+            thread.join(60)
+    assert [d.status_code for d in downloads] == [200] * 4
+    assert {hashlib.sha256(d.content).hexdigest() for d in downloads} == {sha256(base / "model.safetensors")}
+
+
 def test_range_parsing():
     assert parse_range(None, 10) is None
     assert parse_range("bytes=2-4", 10).content_range == "bytes 2-4/10"
