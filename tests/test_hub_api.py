@@ -136,6 +136,7 @@ def folders(tmp_path_factory):
     tune2 = write_finetune(base, root / "panda-2", extra_rows=8, seed=2)
     (tune2 / "notes").mkdir()
     (tune2 / "notes" / "card.txt").write_text("a nested file, so the tree has a folder\n")
+    (tune2 / "notes" / "empty.txt").write_bytes(b"")
     return base, tune1, tune2
 
 
@@ -237,7 +238,26 @@ def test_hf_hub_download_and_model_info(hub, tmp_path):
     assert sorted(api.list_repo_files(TUNE)) == sorted(tree_hashes(tune2))
     top = {e.path: type(e).__name__ for e in api.list_repo_tree(TUNE)}
     assert top["notes"] == "RepoFolder" and "notes/card.txt" not in top
-    assert [e.path for e in api.list_repo_tree(TUNE, path_in_repo="notes")] == ["notes/card.txt"]
+    assert [e.path for e in api.list_repo_tree(TUNE, path_in_repo="notes")] == ["notes/card.txt", "notes/empty.txt"]
+    asked = api.get_paths_info(TUNE, ["config.json", "notes", "nothing.txt", "model.safetensors"], revision="2")
+    assert [(type(e).__name__, e.path) for e in asked] == [
+        ("RepoFile", "config.json"),
+        ("RepoFolder", "notes"),
+        ("RepoFile", "model.safetensors"),
+    ]
+    assert (
+        asked[2].lfs.sha256 == sha256(tune2 / "model.safetensors")
+        and asked[0].size == (tune2 / "config.json").stat().st_size
+    )
+    # safetensors metadata, read by the client with Range requests on the file's header
+    from safetensors import safe_open
+
+    served = api.get_safetensors_metadata(TUNE).files_metadata["model.safetensors"].tensors
+    with safe_open(str(tune2 / "model.safetensors"), "pt") as original:
+        assert {n: t.shape for n, t in served.items()} == {
+            n: list(original.get_slice(n).get_shape())
+            for n in original.keys()  # noqa: SIM118 - safe_open is no dict
+        }
     assert api.file_exists(TUNE, "tokenizer.model") and not api.file_exists(TUNE, "pytorch_model.bin")
     assert api.repo_exists(BASE) and not api.repo_exists("team/nothing")
 

@@ -3,7 +3,8 @@ read token as ``HF_TOKEN``, huggingface_hub, ``hf download`` and transformers do
 
 Routes (as huggingface_hub 2.x calls them): ``GET /hub/api/models/{org}/{name}[/revision/{rev}]`` (model
 info; ``?blobs=true`` adds sizes and LFS data), ``GET /hub/api/models/{org}/{name}/tree/{rev}[/{path}]``
-(``list_repo_tree``, ``list_repo_files``, the listing ``snapshot_download`` starts from), and
+(``list_repo_tree``, ``list_repo_files``, the listing ``snapshot_download`` starts from),
+``POST /hub/api/models/{org}/{name}/paths-info/{rev}`` (``get_paths_info``), and
 ``GET|HEAD /hub/{org}/{name}/resolve/{rev}/{path}`` (the bytes, with ``Range``). Errors carry the Hub's
 ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``) and ``X-Error-Message``, which
 the client turns into its own exceptions. No Xet headers are ever sent, so clients download over HTTP.
@@ -20,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Annotated, Any, TypeVar
+from urllib.parse import parse_qs
 
 import anyio
 from fastapi import APIRouter, Depends, Request
@@ -107,14 +109,14 @@ class _HubState:
                 self._blob_ids.popitem(last=False)
 
 
-def _state(request: Request) -> _HubState:
+async def _state(request: Request) -> _HubState:  # on the event loop: one state per app, made once
     state: _HubState | None = getattr(request.app.state, "hub", None)
     if state is None:
         state = request.app.state.hub = _HubState()
     return state
 
 
-def _models(request: Request) -> Repositories:
+async def _models(request: Request) -> Repositories:
     models: Repositories | None = getattr(request.app.state, "models", None)
     if models is None:
         raise HubRefusal(503, "the model store is not available on this service")
@@ -269,6 +271,28 @@ def _flag(request: Request, name: str) -> bool:
     return request.query_params.get(name, "false").lower() in ("1", "true")
 
 
+def _folders(rev: RepoRevision) -> set[str]:
+    return {"/".join(f.path.split("/")[:i]) for f in rev.files for i in range(1, f.path.count("/") + 1)}
+
+
+def _folder_entry(rev: RepoRevision, folder: str) -> dict[str, Any]:
+    inside = "".join(f"{f.path}:{f.sha256}\n" for f in rev.files if f.path.startswith(folder + "/"))
+    oid = hashlib.sha1(inside.encode(), usedforsecurity=False).hexdigest()  # changes whenever its files do
+    return {"type": "directory", "oid": oid, "size": 0, "path": folder}
+
+
+async def _file_entry(models: Repositories, state: _HubState, rev: RepoRevision, stored: StoredFile) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "type": "file",
+        "oid": await _blob_id(models, state, rev, stored),
+        "size": stored.size,
+        "path": stored.path,
+    }
+    if (lfs := _lfs(stored)) is not None:
+        item["lfs"] = {"oid": lfs["sha256"], "size": lfs["size"], "pointerSize": lfs["pointerSize"]}
+    return item
+
+
 @router.get("/api/models/{org}/{name}/tree/{revision}")
 @router.get("/api/models/{org}/{name}/tree/{revision}/{path:path}")
 async def tree(
@@ -278,7 +302,7 @@ async def tree(
     repo_id = _repo_id(org, name)
     path = _checked_path(path.strip("/"), repo_id) if path.strip("/") else ""
     rev = await _revision(models, repo_id, revision)
-    folders = {"/".join(f.path.split("/")[:i]) for f in rev.files for i in range(1, f.path.count("/") + 1)}
+    folders = _folders(rev)
     if path and path not in folders:
         raise _entry_not_found(rev, path)  # a file, or nothing: the Hub lists folders only
     prefix = f"{path}/" if path else ""
@@ -287,23 +311,28 @@ async def tree(
     def wanted(p: str) -> bool:
         return p.startswith(prefix) and (recursive or "/" not in p[len(prefix) :])
 
-    items: list[dict[str, Any]] = []
-    for folder in sorted(f for f in folders if wanted(f)):
-        inside = "".join(f"{f.path}:{f.sha256}\n" for f in rev.files if f.path.startswith(folder + "/"))
-        oid = hashlib.sha1(inside.encode(), usedforsecurity=False).hexdigest()
-        items.append({"type": "directory", "oid": oid, "size": 0, "path": folder})
-    for stored in rev.files:
-        if wanted(stored.path):
-            item: dict[str, Any] = {
-                "type": "file",
-                "oid": await _blob_id(models, state, rev, stored),
-                "size": stored.size,
-                "path": stored.path,
-            }
-            if (lfs := _lfs(stored)) is not None:
-                item["lfs"] = {"oid": lfs["sha256"], "size": lfs["size"], "pointerSize": lfs["pointerSize"]}
-            items.append(item)
+    items = [_folder_entry(rev, folder) for folder in folders if wanted(folder)]
+    items += [await _file_entry(models, state, rev, stored) for stored in rev.files if wanted(stored.path)]
     return sorted(items, key=lambda i: str(i["path"]))
+
+
+@router.post("/api/models/{org}/{name}/paths-info/{revision}")
+async def paths_info(
+    org: str, name: str, revision: str, request: Request, models: Models, state: State
+) -> list[dict[str, Any]]:
+    """The entries of the form's ``paths`` (``get_paths_info``, ``HfFileSystem``); paths that do not exist are
+    left out, as the Hub leaves them out."""
+    repo_id = _repo_id(org, name)
+    rev = await _revision(models, repo_id, revision)
+    asked = parse_qs((await request.body()).decode("utf-8", "replace")).get("paths", [])
+    folders = _folders(rev)
+    items = []
+    for path in dict.fromkeys(p.strip("/") for p in asked):
+        if (stored := rev.file(path)) is not None:
+            items.append(await _file_entry(models, state, rev, stored))
+        elif path in folders:
+            items.append(_folder_entry(rev, path))
+    return items
 
 
 @router.api_route("/{org}/{name}/resolve/{revision}/{path:path}", methods=["GET", "HEAD"])
