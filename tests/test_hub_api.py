@@ -433,6 +433,29 @@ def test_a_waiting_download_blocks_nothing_else(folders, tmp_path):
     assert {hashlib.sha256(d.content).hexdigest() for d in downloads} == {sha256(base / "model.safetensors")}
 
 
+def test_a_store_copy_of_the_wrong_size_is_never_sent(folders, tmp_path):
+    base, _, _ = folders
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for p in base.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    models = FolderRepositories()
+    models.add(BASE, copy)
+    (copy / "config.json").write_bytes(b"{}")  # the store's copy changed after the import was recorded
+    (tmp_path / "home").mkdir()
+    store = Store(tmp_path / "home" / "jobs.sqlite3")
+    headers = {"Authorization": f"Bearer {store.create_token('read')}"}
+    store.close()
+    server = LiveHub(tmp_path / "home", models)
+    with server as endpoint:
+        answer = httpx.get(f"{endpoint}/{BASE}/resolve/main/config.json", headers=headers)
+        assert answer.status_code == 422 and answer.json()["type"] == "IntegrityError"
+        assert "config.json" in answer.json()["detail"] and str(copy) not in answer.text  # no server path
+        server.app.state.models = None  # a service without a model store
+        unavailable = httpx.get(f"{endpoint}/api/models/{BASE}", headers=headers)
+        assert unavailable.status_code == 503 and "store" in unavailable.json()["error"]
+
+
 def test_range_parsing():
     assert parse_range(None, 10) is None
     assert parse_range("bytes=2-4", 10).content_range == "bytes 2-4/10"
