@@ -22,7 +22,7 @@ from deltakit.registry import Registry
 from .deps import Read
 from .jobs import NameOutsideRoots, Runner
 from .problems import problem_fields
-from .routes import health, jobs, metrics, models, page
+from .routes import health, hub, jobs, metrics, models, page
 from .routes.jobs import JobFinished
 from .settings import Settings, load_settings
 from .store import Store
@@ -155,7 +155,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="deltakit", version=__version__, lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None
     )
-    for router in (health.router, models.router, jobs.router, metrics.router, page.router):
+    for router in (health.router, models.router, jobs.router, metrics.router, hub.router, page.router):
         app.include_router(router)
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[Read])
@@ -164,6 +164,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[JSONResponse]]] = {
         DeltakitError: _deltakit_error,
+        hub.HubRefusal: hub.refusal,
         StarletteHTTPException: _http_error,
         RequestValidationError: _validation_error,
         Exception: _unexpected,
