@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from ..progress import ProgressFactory, no_progress
 
@@ -80,6 +80,7 @@ class RepoSummary:
         return self.revisions[-1]
 
 
+@runtime_checkable
 class Repositories(Protocol):
     """The store as its faces read it.
 
