@@ -330,3 +330,64 @@ def test_cli_imports_and_lists(tmp_path, models, monkeypatch):
     assert repos["org/ft"]["base_model"] == "org/base" and repos["org/ft"]["storage"] == "delta"
     bad = deltakit_cli("registry", "import", "a/b/c", models["base"])
     assert bad.returncode == 1 and "a/b/c" in bad.stderr
+
+
+def test_a_finetune_of_a_stored_finetune_is_a_delta_of_a_delta(store, models, tmp_path):
+    store.import_model("org/base", models["base"])
+    store.import_model("org/ft1", models["ft1"], base="org/base")
+    from conftest import load_checkpoint
+
+    again = write_checkpoint(tmp_path / "ft1b", finetune_of(load_checkpoint(models["ft1"]), seed=9), files=CONFIG)
+    report = store.import_model("org/ft1b", again, base="org/ft1")
+    assert (report.storage, report.base_model) == ("delta", "org/ft1")
+    assert served(store, "org/ft1b") == originals(again)
+    assert {s.repo_id: s.derived for s in store.repositories()}["org/ft1"] == ("org/ft1b",)
+
+
+def test_a_damaged_whole_object_is_refused(tmp_path, models):
+    store = ModelStore(tmp_path / "home", objects=LocalObjects(tmp_path / "objects"))
+    store.import_model("org/base", models["base"])
+    rev = store.revision("org/base")
+    path = store.file_path(rev, "config.json")
+    assert sha256(path) == originals(models["base"])["config.json"]
+    path.write_text('{"model_type": "gpt2"}\n')
+    from deltakit.errors import IntegrityError
+
+    with pytest.raises(IntegrityError):
+        store.file_path(rev, "config.json")
+    store.close()
+
+
+_BUILD_IN_ANOTHER_PROCESS = """
+import sys
+from pathlib import Path
+from deltakit.modelstore import ModelStore
+store = ModelStore(Path(sys.argv[1]))
+print(store.ensure_cached(store.revision("org/ft")))
+"""
+
+
+def test_processes_sharing_a_home_rebuild_a_revision_once(tmp_path, models):
+    import os
+    import subprocess
+    import sys
+
+    store = ModelStore(tmp_path / "home")
+    store.import_model("org/base", models["base"])
+    store.import_model("org/ft", models["ft1"], base="org/base")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _BUILD_IN_ANOTHER_PROCESS, str(tmp_path / "home")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(3)
+    ]
+    results = [run.communicate(timeout=120) for run in runs]
+    assert all(run.returncode == 0 for run in runs), results
+    assert sorted(out.strip() for out, _ in results) == ["False", "False", "True"]
+    assert served(store, "org/ft") == originals(models["ft1"])
+    store.close()

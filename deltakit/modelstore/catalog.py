@@ -236,11 +236,11 @@ class Catalog:
         db = self._connection()
         rows = db.execute(
             "SELECT commit_id, repo_id, number, created, storage, base_repo, base_commit, relation, signer, "
-            f"stored_bytes FROM revisions WHERE {where} ORDER BY repo_id, number",
+            f"stored_bytes, note FROM revisions WHERE {where} ORDER BY repo_id, number",
             tuple(args),
         ).fetchall()
         out = []
-        for commit, repo_id, number, created, storage, base_repo, base_commit, relation, signer, stored in rows:
+        for commit, repo_id, number, created, storage, base_repo, base_commit, relation, signer, stored, note in rows:
             files = tuple(
                 StoredFile(p, s, h)
                 for p, s, h in db.execute(
@@ -260,6 +260,7 @@ class Catalog:
                     base_commit=base_commit,
                     relation=relation,
                     signer=signer,
+                    note=note,
                 )
             )
         return out

@@ -100,18 +100,28 @@ def lay_out_files(
             else:
                 assert f.object_key is not None
                 source = objects(f.object_key, scratch)
+                if source.is_relative_to(scratch):  # fetched for this file alone: moved, not copied again
+                    os.replace(source, target)
+                    sha, size = file_sha256(target)
+                    bar.update(size)
+                    _check_laid(f, sha, size)
+                    continue
                 with open(target, "wb") as out:
                     _copy_range(reader, source, 0, source.stat().st_size, out, digest, bar)
                 sha, size = digest.hexdigest(), target.stat().st_size
-            if (sha, size) != (f.sha256, f.size):
-                raise IntegrityError(
-                    f"{f.path}: rebuilt as {size} bytes with sha256 {sha[:16]}..., but the imported original has "
-                    f"{f.size} bytes with sha256 {f.sha256[:16]}...",
-                    path=f.path,
-                    expected=f.sha256,
-                    actual=sha,
-                )
+            _check_laid(f, sha, size)
     bar.close()
+
+
+def _check_laid(f: RevisionFile, sha: str, size: int) -> None:
+    if (sha, size) != (f.sha256, f.size):
+        raise IntegrityError(
+            f"{f.path}: rebuilt as {size} bytes with sha256 {sha[:16]}..., but the imported original has "
+            f"{f.size} bytes with sha256 {f.sha256[:16]}...",
+            path=f.path,
+            expected=f.sha256,
+            actual=sha,
+        )
 
 
 @dataclass(frozen=True)
@@ -167,6 +177,8 @@ class RebuildCache:
         self._thread_locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._records: dict[str, dict[str, _Stamp]] = {}
+        for trash in self.root.glob(".trash-*"):  # entries whose removal a killed process left unfinished
+            shutil.rmtree(trash, ignore_errors=True)
 
     # -- locks
 

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 _SIMILAR = 0.6
 _SAMPLE_BYTES = 64 << 10
 _SAMPLED_TENSORS = 8
+RELATIONS: tuple[Relation, ...] = ("finetune", "adapter", "quantized", "merge")
 _FLOATS = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 
 
@@ -64,8 +65,12 @@ def list_model_files(folder: Path) -> dict[str, Path]:
         UnsupportedInputError: a link leads outside it, or something other than a file is there.
     """
     folder = Path(folder)
+    if not folder.exists():
+        raise InputNotFoundError(f"{folder} does not exist", path=folder, argument="folder")
     if not folder.is_dir():
-        raise InputNotFoundError(f"{folder} is not a folder", path=folder, argument="folder")
+        raise UnsupportedInputError(
+            f"{folder} is not a folder: a model is imported as a folder", path=folder, argument="folder"
+        )
     real_root = folder.resolve()
     found: dict[str, Path] = {}
     for root, dirs, names in os.walk(folder):
@@ -394,6 +399,13 @@ class ModelStore:
             IntegrityError: the delta does not rebuild the folder's files exactly.
         """
         check_store_repo_id(repo_id)
+        if relation not in RELATIONS:
+            raise UnsupportedInputError(
+                f"unknown relation {relation!r}; choose one of {', '.join(RELATIONS)}",
+                expected=RELATIONS,
+                actual=relation,
+                argument="relation",
+            )
         folder = Path(folder)
         files = list_model_files(folder)
         base_rev = self._base_revision(base) if base is not None else None
@@ -538,7 +550,7 @@ class ModelStore:
             scratch / "check",
             applied=scratch / "applied",
             objects=lambda key, _scratch: staged[key],
-            scratch=scratch,
+            scratch=scratch / "fetched",  # not the staged objects' folder: laid files are moved out of it
             progress=progress,
         )
         shutil.rmtree(scratch / "check")
@@ -597,6 +609,11 @@ class ModelStore:
         with self._lock, open(self.home / "store.lock", "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
+
+    def set_signer(self, revision: RepoRevision, signer: str | None) -> RepoRevision:
+        """Record the fingerprint of the key that signed what ``revision`` imported."""
+        self.catalog.set_signer(revision.commit, signer)
+        return self.catalog.revision_by_commit(revision.commit)
 
     def orphan_objects(self) -> list[str]:
         """Objects no revision holds (what an interrupted import may leave; nothing, normally)."""
