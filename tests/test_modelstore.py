@@ -391,3 +391,24 @@ def test_processes_sharing_a_home_rebuild_a_revision_once(tmp_path, models):
     assert sorted(out.strip() for out, _ in results) == ["False", "False", "True"]
     assert served(store, "org/ft") == originals(models["ft1"])
     store.close()
+
+
+def test_an_import_whose_recipe_does_not_rebuild_the_files_is_refused(store, models, monkeypatch):
+    from deltakit.errors import IntegrityError
+    from deltakit.modelstore import store as store_module
+
+    exact = store_module._exact_layout
+
+    def reversed_order(folder, files):
+        layout, why = exact(folder, files)
+        wrong = {rel: (size, order[::-1]) for rel, (size, order) in layout.safetensors.items()}
+        return store_module._Layout(layout.ckpt, wrong, layout.index), why
+
+    store.import_model("org/base", models["base"])
+    keys = set(store.objects.keys())
+    monkeypatch.setattr(store_module, "_exact_layout", reversed_order)
+    with pytest.raises(IntegrityError) as e:
+        store.import_model("org/ft", models["ft1"], base="org/base")
+    assert "model.safetensors" in str(e.value)
+    assert set(store.objects.keys()) == keys
+    assert [s.repo_id for s in store.repositories()] == ["org/base"]

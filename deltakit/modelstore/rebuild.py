@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from ..errors import IntegrityError
 from ..formats.checkpoint import RangeReader, open_checkpoint
@@ -42,21 +43,36 @@ ENTRY_USED = "used"
 ObjectSource = Callable[[str, Path], Path]
 
 
+class _Discard:
+    """A sink for bytes that are only hashed."""
+
+    def write(self, data: memoryview) -> int:
+        return data.nbytes
+
+    def __enter__(self) -> _Discard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
 def _copy_range(
-    reader: RangeReader, src: Path, start: int, end: int, out: object, digest: object, bar: ProgressBar
-) -> None:
+    reader: RangeReader, src: Path, start: int, end: int, out: BinaryIO | _Discard, digest: Any, bar: ProgressBar
+) -> int:
+    """Copy ``src[start:end]`` to ``out``, hashing it; returns the bytes copied."""
     buffer = bytearray(min(_BLOCK, max(end - start, 1)))
     for offset in range(start, end, _BLOCK):
         view = memoryview(buffer)[: min(_BLOCK, end - offset)]
         reader.read_into(src, offset, view)
-        out.write(view)  # type: ignore[attr-defined]
-        digest.update(view)  # type: ignore[attr-defined]
+        out.write(view)
+        digest.update(view)
         bar.update(len(view))
+    return end - start
 
 
 def lay_out_files(
     recipe: Sequence[RevisionFile],
-    dest: Path,
+    dest: Path | None,
     *,
     applied: Path | None,
     objects: ObjectSource,
@@ -66,6 +82,7 @@ def lay_out_files(
     """Write every file of ``recipe`` under ``dest``, each checked against its SHA-256 and size.
 
     Args:
+        dest: where the files go; None only hashes them (the import's check that its recipe holds).
         applied: the delta applied (deltakit's layout), for ``safetensors`` and ``carried`` files.
         objects: gives a local file for an object key (``scratch`` is where a remote one may be fetched).
 
@@ -80,36 +97,33 @@ def lay_out_files(
     bar = progress(sum(f.size for f in recipe), "lay out")
     with RangeReader() as reader:
         for f in recipe:
-            target = dest / f.path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            digest = hashlib.sha256()
-            if f.source == "safetensors":
-                assert f.object_key is not None
-                header = objects(f.object_key, scratch)
-                with open(target, "wb") as out:
-                    _copy_range(reader, header, 0, header.stat().st_size, out, digest, bar)
-                    for name in f.tensor_order:
-                        info = tensors[name]
-                        _copy_range(reader, info.path, info.start, info.end, out, digest, bar)
-                sha, size = digest.hexdigest(), target.stat().st_size
-            elif f.source == "carried":
+            target = dest / f.path if dest is not None else None
+            if target is not None:
+                target.parent.mkdir(parents=True, exist_ok=True)
+            if f.source == "carried":
                 assert applied is not None
-                os.replace(applied / f.path, target)
+                if target is not None:
+                    os.replace(applied / f.path, target)
+                sha, size = file_sha256(target or applied / f.path)
+                bar.update(size)
+                _check_laid(f, sha, size)
+                continue
+            assert f.object_key is not None
+            source = objects(f.object_key, scratch)
+            if f.source == "object" and target is not None and source.is_relative_to(scratch):
+                os.replace(source, target)  # fetched for this file alone: moved, not copied again
                 sha, size = file_sha256(target)
                 bar.update(size)
-            else:
-                assert f.object_key is not None
-                source = objects(f.object_key, scratch)
-                if source.is_relative_to(scratch):  # fetched for this file alone: moved, not copied again
-                    os.replace(source, target)
-                    sha, size = file_sha256(target)
-                    bar.update(size)
-                    _check_laid(f, sha, size)
-                    continue
-                with open(target, "wb") as out:
-                    _copy_range(reader, source, 0, source.stat().st_size, out, digest, bar)
-                sha, size = digest.hexdigest(), target.stat().st_size
-            _check_laid(f, sha, size)
+                _check_laid(f, sha, size)
+                continue
+            digest = hashlib.sha256()
+            with open(target, "wb") if target is not None else _Discard() as out:
+                size = _copy_range(reader, source, 0, source.stat().st_size, out, digest, bar)
+                if f.source == "safetensors":
+                    for name in f.tensor_order:
+                        info = tensors[name]
+                        size += _copy_range(reader, info.path, info.start, info.end, out, digest, bar)
+            _check_laid(f, digest.hexdigest(), size)
     bar.close()
 
 

@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -411,7 +411,7 @@ class ModelStore:
         base_rev = self._base_revision(base) if base is not None else None
         layout, why_whole = _exact_layout(folder, files)
         tensors: dict[str, tuple[str, tuple[int, ...], str]] = {}
-        if layout is not None:
+        if layout is not None and base_rev is None:  # with a base, make's manifest records the digests
             from ..engine import checkpoint_digests
 
             digests = checkpoint_digests(layout.ckpt, progress)
@@ -425,12 +425,11 @@ class ModelStore:
                 log.info("%s: found its base %s@%s by tensor digests", repo_id, base_rev.repo_id, base_rev.commit)
         elif base_rev is not None and layout is None:
             log.warning("%s: stored whole although a base was given: %s", repo_id, why_whole)
-        model_fp = fingerprint((n, d, s, g) for n, (d, s, g) in tensors.items()) if tensors else None
         with self._scratch("import") as scratch:
             if base_rev is not None and layout is not None:
                 new = self._delta_revision(repo_id, folder, files, layout, base_rev, relation, scratch, progress)
-                new = replace(new, tensors=tensors, fingerprint=model_fp)
             else:
+                model_fp = fingerprint((n, d, s, g) for n, (d, s, g) in tensors.items()) if tensors else None
                 note = f"stored whole: {why_whole}" if base_rev is not None else None
                 new = self._whole_revision(repo_id, files, scratch, progress, tensors, model_fp, note)
             stored = self._commit(new, scratch)
@@ -547,13 +546,12 @@ class ModelStore:
             self._apply(base_folder, package, scratch / "applied", progress)
         lay_out_files(
             recipe,
-            scratch / "check",
+            None,  # hashed, not written: the check needs no second copy of the model
             applied=scratch / "applied",
             objects=lambda key, _scratch: staged[key],
             scratch=scratch / "fetched",  # not the staged objects' folder: laid files are moved out of it
             progress=progress,
         )
-        shutil.rmtree(scratch / "check")
         shutil.rmtree(scratch / "applied", ignore_errors=True)
         note = f"stored whole beside the delta: {', '.join(notes)}" if notes else None
         if notes:
@@ -565,8 +563,8 @@ class ModelStore:
             storage="delta",
             files=tuple(recipe),
             objects=tuple(objects),
-            tensors={},
-            fingerprint=None,
+            tensors={n: (t.dtype, t.shape, t.digest) for n, t in made.manifest.target.tensors.items()},
+            fingerprint=made.manifest.target.fingerprint,
             base_repo=base.repo_id,
             base_commit=base.commit,
             relation=relation,
