@@ -412,3 +412,11 @@ def test_an_import_whose_recipe_does_not_rebuild_the_files_is_refused(store, mod
     assert "model.safetensors" in str(e.value)
     assert set(store.objects.keys()) == keys
     assert [s.repo_id for s in store.repositories()] == ["org/base"]
+
+
+def test_concurrent_imports_of_one_name_get_distinct_revisions(store, models):
+    with ThreadPoolExecutor(2) as pool:
+        reports = list(pool.map(lambda name: store.import_model("org/m", models[name]), ["base", "other"]))
+    assert sorted(r.revision_number for r in reports) == [1, 2]
+    assert served(store, "org/m", "1") in (originals(models["base"]), originals(models["other"]))
+    assert served(store, "org/m", "1") != served(store, "org/m", "2")
