@@ -56,19 +56,29 @@ def served(store: ModelStore, repo_id: str, revision: str = "main", **kw) -> dic
 
 
 class Counter:
-    """A progress factory that counts the rebuilds it is asked to show."""
+    """A progress factory that counts the rebuilds it is asked to show, and the bytes they report."""
 
     def __init__(self) -> None:
         self.rebuilds = 0
+        self.rebuilt_bytes = 0
         self._lock = threading.Lock()
 
     def __call__(self, total: int, description: str) -> ProgressBar:
+        counter = self
+
+        class Bar:
+            def update(self, n: int) -> None:
+                if description.startswith("rebuild"):
+                    with counter._lock:
+                        counter.rebuilt_bytes += n
+
+            def close(self) -> None:
+                pass
+
         if description.startswith("rebuild"):
             with self._lock:
                 self.rebuilds += 1
-        from deltakit.progress import no_progress
-
-        return no_progress(total, description)
+        return Bar()
 
 
 CONFIG = {"config.json": '{"model_type": "llama"}\n', "tokenizer_config.json": "{}\n"}
@@ -111,7 +121,7 @@ def test_a_finetune_with_its_base_is_stored_as_a_small_delta(store, models):
     counter = Counter()
     assert not store.is_cached(store.revision("org/ft1"))
     assert served(store, "org/ft1", progress=counter) == originals(models["ft1"])
-    assert counter.rebuilds == 1
+    assert (counter.rebuilds, counter.rebuilt_bytes) == (1, report.full_bytes)
     assert store.is_cached(store.revision("org/ft1"))
 
     summary = {s.repo_id: s for s in store.repositories()}

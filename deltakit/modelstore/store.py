@@ -273,18 +273,26 @@ class ModelStore:
     ) -> None:
         log.info("rebuilding %s@%s (%s)", revision.repo_id, revision.commit, revision.storage)
         with self._scratch("rebuild") as scratch:
+            # one bar for the files as they are laid out and checked; apply (and a base's own rebuild)
+            # report theirs through the same factory
             bar = progress(sum(f.size for f in recipe), f"rebuild {revision.repo_id}")
             try:
-                if revision.storage == "whole":
-                    lay_out_files(recipe, dest, applied=None, objects=self._object_file, scratch=scratch)
-                    return
-                base = self.catalog.revision_by_commit(revision.base_commit or "")
-                package = self._package(revision.commit, scratch / "delta")
-                with self._materialized(base, progress) as base_folder:
-                    self._apply(base_folder, package, scratch / "applied", progress)
-                lay_out_files(recipe, dest, applied=scratch / "applied", objects=self._object_file, scratch=scratch)
+                applied = None
+                if revision.storage == "delta":
+                    base = self.catalog.revision_by_commit(revision.base_commit or "")
+                    package = self._package(revision.commit, scratch / "delta")
+                    with self._materialized(base, progress) as base_folder:
+                        self._apply(base_folder, package, scratch / "applied", progress)
+                    applied = scratch / "applied"
+                lay_out_files(
+                    recipe,
+                    dest,
+                    applied=applied,
+                    objects=self._object_file,
+                    scratch=scratch,
+                    progress=lambda _total, _description: bar,
+                )
             finally:
-                bar.update(sum(f.size for f in recipe))
                 bar.close()
 
     @staticmethod
