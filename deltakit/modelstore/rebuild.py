@@ -17,7 +17,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -382,10 +382,3 @@ class RebuildCache:
                     human_bytes(need),
                     human_bytes(self.budget),
                 )
-
-
-def fetch_objects(keys: Mapping[str, Path], get: Callable[[str, Path], None]) -> None:
-    """Fetch each object ``key`` to its path (used for the delta package of a remote store)."""
-    for key, dest in keys.items():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        get(key, dest)
