@@ -43,6 +43,7 @@ _ADVICE: tuple[tuple[type[DeltakitError], str | None, str], ...] = (
     (DeltakitError, "license_link", "with --license other, pass --license-name (llama-license) and --license-link"),
     (DeltakitError, "language", "--language takes ISO 639 codes (en, zh)"),
     (DeltakitError, "datasets", "--dataset takes Hub dataset ids, ORG/NAME"),
+    (DeltakitError, "repo_id", "check {flag}: one '/', letters, digits, '-', '_' and '.'"),  # registry import
     (DeltakitError, "repo_id", "check --repo (ORG/NAME)"),
     (DeltakitError, "revision", "check --repo and --revision"),
 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from ..progress import ProgressFactory, no_progress
 
@@ -44,6 +44,7 @@ class RepoRevision:
         base_commit: the base's revision, if any.
         relation: the Hub's ``base_model_relation``, if there is a base.
         signer: the fingerprint of the key that signed what was imported, if it was signed.
+        note: what the store says about how it keeps the revision (why a model given a base is whole).
     """
 
     repo_id: str
@@ -57,6 +58,7 @@ class RepoRevision:
     base_commit: str | None = None
     relation: Relation | None = None
     signer: str | None = None
+    note: str | None = None
 
     @property
     def full_bytes(self) -> int:
@@ -80,6 +82,7 @@ class RepoSummary:
         return self.revisions[-1]
 
 
+@runtime_checkable
 class Repositories(Protocol):
     """The store as its faces read it.
 
