@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import httpx
 import pytest
+import torch
 from browser import browser  # noqa: F401  (the fixture)
+from conftest import finetune_of, llama_like, write_checkpoint
 from test_service import LiveServer
 
+from deltakit.modelstore.store import ModelStore
 from deltakit_service.settings import Settings
 from deltakit_service.store import Store
 
@@ -51,3 +54,45 @@ def test_the_page_cookie_never_writes(served):
     with httpx.Client(base_url=url) as http:
         assert http.get("/v1/jobs").status_code == 401
         assert 'name="token"' in http.get("/").text
+
+
+def test_the_page_draws_the_lineage_revisions_and_download_line(tmp_path, browser):  # noqa: F811
+    home = tmp_path / "home"
+    base = llama_like(torch.bfloat16, vocab=256, hidden=64)
+    config = {"config.json": '{"model_type": "llama"}\n'}
+    models = ModelStore(home)
+    models.import_model("meta/base", write_checkpoint(tmp_path / "base", base, files=config))
+    for seed in (1, 2):  # two revisions of one fine-tune
+        models.import_model(
+            "team/chat",
+            write_checkpoint(tmp_path / f"chat{seed}", finetune_of(base, seed=seed), files=config),
+            base="meta/base",
+        )
+    models.import_model(
+        "team/other",
+        write_checkpoint(tmp_path / "other", llama_like(torch.bfloat16, vocab=256, hidden=64, seed=7), files=config),
+    )
+    models.close()
+    store = Store(home / "jobs.sqlite3")
+    token = store.create_token("read")
+    store.close()
+    with LiveServer(Settings(home=home)) as url:
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.fill("input[name=token]", token)
+        page.click("button[type=submit]")
+        assert page.locator("#model-count").inner_text() == "3"
+        # the fine-tune is drawn inside its base's branch; the unrelated model is a root of its own
+        chat = page.locator("#models > li > ul .model[data-repo='team/chat']")
+        assert chat.count() == 1
+        assert page.locator("#models > li > .model[data-repo='meta/base']").count() == 1
+        assert page.locator("#models > li > .model[data-repo='team/other']").count() == 1
+        assert "stored as a delta" in chat.inner_text()
+        assert "finetune of meta/base" in chat.inner_text()
+        chat.locator("summary").click()
+        assert chat.locator("tr.revision").count() == 2
+        stored, full = (chat.locator(f".sizes .{k}").inner_text() for k in ("stored", "full"))
+        assert stored != full
+        line = chat.locator(".copy input").input_value()
+        assert line == f"HF_ENDPOINT={url}/hub hf download team/chat"
+        page.close()
