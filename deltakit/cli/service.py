@@ -60,6 +60,11 @@ Environment (or a .env file in the working folder):
   DELTAKIT_SHUTDOWN_GRACE      seconds a stop waits for running jobs (10); the
                                process then exits, marking them failed
   DELTAKIT_MIN_FREE_BYTES      free space under which /readyz answers 503 (64 MiB)
+  DELTAKIT_STORE               where the model store keeps its objects: unset for
+                               DELTAKIT_HOME/store, or s3://BUCKET/PREFIX (endpoint
+                               and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+                               AWS_SECRET_ACCESS_KEY, AWS_REGION; pip install
+                               'deltakit-llm[s3]')
   DELTAKIT_EXECUTOR            local, or ray: each job a task on a Ray cluster
   DELTAKIT_RAY_ADDRESS         the cluster (auto, or HOST:PORT; else RAY_ADDRESS)
   DELTAKIT_RAY_JOB_CPUS        CPUs each job's task holds (1)
