@@ -45,6 +45,8 @@ _ADVICE: tuple[tuple[type[DeltakitError], str | None, str], ...] = (
     (DeltakitError, "datasets", "--dataset takes Hub dataset ids, ORG/NAME"),
     (DeltakitError, "repo_id", "check --repo (ORG/NAME)"),
     (DeltakitError, "revision", "check --repo and --revision"),
+    # the service's tokens
+    (DeltakitError, "token_id", "`deltakit token list` shows each token's id"),
 )
 
 
