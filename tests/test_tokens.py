@@ -8,11 +8,13 @@ import sqlite3
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from test_cli import deltakit_cli
 from test_service import LiveServer, client
 
 from deltakit.errors import InputNotFoundError, UnsupportedInputError
+from deltakit_service.deps import TOKEN_COOKIE
 from deltakit_service.settings import Settings
 from deltakit_service.store import Store, TokenInfo, token_id
 
@@ -183,6 +185,9 @@ def test_a_revoked_token_answers_401_at_once_on_every_route_of_a_running_service
     with LiveServer(Settings(home=home)) as url, client(url, doomed) as http, client(url, kept) as reader:
         for route in routes:
             assert http.get(route).status_code == 200, route
+        assert http.get("/hub/api/models/org/name").status_code != 401
+        with httpx.Client(base_url=url, cookies={TOKEN_COOKIE: doomed}) as browser:
+            assert browser.get("/v1/models").status_code == 200
         doomed_id = token_id(doomed)
         # the service holds the store open meanwhile: the CLI revokes through the same SQLite file
         assert deltakit_cli("token", "revoke", doomed_id).returncode == 0
@@ -190,6 +195,11 @@ def test_a_revoked_token_answers_401_at_once_on_every_route_of_a_running_service
             answer = http.get(route)
             assert answer.status_code == 401, route
             assert answer.headers["www-authenticate"] == "Bearer"
+        # the Hub API and the page's cookie read the same store
+        assert http.get("/hub/api/models/org/name").status_code == 401
+        assert reader.get("/hub/api/models/org/name").status_code != 401
+        with httpx.Client(base_url=url, cookies={TOKEN_COOKIE: doomed}) as browser:
+            assert browser.get("/v1/models").status_code == 401
         assert http.post("/v1/jobs", json={}).status_code == 401
         for route in routes:
             assert reader.get(route).status_code == 200, route
