@@ -17,6 +17,7 @@ message needs (``path``, ``tensor``, ``expected``, ``actual``) as attributes::
     ├── OutputExistsError       (FileExistsError)    refusing to touch an existing output
     ├── NoSpaceError            (OSError)            the output would not fit on its disk
     ├── HubError                (RuntimeError)       the Hub refused a request or cannot be reached
+    ├── ObjectStoreError        (RuntimeError)       an S3 bucket refused a request or cannot be reached
     └── ClusterError            (RuntimeError)       a Ray cluster could not do the work
 """
 
@@ -35,6 +36,7 @@ __all__ = [
     "IntegrityError",
     "ManifestError",
     "NoSpaceError",
+    "ObjectStoreError",
     "OutputExistsError",
     "RawWeightsError",
     "SafetensorsHeaderError",
@@ -132,6 +134,11 @@ class NoSpaceError(DeltakitError, OSError):
 
 class HubError(DeltakitError, RuntimeError):
     """The Hub refused or failed a request: authentication, a missing repo or revision, the network."""
+
+
+class ObjectStoreError(DeltakitError, RuntimeError):
+    """An object store (an S3-compatible bucket) refused or failed a request: no such bucket, credentials
+    it does not accept, an endpoint that cannot be reached. The message names the bucket (and key)."""
 
 
 class ClusterError(DeltakitError, RuntimeError):

@@ -32,6 +32,8 @@ class Settings(BaseSettings):
         shutdown_grace: seconds a stop waits for running jobs; then it exits, those jobs marked failed
             and their temporary output left for the next start to remove.
         min_free_bytes: below this much free space on the home's disk, ``/readyz`` answers 503.
+        store: where the model store keeps its objects: unset for ``HOME/store``, or ``s3://BUCKET/PREFIX``
+            for an S3-compatible bucket (endpoint and keys from the usual AWS variables).
     """
 
     model_config = SettingsConfigDict(env_prefix="DELTAKIT_", env_file=".env", extra="ignore")
@@ -50,6 +52,7 @@ class Settings(BaseSettings):
     keep_alive_timeout: float = Field(default=5.0, gt=0, le=3600)
     shutdown_grace: float = Field(default=10.0, ge=0, le=3600)
     min_free_bytes: int = Field(default=64 << 20, ge=0)
+    store: str | None = Field(default=None, pattern=r"^(s3://[^/\s]+(/\S*)?)?$")
 
     @property
     def allowed_roots(self) -> list[Path]:
@@ -84,6 +87,7 @@ _EXPECTED = {
     "keep_alive_timeout": "a number of seconds above 0 (at most 3600)",
     "shutdown_grace": "a number of seconds from 0 to 3600",
     "min_free_bytes": "a whole number of bytes",
+    "store": "empty (a folder under DELTAKIT_HOME) or an S3 bucket, s3://BUCKET/PREFIX",
 }
 
 

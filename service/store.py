@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 import sqlite3
 import threading
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deltakit.errors import NoSpaceError
+from deltakit.errors import InputNotFoundError, NoSpaceError, UnsupportedInputError
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE = ("queued", "running")
@@ -49,9 +50,18 @@ CREATE TABLE IF NOT EXISTS probe (
 CREATE TABLE IF NOT EXISTS tokens (
     hash TEXT PRIMARY KEY,
     scope TEXT NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    name TEXT,
+    last_used REAL
 );
 """
+
+# Columns the tokens table gained after its first release, added to a store made before them.
+_TOKEN_COLUMNS = {"name": "TEXT", "last_used": "REAL"}
+TOKEN_ID_LENGTH = 12  # hex digits of the token's SHA-256 that name it in lists and revocations
+_TOKEN_ID = re.compile(r"^[0-9a-fA-F]{8,64}$")
+_TOKEN_NAME_LENGTH = 100
+_LAST_USED_EVERY = 60.0  # seconds: a token's use is written at most this often, not on every request"""
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,25 @@ class Job:
         if self.started is None:
             return None
         return (self.finished or time.time()) - self.started
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """What is known of a token, never the token itself.
+
+    Attributes:
+        id: the first 12 hex digits of its SHA-256: what ``token list`` shows and ``token revoke`` takes.
+        scope: ``read`` or ``write``.
+        name: the label it was created with, if any.
+        created: when it was made (seconds since the epoch).
+        last_used: when it last authenticated a request (to within a minute), or None if never.
+    """
+
+    id: str
+    scope: str
+    name: str | None
+    created: float
+    last_used: float | None
 
 
 def _token_hash(token: str) -> str:
@@ -101,6 +130,11 @@ class Store:
         # that matter (a state change) survive a crash of the process either way in WAL mode
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        with self._lock:
+            present = {str(r["name"]) for r in self._db.execute("PRAGMA table_info(tokens)")}
+            for column, kind in _TOKEN_COLUMNS.items():
+                if column not in present:
+                    self._db.execute(f"ALTER TABLE tokens ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -143,17 +177,77 @@ class Store:
 
     # tokens ----------------------------------------------------------------------------------------
 
-    def create_token(self, scope: str) -> str:
-        """A new bearer token, returned once; only its hash is kept."""
+    def create_token(self, scope: str, *, name: str | None = None) -> str:
+        """A new bearer token, returned once; only its hash is kept.
+
+        Args:
+            scope: ``read`` or ``write``.
+            name: a label to tell it apart in ``token list`` (up to 100 printable characters).
+
+        Raises:
+            UnsupportedInputError: ``name`` is too long or holds control characters.
+        """
+        if scope not in ("read", "write"):
+            raise UnsupportedInputError(f"{scope!r} is not a token scope (read or write)", argument="scope")
+        if name is not None and (len(name) > _TOKEN_NAME_LENGTH or not name.isprintable()):
+            raise UnsupportedInputError(
+                f"the token name {name[:40]!r} is not a label of up to {_TOKEN_NAME_LENGTH} printable characters",
+                argument="name",
+            )
         token = "dk_" + secrets.token_urlsafe(32)
         self._run(
-            "INSERT INTO tokens (hash, scope, created) VALUES (?, ?, ?)", (_token_hash(token), scope, time.time())
+            "INSERT INTO tokens (hash, scope, created, name) VALUES (?, ?, ?, ?)",
+            (_token_hash(token), scope, time.time(), name or None),
         )
         return token
 
     def token_scope(self, token: str) -> str | None:
-        rows = self._run("SELECT scope FROM tokens WHERE hash = ?", (_token_hash(token),))
-        return str(rows[0]["scope"]) if rows else None
+        """The token's scope, or None when it is unknown (never made, or revoked); records its use."""
+        digest = _token_hash(token)
+        rows = self._run("SELECT scope, last_used FROM tokens WHERE hash = ?", (digest,))
+        if not rows:
+            return None
+        now = time.time()
+        last_used = rows[0]["last_used"]
+        if last_used is None or now - float(last_used) >= _LAST_USED_EVERY:  # a write a minute, not a request
+            self._run("UPDATE tokens SET last_used = ? WHERE hash = ?", (now, digest))
+        return str(rows[0]["scope"])
+
+    def list_tokens(self) -> list[TokenInfo]:
+        """Every token, oldest first, by id: the tokens themselves were never kept."""
+        return [_token_info(r) for r in self._run("SELECT * FROM tokens ORDER BY created, hash")]
+
+    def revoke_token(self, token_id: str) -> TokenInfo:
+        """Forget the token ``token_id`` names (its id from ``list_tokens``, or a longer prefix of its hash):
+        from the next request on, it is refused like any unknown token.
+
+        Raises:
+            UnsupportedInputError: ``token_id`` is not 8 to 64 hex digits, or names more than one token.
+            InputNotFoundError: no token has that id.
+        """
+        if not _TOKEN_ID.match(token_id):
+            raise UnsupportedInputError(
+                f"{token_id[:80]!r} is not a token id (8 to 64 hex digits)", argument="token_id"
+            )
+        prefix = token_id.lower()
+        with self._locked() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = db.execute("SELECT * FROM tokens WHERE substr(hash, 1, ?) = ?", (len(prefix), prefix)).fetchall()
+                if len(rows) == 1:
+                    db.execute("DELETE FROM tokens WHERE hash = ?", (rows[0]["hash"],))
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        if not rows:
+            raise InputNotFoundError(f"no token has the id {token_id!r}", argument="token_id")
+        if len(rows) > 1:
+            raise UnsupportedInputError(
+                f"the token id {token_id!r} begins {len(rows)} tokens' hashes: give more of it", argument="token_id"
+            )
+        return _token_info(rows[0])
 
     # jobs ------------------------------------------------------------------------------------------
 
@@ -266,6 +360,21 @@ class Store:
             "FROM jobs WHERE finished IS NOT NULL AND started IS NOT NULL"
         )
         return int(rows[0]["b"]), float(rows[0]["d"]), int(rows[0]["n"])
+
+
+def token_id(token: str) -> str:
+    """The id that names ``token`` in lists and revocations: the first 12 hex digits of its SHA-256."""
+    return _token_hash(token)[:TOKEN_ID_LENGTH]
+
+
+def _token_info(row: sqlite3.Row) -> TokenInfo:
+    return TokenInfo(
+        id=str(row["hash"])[:TOKEN_ID_LENGTH],
+        scope=str(row["scope"]),
+        name=row["name"],
+        created=float(row["created"]),
+        last_used=float(row["last_used"]) if row["last_used"] is not None else None,
+    )
 
 
 def _job(row: sqlite3.Row) -> Job:

