@@ -101,11 +101,17 @@ class Signer:
 
 @dataclass(frozen=True)
 class PublicKey:
-    """A public key trusted to sign packages (PEM, an EC key of a curve model-signing accepts)."""
+    """A key trusted to sign packages: an EC public key (PEM) of a curve model-signing accepts, or, with
+    ``certificate``, a CA certificate (PEM) that packages signed with certificates must chain to.
+
+    Attributes:
+        fingerprint: the key's (for a certificate: its public key's), as :attr:`Signer.fingerprint`.
+    """
 
     path: Path
     pem: bytes = field(repr=False)
     fingerprint: str
+    certificate: bool = False
 
     @property
     def signer(self) -> Signer:
@@ -267,7 +273,7 @@ def pkcs11_signing_key(
 
 
 def load_public_key(path: str | Path, *, argument: str = "trust") -> PublicKey:
-    """Load and check a signer's EC public key (PEM).
+    """Load and check a signer's EC public key (PEM), or a CA certificate (PEM) to trust signing certificates by.
 
     Raises:
         InputNotFoundError: the file does not exist.
@@ -284,6 +290,14 @@ def load_public_key(path: str | Path, *, argument: str = "trust") -> PublicKey:
             path=path,
             argument=argument,
         )
+    if b"BEGIN CERTIFICATE" in data:
+        from cryptography import x509
+
+        try:
+            cert = x509.load_pem_x509_certificate(data)
+        except ValueError as e:
+            raise KeyFileError(f"{path} is no PEM certificate", path=path, argument=argument) from e
+        return PublicKey(path, data, _fingerprint(cert.public_key()), certificate=True)
     try:
         key = serialization.load_pem_public_key(data)
     except ValueError as e:
@@ -293,8 +307,9 @@ def load_public_key(path: str | Path, *, argument: str = "trust") -> PublicKey:
 
 
 def trusted_keys(paths: Iterable[str | Path] = (), *, home: Path | None = None) -> tuple[PublicKey, ...]:
-    """The keys ``paths`` name (a file, or a folder of ``*.pub``), then every ``*.pub`` in
-    ``$DELTAKIT_HOME/trusted_keys/``; empty when neither names any, which means: trust is not asked for.
+    """The keys ``paths`` name (a file, or a folder of ``*.pub`` keys and ``*.crt`` CA certificates), then
+    every ``*.pub`` and ``*.crt`` in ``$DELTAKIT_HOME/trusted_keys/``; empty when neither names any, which
+    means: trust is not asked for.
 
     Raises:
         KeyFileError: a named key, or one in the trust folder, is not an EC public key.
@@ -304,10 +319,10 @@ def trusted_keys(paths: Iterable[str | Path] = (), *, home: Path | None = None) 
     files: list[Path] = []
     for p in paths:
         p = Path(p)
-        files.extend(sorted(p.glob("*.pub")) if p.is_dir() else [p])
+        files.extend(sorted([*p.glob("*.pub"), *p.glob("*.crt")]) if p.is_dir() else [p])
     folder = (home if home is not None else deltakit_home()) / TRUSTED_KEYS_DIR
     if folder.is_dir():
-        files.extend(sorted(folder.glob("*.pub")))
+        files.extend(sorted([*folder.glob("*.pub"), *folder.glob("*.crt")]))
     keys: dict[str, PublicKey] = {}
     for f in files:
         key = load_public_key(f)
@@ -517,30 +532,38 @@ def _bundle_signer(signature: Any, path: Path) -> Signer:
 
 
 def _verify_bundle(signature: Any, pem: bytes, path: Path, signer: Signer) -> ms_manifest.Manifest:
-    """Check ``signature`` with the public key ``pem`` through model-signing's verifier; the signed manifest."""
+    """Check ``signature`` through model-signing's verifier; the signed manifest. ``pem`` is the public key
+    for a key signature, the trusted certificates (CA, PEM) for a certificate signature."""
     import tempfile
 
     from model_signing._signing import sign_certificate, sign_ec_key
 
-    if signer.subject is not None:
-        verifier: Any = sign_certificate.Verifier([], log_fingerprints=False)
-        try:  # a certificate's chain of trust is the certificate verifier's business; the key is ours
-            manifest = verifier.verify(signature)
-        except Exception as e:
-            raise SignatureError(f"{path} does not verify: {e}", path=path, actual=signer.fingerprint) from e
-        return manifest  # type: ignore[no-any-return]
     with tempfile.TemporaryDirectory(prefix="deltakit-key-") as tmp:
-        key_file = Path(tmp) / "key.pub"
+        key_file = Path(tmp) / "trusted.pem"
         key_file.write_bytes(pem)
         try:
-            verifier = sign_ec_key.Verifier(key_file)
+            if signer.subject is not None:
+                verifier: Any = sign_certificate.Verifier([key_file])
+            else:
+                verifier = sign_ec_key.Verifier(key_file)
             return verifier.verify(signature)  # type: ignore[no-any-return]
-        except Exception as e:
+        except Exception as e:  # model-signing's verifiers raise ValueError, InvalidSignature, OpenSSL errors
+            what = "the certificates trusted" if signer.subject is not None else f"the key of {signer}"
             raise SignatureError(
-                f"{path} does not verify with the key of {signer}: {type(e).__name__}: {e}",
+                f"{path} does not verify with {what}: {type(e).__name__}: {e}",
                 path=path,
                 actual=signer.fingerprint,
             ) from e
+
+
+def _shipped_root(signature: Any) -> bytes:
+    """The last certificate of a certificate signature's own chain, in PEM: what it claims to chain to."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    raw = signature.bundle.verification_material.x509_certificate_chain.certificates[-1].raw_bytes
+    cert = x509.load_der_x509_certificate(base64.b64decode(raw) if isinstance(raw, str) else raw)
+    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def _signed_manifest_unverified(path: Path) -> ms_manifest.Manifest:
@@ -627,8 +650,8 @@ def signer_of(package: str | Path) -> Signer | None:
                 actual=signer.fingerprint,
             )
         pem = shipped.pem
-    else:
-        pem = b""
+    else:  # checked against the chain it ships: intact, though who the CA is worth is check_trust's question
+        pem = _shipped_root(signature)
     signed = _digests_of(_verify_bundle(signature, pem, sig, signer))
     _compare(sig, signed, _package_digests(root), signer)
     return signer
@@ -656,15 +679,33 @@ def check_trust(package: str | Path, trusted: Sequence[PublicKey]) -> Signer:
         )
     signature, signer = found
     sig = root / PACKAGE_SIGNATURE
-    key = next((k for k in trusted if k.fingerprint == signer.fingerprint), None)
-    if key is None:
+    key = next((k for k in trusted if k.fingerprint == signer.fingerprint and not k.certificate), None)
+    if key is not None and signer.subject is None:
+        signed = _digests_of(_verify_bundle(signature, key.pem, sig, signer))
+    elif signer.subject is not None:
+        # a certificate: its signing key trusted as such, else its chain must lead to a trusted CA
+        signed = _digests_of(_verify_bundle(signature, _shipped_root(signature), sig, signer))
+        authorities = b"".join(k.pem for k in trusted if k.certificate)
+        if key is None:
+            try:
+                if not authorities:
+                    raise SignatureError("no CA certificate is trusted")
+                _verify_bundle(signature, authorities, sig, signer)
+            except SignatureError as e:
+                raise UntrustedSignerError(
+                    f"{root} is signed by the certificate of {signer}, which does not chain to a trusted CA "
+                    f"certificate (trusted: {names})",
+                    path=root,
+                    expected=[k.fingerprint for k in trusted],
+                    actual=signer.fingerprint,
+                ) from e
+    else:
         raise UntrustedSignerError(
             f"{root} is signed by {signer}, which is not a trusted key (trusted: {names})",
             path=root,
             expected=[k.fingerprint for k in trusted],
             actual=signer.fingerprint,
         )
-    signed = _digests_of(_verify_bundle(signature, key.pem, sig, signer))
     expected = _package_digests(root)  # the files the package holds, by its manifest
     _compare(sig, signed, {name: signed.get(name, "") for name in expected}, signer)  # coverage first
     hashed = (

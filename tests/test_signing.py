@@ -303,3 +303,72 @@ def test_apply_with_another_shard_size_writes_no_model_signature(signed, tmp_pat
     apply_delta(signed["base"], signed["delta"], tmp_path / "out", shard_size=3000)
     assert len(list((tmp_path / "out").glob("model-*.safetensors"))) > 1
     assert not (tmp_path / "out" / MODEL_SIGNATURE).exists()
+
+
+def _certificate(subject: str, key, issuer_key, issuer: str | None = None, *, ca: bool = False):
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer or subject)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+    else:
+        builder = builder.add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
+        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def test_certificate_signing_chains_to_a_trusted_ca(signed, tmp_path):
+    pem = serialization.Encoding.PEM
+    ca_key, leaf_key, rogue_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    ca = _certificate("Dandelion CA", ca_key, ca_key, ca=True)
+    rogue = _certificate("Rogue CA", rogue_key, rogue_key, ca=True)
+    leaf = _certificate("release@dandelion", leaf_key, ca_key, "Dandelion CA")
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    (certs / "ca.crt").write_bytes(ca.public_bytes(pem))
+    (certs / "rogue.crt").write_bytes(rogue.public_bytes(pem))
+    (certs / "leaf.crt").write_bytes(leaf.public_bytes(pem))
+    (certs / "leaf.pem").write_bytes(_pem_private(leaf_key))
+
+    delta = tmp_path / "cert-delta"
+    make_delta(signed["base"], signed["target"], delta)
+    key = load_signing_key(certs / "leaf.pem", certificate=certs / "leaf.crt", certificate_chain=[certs / "ca.crt"])
+    sign_package(delta, key, target=signed["target"])
+    found = signer_of(delta)
+    assert found.subject == "CN=release@dandelion" and found.fingerprint == key.fingerprint
+    assert check_trust(delta, trusted_keys([certs / "ca.crt"])) == found
+    with pytest.raises(UntrustedSignerError, match="does not chain to a trusted CA"):
+        check_trust(delta, trusted_keys([certs / "rogue.crt"]))
+    with pytest.raises(UntrustedSignerError):
+        check_trust(delta, trusted_keys([signed["pub"]]))
+    (delta / "deltakit.json").write_text((delta / "deltakit.json").read_text().replace("panda", "pandb"))
+    with pytest.raises(SignatureError, match=r"deltakit\.json changed after it was signed"):
+        check_trust(delta, trusted_keys([certs / "ca.crt"]))
+
+    (delta / "deltakit.json").write_text((delta / "deltakit.json").read_text().replace("pandb", "panda"))
+    assert check_trust(delta, trusted_keys([certs / "ca.crt"])) == found  # as signed again
+    out2 = tmp_path / "out"
+    apply_delta(signed["base"], delta, out2)
+    checked = subprocess.run(
+        [sys.executable, "-m", "model_signing", "verify", "certificate", str(out2),
+         "--signature", str(out2 / MODEL_SIGNATURE), "--certificate_chain", str(certs / "ca.crt")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stderr
