@@ -372,3 +372,12 @@ def test_certificate_signing_chains_to_a_trusted_ca(signed, tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert checked.returncode == 0, checked.stderr
+
+
+def test_release_signs_what_it_publishes(signed, tmp_path):
+    released = deltakit_cli("release", "--base", signed["base"], "--target", signed["target"], "--out",
+                            tmp_path / "rel", "--repo", "dandelion/panda-7b-delta", "--sign", signed["key"],
+                            "--dry-run", *CARD_FLAGS, "-q")  # fmt: skip
+    assert released.returncode == 0, released.stderr
+    assert signer_of(tmp_path / "rel").fingerprint == load_public_key(signed["pub"]).fingerprint
+    assert "deltakit.sig" in released.stdout + released.stderr  # the dry run lists the signature among the files

@@ -66,10 +66,10 @@ def add_trust_argument(p: argparse.ArgumentParser) -> None:
 def checked_signer(delta: str | Path, args: argparse.Namespace) -> Signer | None:
     """Check a deltakit delta's signature before any tensor is read, against the trusted keys (``--trust``
     and DELTAKIT_HOME's) when there are any; say who signed it."""
-    signer = check_package(delta, trusted_keys(args.trust or ()))
+    keys = trusted_keys(args.trust or ())
+    signer = check_package(delta, keys)
     if signer is not None:
-        trusted = " (a trusted key)" if args.trust or trusted_keys() else ""
-        _say(f"signed by {signer}{trusted}; signature checked")
+        _say(f"signed by {signer}{' (a trusted key)' if keys else ''}; signature checked")
     return signer
 
 

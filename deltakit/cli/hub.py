@@ -102,10 +102,14 @@ def _cmd_release(args: argparse.Namespace) -> int:
             out = Path(args.out)
         else:
             out = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="deltakit-release-"))) / "delta"
+        key = load_signing_key(args.sign) if args.sign is not None else None  # checked before any work
         made = make_delta(
             args.base, args.target, out, name=args.name, base_name=args.base_name, progress=_progress(args)
         )
         _print_make(made, 0.0)
+        if key is not None:
+            signer = sign_package(out, key, target=args.target)
+            _say(f"signed the package and the model it rebuilds (model.sig) with {signer}")
         report = verify_delta(out, base=args.base, progress=_progress(args))
         _print_verify(report)
         if not report.ok:
@@ -173,6 +177,9 @@ def add_hub_parsers(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="where the delta package is kept (default: a temporary folder)")
     p.add_argument("--name", help="the target's name in the manifest")
     p.add_argument("--base-name", help="the base's name in the manifest")
+    p.add_argument(
+        "--sign", metavar="KEY", help="sign the package and the model it rebuilds with this EC private key (PEM)"
+    )
     p.set_defaults(run=_cmd_release, resolve={"base": MODEL, "target": MODEL})
 
     p = sub.add_parser(
