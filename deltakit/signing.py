@@ -460,7 +460,8 @@ def sign_package(
     """
     root = Path(package)
     load_manifest(root)  # a package, before anything is written into it
-    (root / PACKAGE_SIGNATURE).unlink(missing_ok=True)
+    # An earlier deltakit.sig stays until the new one replaces it: a run cut short leaves a package whose
+    # signature no longer matches (refused), never one that looks unsigned.
     model_digests: dict[str, str] | None = None
     if target is not None:
         model_digests = _model_digests(root, Path(target), shard_size)
@@ -708,12 +709,18 @@ def check_trust(package: str | Path, trusted: Sequence[PublicKey]) -> Signer:
         )
     expected = _package_digests(root)  # the files the package holds, by its manifest
     _compare(sig, signed, {name: signed.get(name, "") for name in expected}, signer)  # coverage first
-    hashed = (
-        hashing.Config()  # type: ignore[no-untyped-call]
-        .use_file_serialization(hashing_algorithm="sha256")
-        .set_allow_symlinks(True)  # the Hub cache links to blobs
-        .hash(root, files_to_hash=[root / name for name in expected])
-    )
+    missing = sorted(name for name in expected if not (root / name).is_file())
+    if missing:
+        raise SignatureError(f"{root} lacks {missing[0]}, which its manifest lists", path=root / missing[0])
+    try:
+        hashed = (
+            hashing.Config()  # type: ignore[no-untyped-call]
+            .use_file_serialization(hashing_algorithm="sha256")
+            .set_allow_symlinks(True)  # the Hub cache links to blobs
+            .hash(root, files_to_hash=[root / name for name in expected])
+        )
+    except (OSError, ValueError) as e:  # model-signing refuses what is not a regular file (a link out, a folder)
+        raise SignatureError(f"{root}: cannot hash its files: {e}", path=root) from e
     _compare(sig, signed, _digests_of(hashed), signer)
     return signer
 
