@@ -285,6 +285,9 @@ def test_keys_of_the_wrong_type_are_refused_by_name(signed, tmp_path):
                         "--sign", rsa_key)  # fmt: skip
     assert made.returncode == 1 and "RSA key" in made.stderr and "openssl ecparam" in made.stderr
     assert not (tmp_path / "d").exists(), "the key is checked before any work"
+    add = deltakit_cli("make", "--base", signed["base"], "--target", signed["target"], "--out", tmp_path / "d",
+                       "--codec", "add", "--sign", signed["key"])  # fmt: skip
+    assert add.returncode == 2 and "--codec add" in add.stderr and not (tmp_path / "d").exists()
     trust = deltakit_cli("verify", signed["delta"], "--trust", signed["key"])
     assert trust.returncode == 1 and "holds a private key" in trust.stderr and "-pubout" in trust.stderr
 

@@ -58,8 +58,8 @@ def add_trust_argument(p: argparse.ArgumentParser) -> None:
         "--trust",
         action="append",
         metavar="PUB",
-        help="refuse a delta unless this EC public key (PEM; or a folder of *.pub) signed it; may repeat. "
-        "Keys in $DELTAKIT_HOME/trusted_keys/*.pub are trusted too",
+        help="refuse a delta unless this EC public key (PEM), or a signer certified by this CA certificate (.crt), "
+        "signed it; a folder of *.pub and *.crt; may repeat. $DELTAKIT_HOME/trusted_keys/ is trusted too",
     )
 
 
@@ -75,6 +75,8 @@ def checked_signer(delta: str | Path, args: argparse.Namespace) -> Signer | None
 
 def _cmd_make(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    if args.sign is not None and args.codec == "add":
+        raise _UsageError("--sign signs the model apply rebuilds at make time, which --codec add does not know yet")
     key = load_signing_key(args.sign) if args.sign is not None else None  # a bad key fails before any work
     options: dict[str, Any] = {  # what a legacy re-packaging and a plain make share
         "name": args.name,
