@@ -89,6 +89,10 @@ def measure(work: Path, args: argparse.Namespace) -> dict[str, object]:
         settle(_files(work / "out"))
         wall, _ = run_process(verify, logs / "model_signing_verify.log")
         best["model_signing_verify"] = min(best.get("model_signing_verify", float("inf")), wall)
+    for _ in range(args.repeat):  # the fixed part of the cost: loading model-signing (and Sigstore's client)
+        for name, code in (("python", "pass"), ("python_import_model_signing", "import model_signing")):
+            wall, _ = run_process([sys.executable, "-c", code], logs / f"{name}.log")
+            best[name] = min(best.get(name, float("inf")), wall)
     return {
         "machine": machine(),
         "shape": vars(shape_from(args)),
@@ -102,6 +106,7 @@ def measure(work: Path, args: argparse.Namespace) -> dict[str, object]:
             "apply_trusted_over_apply": best["apply_trusted"] / best["apply"],
             "model_signing_verify_over_apply": best["model_signing_verify"] / best["apply"],
         },
+        "import_model_signing_s": best["python_import_model_signing"] - best["python"],
     }
 
 
@@ -122,6 +127,7 @@ def markdown(result: dict[str, object]) -> str:
         ("model_signing verify key (the rebuilt folder, model-signing alone)", s["model_signing_verify"],
          f"{r['model_signing_verify_over_apply']:.2f}x apply"),
     ]  # fmt: skip
+    fixed = float(result["import_model_signing_s"])  # type: ignore[arg-type]
     table = "\n".join(f"| {name} | {sec:.2f} | {ratio} |" for name, sec, ratio in rows)
     return f"""{SECTION_BEGIN}
 ## Signed releases (make --sign, apply --trust)
@@ -132,6 +138,8 @@ A {gb:.2f} GB LLaMA-shaped fp16 target, format 2, best of {result["repeat"]} rou
 | step | seconds | ratio |
 |---|---:|---:|
 {table}
+
+Of which fixed, whatever the model's size: loading model-signing (and Sigstore's client), {fixed:.2f} s.
 {SECTION_END}
 """
 
