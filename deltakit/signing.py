@@ -11,7 +11,9 @@ A signed package holds, beside its manifest, payload and carried files:
 
 Both signatures use model-signing's file serialization with SHA-256, as its CLI signs a folder. A signer is
 named by its key's fingerprint: the SHA-256 of its SubjectPublicKeyInfo in PEM, the very key hint
-model-signing writes into every key-signed bundle (:attr:`Signer.fingerprint`, :attr:`Signer.short`).
+model-signing writes into every key-signed bundle (:attr:`Signer.fingerprint`, :attr:`Signer.short`). A
+package signed with a certificate names its certificate's key, and is trusted when its chain leads to a
+trusted CA certificate.
 
 Public API: :func:`load_signing_key` (and :func:`pkcs11_signing_key`), :func:`load_public_key`,
 :func:`trusted_keys`, :func:`sign_package`, :func:`signer_of`, :func:`check_trust`, :func:`check_package`,
