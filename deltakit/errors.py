@@ -6,14 +6,17 @@ message needs (``path``, ``tensor``, ``expected``, ``actual``) as attributes::
     DeltakitError
     ├── InputNotFoundError      (FileNotFoundError)  a named input does not exist
     ├── UnsupportedInputError   (ValueError)         exists, but is no kind deltakit reads
-    │   └── RawWeightsError                          make would publish weights raw (swapped or wrong base)
+    │   ├── RawWeightsError                          make would publish weights raw (swapped or wrong base)
+    │   └── KeyFileError                             a key is not the kind asked for (RSA, public for private...)
     ├── FormatError             (ValueError)         a file breaks its format's rules
     │   ├── SafetensorsHeaderError                   a hostile or corrupt safetensors header
     │   ├── UnsafePickleError                        a .bin/.pth pickle asks for more than tensors
     │   └── ManifestError                            deltakit.json is missing fields or malformed
     ├── IntegrityError          (ValueError)         bytes differ from the digest they must have
     │   ├── BaseMismatchError                        the base is not the one the delta was made from
-    │   └── CorruptFrameError                        a compressed payload frame does not decode
+    │   ├── CorruptFrameError                        a compressed payload frame does not decode
+    │   └── SignatureError                           a signature is damaged, does not verify or cover the files
+    │       └── UntrustedSignerError                 unsigned, or signed by a key that is not trusted
     ├── OutputExistsError       (FileExistsError)    refusing to touch an existing output
     ├── NoSpaceError            (OSError)            the output would not fit on its disk
     ├── HubError                (RuntimeError)       the Hub refused a request or cannot be reached
@@ -34,14 +37,17 @@ __all__ = [
     "HubError",
     "InputNotFoundError",
     "IntegrityError",
+    "KeyFileError",
     "ManifestError",
     "NoSpaceError",
     "ObjectStoreError",
     "OutputExistsError",
     "RawWeightsError",
     "SafetensorsHeaderError",
+    "SignatureError",
     "UnsafePickleError",
     "UnsupportedInputError",
+    "UntrustedSignerError",
 ]
 
 
@@ -95,6 +101,11 @@ class RawWeightsError(UnsupportedInputError):
     base. Such a package publishes whole weights, perhaps the licensed base's."""
 
 
+class KeyFileError(UnsupportedInputError):
+    """A key file is not the kind asked for: a public key where a private one signs, a private key given as
+    a trusted one, an RSA or ed25519 key where model-signing takes an elliptic-curve key, or no PEM key."""
+
+
 class FormatError(DeltakitError, ValueError):
     """A file breaks the rules of its format."""
 
@@ -122,6 +133,16 @@ class BaseMismatchError(IntegrityError):
 class CorruptFrameError(IntegrityError):
     """A format 2 payload frame does not decode to the size its record gives (truncated, altered,
     or a decompression bomb); ``tensor`` names the tensor, ``actual`` the frame's byte offset."""
+
+
+class SignatureError(IntegrityError):
+    """A signature (``deltakit.sig``, ``model.sig``) is truncated or garbage, does not verify with its key,
+    does not cover every file, or a file changed after signing; ``path`` names the file concerned."""
+
+
+class UntrustedSignerError(SignatureError):
+    """Trusted signers were asked for, and the package is unsigned or signed by another key; ``actual`` is
+    the signer's fingerprint found (None when unsigned), ``expected`` the trusted ones."""
 
 
 class OutputExistsError(DeltakitError, FileExistsError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from .hashing import fingerprint
 from .legacy import detect_legacy_kind, is_xor_release, mean_abs
 from .manifest import MANIFEST_NAME
 from .progress import ProgressFactory, no_progress
+from .signing import PublicKey, check_package
 
 __all__ = ["KINDS", "Inspection", "TensorSummary", "inspect_path"]
 
@@ -56,6 +58,8 @@ class Inspection:
         fingerprint: the checkpoint's fingerprint, when asked for.
         base/target: for a delta, the names and fingerprints from its manifest.
         legacy_kind: for a legacy delta, ``fastchat`` or ``alpaca``.
+        signer: for a signed delta, its signer's key fingerprint (``SHA256:...``) once the signature
+            verified; ``signer_fingerprint`` the same in hex (see deltakit.signing).
     """
 
     path: str
@@ -77,6 +81,8 @@ class Inspection:
     dropped: tuple[str, ...] = ()
     legacy_kind: str | None = None
     format: int | None = None
+    signer: str | None = None
+    signer_fingerprint: str | None = None
 
     @property
     def description(self) -> str:
@@ -99,8 +105,9 @@ def _summaries(tensors: dict[str, TensorInfo]) -> tuple[TensorSummary, ...]:
     return tuple(TensorSummary(n, t.dtype, t.shape, t.nbytes) for n, t in tensors.items())
 
 
-def _inspect_delta(path: Path) -> Inspection:
+def _inspect_delta(path: Path, trusted: Sequence[PublicKey]) -> Inspection:
     package = open_delta(path)
+    signer = check_package(path, trusted)
     m = package.manifest
     tensors = tuple(
         TensorSummary(n, t.dtype, t.shape, package.payload[n].nbytes if n in package.payload else 0, t.encoding)
@@ -125,6 +132,8 @@ def _inspect_delta(path: Path) -> Inspection:
         target_bytes=sum(math.prod(t.shape) * itemsize(t.dtype) for t in m.target.tensors.values()),
         dropped=m.dropped,
         format=m.format,
+        signer=str(signer) if signer is not None else None,
+        signer_fingerprint=signer.fingerprint if signer is not None else None,
     )
 
 
@@ -164,17 +173,26 @@ def _checkpoint_kind(ckpt: Checkpoint) -> str:
 
 
 def inspect_path(
-    path: str | Path, *, with_fingerprint: bool = False, progress: ProgressFactory = no_progress
+    path: str | Path,
+    *,
+    with_fingerprint: bool = False,
+    trusted: Sequence[PublicKey] = (),
+    progress: ProgressFactory = no_progress,
 ) -> Inspection:
     """Describe a delta package, a LoRA adapter, or a checkpoint (HF, Meta, or a legacy delta).
 
     Args:
         path: what to inspect.
         with_fingerprint: for a checkpoint, hash every tensor to give its fingerprint.
+        trusted: for a delta, the keys one of which must have signed it (see deltakit.signing.check_package).
+
+    Raises:
+        SignatureError: a delta's signature does not verify; UntrustedSignerError: with ``trusted``, it is
+            unsigned or signed by another key.
     """
     path = Path(path)
     if (path / MANIFEST_NAME).is_file():
-        return _inspect_delta(path)
+        return _inspect_delta(path, trusted)
     if is_adapter(path):
         return _inspect_adapter(path)
     if is_xor_release(path):

@@ -13,9 +13,12 @@ from ..errors import (
     BaseMismatchError,
     DeltakitError,
     IntegrityError,
+    KeyFileError,
     NoSpaceError,
     OutputExistsError,
     RawWeightsError,
+    SignatureError,
+    UntrustedSignerError,
 )
 from ..registry import StaleNameError
 
@@ -28,6 +31,28 @@ _ADVICE: tuple[tuple[type[DeltakitError], str | None, str], ...] = (
     (OutputExistsError, "out", "choose another {flag} or remove it yourself"),
     (OutputExistsError, "name", "pass --force to replace it"),
     (NoSpaceError, "out", "or choose another {flag}"),
+    # signatures (before IntegrityError's row: a bad signature is not cured by fetching again)
+    (
+        UntrustedSignerError,
+        None,
+        "if you trust that signer, pass its public key with --trust or put it in "
+        "$DELTAKIT_HOME/trusted_keys/; else do not use this delta",
+    ),
+    (
+        SignatureError,
+        None,
+        "the package is not as its signer left it: do not use it; fetch it from its publisher again",
+    ),
+    (
+        KeyFileError,
+        "sign",
+        "{flag} takes an EC private key in PEM: openssl ecparam -name prime256v1 -genkey -noout -out key.pem",
+    ),
+    (
+        KeyFileError,
+        "trust",
+        "{flag} takes the signer's EC public key in PEM: openssl ec -in key.pem -pubout -out key.pub",
+    ),
     # apply and make
     (BaseMismatchError, "base", "check {flag}: it must be the model the delta was made from, converted the same way"),
     (IntegrityError, "delta", "fetch or copy the delta again"),

@@ -30,6 +30,7 @@ from ..inspection import inspect_path
 from ..legacy import LEGACY_KINDS, apply_legacy_delta, make_delta_from_legacy
 from ..manifest import FORMAT_VERSION, MANIFEST_NAME, READABLE_FORMATS, load_manifest
 from ..registry import Registry
+from ..signing import Signer, SigningKey, check_package, load_signing_key, sign_package, trusted_keys
 from ..staging import check_output_file_free, check_output_free
 from ._common import _add_force, _emit, _jsonable, _progress, _say, _size, _UsageError, _zstd_level
 from ._names import DELTA, DELTA_OR_MODEL, LOCAL, MODEL, SUBJECT
@@ -51,8 +52,32 @@ if TYPE_CHECKING:
     from ._common import _Subparsers
 
 
+def add_trust_argument(p: argparse.ArgumentParser) -> None:
+    """``--trust PUB``, shared by apply, verify, inspect and download."""
+    p.add_argument(
+        "--trust",
+        action="append",
+        metavar="PUB",
+        help="refuse a delta unless this EC public key (PEM), or a signer certified by this CA certificate (.crt), "
+        "signed it; a folder of *.pub and *.crt; may repeat. $DELTAKIT_HOME/trusted_keys/ is trusted too",
+    )
+
+
+def checked_signer(delta: str | Path, args: argparse.Namespace) -> Signer | None:
+    """Check a deltakit delta's signature before any tensor is read, against the trusted keys (``--trust``
+    and DELTAKIT_HOME's) when there are any; say who signed it."""
+    keys = trusted_keys(args.trust or ())
+    signer = check_package(delta, keys)
+    if signer is not None:
+        _say(f"signed by {signer}{' (a trusted key)' if keys else ''}; signature checked")
+    return signer
+
+
 def _cmd_make(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    if args.sign is not None and args.codec == "add":
+        raise _UsageError("--sign signs the model apply rebuilds at make time, which --codec add does not know yet")
+    key = load_signing_key(args.sign) if args.sign is not None else None  # a bad key fails before any work
     options: dict[str, Any] = {  # what a legacy re-packaging and a plain make share
         "name": args.name,
         "base_name": args.base_name,
@@ -69,15 +94,27 @@ def _cmd_make(args: argparse.Namespace) -> int:
             args.base, args.from_legacy, args.out, kind=kind, checksums=args.checksums, **options
         )
         _say(f"read {args.from_legacy} as a delta of kind {rebuilt.kind}; re-packaged as format {args.format}:")
+        signer = _signed(args, key, None)
         _print_make(made, time.perf_counter() - start)
         if args.json:
-            _emit({"command": "make", **_make_dict(made), "legacy": rebuilt})
+            _emit({"command": "make", **_make_dict(made), "legacy": rebuilt, "signer": _jsonable(signer)})
         return 0
     report = make_delta(args.base, args.target, args.out, codec=args.codec, allow_raw=args.allow_raw, **options)
+    signer = _signed(args, key, args.target)
     _print_make(report, time.perf_counter() - start)
     if args.json:
-        _emit({"command": "make", **_make_dict(report)})
+        _emit({"command": "make", **_make_dict(report), "signer": _jsonable(signer)})
     return 0
+
+
+def _signed(args: argparse.Namespace, key: SigningKey | None, target: str | None) -> Signer | None:
+    """Sign the package just made (and, given its target, the model apply will rebuild from it)."""
+    if key is None:
+        return None
+    signer = sign_package(args.out, key, target=target)
+    what = "the package and the model it rebuilds (model.sig)" if target is not None else "the package"
+    _say(f"signed {what} with {signer}")
+    return signer
 
 
 def _choose_base(args: argparse.Namespace) -> None:
@@ -118,12 +155,18 @@ def _apply_mode(args: argparse.Namespace) -> Callable[[argparse.Namespace], int]
         raise _UsageError("several --delta are for LoRA adapters only; deltakit deltas apply one at a time")
     on_ray = "--ray rebuilds a deltakit delta into a model folder; the rest runs on one machine"
     if adapters:
+        if args.trust:
+            raise _UsageError("--trust is for deltakit deltas, which are signed; LoRA adapters are not")
         if args.dry_run:
             raise _UsageError("--dry-run is for deltakit deltas; adapters have no plan to print yet")
         if args.ray is not None:
             raise _UsageError(on_ray)
         return _apply_lora
     args.delta = args.delta[0]
+    if (Path(args.delta) / MANIFEST_NAME).is_file():
+        checked_signer(args.delta, args)  # before any tensor is read
+    elif args.trust:
+        raise _UsageError("--trust is for deltakit deltas, which are signed; this delta has no deltakit.json")
     if args.legacy != "auto" or (not (Path(args.delta) / MANIFEST_NAME).exists() and Path(args.delta).is_dir()):
         if args.dry_run:
             raise _UsageError("--dry-run is for deltakit deltas; legacy deltas have no plan to print yet")
@@ -245,8 +288,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if args.delta is not None:
         if args.base is not None:
             raise _UsageError("verify takes --base (checking a delta) or --delta (checking a model), not both")
+        checked_signer(args.delta, args)
         report = verify_model(args.path, args.delta, progress=_progress(args))
     else:
+        checked_signer(args.path, args)
         report = verify_delta(args.path, base=args.base, progress=_progress(args))
     if args.json:
         _emit(_report_dict(report))
@@ -256,11 +301,15 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    info = inspect_path(args.path, with_fingerprint=args.fingerprint, progress=_progress(args))
+    trusted = trusted_keys(args.trust or ())
+    info = inspect_path(args.path, with_fingerprint=args.fingerprint, trusted=trusted, progress=_progress(args))
     if args.json:
         _emit(info.to_dict())
     else:
         _print_inspect(info, all_tensors=args.all)
+        if info.kind == "delta":
+            trust = " (a trusted key)" if trusted and info.signer else ""
+            _say(f"  signed by   {info.signer + trust if info.signer else 'nobody (unsigned)'}")
     return 0
 
 
@@ -360,6 +409,11 @@ def add_make_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
         help="store tensors without a counterpart in the base raw even where that is most of the target, or where "
         "the target has fewer rows than the base (refused otherwise: it publishes whole weights)",
     )
+    p.add_argument(
+        "--sign",
+        metavar="KEY",
+        help="sign the package and the model it rebuilds with this EC private key (PEM), with OpenSSF Model Signing",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the report goes to stderr)")
     p.set_defaults(run=_cmd_make, resolve={"base": MODEL, "target": MODEL, "from_legacy": LOCAL})
 
@@ -402,6 +456,7 @@ def add_apply_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
         help="one task per output shard on a Ray cluster (ADDRESS, or RAY_ADDRESS; paths on a filesystem every node "
         "mounts); needs the ray extra",
     )
+    add_trust_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the report goes to stderr)")
     p.set_defaults(run=_cmd_apply, resolve={"base": MODEL, "delta": DELTA})
 
@@ -416,6 +471,7 @@ def add_verify_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None
     p.add_argument("path", help="a delta package, or with --delta a rebuilt model")
     p.add_argument("--base", help="also check that this base is the one the delta was made from")
     p.add_argument("--delta", help="check PATH, a model, against this delta's target digests")
+    add_trust_argument(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=_cmd_verify, resolve={"base": MODEL, "path": SUBJECT, "delta": DELTA})
 
@@ -427,6 +483,7 @@ def add_inspect_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> Non
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.add_argument("--all", action="store_true", help="list every tensor")
     p.add_argument("--fingerprint", action="store_true", help="hash a checkpoint's tensors to fingerprint it")
+    add_trust_argument(p)
     p.set_defaults(run=_cmd_inspect, resolve={"path": DELTA_OR_MODEL})
 
 

@@ -17,8 +17,10 @@ from ..errors import UnsupportedInputError
 from ..hub import CardMetadata, fetch_delta, publish_delta
 from ..manifest import load_manifest
 from ..registry import Registry
+from ..signing import load_signing_key, sign_package
 from ._common import _emit, _jsonable, _progress, _say
 from ._names import LOCAL, MODEL
+from .delta import add_trust_argument, checked_signer
 from .reports import _make_dict, _print_make, _print_publish, _print_verify, _publish_dict, _report_dict
 
 if TYPE_CHECKING:
@@ -47,6 +49,9 @@ def _card_metadata(args: argparse.Namespace, delta: Path) -> CardMetadata:
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
+    if args.sign is not None:
+        signer = sign_package(args.path, load_signing_key(args.sign))
+        _say(f"signed {args.path} with {signer}")
     report = publish_delta(
         args.path,
         args.repo,
@@ -66,6 +71,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
 def _cmd_download(args: argparse.Namespace) -> int:
     fetched = fetch_delta(args.spec, cache_dir=args.cache_dir)
+    signer = checked_signer(fetched.path, args)
     manifest = load_manifest(fetched.path)
     _say(
         f"downloaded {fetched.repo_id}@{fetched.revision} (commit {fetched.commit}) into {fetched.path}: "
@@ -82,6 +88,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
                 "base": {"name": manifest.base.name, "fingerprint": manifest.base.fingerprint},
                 "target": {"name": manifest.target.name, "fingerprint": manifest.target.fingerprint},
                 "payload_bytes": sum(f.size for f in manifest.payload.values()),
+                "signer": _jsonable(signer),
             }
         )
     return 0
@@ -95,10 +102,14 @@ def _cmd_release(args: argparse.Namespace) -> int:
             out = Path(args.out)
         else:
             out = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="deltakit-release-"))) / "delta"
+        key = load_signing_key(args.sign) if args.sign is not None else None  # checked before any work
         made = make_delta(
             args.base, args.target, out, name=args.name, base_name=args.base_name, progress=_progress(args)
         )
         _print_make(made, 0.0)
+        if key is not None:
+            signer = sign_package(out, key, target=args.target)
+            _say(f"signed the package and the model it rebuilds (model.sig) with {signer}")
         report = verify_delta(out, base=args.base, progress=_progress(args))
         _print_verify(report)
         if not report.ok:
@@ -153,6 +164,11 @@ def add_hub_parsers(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("publish", parents=[common, hub], help="verify a delta and upload it with a model card")
     p.add_argument("path", help="the delta package")
+    p.add_argument(
+        "--sign",
+        metavar="KEY",
+        help="sign (or re-sign) the package with this EC private key (PEM) before uploading it",
+    )
     p.set_defaults(run=_cmd_publish, resolve={"path": LOCAL})
 
     p = sub.add_parser("release", parents=[common, hub], help="make, verify and publish in one step")
@@ -161,6 +177,9 @@ def add_hub_parsers(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="where the delta package is kept (default: a temporary folder)")
     p.add_argument("--name", help="the target's name in the manifest")
     p.add_argument("--base-name", help="the base's name in the manifest")
+    p.add_argument(
+        "--sign", metavar="KEY", help="sign the package and the model it rebuilds with this EC private key (PEM)"
+    )
     p.set_defaults(run=_cmd_release, resolve={"base": MODEL, "target": MODEL})
 
     p = sub.add_parser(
@@ -168,5 +187,6 @@ def add_hub_parsers(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("spec", metavar="ORG/NAME[@REV]", help="the delta's Hub repo id, pinned to a revision if you like")
     p.add_argument("--cache-dir", help="the Hugging Face cache to download into (default: HF_HUB_CACHE)")
+    add_trust_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the report goes to stderr)")
     p.set_defaults(run=_cmd_download)

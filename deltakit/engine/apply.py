@@ -141,10 +141,15 @@ class ApplyPlan:
             )
 
     def finish_folder(self, folder: Path) -> None:
-        """What follows the tensors: the shard index (when sharded) and the carried files, checked."""
-        write_index(folder, self.shards, {s.name: s.shard for s in self.steps}, self.specs)
+        """What follows the tensors: the shard index (when sharded), the carried files, checked, and the
+        package's signature of the rebuilt model (``model.sig``) when the model is laid out as signed."""
+        from ..signing import carry_model_signature
+
+        shard_of = {s.name: s.shard for s in self.steps}
+        write_index(folder, self.shards, shard_of, self.specs)
         for rel in self.manifest.target.files:
             self.copy_carried(rel, folder / rel)
+        carry_model_signature(self.delta.root, folder, shard_of)
 
     def report(self, out: Path) -> ApplyReport:
         m = self.manifest

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import DISTRIBUTION, __version__
 from ..dtypes import itemsize
@@ -12,6 +12,9 @@ from ..errors import UnsupportedInputError
 from ..manifest import Manifest
 from ..units import human_bytes
 from .repo_ids import check_repo_id
+
+if TYPE_CHECKING:
+    from ..signing import Signer
 
 __all__ = ["CardMetadata", "model_card", "pipeline_tag"]
 
@@ -85,12 +88,18 @@ class CardMetadata:
 
 
 def model_card(
-    manifest: Manifest, repo_id: str, metadata: CardMetadata, *, config: dict[str, Any] | None = None
+    manifest: Manifest,
+    repo_id: str,
+    metadata: CardMetadata,
+    *,
+    config: dict[str, Any] | None = None,
+    signer: Signer | None = None,
 ) -> str:
     """The ``README.md`` of a published delta: metadata for the Hub, and how to rebuild and check it.
 
     Args:
         config: the fine-tune's ``config.json``, from which the card's ``pipeline_tag`` comes.
+        signer: who signed the package (its signature checked), shown with how to require that signer.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -146,7 +155,7 @@ seconds, naming the first tensor that differs. The rebuilt model's fingerprint i
 {manifest.target.fingerprint}
 ```
 
-## Contents
+{_signature_section(repo_id, out, signer)}## Contents
 
 | encoding | tensors | payload |
 |---|---:|---:|
@@ -158,6 +167,31 @@ published by deltakit {__version__}.
 """
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
     return str(card)
+
+
+def _signature_section(repo_id: str, out: str, signer: Signer | None) -> str:
+    """The card's word on the package's signature: who signed it and how to hold a download to that."""
+    if signer is None:
+        return ""
+    return f"""## Signature
+
+The package is signed with [OpenSSF Model Signing](https://github.com/sigstore/model-transparency) by the
+key with fingerprint
+
+```
+{signer.short}
+{signer.fingerprint}
+```
+
+Get the publisher's public key from them (not from this repo), check its fingerprint, then refuse anything
+it did not sign with `deltakit apply ... --trust publisher.pub` (or put it in `$DELTAKIT_HOME/trusted_keys/`).
+The rebuilt model comes with `model.sig`, which model-signing checks alone:
+
+```sh
+model_signing verify key {out} --signature {out}/model.sig --public_key publisher.pub
+```
+
+"""
 
 
 def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:

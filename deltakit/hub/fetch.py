@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 from typing import TYPE_CHECKING, Any
@@ -17,6 +17,7 @@ from .. import __version__
 from ..errors import HubError, IntegrityError, ManifestError
 from ..formats.delta import FILES_DIR
 from ..manifest import MANIFEST_NAME, Manifest, load_manifest
+from ..signing import SIGNATURE_FILES
 from ._http import http_reason, is_transport_error
 from .repo_ids import parse_repo_spec
 
@@ -66,6 +67,7 @@ def fetch_delta(
             it is not used, and a downloaded copy is removed from the cache.
     """
     from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
 
     from ..engine import verify_delta
 
@@ -103,6 +105,9 @@ def fetch_delta(
             with ThreadPoolExecutor(max_workers=_DOWNLOAD_WORKERS) as pool:
                 for _ in pool.map(one, wanted):
                     pass
+            for name in SIGNATURE_FILES:  # a signed package's, where the repo has them; checked by signing
+                with suppress(EntryNotFoundError):
+                    hf_hub_download(repo_id, name, revision=commit, force_download=force, **common)
             return folder, wanted
 
     folder, wanted = download(force=False)

@@ -18,6 +18,7 @@ from ..files import read_json_object, read_regular
 from ..formats.delta import FILES_DIR
 from ..hashing import file_sha256
 from ..manifest import MANIFEST_NAME, Manifest, load_manifest
+from ..signing import SIGNATURE_FILES, signer_of
 from ._http import http_reason, is_transport_error
 from .card import CardMetadata, model_card
 from .repo_ids import parse_repo_spec
@@ -67,6 +68,7 @@ def _package_files(root: Path, manifest: Manifest) -> list[tuple[str, Path]]:
     files = [(MANIFEST_NAME, root / MANIFEST_NAME)]
     files += [(name, root / name) for name in manifest.payload]
     files += [(f"{FILES_DIR}/{rel}", root / FILES_DIR / rel) for rel in manifest.target.files]
+    files += [(name, root / name) for name in SIGNATURE_FILES if (root / name).is_file()]
     return files
 
 
@@ -117,8 +119,9 @@ def publish_delta(
     if not report.ok:
         first = report.missing[0] if report.missing else report.mismatched[0].name
         raise IntegrityError(f"{root} does not verify ({first}); not publishing it", path=root)
+    signer = signer_of(root)  # a signed package's signature must verify before it is sent
     manifest = load_manifest(root)
-    card = model_card(manifest, repo_id, metadata, config=_target_config(root, manifest))
+    card = model_card(manifest, repo_id, metadata, config=_target_config(root, manifest), signer=signer)
     files = _package_files(root, manifest)
     listing = (("README.md", len(card.encode())), *((name, path.stat().st_size) for name, path in files))
     branch = revision or "main"
@@ -251,7 +254,11 @@ def _remote_files(api: HfApi, repo_id: str, revision: str) -> dict[str, tuple[st
 
 def _owned_by_a_package(name: str) -> bool:
     """Files a deltakit package puts in a repo, which a newer package may drop; anything else is left."""
-    return name in (MANIFEST_NAME, "README.md") or name.startswith(f"{FILES_DIR}/") or bool(_PAYLOAD_NAME.match(name))
+    return (
+        name in (MANIFEST_NAME, "README.md", *SIGNATURE_FILES)
+        or name.startswith(f"{FILES_DIR}/")
+        or bool(_PAYLOAD_NAME.match(name))
+    )
 
 
 def _refusal(error: Exception, repo_id: str, revision: str) -> HubError:
