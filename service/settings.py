@@ -32,6 +32,9 @@ class Settings(BaseSettings):
         shutdown_grace: seconds a stop waits for running jobs; then it exits, those jobs marked failed
             and their temporary output left for the next start to remove.
         min_free_bytes: below this much free space on the home's disk, ``/readyz`` answers 503.
+        cache_bytes: the disk budget of the model store's rebuild cache (``home/cache``); the least recently
+            used rebuilt revisions are evicted past it.
+        max_upload_bytes: the largest model upload (``POST /v1/models/upload``), its whole request body.
     """
 
     model_config = SettingsConfigDict(env_prefix="DELTAKIT_", env_file=".env", extra="ignore")
@@ -50,6 +53,8 @@ class Settings(BaseSettings):
     keep_alive_timeout: float = Field(default=5.0, gt=0, le=3600)
     shutdown_grace: float = Field(default=10.0, ge=0, le=3600)
     min_free_bytes: int = Field(default=64 << 20, ge=0)
+    cache_bytes: int = Field(default=100 << 30, ge=0)
+    max_upload_bytes: int = Field(default=64 << 30, ge=1024)
 
     @property
     def allowed_roots(self) -> list[Path]:
@@ -84,6 +89,8 @@ _EXPECTED = {
     "keep_alive_timeout": "a number of seconds above 0 (at most 3600)",
     "shutdown_grace": "a number of seconds from 0 to 3600",
     "min_free_bytes": "a whole number of bytes",
+    "cache_bytes": "a whole number of bytes",
+    "max_upload_bytes": "a whole number of bytes, 1024 or more",
 }
 
 

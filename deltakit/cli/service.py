@@ -60,6 +60,8 @@ Environment (or a .env file in the working folder):
   DELTAKIT_SHUTDOWN_GRACE      seconds a stop waits for running jobs (10); the
                                process then exits, marking them failed
   DELTAKIT_MIN_FREE_BYTES      free space under which /readyz answers 503 (64 MiB)
+  DELTAKIT_CACHE_BYTES         disk budget of the rebuilt-model cache (100 GiB)
+  DELTAKIT_MAX_UPLOAD_BYTES    the largest model upload, POST /v1/models/upload (64 GiB)
   DELTAKIT_EXECUTOR            local, or ray: each job a task on a Ray cluster
   DELTAKIT_RAY_ADDRESS         the cluster (auto, or HOST:PORT; else RAY_ADDRESS)
   DELTAKIT_RAY_JOB_CPUS        CPUs each job's task holds (1)

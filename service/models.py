@@ -1,0 +1,16 @@
+"""The service's model store: where its objects live and how large its rebuild cache may grow."""
+
+from __future__ import annotations
+
+from deltakit.modelstore import LocalObjects, ModelStore
+
+from .settings import Settings
+
+__all__ = ["open_model_store"]
+
+
+def open_model_store(settings: Settings) -> ModelStore:
+    """The model store of ``settings.home``, its objects in the folder ``home/store`` and its rebuild cache
+    within ``settings.cache_bytes``."""
+    objects = LocalObjects(settings.home / "store")
+    return ModelStore(settings.home, objects=objects, cache_bytes=settings.cache_bytes)
