@@ -39,6 +39,7 @@ from .store import ACTIVE, Job, Store
 log = logging.getLogger(__name__)
 
 _FLUSH_SECONDS = 0.25
+_REBUILD_WORKERS = 2
 # an absolute path inside a message: a slash after a space, quote or bracket, up to the next one
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/[^\s'\"()\[\]:,]+")
 
@@ -112,6 +113,8 @@ class Runner:
                 settings.ray_address, settings.ray_job_cpus, settings.ray_job_memory, settings.ray_retries
             )
         self._pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="deltakit-job")
+        # Rebuilds have threads of their own: a download waits on its rebuild, never behind a long apply.
+        self._rebuild_pool = ThreadPoolExecutor(max_workers=_REBUILD_WORKERS, thread_name_prefix="deltakit-rebuild")
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -140,7 +143,7 @@ class Runner:
                 log.info("removed the upload %s, which no queued import job holds", folder.name)
                 shutil.rmtree(folder, ignore_errors=True)
         for job in self.store.queued():
-            self.submit(job.id)
+            self.submit(job.id, kind=job.kind)
 
     @property
     def uploads_dir(self) -> Path:
@@ -233,6 +236,7 @@ class Runner:
         self._shut = True
         self.begin_stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._rebuild_pool.shutdown(wait=False, cancel_futures=True)
         assert self._stop_began is not None
         grace = self.settings.shutdown_grace
         with self._lock:
@@ -252,8 +256,10 @@ class Runner:
 
     # jobs ------------------------------------------------------------------------------------------
 
-    def submit(self, job_id: str) -> None:
-        future = self._pool.submit(self._run, job_id)
+    def submit(self, job_id: str, *, kind: str | None = None) -> None:
+        """Run the job (of ``kind``: a ``rebuild`` runs on the rebuild threads) when a thread is free."""
+        pool = self._rebuild_pool if kind == "rebuild" else self._pool
+        future = pool.submit(self._run, job_id)
         with self._lock:
             self._futures[job_id] = future
         future.add_done_callback(lambda _: self._forget(job_id))
@@ -429,7 +435,7 @@ class Runner:
             job, created = self.store.create_job("rebuild", params, None)
             self._rebuilds[revision.commit] = job.id
         if created:
-            self.submit(job.id)
+            self.submit(job.id, kind="rebuild")
         return job.id
 
     def _rebuild(self, job: Job) -> dict[str, Any]:

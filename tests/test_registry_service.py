@@ -29,7 +29,7 @@ from test_hub_api import VENV_BIN, client_env, raw_get, tree_hashes
 from test_service import LiveServer
 from tinyllama import write_finetune, write_tiny_llama
 
-from deltakit.errors import InputNotFoundError
+from deltakit.errors import InputNotFoundError, UnsupportedInputError
 from deltakit.modelstore import Catalog, ModelStore, git_blob_oid
 from deltakit.registry import Registry
 from deltakit_service.hubfiles import git_blob_id
@@ -248,6 +248,30 @@ def test_eight_concurrent_cold_downloads_cause_one_rebuild(client, tmp_path):
     assert builds.count(True) == 1
     new = [j for j in client.rebuild_jobs() if j["id"] not in before]
     assert len(new) == 1 and new[0]["state"] == "succeeded", new
+
+
+def test_a_cold_download_waits_behind_no_other_job(client, monkeypatch):
+    """The service runs one job at a time (DELTAKIT_WORKERS=1); a rebuild still starts at once."""
+    client.cold(TUNE)
+    gate, entered = threading.Event(), threading.Event()
+
+    def held(*args, **kwargs):
+        entered.set()
+        assert gate.wait(60)
+        raise UnsupportedInputError("held by the test, then refused: nothing is stored")
+
+    monkeypatch.setattr(client.models, "import_model", held)
+    with client.http() as http:
+        job = http.post("/v1/models", json={"repo_id": "team/held", "source": "tiny-llama"}).json()
+        try:
+            assert entered.wait(30)
+            got = http.get(f"/hub/{TUNE}/resolve/main/model.safetensors")
+            assert got.status_code == 200
+            assert hashlib.sha256(got.content).hexdigest() == sha256(client.tune / "model.safetensors")
+            assert http.get(f"/v1/jobs/{job['id']}").json()["state"] == "running"
+        finally:
+            gate.set()
+        assert wait_for(http, job["id"])["state"] == "failed"
 
 
 def test_hf_download_cli_gets_the_cold_finetune(client, tmp_path):
