@@ -498,3 +498,25 @@ def test_git_ids_are_recorded_at_import_and_an_older_catalog_is_migrated(registr
         assert catalog.recipe("c")[0].git_oid is None  # read as before; the Hub API reads such a file's bytes
     finally:
         catalog.close()
+
+
+def test_a_restart_removes_uploads_no_queued_job_holds(tmp_path):
+    home = tmp_path / "home"
+    stale = home / "uploads" / "0123abcd"
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text("{}")
+    store = Store(home / "jobs.sqlite3")
+    queued, _ = store.create_job("import", {"repo_id": "team/waiting", "upload": "feedbeef"}, None)
+    store.close()
+    (home / "uploads" / "feedbeef").mkdir()
+    (home / "uploads" / "feedbeef" / "notes.txt").write_text("not a model")
+    with LiveServer(Settings(home=home)) as url:
+        assert not stale.exists()
+        store = Store(home / "jobs.sqlite3")
+        token = store.create_token("read")
+        store.close()
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as http:
+            job = wait_for(http, queued.id)  # the queued import kept its upload and ran after the restart
+        assert job["state"] == "succeeded", job
+        assert job["report"]["repo_id"] == "team/waiting" and job["report"]["files"] == 1
+        assert not (home / "uploads" / "feedbeef").exists()  # used once, then removed
