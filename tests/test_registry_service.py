@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,15 @@ from deltakit_service.store import Store
 BASE, TUNE = "team/tiny-llama", "team/panda-tiny"
 UPLOAD_LIMIT = 2 << 20
 
-# The model store's backends: settings for a service whose store uses it (the S3 one joins with its server).
-STORE_BACKENDS: dict[str, Callable[[Path], dict[str, Any]]] = {"local": lambda root: {}}
+
+@contextmanager
+def _local_store(root: Path) -> Iterator[dict[str, Any]]:
+    yield {}  # the default: objects under DELTAKIT_HOME/store
+
+
+# The model store's backends: each gives the settings of a service whose store uses it, for as long as the
+# block runs (the S3 one starts its server here).
+STORE_BACKENDS: dict[str, Callable[[Path], AbstractContextManager[dict[str, Any]]]] = {"local": _local_store}
 
 
 def sha256(path: Path) -> str:
@@ -117,9 +125,13 @@ def registry(request, tmp_path_factory) -> Iterator[Registered]:
     store = Store(home / "jobs.sqlite3")
     tokens = {"read": store.create_token("read"), "write": store.create_token("write")}
     store.close()
-    settings = Settings(
-        home=home, roots=[originals], max_upload_bytes=UPLOAD_LIMIT, **STORE_BACKENDS[request.param](root)
-    )
+    with STORE_BACKENDS[request.param](root) as backend:
+        settings = Settings(home=home, roots=[originals], max_upload_bytes=UPLOAD_LIMIT, **backend)
+        yield from _serve(settings, tokens, base, tune, home)
+
+
+def _serve(settings: Settings, tokens: dict[str, str], base: Path, tune: Path, home: Path) -> Iterator[Registered]:
+    """The service, with the base (by folder) and the fine-tune (by registered name) imported over HTTP."""
     server = LiveServer(settings)
     with server as url:
         reg = Registered(url, tokens, server, base, tune, home)
@@ -160,18 +172,19 @@ def test_listing_a_cold_finetune_rebuilds_nothing(client):
     asked = api.get_paths_info(TUNE, ["tokenizer.json", "notes"])
     assert [e.path for e in asked] == ["tokenizer.json", "notes"]
     assert asked[0].blob_id == git_blob_id((client.tune / "tokenizer.json").read_bytes())
-    # a HEAD is answered from the catalog too; it only starts the rebuild the GET after it will want
+    assert len(client.rebuild_jobs()) == jobs_before  # the listings started no rebuild
+    assert not client.models.is_cached(client.models.revision(TUNE))
+
+    # a HEAD is answered from the catalog too, without waiting; it starts the rebuild the GET after it wants
     head = httpx.head(
         f"{client.hub}/{TUNE}/resolve/main/config.json", headers={"Authorization": f"Bearer {client.tokens['read']}"}
     )
-    assert head.status_code == 200 and head.headers["content-length"] == str(
-        (client.tune / "config.json").stat().st_size
-    )
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == str((client.tune / "config.json").stat().st_size)
     assert head.headers["etag"] == f'"{git_blob_id((client.tune / "config.json").read_bytes())}"'
-    listing_jobs = client.rebuild_jobs()[: len(client.rebuild_jobs()) - jobs_before]
-    assert len(listing_jobs) <= 1  # the HEAD's, at most; the listings made none
-    if not listing_jobs:
-        assert not client.models.is_cached(client.models.revision(TUNE))
+    assert head.headers["x-repo-commit"] == commit
+    started = client.rebuild_jobs()[: len(client.rebuild_jobs()) - jobs_before]
+    assert [j["params"]["commit"] for j in started] == [commit]
 
 
 def test_snapshot_download_rebuilds_the_cold_finetune_once_as_a_job(client, tmp_path):
@@ -209,15 +222,15 @@ def test_snapshot_download_rebuilds_the_cold_finetune_once_as_a_job(client, tmp_
 def test_eight_concurrent_cold_downloads_cause_one_rebuild(client, tmp_path):
     from huggingface_hub import hf_hub_download
 
-    client.cold(TUNE)
+    commit = client.cold(TUNE)
     before = {j["id"] for j in client.rebuild_jobs()}
     models = client.models
-    builds: list[bool] = []
+    builds: list[tuple[str, bool]] = []
     ensure = ModelStore.ensure_cached
 
     def counting(rev, **kw):  # every rebuild the store does, through a job or not
         built = ensure(models, rev, **kw)
-        builds.append(built)
+        builds.append((rev.commit, built))
         return built
 
     models.ensure_cached = counting  # type: ignore[method-assign]
@@ -245,7 +258,7 @@ def test_eight_concurrent_cold_downloads_cause_one_rebuild(client, tmp_path):
     finally:
         del models.ensure_cached
     assert len(got) == 8 and {sha256(Path(p)) for p in got} == {sha256(client.tune / "model.safetensors")}
-    assert builds.count(True) == 1
+    assert builds.count((commit, True)) == 1  # (a base in a remote store may be fetched once too)
     new = [j for j in client.rebuild_jobs() if j["id"] not in before]
     assert len(new) == 1 and new[0]["state"] == "succeeded", new
 
