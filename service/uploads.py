@@ -3,6 +3,7 @@ memory, counted against a limit, and every part's file name checked as a path in
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import IO
 
@@ -11,7 +12,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from deltakit.errors import DeltakitError, UnsupportedInputError
+from deltakit.errors import DeltakitError, NoSpaceError, UnsupportedInputError
 
 __all__ = ["PayloadTooLarge", "check_upload_path", "receive_upload"]
 
@@ -87,7 +88,12 @@ class _Parts:
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         assert self._out is not None
-        self._out.write(data[start:end])
+        try:
+            self._out.write(data[start:end])
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpaceError("the service's disk is full: the upload cannot be kept") from e
+            raise
 
     def on_part_end(self) -> None:
         self.close()

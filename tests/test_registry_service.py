@@ -30,7 +30,7 @@ from test_hub_api import VENV_BIN, client_env, raw_get, tree_hashes
 from test_service import LiveServer
 from tinyllama import write_finetune, write_tiny_llama
 
-from deltakit.errors import InputNotFoundError, UnsupportedInputError
+from deltakit.errors import InputNotFoundError, NoSpaceError, UnsupportedInputError
 from deltakit.modelstore import Catalog, ModelStore, git_blob_oid
 from deltakit.registry import Registry
 from deltakit_service.hubfiles import git_blob_id
@@ -533,3 +533,33 @@ def test_a_restart_removes_uploads_no_queued_job_holds(tmp_path):
         assert job["state"] == "succeeded", job
         assert job["report"]["repo_id"] == "team/waiting" and job["report"]["files"] == 1
         assert not (home / "uploads" / "feedbeef").exists()  # used once, then removed
+
+
+def test_upload_paths_and_a_full_disk(tmp_path, monkeypatch):
+    from deltakit_service import uploads
+
+    for good in ("config.json", "tokenizer/vocab.json", "a/b/c.safetensors"):
+        assert uploads.check_upload_path(good) == good
+    for bad in ("", "/abs", "../x", "a/../b", "a//b", "./a", ".git/config", "a\\b", "a\0b", "x" * 2000):
+        with pytest.raises(UnsupportedInputError):
+            uploads.check_upload_path(bad)
+
+    parts = uploads._Parts(tmp_path)
+    parts.on_part_begin()
+    for name, value in ((b"Content-Disposition", b'form-data; name="files"; filename="w.bin"'),):
+        parts.on_header_field(name, 0, len(name))
+        parts.on_header_value(value, 0, len(value))
+        parts.on_header_end()
+    parts.on_headers_finished()
+    assert parts.paths == ["w.bin"]
+
+    class FullDisk:
+        def write(self, data: bytes) -> int:
+            raise OSError(28, "No space left on device")
+
+        def close(self) -> None:
+            pass
+
+    parts._out = FullDisk()  # type: ignore[assignment]
+    with pytest.raises(NoSpaceError):
+        parts.on_part_data(b"abc", 0, 3)
