@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from deltakit.cluster import ClusterOptions, apply_delta_on_ray, ray_module
 from deltakit.errors import DeltakitError, InputNotFoundError, IntegrityError, UnsupportedInputError
 from deltakit.gguf import GGUFReport, apply_to_gguf, convert_to_gguf
 from deltakit.hashing import file_sha256
+from deltakit.modelstore import ModelStore, RepoRevision
 from deltakit.progress import ProgressBar
 from deltakit.registry import Entry, Registry
 from deltakit.staging import remove_abandoned
@@ -33,11 +34,12 @@ from deltakit.staging import remove_abandoned
 from .executor import RayExecutor
 from .problems import problem_fields
 from .settings import Settings
-from .store import Job, Store
+from .store import ACTIVE, Job, Store
 
 log = logging.getLogger(__name__)
 
 _FLUSH_SECONDS = 0.25
+_REBUILD_WORKERS = 2
 # an absolute path inside a message: a slash after a space, quote or bracket, up to the next one
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/[^\s'\"()\[\]:,]+")
 
@@ -70,10 +72,14 @@ class NameOutsideRoots(DeltakitError, PermissionError):
 
 
 class _JobBar:
-    """The library's progress bar, as the service sees it: bytes into the store, cancellation out."""
+    """The library's progress bar, as the service sees it: bytes into the store, cancellation out.
+
+    A job may hold bars inside one another (a rebuild's bar around the apply's): each writes its own stage,
+    total and count, so the job shows the bar that moved last, never one bar's count against another's total."""
 
     def __init__(self, runner: Runner, job_id: str, total: int, stage: str) -> None:
         self._runner, self._job_id, self._done = runner, job_id, 0
+        self._total, self._stage = total, stage
         self._last = 0.0
         runner.store.update(job_id, bytes_total=total, bytes_done=0, stage=stage)
 
@@ -83,17 +89,23 @@ class _JobBar:
         now = time.monotonic()
         if now - self._last >= _FLUSH_SECONDS:
             self._last = now
-            self._runner.store.update(self._job_id, bytes_done=self._done)
+            self._flush()
+
+    def _flush(self) -> None:
+        self._runner.store.update(self._job_id, bytes_done=self._done, bytes_total=self._total, stage=self._stage)
 
     def close(self) -> None:
-        self._runner.store.update(self._job_id, bytes_done=self._done)
+        self._flush()
 
 
 class Runner:
     """Owns the worker pool; the store owns the state."""
 
-    def __init__(self, settings: Settings, store: Store, registry: Registry) -> None:
+    def __init__(self, settings: Settings, store: Store, registry: Registry, models: ModelStore | None = None) -> None:
         self.settings, self.store, self.registry = settings, store, registry
+        self.models = models
+        self._rebuild_lock = threading.Lock()
+        self._rebuilds: dict[str, str] = {}  # commit -> the rebuild job that is queued or running for it
         self.executor: RayExecutor | None = None
         if settings.executor == "ray":
             ray_module()  # refused at start, naming the extra, when Ray is not installed
@@ -101,6 +113,8 @@ class Runner:
                 settings.ray_address, settings.ray_job_cpus, settings.ray_job_memory, settings.ray_retries
             )
         self._pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="deltakit-job")
+        # Rebuilds have threads of their own: a download waits on its rebuild, never behind a long apply.
+        self._rebuild_pool = ThreadPoolExecutor(max_workers=_REBUILD_WORKERS, thread_name_prefix="deltakit-rebuild")
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -121,8 +135,20 @@ class Runner:
         for folder in (self.settings.models_dir, self.settings.deltas_dir):
             for leftover in remove_abandoned(folder):  # a live build (the CLI's, say) holds its lock
                 log.info("removed the temporary output %s of an interrupted job", leftover)
+        waiting = {
+            str(job.params["upload"]) for job in self.store.queued() if job.kind == "import" and "upload" in job.params
+        }
+        for folder in sorted(self.uploads_dir.iterdir()) if self.uploads_dir.is_dir() else ():
+            if folder.name not in waiting:  # an upload cut off, or whose import job ended with the service
+                log.info("removed the upload %s, which no queued import job holds", folder.name)
+                shutil.rmtree(folder, ignore_errors=True)
         for job in self.store.queued():
-            self.submit(job.id)
+            self.submit(job.id, kind=job.kind)
+
+    @property
+    def uploads_dir(self) -> Path:
+        """Where uploaded models wait for their import job (one folder per upload)."""
+        return self.settings.home / "uploads"
 
     def begin_stop(self) -> None:
         """Tell running jobs to stop (they do at their next progress update); the grace starts now."""
@@ -210,6 +236,7 @@ class Runner:
         self._shut = True
         self.begin_stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._rebuild_pool.shutdown(wait=False, cancel_futures=True)
         assert self._stop_began is not None
         grace = self.settings.shutdown_grace
         with self._lock:
@@ -229,8 +256,10 @@ class Runner:
 
     # jobs ------------------------------------------------------------------------------------------
 
-    def submit(self, job_id: str) -> None:
-        future = self._pool.submit(self._run, job_id)
+    def submit(self, job_id: str, *, kind: str | None = None) -> None:
+        """Run the job (of ``kind``: a ``rebuild`` runs on the rebuild threads) when a thread is free."""
+        pool = self._rebuild_pool if kind == "rebuild" else self._pool
+        future = pool.submit(self._run, job_id)
         with self._lock:
             self._futures[job_id] = future
         future.add_done_callback(lambda _: self._forget(job_id))
@@ -242,7 +271,10 @@ class Runner:
     def cancel(self, job_id: str) -> None:
         with self._lock:
             self._cancelled.add(job_id)
-        self.store.finish(job_id, "cancelled", only_if="queued")
+        if self.store.finish(job_id, "cancelled", only_if="queued"):
+            job = self.store.get(job_id)
+            if job is not None and job.kind == "import" and "upload" in job.params:  # it will never run
+                shutil.rmtree(self.uploads_dir / str(job.params["upload"]), ignore_errors=True)
 
     @property
     def stopping(self) -> bool:
@@ -340,6 +372,103 @@ class Runner:
     def _inside_roots(self, path: Path) -> bool:
         return any(path.is_relative_to(root) for root in self.settings.allowed_roots)
 
+    def resolve_source(self, source: str) -> Path:
+        """The model folder an import names over HTTP: a registered model (as :meth:`resolve` finds it), else a
+        folder given relative to one of ``DELTAKIT_ROOTS``, whose files all lie inside the roots.
+
+        Raises:
+            InputNotFoundError: neither exists (``argument`` ``source``).
+            UnsupportedInputError: ``source`` is no relative path of plain parts.
+            NameOutsideRoots: the name or folder leads outside the roots.
+        """
+        if self.registry.get(source) is not None:
+            return Path(self.resolve(source, kind="model").path)
+        parts = source.split("/")
+        if source.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in source or "\0" in source:
+            raise UnsupportedInputError(
+                f"{source!r} is neither a registered model nor a folder relative to one of the service's roots "
+                "(no leading '/', no '..')",
+                argument="folder",
+            )
+        for root in self.settings.roots:
+            candidate = root / source
+            if not candidate.is_dir():
+                continue
+            real = candidate.resolve()
+            inside = self._inside_roots
+            if not inside(real) or not all(inside(f.resolve()) for f in real.rglob("*")):
+                raise NameOutsideRoots(
+                    f"{source!r} leads outside the folders this service may read (DELTAKIT_HOME and DELTAKIT_ROOTS)",
+                    argument="folder",
+                )
+            return real
+        raise InputNotFoundError(
+            f"no registered model is named {source!r} and no folder of that name lies inside DELTAKIT_ROOTS",
+            argument="folder",
+        )
+
+    # the model store ---------------------------------------------------------------------------------
+
+    def model_store(self) -> ModelStore:
+        if self.models is None:
+            raise UnsupportedInputError("this service has no model store")
+        return self.models
+
+    def rebuild_job(self, revision: RepoRevision) -> str | None:
+        """The id of the job that rebuilds ``revision`` into the store's cache (the queued or running one,
+        else a new one), or None when the revision can be served as it is.
+
+        One job per revision however many ask: the table of running rebuilds, the look at the cache and the
+        job's creation happen under one lock, and a rebuild leaves the table only after the cache entry is
+        published, so a request that finds no job there finds the entry."""
+        models = self.model_store()
+        with self._rebuild_lock:
+            known = self._rebuilds.get(revision.commit)
+            if known is not None:
+                job = self.store.get(known)
+                if job is not None and job.state in ACTIVE:
+                    return known
+                del self._rebuilds[revision.commit]  # cancelled while queued: it never ran to forget itself
+            if models.is_cached(revision):
+                return None
+            params = {"repo_id": revision.repo_id, "commit": revision.commit}
+            job, created = self.store.create_job("rebuild", params, None)
+            self._rebuilds[revision.commit] = job.id
+        if created:
+            self.submit(job.id, kind="rebuild")
+        return job.id
+
+    def _rebuild(self, job: Job) -> dict[str, Any]:
+        p = job.params
+        try:
+            models = self.model_store()
+            revision = models.revision(str(p["repo_id"]), str(p["commit"]))
+            built = models.ensure_cached(revision, progress=self._progress(job.id))
+        finally:
+            with self._rebuild_lock:
+                if self._rebuilds.get(str(p["commit"])) == job.id:
+                    del self._rebuilds[str(p["commit"])]
+        return {
+            "repo_id": revision.repo_id,
+            "commit": revision.commit,
+            "storage": revision.storage,
+            "rebuilt": built,
+            "bytes": revision.full_bytes,
+        }
+
+    def _import(self, job: Job) -> dict[str, Any]:
+        p = job.params
+        upload = self.uploads_dir / str(p["upload"]) if "upload" in p else None
+        try:
+            folder = upload if upload is not None else self.resolve_source(str(p["source"]))
+            report = self.model_store().import_model(
+                str(p["repo_id"]), folder, base=p.get("base"), progress=self._progress(job.id)
+            )
+        finally:
+            if upload is not None:  # imported or not, an upload is used once
+                shutil.rmtree(upload, ignore_errors=True)
+        return asdict(report)
+
     def _register(self, out: Path, register: Callable[[], Entry]) -> None:
         """An output that cannot be registered is removed: no unlisted folder or file blocks a retry."""
         try:
@@ -380,6 +509,10 @@ class Runner:
         return folder / file
 
     def _execute(self, job: Job) -> dict[str, Any]:
+        if job.kind == "rebuild":  # the model store's jobs run here, beside the store, whatever the executor
+            return self._rebuild(job)
+        if job.kind == "import":
+            return self._import(job)
         p, call = job.params, functools.partial(self._call, job.id)
         if job.kind == "convert":
             model = self.resolve(p["model"], kind="model")

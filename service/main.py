@@ -21,17 +21,20 @@ from deltakit.registry import Registry
 
 from .deps import Read
 from .jobs import NameOutsideRoots, Runner
+from .models import open_model_store
 from .problems import problem_fields
 from .routes import health, hub, jobs, metrics, models, page
 from .routes.jobs import JobFinished
 from .settings import Settings, load_settings
 from .store import Store
+from .uploads import PayloadTooLarge
 
 _STATUS: list[tuple[type[Exception], int]] = [
     (InputNotFoundError, 404),
     (NameOutsideRoots, 403),
     (OutputExistsError, 409),
     (JobFinished, 409),
+    (PayloadTooLarge, 413),
     (NoSpaceError, 507),
 ]
 
@@ -76,19 +79,26 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 class BodyLimit:
     """Refuse request bodies above a size with 413, whether announced or streamed: the body is read
-    (up to the limit) before the app sees the request."""
+    (up to the limit) before the app sees the request.
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    Paths in ``streamed`` (an upload) have their own, larger limit: an announced length above it is refused
+    here, and the body goes to the route unread, which streams it to disk and counts it."""
+
+    def __init__(self, app: ASGIApp, limit: int, streamed: dict[str, int] | None = None) -> None:
+        self.app, self.limit, self.streamed = app, limit, streamed or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = _problem(413, "PayloadTooLarge", "request body too large", f"at most {self.limit} bytes")
+        limit = self.streamed.get(scope["path"], self.limit)
+        too_large = _problem(413, "PayloadTooLarge", "request body too large", f"at most {limit} bytes")
         declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+        if declared is not None and declared.isdigit() and int(declared) > limit:
             await too_large(scope, receive, send)
+            return
+        if scope["path"] in self.streamed:
+            await self.app(scope, receive, send)
             return
         messages: list[Message] = []
         size = 0
@@ -140,14 +150,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             store = Store(settings.database)
             registry = Registry(settings.home)
-            runner = Runner(settings, store, registry)
+            model_store = open_model_store(settings)
+            runner = Runner(settings, store, registry, model_store)
             app.state.settings, app.state.store, app.state.registry = settings, store, registry
-            app.state.runner = runner
+            app.state.models, app.state.runner = model_store, runner
             runner.recover()
             try:
                 yield
             finally:
                 runner.shutdown()
+                model_store.close()
                 store.close()
         finally:
             os.close(owner)
@@ -171,5 +183,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     }
     for exc_class, handler in handlers.items():
         app.add_exception_handler(exc_class, handler)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit, limit=settings.max_body_bytes, streamed={models.UPLOAD_PATH: settings.max_upload_bytes}
+    )
     return app

@@ -17,6 +17,9 @@ _FIELDS = {
     "quant": "quant",
     "level": "level",
     "format": "format",
+    "repo_id": "repo_id",  # imports into the model store
+    "folder": "source",  # the model folder an import reads
+    "files": "files",  # an upload's parts
 }
 
 # (error type, advice); the first that matches speaks. Other errors about a field: "check the request's FIELD".

@@ -119,3 +119,68 @@ class Problem(BaseModel):
     status: int
     detail: str
     field: str | None = None
+
+
+class ImportRequest(BaseModel):
+    """Import a model into the model store: ``source`` is a registered model name or a folder given relative
+    to one of ``DELTAKIT_ROOTS``; with ``base`` (``ORG/NAME[@REV]`` in the store) a fine-tune is kept as a
+    delta against it; without, a base is looked for among stored models by tensor digests."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    repo_id: Annotated[str, StringConstraints(min_length=3, max_length=200)]
+    source: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+    base: Annotated[str, StringConstraints(min_length=3, max_length=300)] | None = None
+
+    def params(self) -> dict[str, str]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class StoredFileOut(BaseModel):
+    path: str
+    size: int
+    sha256: str
+
+
+class RevisionOut(BaseModel):
+    """One revision of a repository in the model store; ``built_from`` is its chain of bases, nearest first
+    (``ORG/NAME@COMMIT``)."""
+
+    repo_id: str
+    commit: str
+    number: int
+    created: float
+    storage: Literal["whole", "delta"]
+    stored_bytes: int
+    full_bytes: int
+    base_model: str | None
+    base_commit: str | None
+    relation: str | None
+    signer: str | None
+    note: str | None
+    built_from: list[str]
+    files: list[StoredFileOut]
+
+
+class RepoOut(BaseModel):
+    """A repository: its revisions, oldest first, and the repositories whose latest revision derives from it."""
+
+    repo_id: str
+    revisions: list[RevisionOut]
+    derived: list[str]
+
+
+class RepoListed(BaseModel):
+    """A repository of the model store as ``GET /v1/models`` lists it beside the registered names (the same
+    object ``deltakit registry list --json`` prints); ``name`` is its repo id."""
+
+    name: str
+    kind: Literal["repo"]
+    revisions: int
+    commit: str
+    storage: Literal["whole", "delta"]
+    stored_bytes: int
+    full_bytes: int
+    base_model: str | None
+    relation: str | None
+    derived: list[str]

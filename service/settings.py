@@ -34,6 +34,9 @@ class Settings(BaseSettings):
         min_free_bytes: below this much free space on the home's disk, ``/readyz`` answers 503.
         store: where the model store keeps its objects: unset for ``HOME/store``, or ``s3://BUCKET/PREFIX``
             for an S3-compatible bucket (endpoint and keys from the usual AWS variables).
+        cache_bytes: the disk budget of the model store's rebuild cache (``home/cache``); the least recently
+            used rebuilt revisions are evicted past it.
+        max_upload_bytes: the largest model upload (``POST /v1/models/upload``), its whole request body.
     """
 
     model_config = SettingsConfigDict(env_prefix="DELTAKIT_", env_file=".env", extra="ignore")
@@ -53,6 +56,8 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(default=10.0, ge=0, le=3600)
     min_free_bytes: int = Field(default=64 << 20, ge=0)
     store: str | None = Field(default=None, pattern=r"^(s3://[^/\s]+(/\S*)?)?$")
+    cache_bytes: int = Field(default=100 << 30, ge=0)
+    max_upload_bytes: int = Field(default=64 << 30, ge=1024)
 
     @property
     def allowed_roots(self) -> list[Path]:
@@ -88,6 +93,8 @@ _EXPECTED = {
     "shutdown_grace": "a number of seconds from 0 to 3600",
     "min_free_bytes": "a whole number of bytes",
     "store": "empty (a folder under DELTAKIT_HOME) or an S3 bucket, s3://BUCKET/PREFIX",
+    "cache_bytes": "a whole number of bytes",
+    "max_upload_bytes": "a whole number of bytes, 1024 or more",
 }
 
 

@@ -130,6 +130,8 @@ Environment (or a .env file in the working folder):
                                and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
                                AWS_SECRET_ACCESS_KEY, AWS_REGION; pip install
                                'deltakit-llm[s3]')
+  DELTAKIT_CACHE_BYTES         disk budget of the rebuilt-model cache (100 GiB)
+  DELTAKIT_MAX_UPLOAD_BYTES    the largest model upload, POST /v1/models/upload (64 GiB)
   DELTAKIT_EXECUTOR            local, or ray: each job a task on a Ray cluster
   DELTAKIT_RAY_ADDRESS         the cluster (auto, or HOST:PORT; else RAY_ADDRESS)
   DELTAKIT_RAY_JOB_CPUS        CPUs each job's task holds (1)

@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS files (
     source TEXT NOT NULL CHECK (source IN ('object', 'carried', 'safetensors')),
     object_key TEXT,
     tensor_order TEXT,
+    git_oid TEXT,
     PRIMARY KEY (commit_id, path)
 );
 CREATE TABLE IF NOT EXISTS objects (
@@ -90,6 +91,7 @@ class RevisionFile:
         object_key: for ``object``, the object holding the file; for ``safetensors``, the object holding
             its header (the 8-byte length and the JSON exactly as in the file).
         tensor_order: for ``safetensors``, the tensors in data-offset order, whose bytes follow the header.
+        git_oid: the file's git blob id, for a file under ``GIT_OID_MAX_BYTES`` (see ``StoredFile``).
     """
 
     path: str
@@ -98,6 +100,7 @@ class RevisionFile:
     source: FileSource
     object_key: str | None = None
     tensor_order: tuple[str, ...] = ()
+    git_oid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,16 @@ class Catalog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._connection().executescript(_SCHEMA)  # runs in its own transaction
+        db = self._connection()
+        db.executescript(_SCHEMA)  # runs in its own transaction
+        if not self._has_git_oids(db):  # a catalog made before git ids were recorded: its files have none
+            with self._transaction() as tx:
+                if not self._has_git_oids(tx):
+                    tx.execute("ALTER TABLE files ADD COLUMN git_oid TEXT")
+
+    @staticmethod
+    def _has_git_oids(db: sqlite3.Connection) -> bool:
+        return "git_oid" in {row[1] for row in db.execute("PRAGMA table_info(files)")}
 
     def _connection(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
@@ -204,8 +216,8 @@ class Catalog:
                 ),
             )
             db.executemany(
-                "INSERT INTO files (commit_id, path, size, sha256, source, object_key, tensor_order) "
-                "VALUES (?,?,?,?,?,?,?)",
+                "INSERT INTO files (commit_id, path, size, sha256, source, object_key, tensor_order, git_oid) "
+                "VALUES (?,?,?,?,?,?,?,?)",
                 [
                     (
                         new.commit,
@@ -215,6 +227,7 @@ class Catalog:
                         f.source,
                         f.object_key,
                         json.dumps(list(f.tensor_order)) if f.source == "safetensors" else None,
+                        f.git_oid,
                     )
                     for f in new.files
                 ],
@@ -242,9 +255,9 @@ class Catalog:
         out = []
         for commit, repo_id, number, created, storage, base_repo, base_commit, relation, signer, stored, note in rows:
             files = tuple(
-                StoredFile(p, s, h)
-                for p, s, h in db.execute(
-                    "SELECT path, size, sha256 FROM files WHERE commit_id = ? ORDER BY path", (commit,)
+                StoredFile(p, s, h, g)
+                for p, s, h, g in db.execute(
+                    "SELECT path, size, sha256, git_oid FROM files WHERE commit_id = ? ORDER BY path", (commit,)
                 )
             )
             out.append(
@@ -279,12 +292,13 @@ class Catalog:
 
     def recipe(self, commit: str) -> tuple[RevisionFile, ...]:
         rows = self._connection().execute(
-            "SELECT path, size, sha256, source, object_key, tensor_order FROM files WHERE commit_id = ? ORDER BY path",
+            "SELECT path, size, sha256, source, object_key, tensor_order, git_oid FROM files WHERE commit_id = ? "
+            "ORDER BY path",
             (commit,),
         )
         return tuple(
-            RevisionFile(p, s, h, src, key, tuple(json.loads(order)) if order else ())
-            for p, s, h, src, key, order in rows
+            RevisionFile(p, s, h, src, key, tuple(json.loads(order)) if order else (), g)
+            for p, s, h, src, key, order, g in rows
         )
 
     def objects(self, commit: str) -> tuple[RevisionObject, ...]:

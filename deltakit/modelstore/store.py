@@ -36,9 +36,9 @@ from ..registry import deltakit_home
 from .catalog import COMMIT, Catalog, NewRevision, RevisionFile, RevisionObject, check_store_repo_id
 from .objects import LocalObjects, Objects
 from .rebuild import RebuildCache, lay_out_files
-from .views import Relation, RepoRevision, RepoSummary, Storage
+from .views import GIT_OID_MAX_BYTES, Relation, RepoRevision, RepoSummary, Storage
 
-__all__ = ["ImportReport", "ModelStore", "blob_key", "list_model_files"]
+__all__ = ["ImportReport", "ModelStore", "blob_key", "git_blob_oid", "list_model_files"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,17 @@ _FLOATS = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 def blob_key(sha256: str) -> str:
     """The object key of content with this SHA-256."""
     return f"blobs/sha256/{sha256[:2]}/{sha256}"
+
+
+def git_blob_oid(path: Path, size: int) -> str | None:
+    """git's id of the blob holding the file at ``path`` (SHA-1 of ``blob <size>\\0<bytes>``), for a file
+    under ``GIT_OID_MAX_BYTES``; None for a larger one (an LFS file on the Hub, listed by its SHA-256)."""
+    if size >= GIT_OID_MAX_BYTES:
+        return None
+    data = path.read_bytes()
+    if len(data) != size:
+        raise IntegrityError(f"{path} changed while it was imported", path=path, expected=size, actual=len(data))
+    return hashlib.sha1(b"blob %d\0" % size + data, usedforsecurity=False).hexdigest()
 
 
 def list_model_files(folder: Path) -> dict[str, Path]:
@@ -416,7 +427,7 @@ class ModelStore:
             )
         folder = Path(folder)
         files = list_model_files(folder)
-        base_rev = self._base_revision(base) if base is not None else None
+        base_rev = self.base_revision(base) if base is not None else None
         layout, why_whole = _exact_layout(folder, files)
         tensors: dict[str, tuple[str, tuple[int, ...], str]] = {}
         if layout is not None and base_rev is None:  # with a base, make's manifest records the digests
@@ -456,7 +467,13 @@ class ModelStore:
             note=new.note,
         )
 
-    def _base_revision(self, spec: str) -> RepoRevision:
+    def base_revision(self, spec: str) -> RepoRevision:
+        """The stored revision ``spec`` (``ORG/NAME[@REVISION]``) names, as an import's base.
+
+        Raises:
+            UnsupportedInputError, InputNotFoundError: it is no repo id, or names nothing stored (``argument``
+                ``base``).
+        """
         repo_id, _, rev = spec.partition("@")
         check_store_repo_id(repo_id, argument="base")
         try:
@@ -486,7 +503,7 @@ class ModelStore:
             copy.parent.mkdir(parents=True, exist_ok=True)
             sha, size = file_sha256(path, copy_to=copy, on_bytes=bar.update)
             hashes[rel] = (sha, size)
-            recipe.append(RevisionFile(rel, size, sha, "object", blob_key(sha)))
+            recipe.append(RevisionFile(rel, size, sha, "object", blob_key(sha), git_oid=git_blob_oid(copy, size)))
             objects.append(RevisionObject("file", rel, blob_key(sha), size))
         bar.close()
         return NewRevision(
@@ -530,17 +547,25 @@ class ModelStore:
                         header.write_bytes(src.read(header_size))
                     header_sha, _ = file_sha256(header)
                     sha, size = file_sha256(path)
-                    recipe.append(RevisionFile(rel, size, sha, "safetensors", blob_key(header_sha), order))
+                    recipe.append(
+                        RevisionFile(
+                            rel, size, sha, "safetensors", blob_key(header_sha), order, git_blob_oid(path, size)
+                        )
+                    )
                     objects.append(RevisionObject("header", rel, blob_key(header_sha), header_size))
                 elif rel in carried:
                     record = carried[rel]
-                    recipe.append(RevisionFile(rel, record.size, record.sha256, "carried"))
+                    copy = scratch / "delta" / "files" / rel  # the bytes the package carries, checked below
+                    oid = git_blob_oid(copy if copy.is_file() else path, record.size)
+                    recipe.append(RevisionFile(rel, record.size, record.sha256, "carried", git_oid=oid))
                     sha, size = record.sha256, record.size
                 else:  # the shard index, and weight files the delta does not hold: kept as they are
                     copy = scratch / "objects" / rel
                     copy.parent.mkdir(parents=True, exist_ok=True)
                     sha, size = file_sha256(path, copy_to=copy)
-                    recipe.append(RevisionFile(rel, size, sha, "object", blob_key(sha)))
+                    recipe.append(
+                        RevisionFile(rel, size, sha, "object", blob_key(sha), git_oid=git_blob_oid(copy, size))
+                    )
                     objects.append(RevisionObject("file", rel, blob_key(sha), size))
                     if rel != layout.index:
                         notes.append(rel)

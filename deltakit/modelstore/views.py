@@ -10,8 +10,10 @@ from typing import Literal, Protocol, runtime_checkable
 
 from ..progress import ProgressFactory, no_progress
 
-__all__ = ["Relation", "RepoRevision", "RepoSummary", "Repositories", "Storage", "StoredFile"]
+__all__ = ["GIT_OID_MAX_BYTES", "Relation", "RepoRevision", "RepoSummary", "Repositories", "Storage", "StoredFile"]
 
+# Files at least this large are LFS files on the Hub whatever their name: their git blob id is never asked for.
+GIT_OID_MAX_BYTES = 10 * 1024 * 1024
 # The Hub's model tree: how a model derives from its base_model.
 Relation = Literal["finetune", "adapter", "quantized", "merge"]
 # How the store keeps a revision: whole (its files as they are) or as a delta against its base.
@@ -21,11 +23,14 @@ Storage = Literal["whole", "delta"]
 @dataclass(frozen=True)
 class StoredFile:
     """One file of a revision as the client will receive it: its repo path, size and SHA-256 (of the
-    original bytes imported: what every served copy must hash to)."""
+    original bytes imported: what every served copy must hash to), and, for a file under
+    ``GIT_OID_MAX_BYTES``, its git blob id (what a Hub client checks a file kept in git by; recorded at
+    import, so that listing a stored fine-tune needs no rebuild; None in catalogs older than it)."""
 
     path: str
     size: int
     sha256: str
+    git_oid: str | None = None
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ _REVISION = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 # their own limiter keeps them from taking every thread the rest of the service runs on.
 _FILE_WAITERS = 64
 _BLOB_IDS_KEPT = 4096
+_JOB_POLL_SECONDS = 0.1
 
 
 class HubRefusal(Exception):
@@ -178,9 +179,12 @@ async def _in_thread(state: _HubState, call: Callable[[], T]) -> T:
 
 
 async def _blob_id(models: Repositories, state: _HubState, rev: RepoRevision, stored: StoredFile) -> str:
-    """The file's git blob id: of its LFS pointer for a large file, of its bytes (read once) for a regular one."""
+    """The file's git blob id: of its LFS pointer for a large file; for a regular one, the id the store recorded
+    at import, else (a catalog older than that) of its bytes, read once."""
     if is_lfs(stored.path, stored.size):
         return git_blob_id(lfs_pointer(stored.sha256, stored.size))
+    if stored.git_oid is not None:
+        return stored.git_oid
     key = (rev.commit, stored.path)
     known = state.blob_id(key)
     if known is None:
@@ -195,6 +199,26 @@ async def _blob_id(models: Repositories, state: _HubState, rev: RepoRevision, st
         known = await _in_thread(state, read)
         state.keep_blob_id(key, known)
     return known
+
+
+async def _rebuild(request: Request, state: _HubState, models: Repositories, rev: RepoRevision, *, wait: bool) -> None:
+    """Start (or join) the job that rebuilds ``rev`` into the store's cache where it is not there, and with
+    ``wait`` wait for it to end: the rebuild is a job like any other (listed in /v1/jobs, with progress),
+    one however many requests ask. A store without jobs (no runner of its own) rebuilds in ``file_path``."""
+    runner = getattr(request.app.state, "runner", None)
+    if runner is None or runner.models is not models:
+        return
+    job_id = await _in_thread(state, lambda: runner.rebuild_job(rev))
+    while wait and job_id is not None:
+        job = await _in_thread(state, lambda: runner.store.get(job_id))
+        if job is None or job.state == "succeeded":
+            return
+        if job.state in ("failed", "cancelled"):
+            why = (job.error or {}).get("detail", job.state)
+            log.warning("the rebuild of %s@%s (job %s) ended %s: %s", rev.repo_id, rev.commit, job_id, job.state, why)
+            status = 503 if job.state == "cancelled" else 500
+            raise HubRefusal(status, f"the rebuild of {rev.repo_id}@{rev.commit} (job {job_id}) {job.state}: {why}")
+        await anyio.sleep(_JOB_POLL_SECONDS)
 
 
 def _lfs(stored: StoredFile) -> dict[str, Any] | None:
@@ -341,7 +365,10 @@ async def resolve(
 ) -> Response:
     """The file's bytes (or a ``Range`` of them), with the headers the client builds its cache from: the ETag
     (the SHA-256 for an LFS file, as ``X-Linked-Etag`` too, with ``X-Linked-Size``; the git blob id for a
-    regular one), ``X-Repo-Commit``, ``Content-Length`` and ``Accept-Ranges``."""
+    regular one), ``X-Repo-Commit``, ``Content-Length`` and ``Accept-Ranges``.
+
+    A revision the store keeps as a delta and has not rebuilt is rebuilt first, by a job (see ``_rebuild``);
+    a HEAD answers from the catalog at once and only starts that job."""
     repo_id = _repo_id(org, name)
     path = _checked_path(path, repo_id)
     rev = await _revision(models, repo_id, revision)
@@ -360,6 +387,19 @@ async def resolve(
             f"Requested range not satisfiable: {stored.size} bytes",
             headers={"Content-Range": f"bytes */{stored.size}"},
         ) from None
+    if "ETag" not in headers and stored.git_oid is not None:
+        headers["ETag"] = f'"{stored.git_oid}"'
+    if request.method == "HEAD" and "ETag" in headers:  # every header is known without the bytes
+        await _rebuild(request, state, models, rev, wait=False)  # the GET that follows finds it begun
+        if byte_range is not None:
+            headers["Content-Range"] = byte_range.content_range
+        length = stored.size if byte_range is None else byte_range.end - byte_range.start
+        return Response(
+            status_code=200 if byte_range is None else 206,
+            headers={**headers, "Content-Length": str(length)},
+            media_type="application/octet-stream",
+        )
+    await _rebuild(request, state, models, rev, wait=True)
     try:
         fd = await _in_thread(state, lambda: _open(models, rev, stored))
     except InputNotFoundError as e:
