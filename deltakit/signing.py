@@ -17,7 +17,7 @@ trusted CA certificate.
 
 Public API: :func:`load_signing_key` (and :func:`pkcs11_signing_key`), :func:`load_public_key`,
 :func:`trusted_keys`, :func:`sign_package`, :func:`signer_of`, :func:`check_trust`, :func:`check_package`,
-:func:`carry_model_signature`.
+:func:`check_model`, :func:`carry_model_signature`.
 """
 
 from __future__ import annotations
@@ -731,6 +731,50 @@ def check_package(package: str | Path, trusted: Sequence[PublicKey] = ()) -> Sig
     """The check apply, verify, download and inspect run first: with ``trusted`` keys :func:`check_trust`,
     else :func:`signer_of` (a signed package's signature must still verify)."""
     return check_trust(package, trusted) if trusted else signer_of(package)
+
+
+def check_model(folder: str | Path, trusted: Sequence[PublicKey]) -> Signer:
+    """Refuse a model folder unless its ``model.sig`` (as ``apply`` writes it, or ``model_signing sign``)
+    was made by one of ``trusted`` keys and covers every file as it is now (each hashed, SHA-256).
+
+    Raises:
+        UntrustedSignerError: no ``model.sig``, or one by a key not in ``trusted`` (named by fingerprint).
+        SignatureError: the signature is damaged, does not verify, covers a subset, or a file changed.
+    """
+    from model_signing import hashing
+
+    root = Path(folder)
+    sig = root / MODEL_SIGNATURE
+    names = ", ".join(k.signer.short for k in trusted)
+    expected = [k.fingerprint for k in trusted]
+    if not sig.is_file():
+        raise UntrustedSignerError(
+            f"{root} is not signed ({MODEL_SIGNATURE} is absent), and a signer is required: {names}",
+            path=root,
+            expected=expected,
+        )
+    signature = _read_bundle(sig)
+    signer = _bundle_signer(signature, sig)
+    key = next((k for k in trusted if k.fingerprint == signer.fingerprint and not k.certificate), None)
+    if key is None or signer.subject is not None:
+        raise UntrustedSignerError(
+            f"{root} is signed by {signer}, which is not a trusted key (trusted: {names})",
+            path=root,
+            expected=expected,
+            actual=signer.fingerprint,
+        )
+    signed = _digests_of(_verify_bundle(signature, key.pem, sig, signer))
+    try:
+        hashed = (
+            hashing.Config()  # type: ignore[no-untyped-call]
+            .use_file_serialization(hashing_algorithm="sha256")
+            .set_ignored_paths(paths=[MODEL_SIGNATURE])  # relative to the folder, as model_signing sign takes it
+            .hash(root)
+        )
+    except (OSError, ValueError) as e:  # model-signing refuses what is not a regular file (a link out, a folder)
+        raise SignatureError(f"{root}: cannot hash its files: {e}", path=root) from e
+    _compare(sig, signed, _digests_of(hashed), signer)
+    return signer
 
 
 def carry_model_signature(package: str | Path, folder: Path, shard_of: dict[str, int]) -> bool:

@@ -29,6 +29,7 @@ from deltakit.hashing import file_sha256
 from deltakit.modelstore import ModelStore, RepoRevision
 from deltakit.progress import ProgressBar
 from deltakit.registry import Entry, Registry
+from deltakit.signing import trusted_keys
 from deltakit.staging import remove_abandoned
 
 from .executor import RayExecutor
@@ -462,7 +463,11 @@ class Runner:
         try:
             folder = upload if upload is not None else self.resolve_source(str(p["source"]))
             report = self.model_store().import_model(
-                str(p["repo_id"]), folder, base=p.get("base"), progress=self._progress(job.id)
+                str(p["repo_id"]),
+                folder,
+                base=p.get("base"),
+                trusted=trusted_keys(self.settings.trust, home=self.settings.home),
+                progress=self._progress(job.id),
             )
         finally:
             if upload is not None:  # imported or not, an upload is used once

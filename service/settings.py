@@ -19,6 +19,8 @@ class Settings(BaseSettings):
     Attributes:
         home: the data root: registry, job store, and ``models/`` and ``deltas/`` where jobs write.
         roots: folders that names may resolve into; the home is always one.
+        trust: public keys (PEM files, or folders of ``*.pub``) whose signature (``model.sig``) every import
+            must carry; with the home's ``trusted_keys/`` folder. Neither: imports need no signature.
         workers: jobs running at once; the rest wait in the queue.
         max_body_bytes: the largest request body accepted.
         executor: ``local`` (jobs run in the service's threads) or ``ray`` (each job a task on a Ray cluster).
@@ -43,6 +45,7 @@ class Settings(BaseSettings):
 
     home: Path = Field(default_factory=deltakit_home)
     roots: list[Path] = Field(default_factory=list)
+    trust: list[Path] = Field(default_factory=list)
     workers: int = Field(default=1, ge=1, le=64)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     executor: Literal["local", "ray"] = "local"
@@ -80,6 +83,7 @@ class Settings(BaseSettings):
 _EXPECTED = {
     "home": "a folder",
     "roots": 'a JSON list of folders, for example DELTAKIT_ROOTS=\'["/models", "/deltas"]\'',
+    "trust": "a JSON list of public key files or folders, for example DELTAKIT_TRUST='[\"/keys/team.pub\"]'",
     "workers": "a whole number from 1 to 64",
     "max_body_bytes": "a whole number of bytes, 1024 or more",
     "executor": "local or ray",

@@ -34,10 +34,12 @@ def _cmd_registry_add(args: argparse.Namespace) -> int:
 
 def _cmd_registry_import(args: argparse.Namespace) -> int:
     from ..modelstore import ModelStore
+    from ..signing import trusted_keys
 
+    trusted = trusted_keys(args.trust or ())
     store = ModelStore()
     try:
-        report = store.import_model(args.repo_id, args.path, base=args.base, progress=_progress(args))
+        report = store.import_model(args.repo_id, args.path, base=args.base, trusted=trusted, progress=_progress(args))
     finally:
         store.close()
     if args.json:
@@ -55,6 +57,8 @@ def _cmd_registry_import(args: argparse.Namespace) -> int:
     )
     if report.note:
         _say(f"note: {report.note}")
+    if report.signer:
+        _say(f"signed by {report.signer} (a trusted key); signature checked over every file")
     return 0
 
 
@@ -136,6 +140,13 @@ def add_registry_parsers(sub: _Subparsers, common: argparse.ArgumentParser) -> N
         "--base",
         metavar="ORG/NAME[@REV]",
         help="the stored base it was fine-tuned from (default: found among stored models by its tensors)",
+    )
+    r.add_argument(
+        "--trust",
+        action="append",
+        metavar="PUB",
+        help="refuse the model unless its model.sig was made by this EC public key (PEM; repeatable; a folder "
+        "of *.pub; keys in DELTAKIT_HOME/trusted_keys/ count too), over every file",
     )
     r.add_argument("--json", action="store_true", help="print the import report as JSON")
     r.set_defaults(run=_cmd_registry_import)

@@ -116,6 +116,9 @@ Environment (or a .env file in the working folder):
                                write into (default ~/.local/share/deltakit)
   DELTAKIT_ROOTS               a JSON list of folders registered names may resolve
                                into, besides the home: '["/models", "/deltas"]'
+  DELTAKIT_TRUST               a JSON list of public keys (PEM) or folders of them:
+                               every import must carry a model.sig by one of them
+                               (as do keys in DELTAKIT_HOME/trusted_keys/)
   DELTAKIT_WORKERS             jobs running at once (1)
   DELTAKIT_MAX_BODY_BYTES      the largest request body (65536)
   DELTAKIT_MAX_CONNECTIONS     open connections at most (1000; lowered to fit the

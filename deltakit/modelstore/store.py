@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from ..formats.safetensors import read_header
 from ..hashing import file_sha256, fingerprint
 from ..progress import ProgressFactory, no_progress
 from ..registry import deltakit_home
+from ..signing import PublicKey, check_model
 from .catalog import COMMIT, Catalog, NewRevision, RevisionFile, RevisionObject, check_store_repo_id
 from .objects import LocalObjects, Objects
 from .rebuild import RebuildCache, lay_out_files
@@ -124,6 +125,7 @@ class ImportReport:
     base_found: bool = False
     relation: Relation | None = None
     note: str | None = None
+    signer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -401,9 +403,13 @@ class ModelStore:
         *,
         base: str | None = None,
         relation: Relation = "finetune",
+        trusted: Sequence[PublicKey] = (),
         progress: ProgressFactory = no_progress,
     ) -> ImportReport:
         """Store the model in ``folder`` as a new revision of ``repo_id``.
+
+        With ``trusted`` keys, the folder must carry a ``model.sig`` by one of them over every file as it is
+        (checked before anything is stored); its signer is recorded with the revision.
 
         With a base (``ORG/NAME[@REVISION]`` in the store), or one found among stored models by tensor
         digests, the model is stored as a compressed delta against it, checked to rebuild every file
@@ -416,6 +422,8 @@ class ModelStore:
             InputNotFoundError: the folder or the base does not exist.
             RawWeightsError, BaseMismatchError: the base given is not this model's.
             IntegrityError: the delta does not rebuild the folder's files exactly.
+            UntrustedSignerError, SignatureError: ``trusted`` is given and no trusted key signed the folder
+                as it is.
         """
         check_store_repo_id(repo_id)
         if relation not in RELATIONS:
@@ -427,6 +435,7 @@ class ModelStore:
             )
         folder = Path(folder)
         files = list_model_files(folder)
+        signer = check_model(folder, trusted).short if trusted else None
         base_rev = self.base_revision(base) if base is not None else None
         layout, why_whole = _exact_layout(folder, files)
         tensors: dict[str, tuple[str, tuple[int, ...], str]] = {}
@@ -451,7 +460,7 @@ class ModelStore:
                 model_fp = fingerprint((n, d, s, g) for n, (d, s, g) in tensors.items()) if tensors else None
                 note = f"stored whole: {why_whole}" if base_rev is not None else None
                 new = self._whole_revision(repo_id, files, scratch, progress, tensors, model_fp, note)
-            stored = self._commit(new, scratch)
+            stored = self._commit(replace(new, signer=signer), scratch)
         return ImportReport(
             repo_id=repo_id,
             commit=stored.commit,
@@ -465,6 +474,7 @@ class ModelStore:
             base_found=found and stored.storage == "delta",
             relation=stored.relation,
             note=new.note,
+            signer=stored.signer,
         )
 
     def base_revision(self, spec: str) -> RepoRevision:
