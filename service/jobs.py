@@ -466,6 +466,7 @@ class Runner:
                 str(p["repo_id"]),
                 folder,
                 base=p.get("base"),
+                relation=p.get("relation"),
                 trusted=trusted_keys(self.settings.trust, home=self.settings.home),
                 progress=self._progress(job.id),
             )

@@ -131,6 +131,9 @@ class ImportRequest(BaseModel):
     repo_id: Annotated[str, StringConstraints(min_length=3, max_length=200)]
     source: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
     base: Annotated[str, StringConstraints(min_length=3, max_length=300)] | None = None
+    # how it derives from its base (the Hub's base_model_relation); unset: finetune, or for a GGUF file
+    # quantized, for a PEFT adapter adapter
+    relation: Literal["finetune", "adapter", "quantized", "merge"] | None = None
 
     def params(self) -> dict[str, str]:
         return {k: v for k, v in self.model_dump().items() if v is not None}

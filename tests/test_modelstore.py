@@ -425,3 +425,17 @@ def test_concurrent_imports_of_one_name_get_distinct_revisions(store, models):
     assert sorted(r.revision_number for r in reports) == [1, 2]
     assert served(store, "org/m", "1") in (originals(models["base"]), originals(models["other"]))
     assert served(store, "org/m", "1") != served(store, "org/m", "2")
+
+
+def test_a_gguf_of_a_stored_base_is_stored_whole_as_its_quantization(store, models, tmp_path):
+    store.import_model("org/base", models["base"])
+    gguf = tmp_path / "gguf"
+    gguf.mkdir()
+    (gguf / "model-q8_0.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    report = store.import_model("org/base-gguf", gguf, base="org/base")
+    assert (report.storage, report.base_model, report.relation) == ("whole", "org/base", "quantized")
+    summary = {s.repo_id: s for s in store.repositories()}
+    assert "org/base-gguf" in summary["org/base"].derived
+    # a relation given is kept
+    again = store.import_model("org/merged", models["ft2"], base="org/base", relation="merge")
+    assert again.relation == "merge"

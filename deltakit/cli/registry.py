@@ -142,6 +142,12 @@ def add_registry_parsers(sub: _Subparsers, common: argparse.ArgumentParser) -> N
         help="the stored base it was fine-tuned from (default: found among stored models by its tensors)",
     )
     r.add_argument(
+        "--relation",
+        choices=("finetune", "adapter", "quantized", "merge"),
+        help="how it derives from its base, as the Hub's model tree says it (default: finetune; quantized for "
+        "GGUF files, adapter for a PEFT adapter)",
+    )
+    r.add_argument(
         "--trust",
         action="append",
         metavar="PUB",

@@ -128,6 +128,16 @@ class ImportReport:
     signer: str | None = None
 
 
+def _relation_of(files: dict[str, Path]) -> Relation:
+    """How a model stored whole derives from the base it was given, by what it holds, as the Hub's model
+    tree says it: GGUF files are a quantization, a PEFT adapter an adapter, anything else a fine-tune."""
+    if "adapter_config.json" in files:
+        return "adapter"
+    if any(rel.endswith(".gguf") for rel in files) and not any(rel.endswith(".safetensors") for rel in files):
+        return "quantized"
+    return "finetune"
+
+
 @dataclass(frozen=True)
 class _Layout:
     """A checkpoint a delta can rebuild exactly: its safetensors files, with header size and tensor order."""
@@ -402,7 +412,7 @@ class ModelStore:
         folder: str | Path,
         *,
         base: str | None = None,
-        relation: Relation = "finetune",
+        relation: Relation | None = None,
         trusted: Sequence[PublicKey] = (),
         progress: ProgressFactory = no_progress,
     ) -> ImportReport:
@@ -426,7 +436,7 @@ class ModelStore:
                 as it is.
         """
         check_store_repo_id(repo_id)
-        if relation not in RELATIONS:
+        if relation is not None and relation not in RELATIONS:
             raise UnsupportedInputError(
                 f"unknown relation {relation!r}; choose one of {', '.join(RELATIONS)}",
                 expected=RELATIONS,
@@ -455,11 +465,19 @@ class ModelStore:
             log.warning("%s: stored whole although a base was given: %s", repo_id, why_whole)
         with self._scratch("import") as scratch:
             if base_rev is not None and layout is not None:
-                new = self._delta_revision(repo_id, folder, files, layout, base_rev, relation, scratch, progress)
+                how = relation or "finetune"
+                new = self._delta_revision(repo_id, folder, files, layout, base_rev, how, scratch, progress)
             else:
                 model_fp = fingerprint((n, d, s, g) for n, (d, s, g) in tensors.items()) if tensors else None
                 note = f"stored whole: {why_whole}" if base_rev is not None else None
                 new = self._whole_revision(repo_id, files, scratch, progress, tensors, model_fp, note)
+                if base_rev is not None:  # derived, though not storable as a delta (GGUF, an adapter, .bin)
+                    new = replace(
+                        new,
+                        base_repo=base_rev.repo_id,
+                        base_commit=base_rev.commit,
+                        relation=relation or _relation_of(files),
+                    )
             stored = self._commit(replace(new, signer=signer), scratch)
         return ImportReport(
             repo_id=repo_id,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from typing import Annotated
+from typing import Annotated, Literal
 
 import anyio
 from fastapi import APIRouter, Header, Query, Request, Response, status
@@ -149,6 +149,7 @@ async def upload_model(
     settings: SettingsDep,
     repo_id: Annotated[str, Query(min_length=3, max_length=200)],
     base: Annotated[str | None, Query(min_length=3, max_length=300)] = None,
+    relation: Annotated[Literal["finetune", "adapter", "quantized", "merge"] | None, Query()] = None,
 ) -> JobOut:
     """Import a model uploaded as ``multipart/form-data`` (one part per file, its file name the file's path in
     the model), at most ``DELTAKIT_MAX_UPLOAD_BYTES``: streamed to a folder under the home, then imported by a
@@ -159,7 +160,8 @@ async def upload_model(
     folder.mkdir(parents=True)
     try:
         await receive_upload(request, folder, settings.max_upload_bytes)
-        params = {"repo_id": repo_id, "upload": upload} | ({"base": base} if base is not None else {})
+        params = {"repo_id": repo_id, "upload": upload}
+        params |= {k: v for k, v in (("base", base), ("relation", relation)) if v is not None}
         job, _ = await anyio.to_thread.run_sync(store.create_job, "import", params, None)
     except BaseException:
         await anyio.to_thread.run_sync(shutil.rmtree, folder, True)
