@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import httpx
 import pytest
 import torch
@@ -56,31 +58,39 @@ def test_the_page_cookie_never_writes(served):
         assert 'name="token"' in http.get("/").text
 
 
-def test_the_page_draws_the_lineage_revisions_and_download_line(tmp_path, browser):  # noqa: F811
+@pytest.fixture
+def registry_home(tmp_path):
+    """A home whose model store holds a base, two revisions of a fine-tune of it, and an unrelated model;
+    and a read token."""
     home = tmp_path / "home"
     base = llama_like(torch.bfloat16, vocab=256, hidden=64)
     config = {"config.json": '{"model_type": "llama"}\n'}
     models = ModelStore(home)
     models.import_model("meta/base", write_checkpoint(tmp_path / "base", base, files=config))
-    for seed in (1, 2):  # two revisions of one fine-tune
-        models.import_model(
-            "team/chat",
-            write_checkpoint(tmp_path / f"chat{seed}", finetune_of(base, seed=seed), files=config),
-            base="meta/base",
-        )
-    models.import_model(
-        "team/other",
-        write_checkpoint(tmp_path / "other", llama_like(torch.bfloat16, vocab=256, hidden=64, seed=7), files=config),
-    )
+    for seed in (1, 2):
+        chat = write_checkpoint(tmp_path / f"chat{seed}", finetune_of(base, seed=seed), files=config)
+        models.import_model("team/chat", chat, base="meta/base")
+    other = llama_like(torch.bfloat16, vocab=256, hidden=64, seed=7)
+    models.import_model("team/other", write_checkpoint(tmp_path / "other", other, files=config))
     models.close()
     store = Store(home / "jobs.sqlite3")
     token = store.create_token("read")
     store.close()
+    return home, token
+
+
+def _signed_in(browser, url: str, token: str):  # noqa: F811
+    page = browser.new_page()
+    page.goto(url + "/")
+    page.fill("input[name=token]", token)
+    page.click("button[type=submit]")
+    return page
+
+
+def test_the_page_draws_the_lineage_revisions_and_download_line(registry_home, browser):  # noqa: F811
+    home, token = registry_home
     with LiveServer(Settings(home=home)) as url:
-        page = browser.new_page()
-        page.goto(url + "/")
-        page.fill("input[name=token]", token)
-        page.click("button[type=submit]")
+        page = _signed_in(browser, url, token)
         assert page.locator("#model-count").inner_text() == "3"
         # the fine-tune is drawn inside its base's branch; the unrelated model is a root of its own
         chat = page.locator("#models > li > ul .model[data-repo='team/chat']")
@@ -95,4 +105,32 @@ def test_the_page_draws_the_lineage_revisions_and_download_line(tmp_path, browse
         assert stored != full
         line = chat.locator(".copy input").input_value()
         assert line == f"HF_ENDPOINT={url}/hub hf download team/chat"
+        page.close()
+
+
+def test_a_running_rebuild_shows_live_progress_until_it_ends(registry_home, browser, monkeypatch):  # noqa: F811
+    home, token = registry_home
+    started, release = threading.Event(), threading.Event()
+    ensure = ModelStore.ensure_cached
+
+    def held(self, revision, **kw):  # the rebuild waits until the page is open, so the page sees it run
+        started.set()
+        release.wait(30)
+        return ensure(self, revision, **kw)
+
+    monkeypatch.setattr(ModelStore, "ensure_cached", held)
+    with LiveServer(Settings(home=home)) as url:
+        headers = {"Authorization": f"Bearer {token}"}
+        httpx.head(f"{url}/hub/team/chat/resolve/main/model.safetensors", headers=headers, timeout=30)
+        assert started.wait(30)
+        page = _signed_in(browser, url, token)
+        row = page.locator("tr.job")
+        assert row.count() == 1
+        assert row.get_attribute("data-state") == "running"
+        release.set()
+        # no reload: the page's event stream (its cookie as the token) moves the row on
+        page.wait_for_selector("tr.job[data-state='succeeded']", timeout=30_000)
+        assert row.locator(".state").inner_text() == "succeeded"
+        bar = row.locator("progress")
+        assert bar.get_attribute("value") == bar.get_attribute("max") != "1"
         page.close()
