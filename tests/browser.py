@@ -37,7 +37,9 @@ def _missing(why: str) -> None:
     pytest.skip(why)
 
 
-@pytest.fixture(scope="session")
+# Module scope: Playwright's sync API holds an event loop on this thread while it runs, which would stop
+# later tests in the same worker from calling asyncio.run().
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     executable = chromium_path()
     if executable is None:
