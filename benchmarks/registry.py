@@ -507,12 +507,13 @@ def serving(work: Path, home: Path, repo: str, *, repeat: int, concurrent: int, 
     def make_cold(server: Server) -> None:
         if not server.evict(rev.commit):
             raise RuntimeError(f"the cache entry of {rev.commit} is held; cannot make it cold")
-        result["drop_caches"] = drop_caches()
+        if "drop_caches" not in result:  # once: it empties the page cache of everyone on this machine
+            result["drop_caches"] = drop_caches()
         evict_files(_object_files(home))
 
     with Server(home, log) as server:
         result["models_by"] = server.models_by
-        for _ in range(max(1, repeat - 1)):
+        for _ in range(2):
             make_cold(server)
             run("cold", server)
         for _ in range(repeat):  # interleaved, so that the machine's load falls on both alike
@@ -691,7 +692,8 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
             f"{', '.join(f'{100 * c:.0f}%' for c in warm_cache if c is not None)}; before each cold run the store's "
             "objects (base and delta) were dropped with `posix_fadvise(DONTNEED)` and measured resident at "
             f"{', '.join(f'{100 * c:.0f}%' for c in cold_objects if c is not None)} (`fincore`); the global "
-            f"`drop_caches` was {serve.get('drop_caches', 'not tried')}. The disk is a virtual one: the host may "
+            f"`echo 3 > /proc/sys/vm/drop_caches`, tried once before the first cold run: "
+            f"{serve.get('drop_caches', 'not tried')} (once only: it empties other work's page cache too). The disk is a virtual one: the host may "
             "still cache what the guest dropped. Warm and static runs read the same files from memory; "
             "downloads land in the client's page cache (no fsync), alike for both.",
             f"- The model store was opened by the {serve['models_by']} ({opened}).",
@@ -732,7 +734,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="scratch folder (default: %(default)s)")
     p.add_argument("--label", default="1.9GB", help="the run's name in the JSON file and the section")
-    p.add_argument("--repeat", type=int, default=3, help="warm and static downloads each (cold: one fewer)")
+    p.add_argument("--repeat", type=int, default=3, help="warm and static downloads of each kind (cold: 2)")
     p.add_argument("--skip-minilm", action="store_true", help="leave out the MiniLM storage figures")
     p.add_argument("--no-record", action="store_true", help="print, write neither JSON nor BENCHMARKS.md")
     add_shape_arguments(p, LLAMA_1_9GB)
