@@ -693,7 +693,8 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
             "objects (base and delta) were dropped with `posix_fadvise(DONTNEED)` and measured resident at "
             f"{', '.join(f'{100 * c:.0f}%' for c in cold_objects if c is not None)} (`fincore`); the global "
             f"`echo 3 > /proc/sys/vm/drop_caches`, tried once before the first cold run: "
-            f"{serve.get('drop_caches', 'not tried')} (once only: it empties other work's page cache too). The disk is a virtual one: the host may "
+            f"{serve.get('drop_caches', 'not tried')} (once only: it empties other work's page cache too). "
+            "The disk is a virtual one: the host may "
             "still cache what the guest dropped. Warm and static runs read the same files from memory; "
             "downloads land in the client's page cache (no fsync), alike for both.",
             f"- The model store was opened by the {serve['models_by']} ({opened}).",
