@@ -580,16 +580,19 @@ def _mb(n: float) -> str:
 
 def _storage_table(title: str, sets: dict[str, dict[str, Any]]) -> list[str]:
     lines = [
-        f"| {title} | models | full copies | store holds | % of full copies | base + fine-tunes, each |",
-        "|---|---:|---:|---:|---:|---|",
+        f"| {title} | models | full copies | store holds | % of full copies | fine-tunes' deltas, % of their size "
+        "| stored: base + fine-tunes, each |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for label, s in sets.items():
+        deltas = [m for m in s["models"] if m["storage"] == "delta"]
+        tuned = sum(m["stored_bytes"] for m in deltas) / sum(m["full_bytes"] for m in deltas)
         each = ", ".join(
             f"{_mb(m['stored_bytes'])} ({100 * m['stored_bytes'] / m['full_bytes']:.0f}%)" for m in s["models"]
         )
         lines.append(
             f"| {label} | {len(s['models'])} | {_mb(s['full_bytes'])} | {_mb(s['store_bytes'])} | "
-            f"{100 * s['ratio']:.1f}% | {each} |"
+            f"{100 * s['ratio']:.1f}% | {100 * tuned:.1f}% | {each} |"
         )
     return lines
 
@@ -614,14 +617,21 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
         ]
     if minilm is not None:
         tunes = "; ".join(f"seed {t['seed']} lr {t['lr']:g}" for t in minilm["tunes"])
+        reference = ""
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            held = json.loads((RESULTS / "compression.json").read_text())["results"]
+            reference = "; its payload was " + ", ".join(
+                f"{100 * c['payload_bytes'] / c['baselines']['target_bytes']:.1f}% of the target in {c['dtype']}"
+                for c in held
+            )
         lines += [
             "",
             "### Storage: five real fine-tunes of one base",
             "",
             f"{minilm['model_package']} (all-MiniLM-L6-v2) fine-tuned five times with `benchmarks/finetune.py`'s "
             f"recipe (AdamW on every weight, contrastive sentence objective), {minilm['steps']} steps each "
-            f"({tunes}): short runs, so that five fit in minutes on this machine; at lr 2e-4, 40 steps move the "
-            "weights about as far as the compression section's 400 steps at 2e-5. Each dtype is its own store: "
+            f"({tunes}): short runs, so that five fit in minutes on this machine (the compression section's "
+            f"fine-tune runs 400 steps at 2e-5{reference}). Each dtype is its own store: "
             "the base imported whole, the five fine-tunes imported with `--base`, stored as format 2 deltas "
             "(each import checks that its delta rebuilds every original file byte for byte). 'store holds' is "
             "every object in the store (content-addressed, so a file shared by several revisions counts once); "
@@ -630,6 +640,8 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
             *_storage_table("MiniLM dtype", minilm["dtypes"]),
         ]
     for r in results:
+        if "llama" not in r:
+            continue
         llama = r["llama"]
         shape = llama["shape"]
         lines += [
@@ -721,6 +733,31 @@ def _versions() -> dict[str, str]:
     return {name: importlib.metadata.version(name) for name in ("huggingface_hub", "uvicorn", "starlette")}
 
 
+def llama_runs(llama: Path, shape: Any, repeat: int, result: dict[str, Any]) -> None:
+    """The LLaMA-shaped set's storage, then the serving figures of one of its fine-tunes; ``llama`` is removed."""
+    shutil.rmtree(llama, ignore_errors=True)
+    llama.mkdir()
+    try:
+        print("LLaMA-shaped set ...", flush=True)
+        base, tunes, generate_s = llama_set(llama, shape)
+        home = llama / "home"
+        storage = store_set(home, base, tunes, "llama/base")
+        result["llama"] = {
+            "shape": {k: getattr(shape, k) for k in ("vocab", "hidden", "layers", "intermediate", "heads")},
+            "noises": list(LLAMA_NOISES),
+            "generate_s": generate_s,
+            "storage": storage,
+        }
+        for folder in [*tunes.values(), base]:  # the originals are not needed for serving: free the disk
+            shutil.rmtree(folder.parent, ignore_errors=True)
+        print("serving ...", flush=True)
+        served = list(tunes)[SERVED]
+        result["serving"] = serving(llama, home, served, repeat=repeat, concurrent=CONCURRENT, log=llama / "server.log")
+        result["summary"] = summarize(result["serving"])
+    finally:
+        shutil.rmtree(llama, ignore_errors=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "_serve":
@@ -737,6 +774,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--label", default="1.9GB", help="the run's name in the JSON file and the section")
     p.add_argument("--repeat", type=int, default=3, help="warm and static downloads of each kind (cold: 2)")
     p.add_argument("--skip-minilm", action="store_true", help="leave out the MiniLM storage figures")
+    p.add_argument("--skip-llama", action="store_true", help="only the MiniLM storage figures")
     p.add_argument("--no-record", action="store_true", help="print, write neither JSON nor BENCHMARKS.md")
     add_shape_arguments(p, LLAMA_1_9GB)
     args = p.parse_args(argv)
@@ -755,30 +793,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.skip_minilm:
         print("MiniLM fine-tunes and their stores ...", flush=True)
         result["minilm"] = minilm_storage(work)
-    llama = work / "llama"
-    shutil.rmtree(llama, ignore_errors=True)
-    llama.mkdir()
-    try:
-        print("LLaMA-shaped set ...", flush=True)
-        base, tunes, generate_s = llama_set(llama, shape)
-        home = llama / "home"
-        storage = store_set(home, base, tunes, "llama/base")
-        result["llama"] = {
-            "shape": {k: getattr(shape, k) for k in ("vocab", "hidden", "layers", "intermediate", "heads")},
-            "noises": list(LLAMA_NOISES),
-            "generate_s": generate_s,
-            "storage": storage,
-        }
-        for folder in [*tunes.values(), base]:  # the originals are not needed for serving: free the disk
-            shutil.rmtree(folder.parent, ignore_errors=True)
-        print("serving ...", flush=True)
-        served = list(tunes)[SERVED]
-        result["serving"] = serving(
-            llama, home, served, repeat=args.repeat, concurrent=CONCURRENT, log=llama / "server.log"
-        )
-        result["summary"] = summarize(result["serving"])
-    finally:
-        shutil.rmtree(llama, ignore_errors=True)
+    if not args.skip_llama:
+        llama_runs(work / "llama", shape, args.repeat, result)
     result["load_average_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(json.dumps(result.get("summary"), indent=2))
     if args.no_record:
