@@ -9,14 +9,17 @@ their base, in fp32, fp16 and bf16; and a LLaMA-shaped set: a few synthetic fine
 **Serving.** One of the LLaMA-shaped fine-tunes, stored as a delta, served by the service (``deltakit serve``'s
 own ``serve``, uvicorn on 127.0.0.1, in its own process) to the real ``huggingface_hub.snapshot_download`` (in
 client processes of their own): a cold download (the rebuild included), warm downloads, and the same files
-served as static files by the same process (a Starlette ``StaticFiles`` mount over the rebuild cache, added to
-the app by this script only), fetched by huggingface_hub's own ``http_get`` with snapshot_download's 8 worker
-threads. Then 8 concurrent downloaders of the model made cold again, and the count of rebuilds they caused.
+served as static files by the same process (Starlette ``StaticFiles`` mounts over the rebuild cache, as it comes
+and reading 1 MiB at a time, added to the app by this script only), fetched by huggingface_hub's own ``http_get``
+with snapshot_download's 8 worker threads. Then 8 concurrent downloaders of the model made cold again, and the
+count of rebuilds they caused; last, one cold download with the client's default 10 s timeouts.
 
 Usage::
 
     .venv/bin/python benchmarks/registry.py --hidden 1024 --layers 8 --intermediate 2752 --label small
     .venv/bin/python benchmarks/registry.py --skip-minilm        # the 1.9 GB model; BENCHMARKS.md + JSON
+    .venv/bin/python benchmarks/registry.py --skip-llama --label minilm   # the MiniLM storage figures only
+    .venv/bin/python benchmarks/registry.py --render             # the section again from results/registry-*.json
 """
 
 from __future__ import annotations
@@ -783,8 +786,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--skip-minilm", action="store_true", help="leave out the MiniLM storage figures")
     p.add_argument("--skip-llama", action="store_true", help="only the MiniLM storage figures")
     p.add_argument("--no-record", action="store_true", help="print, write neither JSON nor BENCHMARKS.md")
+    p.add_argument(
+        "--render", action="store_true", help="only rewrite the section from benchmarks/results/registry-*.json"
+    )
     add_shape_arguments(p, LLAMA_1_9GB)
     args = p.parse_args(argv)
+    if args.render:
+        render(record)
+        return 0
     shape = shape_from(args)
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -810,9 +819,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"registry-{args.label}.json"
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("registry-*.json"), key=lambda p: p.stat().st_mtime)]
-    record(ROOT / "BENCHMARKS.md", markdown(runs), SECTION_BEGIN, SECTION_END)
+    render(record)
     return 0
+
+
+def render(record: Any) -> None:
+    """BENCHMARKS.md's section from every ``registry-*.json``, oldest run first (by the date each records)."""
+    runs = [json.loads(p.read_text()) for p in RESULTS.glob("registry-*.json")]
+    runs.sort(key=lambda r: r["date"])
+    record(ROOT / "BENCHMARKS.md", markdown(runs), SECTION_BEGIN, SECTION_END)
 
 
 if __name__ == "__main__":
