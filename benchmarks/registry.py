@@ -621,7 +621,11 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
             f"{r['starlette']}; deltakit {m['deltakit']} ({m['deltakit_source']}).",
         ]
     if minilm is not None:
-        tunes = "; ".join(f"seed {t['seed']} lr {t['lr']:g}" for t in minilm["tunes"])
+        tunes = "; ".join(
+            f"seed {t['seed']} lr {t['lr']:g}, mean loss {t['loss_first_20']:.2f} over the first 20 steps and "
+            f"{t['loss_last_20']:.2f} over the last 20"
+            for t in minilm["tunes"]
+        )
         reference = ""
         with contextlib.suppress(OSError, ValueError, KeyError):
             held = json.loads((RESULTS / "compression.json").read_text())["results"]
