@@ -328,7 +328,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build_pair(out: Path = DEFAULT_OUT, *, steps: int = 400, force: bool = False) -> Path:
+def build_pair(
+    out: Path = DEFAULT_OUT, *, steps: int = 400, seed: int = 0, lr: float = 2e-5, force: bool = False
+) -> Path:
     """Fine-tune all-MiniLM-L6-v2 for ``steps`` AdamW steps and write the base/fine-tune folders under ``out``.
 
     An existing ``out`` with a ``recipe.json`` is kept as it is unless ``force``; the folders are built under a
@@ -337,13 +339,15 @@ def build_pair(out: Path = DEFAULT_OUT, *, steps: int = 400, force: bool = False
     Args:
         out: the folder to write, e.g. ``benchmarks/work/minilm``.
         steps: optimizer steps (the warmup stays 10% of them).
+        seed: the seed of batch order, dropout and torch (other seeds make other fine-tunes of the same base).
+        lr: the peak learning rate.
         force: rebuild even when ``out`` already holds a pair.
 
     Returns:
         ``out``.
 
     Raises:
-        FileExistsError: ``out`` holds a pair built with another number of steps, or something that is not a
+        FileExistsError: ``out`` holds a pair built with other steps, seed or lr, or something that is not a
             pair (pass ``force`` to replace it).
         FileNotFoundError: the model package is not installed.
     """
@@ -351,8 +355,11 @@ def build_pair(out: Path = DEFAULT_OUT, *, steps: int = 400, force: bool = False
     recipe_path = out / "recipe.json"
     if recipe_path.exists() and not force:
         built = json.loads(recipe_path.read_text(encoding="utf-8"))
-        if built["recipe"]["steps"] != steps:
-            raise FileExistsError(f"{out} holds a {built['recipe']['steps']}-step fine-tune, not {steps}; pass force")
+        held = {key: built["recipe"].get(key) for key in ("steps", "seed", "lr")}
+        if held != {"steps": steps, "seed": seed, "lr": lr}:
+            raise FileExistsError(
+                f"{out} holds a fine-tune of {held}, not of steps {steps}, seed {seed}, lr {lr}; pass force"
+            )
         logger.info("%s already holds the pair; skipping (force to rebuild)", out)
         return out
     if out.exists() and not force:
@@ -360,7 +367,7 @@ def build_pair(out: Path = DEFAULT_OUT, *, steps: int = 400, force: bool = False
 
     from transformers import AutoModel, AutoTokenizer
 
-    recipe = Recipe(steps=steps, warmup_steps=max(1, steps // 10))
+    recipe = Recipe(steps=steps, lr=lr, seed=seed, warmup_steps=max(1, steps // 10))
     source = model_dir()
     torch.manual_seed(recipe.seed)
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
@@ -408,11 +415,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder to write (default: %(default)s)")
     p.add_argument("--steps", type=int, default=400, help="AdamW steps (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of batch order and dropout (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="rebuild even if OUT already holds a pair")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     start = time.perf_counter()
-    out = build_pair(args.out, steps=args.steps, force=args.force)
+    out = build_pair(args.out, steps=args.steps, seed=args.seed, lr=args.lr, force=args.force)
     print((out / "recipe.json").read_text(encoding="utf-8"), end="")
     print(f"{out}  ({time.perf_counter() - start:.0f}s)")
     return 0
