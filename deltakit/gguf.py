@@ -33,7 +33,7 @@ from .codecs import Bytes
 from .convert import torch_dtype_name
 from .dtypes import itemsize
 from .errors import DeltakitError, FormatError, InputNotFoundError, IntegrityError, UnsupportedInputError
-from .families import FAMILIES, Family, family_of, llama
+from .families import FAMILIES, Family, family_of, llama, llama3
 from .files import json_object, read_regular, require_regular
 from .formats.checkpoint import RangeReader, open_checkpoint
 from .formats.delta import FILES_DIR
@@ -1094,6 +1094,14 @@ def _prepare_convert(source: Path, quant: str, staging: Path) -> _Prepared:
     files: dict[str, tuple[bytes, Path]] = {}
     if is_meta:
         hf_sources, shape = llama.meta_to_hf(source)
+        if llama3.is_llama3_vocab(dict(hf_sources)["model.embed_tokens.weight"].shape[0]):
+            # its HF files depend on what params.json does not say (the release, instruct): convert's to give
+            raise UnsupportedInputError(
+                f"{source} is a Meta Llama 3 checkpoint, which goes to GGUF through its HF layout: convert it "
+                "to hf first (saying its llama_version and instruct), then the HF folder to gguf",
+                path=source,
+                argument="to",
+            )
         # the rows as Meta stores them: GGUF keeps Meta's rotary order, so no permutation either way
         sources = [(n, r.inner if isinstance(r, Rotary) else r) for n, r in hf_sources]
         params = llama.read_params(source / "params.json")

@@ -180,6 +180,15 @@ def test_what_params_json_does_not_say_is_asked_for_by_name(tmp_path):
         convert(tmp_path / "meta3", tmp_path / "hf", llama_version="3.1", instruct=True)
 
 
+def test_a_meta_llama_3_goes_to_gguf_through_its_hf_layout(tmp_path):
+    from deltakit.gguf import convert_to_gguf
+
+    llama3_meta(tmp_path / "meta", scaled_rope=True)
+    with pytest.raises(UnsupportedInputError, match=r"Meta Llama 3 checkpoint.*convert it to hf first") as e:
+        convert_to_gguf(tmp_path / "meta", tmp_path / "out.gguf")
+    assert e.value.path == tmp_path / "meta" and not (tmp_path / "out.gguf").exists()
+
+
 def test_a_tied_instruct_llama_3_2_converts_and_back(tmp_path):
     whole = llama3_meta(tmp_path / "meta", scaled_rope=True, tied=True)
     convert(tmp_path / "meta", tmp_path / "hf", llama_version="3.2", instruct=True)
