@@ -125,14 +125,19 @@ def _write_checklist(folder: Path) -> None:
 
 
 def _llama3_hf_files(
-    source: Path, shape: llama.LlamaShape, params: dict[str, Any], sources: Sequence[tuple[str, Rows]], torch_dtype: str
+    source: Path,
+    shape: llama.LlamaShape,
+    params: dict[str, Any],
+    release: llama3.Llama3Release,
+    sources: Sequence[tuple[str, Rows]],
+    torch_dtype: str,
 ) -> dict[str, Path | str | bytes]:
-    """A Llama 3 or 3.1 Meta checkpoint's HF files: config, generation config and, from its tiktoken
+    """A Llama 3.x Meta checkpoint's HF files: config, generation config and, from its tiktoken
     ``tokenizer.model``, the fast tokenizer transformers' script writes."""
     vocab = dict(sources)["model.embed_tokens.weight"].shape[0]
     files: dict[str, Path | str | bytes] = {
-        "config.json": llama3.hf_config(shape, params, sources, torch_dtype),
-        "generation_config.json": llama3.generation_config(vocab),
+        "config.json": llama3.hf_config(shape, params, release, sources, torch_dtype),
+        "generation_config.json": llama3.generation_config(vocab, release),
     }
     if (source / "tokenizer.model").is_file():
         tokens = llama3.read_tiktoken(source / "tokenizer.model")
@@ -142,9 +147,31 @@ def _llama3_hf_files(
                 f"the embedding's {vocab} rows",
                 path=source / "tokenizer.model",
             )
-        files["tokenizer.json"] = llama3.tokenizer_json(tokens, params)
-        files["tokenizer_config.json"] = llama3.tokenizer_config(params)
+        files["tokenizer.json"] = llama3.tokenizer_json(tokens, release)
+        files["tokenizer_config.json"] = llama3.tokenizer_config(release)
     return files
+
+
+def _untie(source: Path, sources: list[tuple[str, Rows]], version: str) -> list[tuple[str, Rows]]:
+    """Meta's checkpoint of a tied model stores the output projection beside the embedding; HF's stores
+    the embedding alone. Refuse where the two differ: the tie would silently drop the projection."""
+    by_name = dict(sources)
+    embed, head = by_name["model.embed_tokens.weight"], by_name["lm_head.weight"]
+    same = embed.shape == head.shape and embed.dtype == head.dtype
+    with RangeReader() as reader:
+        for first, last in row_blocks(embed) if same else ():
+            if embed.read(reader, first, last).tobytes() != head.read(reader, first, last).tobytes():
+                same = False
+                break
+    if not same:
+        raise FormatError(
+            f"output.weight differs from tok_embeddings.weight, but Llama {version}'s output projection is tied "
+            "to its embedding: this is not a Llama 3.2 checkpoint",
+            path=source,
+            tensor="output.weight",
+            argument="llama_version",
+        )
+    return [(name, rows) for name, rows in sources if name != "lm_head.weight"]
 
 
 def convert(
@@ -155,6 +182,8 @@ def convert(
     dtype: str | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     meta_shards: int | None = None,
+    llama_version: str | None = None,
+    instruct: bool | None = None,
     replace: bool = False,
     progress: ProgressFactory = no_progress,
 ) -> ConvertReport:
@@ -167,12 +196,18 @@ def convert(
             by default each keeps its own.
         shard_size: the most bytes per HF output file.
         meta_shards: model-parallel shards for Meta output; by default Meta's count for the model size.
+        llama_version: a Meta Llama 3 checkpoint's release, ``3``, ``3.1``, ``3.2`` or ``3.3``, which its
+            ``params.json`` does not say (3.2: rope factor 32 and a tied head; 3.1 and 3.3: factor 8);
+            needed where it says ``use_scaled_rope``.
+        instruct: whether a Meta Llama 3 checkpoint is an instruct model (its generation stops at
+            ``<|eot_id|>`` too); needed for every Meta Llama 3 checkpoint.
         replace: replace an existing folder at ``out`` once the new one is complete (until then the old
             one stays as it was).
 
     Raises:
         IntegrityError: a file disagrees with Meta's ``checklist.chk``.
         FormatError: a shard is missing or ``params.json`` does not match the tensors.
+        UnsupportedInputError: a Meta Llama 3 checkpoint needs ``llama_version`` or ``instruct``.
     """
     source, out = Path(source), Path(out)
     check_output_free(out, replace=replace)
@@ -197,7 +232,12 @@ def convert(
         first_dtype = out_dtype or sources[0][1].dtype
         vocab = dict(sources)["model.embed_tokens.weight"].shape[0]
         if llama3.is_llama3_vocab(vocab):
-            files.update(_llama3_hf_files(source, shape, params, sources, torch_dtype_name(first_dtype)))
+            release = llama3.meta_release(
+                params, source / "params.json", llama_version=llama_version, instruct=instruct
+            )
+            if release.tied:
+                sources = _untie(source, sources, release.version)
+            files.update(_llama3_hf_files(source, shape, params, release, sources, torch_dtype_name(first_dtype)))
         else:
             files["config.json"] = llama.hf_config(shape, params, sources, torch_dtype_name(first_dtype))
             files["generation_config.json"] = json.dumps(llama.GENERATION_CONFIG, indent=2) + "\n"
@@ -218,7 +258,8 @@ def convert(
                     f"meta_shards must be at least 1, not {meta_shards}", argument="meta_shards"
                 )
             count = meta_shards or llama.META_SHARDS.get(shape.dim, 1)
-            meta_out = llama.hf_to_meta(ckpt.tensors, shape, count, ckpt.root)
+            tied = config.get("tie_word_embeddings") is True
+            meta_out = llama.hf_to_meta(ckpt.tensors, shape, count, ckpt.root, tied=tied)
             files = {}
             embed = ckpt.tensors.get("model.embed_tokens.weight")
             if embed is not None and llama3.is_llama3_vocab(embed.shape[0]):

@@ -13,6 +13,7 @@ from llama.cpp's and why.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -33,7 +34,7 @@ from .codecs import Bytes
 from .convert import torch_dtype_name
 from .dtypes import itemsize
 from .errors import DeltakitError, FormatError, InputNotFoundError, IntegrityError, UnsupportedInputError
-from .families import FAMILIES, Family, family_of, llama
+from .families import FAMILIES, Family, family_of, llama, llama3
 from .files import json_object, read_regular, require_regular
 from .formats.checkpoint import RangeReader, open_checkpoint
 from .formats.delta import FILES_DIR
@@ -652,6 +653,8 @@ def _write_metadata(writer: gguf_module.GGUFWriter, hp: _Hparams, files: _Files,
             f"{type(e).__name__}: {str(e)[:200]}",
             path=hp.where,
         ) from e
+    finally:
+        files.parsed.clear()  # the tensors need the memory more: a parsed tokenizer.json is some 100 MB
 
 
 def _write_metadata_unchecked(
@@ -833,19 +836,22 @@ def _writer(prepared: _Prepared, bar: ProgressBar) -> gguf_module.GGUFWriter:
 @dataclass(frozen=True)
 class _Files:
     """The model's metadata files, staged in ``folder`` (the only copies gguf's readers see);
-    ``shown`` maps each to the path the user knows it by, for messages."""
+    ``shown`` maps each to the path the user knows it by, for messages; ``parsed``: the JSON ones as
+    checked, so that tokenizer.json (7 to 9 MB for Llama 3 and Qwen) is parsed once, not by each reader."""
 
     folder: Path
     shown: dict[str, Path]
+    parsed: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def show(self, rel: str) -> Path:
         return self.shown.get(rel, self.folder / rel)
 
 
 def _json_file(files: _Files, rel: str) -> dict[str, Any]:
-    """A staged JSON file, already checked to be an object."""
-    data: dict[str, Any] = json.loads((files.folder / rel).read_text(encoding="utf-8"))
-    return data
+    """A staged JSON file, already checked to be an object (not to be changed: it is shared)."""
+    if rel not in files.parsed:
+        files.parsed[rel] = json.loads((files.folder / rel).read_text(encoding="utf-8"))
+    return files.parsed[rel]
 
 
 def _check_tokenizer_json(tokenizer: dict[str, Any], shown: Path) -> None:
@@ -930,13 +936,16 @@ def _check_card(data: bytes, shown: Path) -> None:
         raise FormatError(f"{shown}: the model card's YAML front matter nests too deep", path=shown) from e
 
 
-def _check_file(rel: str, data: bytes, shown: Path) -> None:
+def _check_file(rel: str, data: bytes, shown: Path) -> dict[str, Any] | None:
+    """Refuse a malformed file by name; returns a JSON file's object."""
     if rel in _JSON_FILES:
         value = json_object(data, shown)
         if rel == "tokenizer.json":
             _check_tokenizer_json(value, shown)
-    elif rel == "README.md":
+        return value
+    if rel == "README.md":
         _check_card(data, shown)
+    return None
 
 
 def _read_limited(path: Path, size: int | None = None) -> bytes:
@@ -956,13 +965,16 @@ def _read_limited(path: Path, size: int | None = None) -> bytes:
 def _stage_files(folder: Path, files: dict[str, tuple[bytes, Path]]) -> _Files:
     """Check each file (``rel``: its bytes and the path it is shown as), then write it into ``folder``,
     where gguf's readers find it."""
+    parsed = {}
     for rel, (data, shown) in files.items():
-        _check_file(rel, data, shown)
+        value = _check_file(rel, data, shown)
+        if value is not None:
+            parsed[rel] = value
     folder.mkdir(parents=True)
     for rel, (data, _) in files.items():
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         (folder / rel).write_bytes(data)
-    return _Files(folder, {rel: shown for rel, (_, shown) in files.items()})
+    return _Files(folder, {rel: shown for rel, (_, shown) in files.items()}, parsed)
 
 
 def _model_folder(parent: Path, name: str) -> Path:
@@ -1050,6 +1062,7 @@ def _write_gguf(
         with RangeReader() as reader, ThreadPoolExecutor(2, thread_name_prefix="deltakit-gguf") as pool:
             for t, blocks, counted in tensors(reader, pool, bar):
                 stream.tensor(t, blocks, counted)
+                del t, blocks, counted  # a rebuilt tensor is freed before the next one is rebuilt
         bar.close()
     finally:
         stream.close()
@@ -1094,6 +1107,14 @@ def _prepare_convert(source: Path, quant: str, staging: Path) -> _Prepared:
     files: dict[str, tuple[bytes, Path]] = {}
     if is_meta:
         hf_sources, shape = llama.meta_to_hf(source)
+        if llama3.is_llama3_vocab(dict(hf_sources)["model.embed_tokens.weight"].shape[0]):
+            # its HF files depend on what params.json does not say (the release, instruct): convert's to give
+            raise UnsupportedInputError(
+                f"{source} is a Meta Llama 3 checkpoint, which goes to GGUF through its HF layout: convert it "
+                "to hf first (saying its llama_version and instruct), then the HF folder to gguf",
+                path=source,
+                argument="to",
+            )
         # the rows as Meta stores them: GGUF keeps Meta's rotary order, so no permutation either way
         sources = [(n, r.inner if isinstance(r, Rotary) else r) for n, r in hf_sources]
         params = llama.read_params(source / "params.json")
@@ -1301,6 +1322,7 @@ def apply_to_gguf(
                 rows: Rows = Rotary(held, t.rows.heads, to_hf=False) if isinstance(t.rows, Rotary) else held
                 blocks = _blocks(reader, _Planned(t.name, t.source, rows, t.qtype, t.nbytes), pool)
                 yield t, blocks, no_progress(t.nbytes, "gguf")  # apply's bar counts this tensor as rebuilt
+                del data, held, rows, blocks  # freed before the next tensor is rebuilt
 
         total = sum(t.nbytes for t in plan.specs)
         return _write_gguf(staged, prepared, quant, tensors, progress=progress, total=total, label="apply")

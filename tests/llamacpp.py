@@ -21,6 +21,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 VERSION = "0.3.36"  # llama-cpp-python; its vendor/llama.cpp is the llama.cpp these tests hold us to
 # Built for AVX2, not -march=native: on a VM whose CPU reports AMX, a native build takes llama.cpp's
 # AMX path, which crashed (SIGSEGV in decode) where the hypervisor does not grant AMX's tile state;
@@ -110,6 +112,41 @@ def logits(llama: LlamaCpp, model: Path, tokens: list[int]) -> list[list[float]]
         sys.stdout.write(json.dumps([list(map(float, row)) for row in llm.scores[: {len(tokens)}]]))
     """
     return json.loads(_run(llama, code))
+
+
+def transformers_logits(model: Path, tokens: list[int]) -> np.ndarray:
+    """transformers' logits (fp32, whatever class config.json names) at every position of ``tokens``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    with torch.no_grad():
+        return hf(torch.tensor([tokens])).logits[0].numpy()
+
+
+@dataclass(frozen=True)
+class LogitsCheck:
+    """llama.cpp's logits for a GGUF file against transformers' for the folder it came from."""
+
+    got: np.ndarray  # llama.cpp's, (tokens, vocab)
+    expected: np.ndarray  # transformers', the same shape
+
+    @property
+    def nmse(self) -> float:
+        """Normalized mean squared error: sum((got - expected)^2) / sum(expected^2)."""
+        return float(((self.got - self.expected) ** 2).sum() / (self.expected**2).sum())
+
+    @property
+    def same_top1(self) -> bool:
+        return bool((self.got.argmax(-1) == self.expected.argmax(-1)).all())
+
+
+def check_logits(llama: LlamaCpp, gguf_file: Path, model: Path, tokens: list[int]) -> LogitsCheck:
+    """Run ``gguf_file`` in llama.cpp and ``model`` in transformers on the same ``tokens``."""
+    got = np.array(logits(llama, gguf_file, tokens))
+    expected = transformers_logits(model, tokens)
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    return LogitsCheck(got=got, expected=expected)
 
 
 def _run(llama: LlamaCpp, code: str) -> str:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from ..convert import DTYPE_NAMES, convert
 from ..engine import DEFAULT_SHARD_SIZE
+from ..families import llama3
 from ..gguf import KQUANTS, QUANTS, convert_to_gguf
 from ..units import human_bytes
 from ._common import _add_force, _emit, _jsonable, _positive, _progress, _say, _size, _UsageError
@@ -26,6 +27,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if args.to == "gguf":
         if args.dtype is not None or args.meta_shards is not None:
             raise _UsageError("--to gguf takes --quant for the tensors' type, not --dtype or --meta-shards")
+        if args.llama_version is not None or args.instruct is not None:
+            raise _UsageError("--llama-version and --instruct are for a Meta checkpoint's conversion to hf")
         gguf = convert_to_gguf(
             args.source, args.out, quant=args.quant or "f16", replace=args.force, progress=_progress(args)
         )
@@ -42,6 +45,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         shard_size=args.shard_size,
         meta_shards=args.meta_shards,
+        llama_version=args.llama_version,
+        instruct=args.instruct,
         replace=args.force,
         progress=_progress(args),
     )
@@ -74,6 +79,16 @@ def add_convert_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> Non
     p.add_argument("--shard-size", type=_size, default=DEFAULT_SHARD_SIZE, help="HF output file size (5GB)")
     p.add_argument(
         "--meta-shards", type=_positive, help="model-parallel shards for --to meta (Meta's count by default)"
+    )
+    p.add_argument(
+        "--llama-version",
+        choices=list(llama3.VERSIONS),
+        help="a Meta Llama 3 checkpoint's release, which params.json does not say (3.2: rope factor 32, tied head)",
+    )
+    p.add_argument(
+        "--instruct",
+        action=argparse.BooleanOptionalAction,
+        help="a Meta Llama 3 checkpoint is (--instruct) or is not (--no-instruct) an instruct model",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the report goes to stderr)")
     p.set_defaults(run=_cmd_convert, resolve={"source": LOCAL})

@@ -506,6 +506,7 @@ def rebuilt_tensors(
                 filled += data.size
             _check_rebuilt(plan.manifest, step, base_hash, out_hash.hexdigest(), verified)
             yield step, held
+            del held  # before the next tensor is allocated: one embedding-sized tensor at a time, not two
             continue
         with tempfile.TemporaryFile(dir=scratch, prefix=".deltakit-tensor-") as spill:
             for data in chunks:

@@ -280,10 +280,10 @@ def _refuse_unmapped(tensors: dict[str, TensorInfo], mapped: set[str], ignored: 
 
 
 def hf_to_meta(
-    tensors: dict[str, TensorInfo], shape: LlamaShape, shards: int, root: Path
+    tensors: dict[str, TensorInfo], shape: LlamaShape, shards: int, root: Path, *, tied: bool = False
 ) -> list[list[tuple[str, Rows]]]:
     """An HF checkpoint's tensors under Meta's names, per model-parallel shard, q/k rows in Meta's
-    rotary order."""
+    rotary order; ``tied``: the embedding is also the output projection, which Meta's layout stores."""
     if shape.heads % shards or shape.kv_heads % shards:
         raise UnsupportedInputError(
             f"{shape.heads} heads do not split into {shards} model-parallel shards", argument="meta_shards"
@@ -291,6 +291,8 @@ def hf_to_meta(
     out: list[list[tuple[str, Rows]]] = [[] for _ in range(shards)]
     for meta_name, hf_name, axis in name_map(shape.layers):
         info = tensors.get(hf_name)
+        if info is None and tied and hf_name == "lm_head.weight":
+            info = tensors.get("model.embed_tokens.weight")
         if info is None:
             raise UnsupportedInputError(f"the checkpoint lacks {hf_name!r}: not a LLaMA model", tensor=hf_name)
         whole = Whole(info)

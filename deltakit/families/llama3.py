@@ -14,12 +14,13 @@ import binascii
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import FormatError
+from ..errors import FormatError, UnsupportedInputError
 from ..files import read_json_object
 from ..rows import Rows
 from .family import Family
@@ -31,6 +32,8 @@ __all__ = [
     "LLAMA3",
     "META_CONTEXT",
     "PRE_TOKENIZERS",
+    "VERSIONS",
+    "Llama3Release",
     "bpe_merges",
     "byte_chars",
     "generation_config",
@@ -38,6 +41,7 @@ __all__ = [
     "is_llama3_config",
     "is_llama3_vocab",
     "meta_params",
+    "meta_release",
     "read_tiktoken",
     "rope_freqs",
     "special_tokens",
@@ -55,6 +59,7 @@ BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"
 # Meta's context lengths, as transformers' script records them: 8192 for Llama 3, 131072 from 3.1
 META_CONTEXT = {False: 8192, True: 131072}
+VERSIONS = ("3", "3.1", "3.2", "3.3")
 # Llama 3's split pattern (tiktoken's, as transformers' TikTokenConverter writes it)
 _PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -70,8 +75,78 @@ def is_llama3_vocab(rows: int) -> bool:
     return rows > SENTENCEPIECE_VOCAB_MAX
 
 
-def _scaled_rope(params: dict[str, Any]) -> bool:
-    return params.get("use_scaled_rope") is True
+@dataclass(frozen=True)
+class Llama3Release:
+    """What a Meta Llama 3 checkpoint does not say of itself and its HF files depend on: the release
+    (``3``, ``3.1``, ``3.2`` or ``3.3``: the rope scaling factor, a tied head) and whether it is instruct
+    (the ids generation stops at)."""
+
+    version: str
+    instruct: bool
+
+    @property
+    def scaled_rope(self) -> bool:
+        return self.version != "3"
+
+    @property
+    def rope_factor(self) -> float:
+        return 32.0 if self.version == "3.2" else 8.0  # 3.2's 1B and 3B; 8 for 3.1 and 3.3
+
+    @property
+    def tied(self) -> bool:
+        """3.2's output projection is its embedding (Meta's checkpoint stores it twice, HF's once)."""
+        return self.version == "3.2"
+
+    @property
+    def context(self) -> int:
+        return META_CONTEXT[self.scaled_rope]
+
+    def eos_token_ids(self, bos: int) -> int | list[int]:
+        """<|end_of_text|>; an instruct model's generation also stops at <|eom_id|> and <|eot_id|>."""
+        return [bos + 1, bos + 8, bos + 9] if self.instruct else bos + 1
+
+
+def meta_release(
+    params: Mapping[str, Any], path: Path, *, llama_version: str | None, instruct: bool | None
+) -> Llama3Release:
+    """The release of a Meta Llama 3 checkpoint whose ``params.json`` (at ``path``) is ``params``.
+
+    ``params.json`` says whether the rope is scaled (3.1 and later) but not by what factor (8 for 3.1
+    and 3.3, 32 for 3.2, whose head is also tied), nor whether the model is instruct: where the HF files
+    would silently differ, the caller says, as transformers' script takes ``--llama_version`` and
+    ``--instruct``.
+
+    Raises:
+        UnsupportedInputError: ``llama_version`` or ``instruct`` is needed and not given, or
+            ``llama_version`` is not one of :data:`VERSIONS` or disagrees with ``params.json``.
+    """
+    scaled = params.get("use_scaled_rope") is True
+    if llama_version is not None and llama_version not in VERSIONS:
+        raise UnsupportedInputError(
+            f"unknown llama_version {llama_version!r}; choose one of {', '.join(VERSIONS)}", argument="llama_version"
+        )
+    if llama_version is not None and (llama_version != "3") != scaled:
+        raise UnsupportedInputError(
+            f"llama_version {llama_version} {'scales' if llama_version != '3' else 'does not scale'} the rope, but "
+            f"{path.name} says use_scaled_rope: {str(scaled).lower()}",
+            path=path,
+            argument="llama_version",
+        )
+    missing = []
+    if llama_version is None and scaled:
+        missing.append(
+            ("llama_version", "the rope scaling factor (llama_version 3.1 or 3.3: 8; 3.2: 32, with a tied head)")
+        )
+    if instruct is None:
+        missing.append(("instruct", "whether the model is instruct (instruct: generation stops at <|eot_id|>)"))
+    if missing:
+        raise UnsupportedInputError(
+            f"{path.name} of a Llama 3 checkpoint does not say {' nor '.join(what for _, what in missing)}; "
+            f"give {' and '.join(name for name, _ in missing)}",
+            path=path,
+            argument=missing[0][0],
+        )
+    return Llama3Release(version=llama_version or "3", instruct=bool(instruct))
 
 
 def special_tokens(*, scaled_rope: bool) -> list[str]:
@@ -89,22 +164,28 @@ def special_tokens(*, scaled_rope: bool) -> list[str]:
     return named + [f"<|reserved_special_token_{i}|>" for i in range(first, first + _SPECIAL_TOKENS - len(named))]
 
 
-def hf_config(shape: LlamaShape, params: dict[str, Any], sources: Sequence[tuple[str, Rows]], torch_dtype: str) -> str:
-    """The ``config.json`` of the HF model converted from a Llama 3 or 3.1 Meta checkpoint of ``params``."""
+def hf_config(
+    shape: LlamaShape,
+    params: dict[str, Any],
+    release: Llama3Release,
+    sources: Sequence[tuple[str, Rows]],
+    torch_dtype: str,
+) -> str:
+    """The ``config.json`` of the HF model converted from a Meta checkpoint of ``release`` and ``params``."""
     by_name = dict(sources)
     vocab = by_name["model.embed_tokens.weight"].shape[0]
-    scaled = _scaled_rope(params)
+    bos = vocab - _SPECIAL_TOKENS
     config: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "bos_token_id": vocab - _SPECIAL_TOKENS,
-        "eos_token_id": vocab - _SPECIAL_TOKENS + 1,
+        "bos_token_id": bos,
+        "eos_token_id": release.eos_token_ids(bos),
         "hidden_act": "silu",
         "hidden_size": shape.dim,
         "initializer_range": 0.02,
         "intermediate_size": by_name["model.layers.0.mlp.gate_proj.weight"].shape[0],
-        "max_position_embeddings": META_CONTEXT[scaled],
+        "max_position_embeddings": release.context,
         "mlp_bias": False,
         "model_type": "llama",
         "num_attention_heads": shape.heads,
@@ -114,14 +195,14 @@ def hf_config(shape: LlamaShape, params: dict[str, Any], sources: Sequence[tuple
         "rms_norm_eps": params.get("norm_eps", 1e-5),
         "rope_scaling": None,
         "rope_theta": params.get("rope_theta", 500000.0),
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": release.tied,
         "torch_dtype": torch_dtype,
         "use_cache": True,
         "vocab_size": vocab,
     }
-    if scaled:  # Llama 3.1's, as transformers' script and Meta's HF repositories state it
+    if release.scaled_rope:  # as transformers' script and Meta's HF repositories state it
         config["rope_scaling"] = {
-            "factor": 8.0,
+            "factor": release.rope_factor,
             "low_freq_factor": 1.0,
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": META_CONTEXT[False],
@@ -130,22 +211,24 @@ def hf_config(shape: LlamaShape, params: dict[str, Any], sources: Sequence[tuple
     return json.dumps(config, indent=2) + "\n"
 
 
-def generation_config(vocab: int) -> str:
-    """``generation_config.json`` as transformers' script writes it for a base (not instruct) model."""
+def generation_config(vocab: int, release: Llama3Release) -> str:
+    """``generation_config.json`` as transformers' script writes it."""
     bos = vocab - _SPECIAL_TOKENS
-    config = {"bos_token_id": bos, "do_sample": True, "eos_token_id": bos + 1, "temperature": 0.6, "top_p": 0.9}
+    eos = release.eos_token_ids(bos)
+    config = {"bos_token_id": bos, "do_sample": True, "eos_token_id": eos, "temperature": 0.6, "top_p": 0.9}
     return json.dumps(config, indent=2) + "\n"
 
 
-def tokenizer_config(params: dict[str, Any]) -> str:
+def tokenizer_config(release: Llama3Release) -> str:
     """``tokenizer_config.json``: a fast tokenizer that adds BOS (its post-processor does), as
-    transformers' script writes it."""
+    transformers' script writes it (without an instruct model's chat template, which Meta's checkpoint
+    does not carry and the script fetches from the Hub)."""
     config = {
         "bos_token": BOS_TOKEN,
         "clean_up_tokenization_spaces": True,
-        "eos_token": EOS_TOKEN,
+        "eos_token": "<|eot_id|>" if release.instruct else EOS_TOKEN,
         "model_input_names": ["input_ids", "attention_mask"],
-        "model_max_length": META_CONTEXT[_scaled_rope(params)],
+        "model_max_length": release.context,
         "tokenizer_class": "PreTrainedTokenizerFast",
     }
     return json.dumps(config, indent=2) + "\n"
@@ -198,7 +281,7 @@ def bpe_merges(tokens: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
     return merges
 
 
-def tokenizer_json(tokens: Sequence[bytes], params: dict[str, Any]) -> str:
+def tokenizer_json(tokens: Sequence[bytes], release: Llama3Release) -> str:
     """The fast tokenizer's ``tokenizer.json`` for tiktoken ``tokens``, the special tokens after them
     and a post-processor that adds BOS: the file transformers' script writes, read the same way."""
     chars = byte_chars()
@@ -210,7 +293,7 @@ def tokenizer_json(tokens: Sequence[bytes], params: dict[str, Any]) -> str:
     added = [
         {"id": bos_id + i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
          "normalized": False, "special": True}
-        for i, name in enumerate(special_tokens(scaled_rope=_scaled_rope(params)))
+        for i, name in enumerate(special_tokens(scaled_rope=release.scaled_rope))
     ]  # fmt: skip
     byte_level = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
     document = {
@@ -296,7 +379,7 @@ def meta_params(shape: LlamaShape, config: dict[str, Any], intermediate: int) ->
         if k * ((int(m * hidden) + k - 1) // k) == intermediate:
             multiplier, multiple = m, k
             break
-    scaling = config.get("rope_scaling")
+    scaling = _rope(config)
     params: dict[str, Any] = {
         "dim": shape.dim,
         "ffn_dim_multiplier": multiplier,
@@ -306,7 +389,7 @@ def meta_params(shape: LlamaShape, config: dict[str, Any], intermediate: int) ->
         "n_layers": shape.layers,
         "norm_eps": config.get("rms_norm_eps", 1e-5),
         "rope_theta": config.get("rope_theta", 500000.0),
-        "use_scaled_rope": isinstance(scaling, dict) and scaling.get("rope_type") == "llama3",
+        "use_scaled_rope": (scaling.get("rope_type") or scaling.get("type")) == "llama3",
         "vocab_size": config.get("vocab_size"),
     }
     return params
