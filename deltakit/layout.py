@@ -15,8 +15,10 @@ from .formats.safetensors import FileLayout, TensorSpec, plan_layout
 
 __all__ = [
     "DEFAULT_SHARD_SIZE",
+    "INDEX_NAME",
     "OUTPUT_METADATA",
     "OutputShard",
+    "index_bytes",
     "output_name",
     "plan_output",
     "plan_shards",
@@ -62,14 +64,22 @@ def plan_output(specs: Sequence[TensorSpec], shard_size: int) -> tuple[tuple[Out
     return shards, shard_of
 
 
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def index_bytes(shards: Sequence[OutputShard], shard_of: dict[str, int], specs: Iterable[TensorSpec]) -> bytes:
+    """The bytes of ``model.safetensors.index.json`` for a sharded output (what make signs, what apply writes)."""
+    index = {
+        "metadata": {"total_size": sum(spec.nbytes for spec in specs)},
+        "weight_map": {name: shards[i].name for name, i in shard_of.items()},
+    }
+    return (json.dumps(index, indent=2) + "\n").encode("utf-8")
+
+
 def write_index(
     folder: Path, shards: Sequence[OutputShard], shard_of: dict[str, int], specs: Iterable[TensorSpec]
 ) -> None:
     """``model.safetensors.index.json``, written last, once every shard is complete; only when sharded."""
     if len(shards) < 2:
         return
-    index = {
-        "metadata": {"total_size": sum(spec.nbytes for spec in specs)},
-        "weight_map": {name: shards[i].name for name, i in shard_of.items()},
-    }
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    (folder / INDEX_NAME).write_bytes(index_bytes(shards, shard_of, specs))

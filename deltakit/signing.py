@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import InputNotFoundError, KeyFileError, SignatureError, UntrustedSignerError
 from .formats.delta import FILES_DIR
 from .hashing import file_sha256
-from .layout import DEFAULT_SHARD_SIZE, plan_output
+from .layout import DEFAULT_SHARD_SIZE, INDEX_NAME, index_bytes, plan_output
 from .manifest import MANIFEST_NAME, load_manifest
 
 if TYPE_CHECKING:
@@ -434,12 +434,7 @@ def _model_digests(package: Path, target: Path, shard_size: int) -> dict[str, st
                     )
             digests[shard.name] = sha.hexdigest()
     if len(shards) > 1:
-        index_json = {
-            "metadata": {"total_size": sum(spec.nbytes for spec in specs)},
-            "weight_map": {name: shards[i].name for name, i in shard_of.items()},
-        }
-        text = json.dumps(index_json, indent=2) + "\n"  # as layout.write_index writes it
-        digests["model.safetensors.index.json"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        digests[INDEX_NAME] = hashlib.sha256(index_bytes(shards, shard_of, specs)).hexdigest()
     digests.update({rel: r.sha256 for rel, r in m.target.files.items()})
     return digests
 
