@@ -20,15 +20,14 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-import uvicorn
 from hubserver import configure_client
+from test_service import LiveServer
 from tinyllama import write_finetune, write_tiny_llama
 
 from deltakit.errors import InputNotFoundError
 from deltakit.modelstore.views import Relation, RepoRevision, Repositories, RepoSummary, StoredFile
 from deltakit.progress import ProgressFactory, no_progress
 from deltakit_service.hubfiles import git_blob_id, is_lfs, lfs_pointer, parse_range
-from deltakit_service.main import create_app
 from deltakit_service.settings import Settings
 from deltakit_service.store import Store
 
@@ -101,31 +100,20 @@ class Recorder:
         await self.app(scope, receive, recording)
 
 
-class LiveHub:
-    """The service under uvicorn on a loopback port, its models the given Repositories."""
+class LiveHub(LiveServer):
+    """The service under uvicorn on a loopback port, its models the given Repositories, every response
+    recorded in ``seen``; entering gives the /hub endpoint."""
 
     def __init__(self, home: Path, models: Repositories) -> None:
-        self.app = create_app(Settings(home=home))
+        super().__init__(Settings(home=home))
         self.seen: list[tuple[str, str, int, dict[str, str]]] = []
         self.app.add_middleware(Recorder, seen=self.seen)
         self.models = models
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="error", timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
+        url = super().__enter__()
         self.app.state.models = self.models  # after the lifespan ran: the fixture store wins
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}/hub"
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+        return url + "/hub"
 
 
 @pytest.fixture(scope="module")
