@@ -40,9 +40,10 @@ log = logging.getLogger(__name__)
 
 _SAMPLE_CAP_BYTES = 1 << 30
 _SAMPLE_PATTERN = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings)\.|(^|\.)(layers|h|blocks)\.0\.")
-# Tensors up to this size are rebuilt in memory for a consumer that needs them whole (a 7B's largest,
-# the embedding with a grown vocabulary, is 0.4 GB in fp16); larger ones go through a scratch file.
-MEMORY_TENSOR_BYTES = 512 << 20
+# Tensors up to this size are rebuilt in memory for a consumer that needs them whole; larger ones (a 7B's
+# embedding with a grown vocabulary, 0.4 GB in fp16; Llama 3.2 1B's tied 128k-row embedding, 0.5 GB) go
+# through a scratch file, so that one beside a BPE vocabulary's memory stays under the 1 GiB yardstick.
+MEMORY_TENSOR_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
