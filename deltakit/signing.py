@@ -28,6 +28,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -408,8 +409,10 @@ def _model_digests(package: Path, target: Path, shard_size: int) -> dict[str, st
     specs = [TensorSpec(n, t.dtype, t.shape) for n, t in m.target.tensors.items()]
     shards, shard_of = plan_output(specs, shard_size)
     digests: dict[str, str] = {}
-    buffer = bytearray(CHUNK_BYTES)
-    with RangeReader() as reader:
+    buffers = (bytearray(CHUNK_BYTES), bytearray(CHUNK_BYTES))
+    # SHA-256 (what model.sig signs) and BLAKE3 (the check against the manifest) of each chunk run on two
+    # threads at once (both release the GIL), while the next chunk is read into the other buffer
+    with RangeReader() as reader, ThreadPoolExecutor(1, thread_name_prefix="deltakit-sign") as pool:
         for index, shard in enumerate(shards):
             sha = hashlib.sha256(shard.layout.header)
             for spec in specs:
@@ -418,11 +421,16 @@ def _model_digests(package: Path, target: Path, shard_size: int) -> dict[str, st
                 info = ckpt.tensors.get(spec.name)
                 check = TensorHasher()
                 if info is not None and info.nbytes == spec.nbytes:
-                    for offset in range(info.start, info.end, CHUNK_BYTES):
-                        view = memoryview(buffer)[: min(CHUNK_BYTES, info.end - offset)]
+                    pending: Future[None] | None = None
+                    for k, offset in enumerate(range(info.start, info.end, CHUNK_BYTES)):
+                        view = memoryview(buffers[k % 2])[: min(CHUNK_BYTES, info.end - offset)]
                         reader.read_into(info.path, offset, view)
+                        if pending is not None:
+                            pending.result()
+                        pending = pool.submit(check.update, view)
                         sha.update(view)
-                        check.update(view)
+                    if pending is not None:
+                        pending.result()
                 if info is None or check.hexdigest() != m.target.tensors[spec.name].digest:
                     # the `add` codec rebuilds other bytes than the target's: only apply knows them
                     raise SignatureError(
