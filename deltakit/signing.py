@@ -51,9 +51,11 @@ __all__ = [
     "SIGNATURE_FILES",
     "TRUSTED_KEYS_DIR",
     "PublicKey",
+    "SignedModel",
     "Signer",
     "SigningKey",
     "carry_model_signature",
+    "check_model",
     "check_package",
     "check_trust",
     "load_public_key",
@@ -736,7 +738,16 @@ def check_package(package: str | Path, trusted: Sequence[PublicKey] = ()) -> Sig
     return check_trust(package, trusted) if trusted else signer_of(package)
 
 
-def check_model(folder: str | Path, trusted: Sequence[PublicKey]) -> Signer:
+@dataclass(frozen=True)
+class SignedModel:
+    """A model folder's signature, checked: who signed it, and the SHA-256 it signed for each file (by path
+    in the folder, ``model.sig`` itself aside), for a reader of the folder to hold what it read later to."""
+
+    signer: Signer
+    sha256: dict[str, str]
+
+
+def check_model(folder: str | Path, trusted: Sequence[PublicKey]) -> SignedModel:
     """Refuse a model folder unless its ``model.sig`` (as ``apply`` writes it, or ``model_signing sign``)
     was made by one of ``trusted`` keys and covers every file as it is now (each hashed, SHA-256).
 
@@ -777,7 +788,7 @@ def check_model(folder: str | Path, trusted: Sequence[PublicKey]) -> Signer:
     except (OSError, ValueError) as e:  # model-signing refuses what is not a regular file (a link out, a folder)
         raise SignatureError(f"{root}: cannot hash its files: {e}", path=root) from e
     _compare(sig, signed, _digests_of(hashed), signer)
-    return signer
+    return SignedModel(signer, signed)
 
 
 def carry_model_signature(package: str | Path, folder: Path, shard_of: dict[str, int]) -> bool:

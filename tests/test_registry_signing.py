@@ -72,6 +72,28 @@ def test_without_a_trusted_signature_nothing_is_stored(tmp_path, models, case):
     store.close()
 
 
+def test_a_file_changed_after_its_signature_was_checked_is_not_stored(tmp_path, models, monkeypatch):
+    """The signature is checked first, the folder read again later: what is stored must still be what was
+    signed, or nothing is stored (a producer still writing into a folder in DELTAKIT_ROOTS)."""
+    import deltakit.modelstore.store as store_module
+
+    _sign(models["base"], models["team"][0])
+    checked = store_module.check_model
+
+    def then_changed(folder, trusted):
+        signed = checked(folder, trusted)
+        (folder / "config.json").write_text('{"model_type": "llama", "swapped": true}\n')
+        return signed
+
+    monkeypatch.setattr(store_module, "check_model", then_changed)
+    store = ModelStore(tmp_path / "home")
+    with pytest.raises(SignatureError, match="config.json changed while it was imported"):
+        store.import_model("team/base", models["base"], trusted=(load_public_key(models["team"][1]),))
+    assert store.repositories() == []
+    assert list(store.objects.keys()) == []
+    store.close()
+
+
 def test_the_service_requires_deltakit_trust_and_records_the_signer(tmp_path, models):
     home = tmp_path / "home"
     home.mkdir()

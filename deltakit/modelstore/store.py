@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 
 from ..dtypes import itemsize
-from ..errors import DeltakitError, InputNotFoundError, IntegrityError, UnsupportedInputError
+from ..errors import DeltakitError, InputNotFoundError, IntegrityError, SignatureError, UnsupportedInputError
 from ..formats.checkpoint import Checkpoint, RangeReader, open_checkpoint
 from ..formats.safetensors import read_header
 from ..hashing import file_sha256, fingerprint
 from ..progress import ProgressFactory, no_progress
 from ..registry import deltakit_home
-from ..signing import PublicKey, check_model
+from ..signing import MODEL_SIGNATURE, PublicKey, SignedModel, check_model
 from .catalog import COMMIT, Catalog, NewRevision, RevisionFile, RevisionObject, check_store_repo_id
 from .objects import LocalObjects, Objects
 from .rebuild import RebuildCache, lay_out_files
@@ -126,6 +126,20 @@ class ImportReport:
     relation: Relation | None = None
     note: str | None = None
     signer: str | None = None
+
+
+def _hold_to_signature(new: NewRevision, signed: SignedModel, folder: Path) -> None:
+    """Refuse a revision whose files are not exactly those the signature checked at the start of the
+    import covers, with their SHA-256: a file changed while the import read the folder again."""
+    stored = {f.path: f.sha256 for f in new.files if f.path != MODEL_SIGNATURE}
+    for path in sorted(set(stored) | set(signed.sha256)):
+        if stored.get(path) != signed.sha256.get(path):
+            raise SignatureError(
+                f"{folder / path} changed while it was imported: it is no longer what {signed.signer} signed",
+                path=folder / path,
+                expected=signed.sha256.get(path),
+                actual=stored.get(path),
+            )
 
 
 def _relation_of(files: dict[str, Path]) -> Relation:
@@ -445,7 +459,7 @@ class ModelStore:
             )
         folder = Path(folder)
         files = list_model_files(folder)
-        signer = check_model(folder, trusted).short if trusted else None
+        signed = check_model(folder, trusted) if trusted else None
         base_rev = self.base_revision(base) if base is not None else None
         layout, why_whole = _exact_layout(folder, files)
         tensors: dict[str, tuple[str, tuple[int, ...], str]] = {}
@@ -478,7 +492,9 @@ class ModelStore:
                         base_commit=base_rev.commit,
                         relation=relation or _relation_of(files),
                     )
-            stored = self._commit(replace(new, signer=signer), scratch)
+            if signed is not None:  # what was stored must be what was signed, however the folder changed since
+                _hold_to_signature(new, signed, folder)
+            stored = self._commit(replace(new, signer=signed.signer.short if signed else None), scratch)
         return ImportReport(
             repo_id=repo_id,
             commit=stored.commit,
