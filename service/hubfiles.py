@@ -68,7 +68,9 @@ class RangeNotSatisfiable(ValueError):
     """A ``Range`` that starts at or past the end of the file (the Hub answers 416)."""
 
 
-_RANGE = re.compile(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", re.IGNORECASE)
+# at most 19 digits a bound (2^63 > 10^18): a longer number is no range of any file, and past 4300 digits
+# int() itself refuses it
+_RANGE = re.compile(r"\s*bytes\s*=\s*(\d{0,19})\s*-\s*(\d{0,19})\s*", re.IGNORECASE)
 
 
 def parse_range(header: str | None, size: int) -> ByteRange | None:

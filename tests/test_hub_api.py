@@ -527,3 +527,24 @@ def test_transformers_from_pretrained(hub, tmp_path):
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
         assert sha256(cached / name) == sha256(tune2 / name)
     no_xet(server)
+
+
+def test_a_range_of_a_number_too_long_for_any_file_is_ignored():
+    from deltakit_service.hubfiles import parse_range
+
+    assert parse_range("bytes=" + "1" * 5000 + "-", 10) is None  # the whole file, as for any malformed range
+    assert parse_range("bytes=2-5", 10) is not None
+
+
+def test_what_the_store_imports_the_hub_serves_by_the_same_repo_id_rule():
+    from deltakit.errors import UnsupportedInputError
+    from deltakit.modelstore.catalog import check_store_repo_id
+    from deltakit_service.routes.hub import HubRefusal, _repo_id
+
+    for org, name in (("org", "_model"), ("team", "panda-7b"), ("a", "b.c")):
+        assert _repo_id(org, name) == check_store_repo_id(f"{org}/{name}")
+    for org, name in (("org", ".."), ("org", "a--b"), ("-x", "y")):
+        with pytest.raises(UnsupportedInputError):
+            check_store_repo_id(f"{org}/{name}")
+        with pytest.raises(HubRefusal):
+            _repo_id(org, name)

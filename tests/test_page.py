@@ -134,3 +134,21 @@ def test_a_running_rebuild_shows_live_progress_until_it_ends(registry_home, brow
         bar = row.locator("progress")
         assert bar.get_attribute("value") == bar.get_attribute("max") != "1"
         page.close()
+
+
+def test_the_tree_draws_every_repository_once_even_when_bases_loop():
+    from deltakit.modelstore.views import RepoRevision, RepoSummary
+    from deltakit_service.routes.page import lineage_forest
+
+    def repo(repo_id: str, base: str | None) -> RepoSummary:
+        rev = RepoRevision(repo_id, "0" * 40, 1, 0.0, (), "delta" if base else "whole", 0, base_model=base)
+        return RepoSummary(repo_id, (rev,))
+
+    def names(nodes) -> list:
+        return [(n.repo.repo_id, names(n.children)) for n in nodes]
+
+    # a revision built on an earlier one of the same repository; two repositories built on each other
+    repos = [repo("org/base", None), repo("team/panda", "team/panda"), repo("x/a", "x/b"), repo("x/b", "x/a")]
+    forest = names(lineage_forest(repos))
+    assert forest[:2] == [("org/base", []), ("team/panda", [])]
+    assert forest[2:] in ([("x/a", [("x/b", [])])], [("x/b", [("x/a", [])])])

@@ -87,7 +87,7 @@ def test_a_file_changed_after_its_signature_was_checked_is_not_stored(tmp_path, 
 
     monkeypatch.setattr(store_module, "check_model", then_changed)
     store = ModelStore(tmp_path / "home")
-    with pytest.raises(SignatureError, match="config.json changed while it was imported"):
+    with pytest.raises(SignatureError, match=r"config\.json changed while it was imported"):
         store.import_model("team/base", models["base"], trusted=(load_public_key(models["team"][1]),))
     assert store.repositories() == []
     assert list(store.objects.keys()) == []

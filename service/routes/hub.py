@@ -27,7 +27,8 @@ import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from deltakit.errors import InputNotFoundError, IntegrityError
+from deltakit.errors import InputNotFoundError, IntegrityError, UnsupportedInputError
+from deltakit.modelstore.catalog import check_store_repo_id
 from deltakit.modelstore.views import RepoRevision, Repositories, StoredFile
 
 from ..hubfiles import OpenFileResponse, RangeNotSatisfiable, git_blob_id, is_lfs, lfs_pointer, parse_range
@@ -38,9 +39,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# The Hub's rule for each half of a repo id: letters, digits, '-', '_', '.', not starting with '-' or '.',
-# no '--' or '..', at most 96 characters.
-_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?|[A-Za-z0-9]")
 _REVISION = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 # Threads that may wait in Repositories.file_path at once (a first request may wait for a whole rebuild);
 # their own limiter keeps them from taking every thread the rest of the service runs on.
@@ -129,10 +127,11 @@ State = Annotated[_HubState, Depends(_state)]
 
 
 def _repo_id(org: str, name: str) -> str:
-    for part in (org, name):
-        if not _NAME.fullmatch(part) or ".." in part or "--" in part:
-            raise HubRefusal(400, f"Invalid repo id: {org}/{name}")
-    return f"{org}/{name}"
+    """The repo id, by the very rule the store's imports are held to (what can be imported can be served)."""
+    try:
+        return check_store_repo_id(f"{org}/{name}")
+    except UnsupportedInputError as e:
+        raise HubRefusal(400, f"Invalid repo id: {org}/{name}") from e
 
 
 def _checked_path(path: str, repo_id: str) -> str:

@@ -33,19 +33,27 @@ class Node:
 
 def lineage_forest(repos: list[RepoSummary]) -> list[Node]:
     """Repositories as trees: a repository sits under the base its latest revision names; one whose
-    base is not in the registry (or that has none) is a root. A cycle cannot form: every base was
-    imported before what derives from it, so each is drawn once."""
+    base is not in the registry, has none, or is itself (a revision fine-tuned from an earlier one) is a
+    root. Bases may still form a cycle (a later revision of ``a`` built on ``b``, of ``b`` on ``a``):
+    whatever no root reaches becomes a root too, so every repository is drawn, once."""
     by_id = {r.repo_id: r for r in repos}
     children: dict[str | None, list[RepoSummary]] = {}
     for r in repos:
-        parent = r.latest.base_model if r.latest.base_model in by_id else None
+        base = r.latest.base_model
+        parent = base if base in by_id and base != r.repo_id else None
         children.setdefault(parent, []).append(r)
+    drawn: set[str] = set()
 
-    def grow(repo: RepoSummary, seen: frozenset[str]) -> Node:
-        below = [c for c in children.get(repo.repo_id, []) if c.repo_id not in seen]
-        return Node(repo, tuple(grow(c, seen | {c.repo_id}) for c in below))
+    def grow(repo: RepoSummary) -> Node:
+        drawn.add(repo.repo_id)
+        below = [c for c in children.get(repo.repo_id, []) if c.repo_id not in drawn]
+        return Node(repo, tuple(grow(c) for c in below))
 
-    return [grow(r, frozenset({r.repo_id})) for r in children.get(None, [])]
+    forest = [grow(r) for r in children.get(None, [])]
+    for r in repos:  # in a cycle of bases: no root reaches them
+        if r.repo_id not in drawn:
+            forest.append(grow(r))
+    return forest
 
 
 def _models(request: Request) -> Repositories | None:
