@@ -259,6 +259,26 @@ def test_a_tampered_cache_entry_is_not_served(store, models):
     assert counter.rebuilds == 2
 
 
+def test_a_cache_entry_whose_record_was_lost_is_rebuilt_and_counted(tmp_path, objects, models):
+    """A power loss or a damaged disk empties entry.json: the revision is rebuilt, not unservable, and the
+    entry's bytes still count against the budget until then."""
+    store = ModelStore(tmp_path / "home", objects=objects, cache_grace=0)
+    store.import_model("org/base", models["base"])
+    store.import_model("org/ft", models["ft1"], base="org/base")
+    rev = store.revision("org/ft")
+    store.file_path(rev, "model.safetensors")
+    store.close()
+    (tmp_path / "home" / "cache" / rev.commit / "entry.json").write_text("")
+    store = ModelStore(tmp_path / "home", objects=objects, cache_grace=0)  # a fresh process: nothing remembered
+    assert rev.commit in [commit for commit, size, _ in store.cache.entries() if size > 0]
+    assert not store.is_cached(rev)
+    counter = Counter()
+    served = store.file_path(rev, "model.safetensors", progress=counter)
+    assert sha256(served) == originals(models["ft1"])["model.safetensors"]
+    assert counter.rebuilds == 1 and store.is_cached(rev)
+    store.close()
+
+
 @pytest.mark.parametrize("repo_id", ["..", "a/b/c", "org/..", "../x", "name", "org/na me", ""])
 def test_hostile_repo_ids_are_refused_by_name(store, models, repo_id):
     with pytest.raises(UnsupportedInputError) as e:

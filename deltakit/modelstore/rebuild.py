@@ -271,8 +271,9 @@ class RebuildCache:
         return file
 
     def is_cached(self, commit: str) -> bool:
-        """Whether ``commit``'s entry is published (its files are checked again as they are asked for)."""
-        return (self.entry(commit) / ENTRY_RECORD).is_file()
+        """Whether ``commit``'s entry is published with a readable record (its files are checked again as
+        they are asked for); an entry whose record was lost or damaged counts as absent, to be rebuilt."""
+        return self._record(commit) is not None
 
     def touch(self, commit: str) -> None:
         now = time.time_ns()  # the fine clock: the file system's own ticks only every few milliseconds
@@ -296,6 +297,11 @@ class RebuildCache:
             self._records.pop(commit, None)
             if self.is_cached(commit):
                 return False
+            if self.entry(commit).exists() and not self.evict(commit):  # a record lost: rebuilt whole
+                raise IntegrityError(
+                    f"the cache entry of {commit} lost its record and is being read: try again when it is not",
+                    path=self.entry(commit),
+                )
             self._make_room(sum(f.size for f in recipe), keep=commit)
             with StagedFolder(self.entry(commit)) as staged:
                 files = staged.path / ENTRY_FILES
@@ -322,6 +328,7 @@ class RebuildCache:
             stamps[f.path] = _Stamp.of(file, sha).__dict__
         record = {"files": stamps, "bytes": sum(f.size for f in recipe)}
         (folder / ENTRY_RECORD).write_text(json.dumps(record, indent=1), "utf-8")
+        fsync_path(folder / ENTRY_RECORD)  # what the entry's files are vouched by survives a power loss
         (folder / ENTRY_USED).write_bytes(b"")
         now = time.time_ns()
         os.utime(folder / ENTRY_USED, ns=(now, now))
@@ -352,8 +359,9 @@ class RebuildCache:
             try:
                 size = int(json.loads((entry / ENTRY_RECORD).read_text("utf-8"))["bytes"])
                 used = (entry / ENTRY_USED).stat().st_mtime
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
+            except (OSError, ValueError, KeyError, TypeError):  # a damaged entry: evicted first, by its size
+                size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+                used = 0.0
             found.append((entry.name, size, used))
         return sorted(found, key=lambda e: e[2])
 
