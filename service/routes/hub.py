@@ -27,7 +27,7 @@ import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from deltakit.errors import InputNotFoundError, IntegrityError, UnsupportedInputError
+from deltakit.errors import DeltakitError, InputNotFoundError, IntegrityError, UnsupportedInputError
 from deltakit.modelstore.catalog import check_store_repo_id
 from deltakit.modelstore.views import RepoRevision, Repositories, StoredFile
 
@@ -398,11 +398,14 @@ async def resolve(
             headers={**headers, "Content-Length": str(length)},
             media_type="application/octet-stream",
         )
-    await _rebuild(request, state, models, rev, wait=True)
     try:
+        await _rebuild(request, state, models, rev, wait=True)
         fd = await _in_thread(state, lambda: _open(models, rev, stored))
-    except InputNotFoundError as e:
-        raise _entry_not_found(rev, path) from e
+    except DeltakitError as e:  # the catalog lists the file: a store that cannot produce it is at fault
+        log.error("%s@%s: cannot serve %s: %s", rev.repo_id, rev.commit, path, e)
+        raise HubRefusal(
+            500, f"the registry could not produce {path} of {rev.repo_id}@{rev.commit}; the service log says why"
+        ) from e
     try:
         if "ETag" not in headers:  # a regular file, small: its git blob id from the bytes about to be sent
             known = state.blob_id((rev.commit, stored.path))
