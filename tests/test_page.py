@@ -54,6 +54,11 @@ def test_the_page_cookie_never_writes(served):
         answer = http.post("/v1/jobs", json={"kind": "verify", "delta": "x"})
         assert answer.status_code == 401
     with httpx.Client(base_url=url) as http:
+        # another site's form cannot sign a visitor in with its own token, nor out
+        for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Origin": "https://elsewhere.example"}):
+            posted = http.post("/signin", data={"token": tokens["read"]}, headers=headers)
+            assert posted.status_code == 403 and "set-cookie" not in posted.headers
+            assert http.post("/signout", headers=headers).status_code == 403
         assert http.get("/v1/jobs").status_code == 401
         assert 'name="token"' in http.get("/").text
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Form, Request, status
+from fastapi import APIRouter, Form, HTTPException, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
@@ -73,20 +73,33 @@ async def index(request: Request, store: StoreDep) -> Response:
     return templates.TemplateResponse(request, "index.html", context)
 
 
+def _same_site(request: Request) -> None:
+    """Refuse a form posted from another site (which could sign a visitor in with someone else's token, or
+    out): the browser says where a request comes from in Sec-Fetch-Site, or at least Origin."""
+    site = request.headers.get("sec-fetch-site")
+    origin = request.headers.get("origin")
+    own = f"{request.url.scheme}://{request.url.netloc}"
+    if site not in (None, "same-origin", "none") or (origin is not None and origin not in (own, "null")):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "sign in from this registry's own page")
+
+
 @router.post("/signin")
-def sign_in(token: Annotated[str, Form(max_length=200)], store: StoreDep) -> Response:
+def sign_in(request: Request, token: Annotated[str, Form(max_length=200)], store: StoreDep) -> Response:
     """Keep a token for the page, if it is one; the page then reads with it (never writes: a cookie is
     sent by the browser on its own, so write routes still take only the Authorization header)."""
+    _same_site(request)
     response = RedirectResponse("/", status_code=status.HTTP_303_SEE_OTHER)
+    secure = request.url.scheme == "https"
     if cookie_scope(store, token) is not None:
-        response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict", max_age=30 * 86400)
+        response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict", secure=secure, max_age=30 * 86400)
     else:
-        response.set_cookie(TOKEN_COOKIE, "", httponly=True, samesite="strict", max_age=60)
+        response.set_cookie(TOKEN_COOKIE, "", httponly=True, samesite="strict", secure=secure, max_age=60)
     return response
 
 
 @router.post("/signout")
-def sign_out() -> Response:
+def sign_out(request: Request) -> Response:
+    _same_site(request)
     response = RedirectResponse("/", status_code=status.HTTP_303_SEE_OTHER)
     response.delete_cookie(TOKEN_COOKIE)
     return response
