@@ -227,15 +227,20 @@ def ratios(steps: Sequence[Step]) -> list[str]:
     return lines
 
 
-def markdown(steps: Sequence[Step], info: dict[str, object], shape: LlamaShape, model_bytes: int) -> str:
-    m = info["machine"]
-    assert isinstance(m, dict)
-    runs = "; ".join(f"{s.name} {', '.join(f'{t:.2f}' for t in s.runs_s)}" for s in steps)
-    machine_line = (
+def _machine_line(m: dict[str, object]) -> str:
+    """The machine and versions a section's figures were measured with (both sections say it alike)."""
+    return (
         f"- Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['ram_gib']} GiB RAM, Linux {m['kernel']}; "
         f"Python {m['python']}, torch {m['torch']}, deltakit {m['deltakit']} ({m['deltakit_source']}); "
         f"llama.cpp from llama-cpp-python {llamacpp.VERSION}'s source distribution."
     )
+
+
+def markdown(steps: Sequence[Step], info: dict[str, object], shape: LlamaShape, model_bytes: int) -> str:
+    m = info["machine"]
+    assert isinstance(m, dict)
+    runs = "; ".join(f"{s.name} {', '.join(f'{t:.2f}' for t in s.runs_s)}" for s in steps)
+    machine_line = _machine_line(m)
     model_line = (
         f"- Model: hidden {shape.hidden}, {shape.layers} layers, intermediate {shape.intermediate}, "
         f"vocab {shape.vocab} (+256 rows in the fine-tune), fp16, {model_bytes / 1e9:.2f} GB; "
@@ -263,11 +268,7 @@ def families_markdown(steps: Sequence[Step], info: dict[str, object], model_byte
     m = info["machine"]
     assert isinstance(m, dict)
     runs = "; ".join(f"{s.name} {', '.join(f'{t:.2f}' for t in s.runs_s)}" for s in steps)
-    machine_line = (
-        f"- Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['ram_gib']} GiB RAM, Linux {m['kernel']}; "
-        f"Python {m['python']}, torch {m['torch']}, deltakit {m['deltakit']} ({m['deltakit_source']}); "
-        f"llama.cpp from llama-cpp-python {llamacpp.VERSION}'s source distribution."
-    )
+    machine_line = _machine_line(m)
     described = {
         "llama3": "Llama 3.1-shaped: vocab 128256 (Meta's tokenizer.json, 280k merges), llama3 rope scaling, "
         "an untied head",
